@@ -1,0 +1,1 @@
+"""Building what the services serve: graph ingest, embeddings, Feast features, the ranker."""

@@ -1,0 +1,1 @@
+"""The features service: Feast entity features plus request-time pair features."""

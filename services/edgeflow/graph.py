@@ -1,0 +1,272 @@
+"""The member graph: an undirected CSR adjacency over dense indices, plus graph measures.
+
+Members keep their external int64 ids; `ids` is sorted, so a member's dense index is a
+binary search away. Every measure here is vectorised: a request touches numpy, not Python
+loops, and training and serving call the very same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class EdgeFileError(ValueError):
+    """A malformed edge list; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Graph:
+    ids: np.ndarray  # int64, sorted external member ids
+    indptr: np.ndarray  # int64, len n+1
+    indices: np.ndarray  # int32 dense neighbour indices, sorted within each row
+    version: str = ""
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_edges(
+        cls, src: np.ndarray, dst: np.ndarray, members: np.ndarray | None = None, version: str = ""
+    ) -> Graph:
+        """Build from external-id edge arrays; self loops and duplicates are dropped.
+
+        `members` adds isolated members that have no edge.
+        """
+        src = np.asarray(src, dtype=np.int64)
+        dst = np.asarray(dst, dtype=np.int64)
+        parts = [src, dst] if members is None else [src, dst, np.asarray(members, np.int64)]
+        ids = np.unique(np.concatenate(parts)) if parts[0].size or len(parts) > 2 else np.zeros(
+            0, np.int64
+        )
+        keep = src != dst
+        a = np.searchsorted(ids, src[keep])
+        b = np.searchsorted(ids, dst[keep])
+        n = ids.size
+        both_a = np.concatenate([a, b])
+        both_b = np.concatenate([b, a])
+        key = np.unique(both_a.astype(np.int64) * n + both_b)
+        rows = key // max(n, 1)
+        cols = (key % max(n, 1)).astype(np.int32)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+        return cls(ids=ids, indptr=indptr, indices=cols, version=version or _stamp(ids, cols))
+
+    # ---- basic access ------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.ids.size)
+
+    @property
+    def edge_count(self) -> int:
+        return int(self.indices.size // 2)
+
+    @property
+    def degree(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def index_of(self, member: int) -> int:
+        """Dense index of a member, or -1 when it is not in the graph."""
+        i = int(np.searchsorted(self.ids, member))
+        return i if i < self.n and self.ids[i] == member else -1
+
+    def indices_of(self, members: np.ndarray) -> np.ndarray:
+        """Dense indices of many members; -1 where a member is unknown."""
+        members = np.asarray(members, dtype=np.int64)
+        if self.n == 0:
+            return np.full(members.shape, -1, dtype=np.int64)
+        pos = np.searchsorted(self.ids, members)
+        pos_c = np.minimum(pos, self.n - 1)
+        return np.where(self.ids[pos_c] == members, pos_c, -1)
+
+    def neighbors(self, i: int) -> np.ndarray:
+        return self.indices[self.indptr[i] : self.indptr[i + 1]]
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each undirected edge once, as external ids (u < v by dense index)."""
+        rows = np.repeat(np.arange(self.n, dtype=np.int64), self.degree)
+        mask = rows < self.indices
+        return self.ids[rows[mask]], self.ids[self.indices[mask]]
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenated neighbour lists of `rows`: (owner position in rows, neighbour index)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.indptr[rows]
+        lens = self.indptr[rows + 1] - starts
+        total = int(lens.sum())
+        owner = np.repeat(np.arange(rows.size, dtype=np.int64), lens)
+        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        return owner, self.indices[np.repeat(starts, lens) + offsets]
+
+    # ---- serialisation (numpy arrays only, never pickle) ---------------------------------
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, ids=self.ids, indptr=self.indptr, indices=self.indices)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, version: str = "") -> Graph:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(ids=z["ids"], indptr=z["indptr"], indices=z["indices"], version=version)
+
+    def data_hash(self) -> str:
+        """Content hash of the graph (ids and adjacency): the training-data hash of a model."""
+        h = hashlib.sha256()
+        for arr in (self.ids, self.indptr, self.indices):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def _stamp(ids: np.ndarray, indices: np.ndarray) -> str:
+    digest = hashlib.sha256(ids.tobytes() + indices.tobytes()).hexdigest()[:12]
+    return f"{int(time.time())}-{digest}"
+
+
+# ---- edge lists ---------------------------------------------------------------------------
+def parse_edge_lines(lines: Iterable[str], source: str = "<edges>") -> tuple[np.ndarray, np.ndarray]:
+    """Parse a whitespace-separated edge list: `u v [ignored...]`, `#` comments, blank lines.
+
+    Member ids must be non-negative integers that fit int64. Errors name the line.
+    """
+    src: list[int] = []
+    dst: list[int] = []
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise EdgeFileError(
+                f"{source}:{lineno}: expected two member ids separated by whitespace, "
+                f"got {raw.strip()!r}"
+            )
+        try:
+            u, v = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise EdgeFileError(
+                f"{source}:{lineno}: member ids must be integers, got {parts[0]!r} {parts[1]!r}"
+            ) from None
+        if u < 0 or v < 0 or u >= 2**63 or v >= 2**63:
+            raise EdgeFileError(
+                f"{source}:{lineno}: member ids must be non-negative 64-bit integers, "
+                f"got {u} {v}"
+            )
+        src.append(u)
+        dst.append(v)
+    return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+
+
+def read_edge_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_edge_lines(fh, source=str(path))
+    except FileNotFoundError:
+        raise EdgeFileError(f"{path}: edge file not found") from None
+    except UnicodeDecodeError as exc:
+        raise EdgeFileError(f"{path}: not a text edge list ({exc.reason})") from None
+
+
+def split_edges(
+    src: np.ndarray, dst: np.ndarray, holdout: float, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Hide a random `holdout` share of the unique undirected edges: (kept, hidden)."""
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be between 0 and 1, got {holdout}")
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    keep = lo != hi
+    pairs = np.unique(np.stack([lo[keep], hi[keep]], axis=1), axis=0)
+    rng = np.random.default_rng(seed)
+    hidden = rng.random(pairs.shape[0]) < holdout
+    kept_pairs, hidden_pairs = pairs[~hidden], pairs[hidden]
+    return (kept_pairs[:, 0], kept_pairs[:, 1]), (hidden_pairs[:, 0], hidden_pairs[:, 1])
+
+
+# ---- measures shared by candidate generation, features and training --------------------------
+def inverse_log_degree(graph: Graph) -> np.ndarray:
+    """Adamic-Adar weight of each member as an intermediate: 1 / log(degree) (0 for degree < 2)."""
+    deg = graph.degree.astype(np.float64)
+    out = np.zeros_like(deg)
+    np.divide(1.0, np.log(deg), out=out, where=deg > 1)
+    return out
+
+
+def friends_of_friends(
+    graph: Graph, i: int, limit: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top `limit` friends of friends of dense member i, excluding i and its connections.
+
+    Returns (candidate dense indices, common-neighbour counts, ranking score). The score is
+    the weighted count when `weights` (per intermediate member, e.g. inverse_log_degree) is
+    given and the plain count otherwise. Ties break by lower index, so results are stable.
+    """
+    nbrs = graph.neighbors(i)
+    empty = np.zeros(0, dtype=np.int64)
+    if nbrs.size == 0 or limit <= 0:
+        return empty, empty.astype(np.float32), empty.astype(np.float32)
+    owner, fof = graph.gather(nbrs)
+    uniq, inverse = np.unique(fof, return_inverse=True)
+    counts = np.bincount(inverse, minlength=uniq.size).astype(np.float32)
+    if weights is None:
+        score = counts
+    else:
+        score = np.bincount(inverse, weights=weights[nbrs][owner], minlength=uniq.size).astype(
+            np.float32
+        )
+    keep = (uniq != i) & ~_sorted_isin(uniq, nbrs)
+    uniq, counts, score = uniq[keep], counts[keep], score[keep]
+    if uniq.size > limit:
+        top = np.argpartition(-score, limit - 1)[:limit]
+        uniq, counts, score = uniq[top], counts[top], score[top]
+    order = np.lexsort((uniq, -score))
+    return uniq[order].astype(np.int64), counts[order], score[order]
+
+
+def _sorted_isin(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return sorted_set[pos] == values
+
+
+PAIR_COLUMNS = (
+    "common_neighbors",
+    "adamic_adar",
+    "resource_allocation",
+    "jaccard",
+    "log_pref_attachment",
+)
+
+
+def pair_measures(graph: Graph, i: int, cands: np.ndarray, inv_log_deg: np.ndarray) -> np.ndarray:
+    """Request-time pair measures between dense member i and dense candidates (-1 = unknown).
+
+    Returns a (len(cands), len(PAIR_COLUMNS)) float32 matrix in PAIR_COLUMNS order.
+    """
+    cands = np.asarray(cands, dtype=np.int64)
+    out = np.zeros((cands.size, len(PAIR_COLUMNS)), dtype=np.float32)
+    known = cands >= 0
+    if i < 0 or not known.any():
+        return out
+    deg = graph.degree
+    mine = np.zeros(graph.n, dtype=bool)
+    mine[graph.neighbors(i)] = True
+    rows = np.flatnonzero(known)
+    owner, nb = graph.gather(cands[rows])
+    shared = mine[nb]
+    cn = np.bincount(owner, weights=shared, minlength=rows.size)
+    aa = np.bincount(owner, weights=shared * inv_log_deg[nb], minlength=rows.size)
+    safe_deg = np.maximum(deg[nb], 1).astype(np.float64)
+    ra = np.bincount(owner, weights=shared / safe_deg, minlength=rows.size)
+    du, dv = float(deg[i]), deg[cands[rows]].astype(np.float64)
+    union = du + dv - cn
+    jac = np.divide(cn, union, out=np.zeros_like(cn), where=union > 0)
+    out[rows, 0] = cn
+    out[rows, 1] = aa
+    out[rows, 2] = ra
+    out[rows, 3] = jac
+    out[rows, 4] = np.log1p(du * dv)
+    return out

@@ -1,0 +1,132 @@
+"""The one way a service process runs: grpc.aio server, health, reflection, graceful drain.
+
+A service module provides a `Service`: it registers its servicer, loads what it needs
+(health stays NOT_SERVING until then), and closes its resources after the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgeflow import tracing
+from edgeflow.config import Config
+
+log = logging.getLogger("edgeflow")
+
+GRACE_S = 5.0
+
+
+class Service(ABC):
+    """One gRPC service: `register` its servicer, `start` (load), `stop` (release)."""
+
+    name: str  # e.g. "candidates"
+    service_names: tuple[str, ...]  # full proto service names, for health and reflection
+
+    @abstractmethod
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None:
+        """Load models, stores and indexes; the service reports SERVING only after this."""
+
+    async def stop(self) -> None:
+        """Release resources after the server has drained."""
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+async def start_server(
+    service: Service, address: str, health_servicer: health.aio.HealthServicer | None = None
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Bind, register health and reflection, start serving (NOT_SERVING), then load."""
+    server = grpc.aio.server(
+        interceptors=[tracing.ServerTracing(service.name)],
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service.register(server)
+    health_servicer = health_servicer or health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (*service.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"{service.name}: cannot bind {address}")
+    for name in ("", *service.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    started = time.perf_counter()
+    await service.start()
+    for name in ("", *service.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "%s serving on port %d (loaded in %.2fs)", service.name, port, time.perf_counter() - started
+    )
+    return server, port, health_servicer
+
+
+async def drain(
+    service: Service, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer
+) -> None:
+    """Graceful shutdown: report NOT_SERVING, let in-flight calls finish, then release."""
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(GRACE_S)
+    await service.stop()
+
+
+async def serve(service: Service, cfg: Config) -> None:
+    """Run a service until SIGTERM or SIGINT, then drain."""
+    tracing.setup(service.name, cfg.otlp_endpoint)
+    server, _, health_servicer = await start_server(service, f"0.0.0.0:{cfg.port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s draining", service.name)
+    await drain(service, server, health_servicer)
+    log.info("%s stopped", service.name)
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """A client channel to a peer service, sized for feature matrices."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.enable_http_proxy", 0),
+        ],
+    )

@@ -1,0 +1,93 @@
+"""OpenTelemetry: one tracer provider per process, W3C context carried in gRPC metadata.
+
+Every server handler runs in a span continued from the caller's metadata, and every client
+call injects the current context, so one Recommend is one trace across all services.
+Spans go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+_configured = False
+
+
+def setup(service: str, otlp_endpoint: str = "", processor: SpanProcessor | None = None) -> None:
+    """Install the process's tracer provider once; later calls only add `processor`."""
+    global _configured
+    provider = trace.get_tracer_provider()
+    if not _configured:
+        provider = TracerProvider(resource=Resource.create({"service.name": f"edgeflow-{service}"}))
+        if otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+        trace.set_tracer_provider(provider)
+        _configured = True
+    if processor is not None and isinstance(provider, TracerProvider):
+        provider.add_span_processor(processor)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+class _Getter:
+    @staticmethod
+    def get(carrier: tuple[tuple[str, str | bytes], ...], key: str) -> list[str] | None:
+        vals = [v for k, v in carrier if k == key]
+        return [v.decode() if isinstance(v, bytes) else v for v in vals] or None
+
+    @staticmethod
+    def keys(carrier: tuple[tuple[str, str | bytes], ...]) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata carrying the current trace context, for an outbound gRPC call."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
+class ServerTracing(grpc.aio.ServerInterceptor):
+    """Continues the caller's trace in a server span named after the RPC."""
+
+    def __init__(self, service: str) -> None:
+        self._tracer = tracer(f"edgeflow.{service}")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
+            return handler
+        inner = handler.unary_unary
+        span_name = method.lstrip("/")
+        tr = self._tracer
+        metadata = tuple(details.invocation_metadata or ())
+
+        async def traced(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            parent = propagate.extract(metadata, getter=_Getter())  # type: ignore[arg-type]
+            token = context.attach(parent)
+            try:
+                with tr.start_as_current_span(span_name, kind=trace.SpanKind.SERVER):
+                    return await inner(request, ctx)
+            finally:
+                context.detach(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            traced,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,39 @@
+from edgeflow.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("member", "source", "limit", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    member: int
+    source: str
+    limit: int
+    params: _containers.ScalarMap[str, str]
+    def __init__(self, member: _Optional[int] = ..., source: _Optional[str] = ..., limit: _Optional[int] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("ids", "scores", "age_seconds", "version")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    scores: _tensor_pb2.Tensor
+    age_seconds: float
+    version: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., age_seconds: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...

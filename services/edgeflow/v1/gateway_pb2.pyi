@@ -1,0 +1,89 @@
+from edgeflow.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("surface", "member", "k", "debug", "request_id")
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    surface: str
+    member: int
+    k: int
+    debug: bool
+    request_id: str
+    def __init__(self, surface: _Optional[str] = ..., member: _Optional[int] = ..., k: _Optional[int] = ..., debug: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class NodeTrace(_message.Message):
+    __slots__ = ("node", "op", "status", "items_in", "items_out", "start_ms", "duration_ms", "fallback", "error")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_IN_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_OUT_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    op: str
+    status: str
+    items_in: int
+    items_out: int
+    start_ms: float
+    duration_ms: float
+    fallback: str
+    error: str
+    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., status: _Optional[str] = ..., items_in: _Optional[int] = ..., items_out: _Optional[int] = ..., start_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., fallback: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Funnel(_message.Message):
+    __slots__ = ("nodes", "total_ms", "dropped")
+    class DroppedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeTrace]
+    total_ms: float
+    dropped: _containers.ScalarMap[str, int]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeTrace, _Mapping]]] = ..., total_ms: _Optional[float] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("edges", "partial", "degraded", "surface", "workflow", "request_id", "funnel")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNNEL_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Edge]
+    partial: bool
+    degraded: _containers.RepeatedScalarFieldContainer[str]
+    surface: str
+    workflow: str
+    request_id: str
+    funnel: Funnel
+    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., partial: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., surface: _Optional[str] = ..., workflow: _Optional[str] = ..., request_id: _Optional[str] = ..., funnel: _Optional[_Union[Funnel, _Mapping]] = ...) -> None: ...
+
+class ListSurfacesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSurfacesResponse(_message.Message):
+    __slots__ = ("surfaces",)
+    SURFACES_FIELD_NUMBER: _ClassVar[int]
+    surfaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, surfaces: _Optional[_Iterable[str]] = ...) -> None: ...

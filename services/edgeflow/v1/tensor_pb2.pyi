@@ -1,0 +1,43 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("rows", "cols", "columns", "data")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    data: bytes
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., columns: _Optional[_Iterable[str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("source", "score", "mode", "age_seconds")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    score: float
+    mode: str
+    age_seconds: float
+    def __init__(self, source: _Optional[str] = ..., score: _Optional[float] = ..., mode: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
+class Edge(_message.Message):
+    __slots__ = ("target", "score", "model_score", "provenance")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    score: float
+    model_score: float
+    provenance: _containers.RepeatedCompositeFieldContainer[Provenance]
+    def __init__(self, target: _Optional[int] = ..., score: _Optional[float] = ..., model_score: _Optional[float] = ..., provenance: _Optional[_Iterable[_Union[Provenance, _Mapping]]] = ...) -> None: ...
