@@ -127,7 +127,9 @@ def _stamp(ids: np.ndarray, indices: np.ndarray) -> str:
 
 
 # ---- edge lists ---------------------------------------------------------------------------
-def parse_edge_lines(lines: Iterable[str], source: str = "<edges>") -> tuple[np.ndarray, np.ndarray]:
+def parse_edge_lines(
+    lines: Iterable[str], source: str = "<edges>"
+) -> tuple[np.ndarray, np.ndarray]:
     """Parse a whitespace-separated edge list: `u v [ignored...]`, `#` comments, blank lines.
 
     Member ids must be non-negative integers that fit int64. Errors name the line.

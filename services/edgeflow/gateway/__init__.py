@@ -1,0 +1,1 @@
+"""The gateway: the edge-facing Recommend API and the workflow engine behind it."""

@@ -1,0 +1,314 @@
+"""Runs one request's workflow DAG: parallel fan-out/fan-in, per-node deadlines from the
+request's budget, fallbacks and a funnel of what each node did."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from edgeflow import tensor, tracing
+from edgeflow.gateway.frame import Frame, SourceInfo, union
+from edgeflow.v1 import (
+    candidates_pb2,
+    candidates_pb2_grpc,
+    features_pb2,
+    features_pb2_grpc,
+    gateway_pb2,
+    merging_pb2,
+    merging_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
+from edgeflow.workflow.ops import BlendParams, FetchParams, Kind, OnnxParams
+from edgeflow.workflow.validate import CompiledNode, Workflow
+
+_tracer = tracing.tracer("edgeflow.gateway")
+
+
+class MemberNotFound(Exception):
+    """The member is unknown to the graph: a client error, not a degraded response."""
+
+
+class NodeFailed(Exception):
+    """A node whose fallback is `fail` failed; the request fails with its status."""
+
+    def __init__(self, node: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"node {node!r}: {message}")
+        self.node = node
+        self.code = code
+
+
+class NodeError(Exception):
+    """A node could not produce its output (the fallback decides what happens next)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Clients:
+    candidates: candidates_pb2_grpc.CandidateServiceStub
+    features: features_pb2_grpc.FeatureServiceStub
+    scoring: scoring_pb2_grpc.ScoringServiceStub
+    merging: merging_pb2_grpc.MergingServiceStub
+
+
+@dataclass
+class Outcome:
+    frame: Frame
+    partial: bool
+    degraded: list[str] = field(default_factory=list)
+    traces: list[gateway_pb2.NodeTrace] = field(default_factory=list)
+    total_ms: float = 0.0
+
+
+_SOURCE_MODE = {"precomputed": "offline"}
+
+
+class Engine:
+    def __init__(self, clients: Clients) -> None:
+        self._c = clients
+        self._ops: dict[str, Callable[..., Coroutine[Any, Any, Frame]]] = {
+            "features.fetch": self._fetch,
+            "scoring.onnx": self._score,
+            "merge.blend": self._blend,
+        }
+
+    async def run(self, wf: Workflow, member: int, k: int, budget_s: float) -> Outcome:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        deadline = t0 + budget_s
+        outcome = Outcome(frame=Frame.empty(), partial=False)
+        futures: dict[str, asyncio.Future[Frame]] = {}
+        for cn in wf.nodes:  # topological order: inputs are scheduled first
+            deps = [futures[d] for d in cn.node.inputs]
+            futures[cn.node.name] = asyncio.ensure_future(
+                self._node(cn, deps, member, k, deadline, t0, outcome)
+            )
+        try:
+            await asyncio.gather(*futures.values())
+        except BaseException:
+            for fut in futures.values():
+                fut.cancel()
+            raise
+        outcome.frame = futures[wf.spec.output].result()
+        outcome.total_ms = (loop.time() - t0) * 1000
+        order = {cn.node.name: i for i, cn in enumerate(wf.nodes)}
+        outcome.traces.sort(key=lambda t: order[t.node])
+        return outcome
+
+    async def _node(
+        self,
+        cn: CompiledNode,
+        deps: list[asyncio.Future[Frame]],
+        member: int,
+        k: int,
+        deadline: float,
+        t0: float,
+        outcome: Outcome,
+    ) -> Frame:
+        inputs = [await d for d in deps]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        name, op = cn.node.name, cn.node.op
+        trace = gateway_pb2.NodeTrace(
+            node=name, op=op, status="ok", items_in=sum(len(f) for f in inputs),
+            start_ms=(start - t0) * 1000,
+        )  # fmt: skip
+        timeout = min(cn.node.timeout_ms / 1000.0, deadline - start)
+        with _tracer.start_as_current_span(f"node {name}") as span:
+            span.set_attribute("edgeflow.op", op)
+            try:
+                if timeout <= 0:
+                    raise NodeError(
+                        "no time left in the request budget", grpc.StatusCode.DEADLINE_EXCEEDED
+                    )
+                frame = await self._execute(cn, inputs, member, k, timeout)
+            except MemberNotFound:
+                raise
+            except (NodeError, grpc.aio.AioRpcError, ValueError) as exc:
+                code, msg = _describe(exc, cn.node.timeout_ms, timeout)
+                span.set_attribute("edgeflow.fallback", cn.fallback)
+                span.set_attribute("edgeflow.error", msg)
+                if cn.fallback == "fail":
+                    raise NodeFailed(name, code, msg) from None
+                frame = _fallback(cn, inputs)
+                trace.status, trace.fallback, trace.error = "fallback", cn.fallback, msg
+                outcome.partial = True
+                outcome.degraded.append(f"{name}: {msg} (fallback: {cn.fallback})")
+            span.set_attribute("edgeflow.items_out", len(frame))
+        trace.items_out = len(frame)
+        trace.duration_ms = (loop.time() - start) * 1000
+        outcome.traces.append(trace)
+        return frame
+
+    async def _execute(
+        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+    ) -> Frame:
+        op = cn.node.op
+        if op.startswith("candidates."):
+            return await self._generate(cn, member, timeout)
+        if op.startswith("filter."):
+            return await self._filter(cn, inputs, member, timeout)
+        return await self._ops[op](cn, inputs, member, k, timeout)
+
+    # ---- ops -----------------------------------------------------------------------------
+    async def _generate(self, cn: CompiledNode, member: int, timeout: float) -> Frame:
+        source = cn.node.op.split(".", 1)[1]
+        params = cn.params.model_dump(by_alias=True)
+        limit = int(params.pop("limit"))
+        req = candidates_pb2.GenerateRequest(
+            member=member, source=source, limit=limit,
+            params={key: str(v) for key, v in params.items()},
+        )  # fmt: skip
+        try:
+            resp = await self._c.candidates.Generate(
+                req, timeout=timeout, metadata=tracing.outgoing_metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise MemberNotFound(exc.details() or f"member {member} not found") from None
+            raise
+        ids = tensor.ids(resp.ids)
+        scores = tensor.unpack(resp.scores)[:, 0] if resp.scores.rows else np.zeros(0, np.float32)
+        info = SourceInfo(mode=_SOURCE_MODE.get(source, "online"), age_seconds=resp.age_seconds)
+        return Frame(ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info})
+
+    async def _fetch(
+        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+    ) -> Frame:
+        frame = union(inputs)
+        assert isinstance(cn.params, FetchParams)
+        if not frame.ids.size:
+            return frame
+        resp = await self._c.features.GetFeatures(
+            features_pb2.GetFeaturesRequest(
+                member=member, entities=frame.ids.tolist(), columns=cn.params.columns
+            ),
+            timeout=timeout,
+            metadata=tracing.outgoing_metadata(),
+        )
+        frame.features = resp.features
+        return frame
+
+    async def _score(
+        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+    ) -> Frame:
+        frame = inputs[0]
+        assert isinstance(cn.params, OnnxParams)
+        if not frame.ids.size:
+            return frame
+        if frame.features is None:
+            raise NodeError("no features to score (the features node fell back)")
+        resp = await self._c.scoring.Score(
+            scoring_pb2.ScoreRequest(
+                model=cn.params.model, version=cn.params.version, features=frame.features
+            ),
+            timeout=timeout,
+            metadata=tracing.outgoing_metadata(),
+        )
+        scores = tensor.unpack(resp.scores)[:, 0]
+        if scores.size != frame.ids.size:
+            raise NodeError(f"model returned {scores.size} scores for {frame.ids.size} rows")
+        out = Frame(ids=frame.ids, sources=frame.sources, info=frame.info, score=scores)
+        return out
+
+    async def _filter(
+        self, cn: CompiledNode, inputs: list[Frame], member: int, timeout: float
+    ) -> Frame:
+        frame = inputs[0]
+        if not frame.ids.size:
+            return frame
+        resp = await self._c.merging.Filter(
+            merging_pb2.FilterRequest(
+                member=member, ids=frame.ids.tolist(), filters=[cn.node.op.split(".", 1)[1]]
+            ),
+            timeout=timeout,
+            metadata=tracing.outgoing_metadata(),
+        )
+        out = frame.take(np.asarray(resp.keep, dtype=np.int64))
+        out.dropped = {d.reason: d.count for d in resp.dropped}
+        return out
+
+    async def _blend(
+        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+    ) -> Frame:
+        assert isinstance(cn.params, BlendParams)
+        lists = [
+            _scored_list(name, frame, cn.params.weights.get(name, 1.0))
+            for name, frame in zip(cn.node.inputs, inputs, strict=True)
+        ]
+        resp = await self._c.merging.Merge(
+            merging_pb2.MergeRequest(
+                member=member, lists=lists, k=k, filters=list(cn.params.filters),
+                quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
+            ),
+            timeout=timeout,
+            metadata=tracing.outgoing_metadata(),
+        )  # fmt: skip
+        out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
+        out.edges = list(resp.edges)
+        out.dropped = {d.reason: d.count for d in resp.dropped}
+        return out
+
+
+def _scored_list(name: str, frame: Frame, weight: float) -> merging_pb2.ScoredList:
+    """Column 0 is the list's score (model score, or the first source's as a stand-in)."""
+    src_names = list(frame.sources)
+    src_cols = [frame.sources[s] for s in src_names]
+    if frame.score is not None:
+        primary, model_column = frame.score, 0
+    else:
+        primary, model_column = _first_present(src_cols, frame.ids.size), -1
+    matrix = (
+        np.column_stack([primary, *src_cols])
+        if frame.ids.size
+        else np.zeros((0, 1 + len(src_names)), np.float32)
+    )
+    modes = {frame.info[s].mode for s in src_names if s in frame.info}
+    ages = [frame.info[s].age_seconds for s in src_names if s in frame.info]
+    return merging_pb2.ScoredList(
+        name=name,
+        ids=frame.ids.tolist(),
+        scores=tensor.pack(matrix, ["score", *(f"source:{s}" for s in src_names)]),
+        weight=weight,
+        mode=modes.pop() if len(modes) == 1 else ("mixed" if modes else "online"),
+        age_seconds=max(ages, default=0.0),
+        model_column=model_column,
+    )
+
+
+def _first_present(cols: list[np.ndarray], n: int) -> np.ndarray:
+    out = np.full(n, np.nan, dtype=np.float32)
+    for col in cols:
+        out = np.where(np.isnan(out), col, out)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _fallback(cn: CompiledNode, inputs: list[Frame]) -> Frame:
+    if cn.fallback == "passthrough" and inputs:
+        frame = union(inputs)
+        return Frame(ids=frame.ids, sources=frame.sources, info=frame.info, score=None)
+    empty = Frame.empty()
+    if cn.kind is Kind.CANDIDATES and not cn.node.inputs:
+        empty.info[cn.node.name] = SourceInfo(mode="online")
+    return empty
+
+
+def _describe(exc: Exception, timeout_ms: int, timeout_s: float) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            budget = math.floor(timeout_s * 1000)
+            return code, f"timed out after {budget} ms (node timeout {timeout_ms} ms)"
+        return code, f"{code.name}: {exc.details()}"
+    if isinstance(exc, NodeError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,157 @@
+"""The gateway service: Recommend(surface, member, k, debug) over the surface's workflow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+
+import grpc
+
+from edgeflow.config import Config
+from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed
+from edgeflow.server import Service, channel
+from edgeflow.v1 import (
+    candidates_pb2_grpc,
+    features_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    merging_pb2_grpc,
+    scoring_pb2_grpc,
+)
+from edgeflow.workflow.validate import Workflow, load_directory
+
+log = logging.getLogger("edgeflow.gateway")
+
+MAX_K = 500
+# Leave this much of the caller's deadline for building and sending the response.
+_RESPONSE_MARGIN_S = 0.002
+
+
+class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
+    name = "gateway"
+    service_names = ("edgeflow.v1.Recommender",)
+
+    def __init__(self, cfg: Config, workflows_dir: Path | None = None) -> None:
+        self._cfg = cfg
+        self._dir = workflows_dir or cfg.workflows_dir
+        self.workflows: dict[str, Workflow] = {}
+        self._stamp: tuple[tuple[str, float], ...] = ()
+        self._channels: list[grpc.aio.Channel] = []
+        self._engine: Engine | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_RecommenderServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        self._load_workflows()
+        if not self.workflows:
+            raise RuntimeError(f"no valid workflow in {self._dir}")
+        cfg = self._cfg
+        chans = [channel(a) for a in (cfg.candidates_addr, cfg.features_addr,
+                                      cfg.scoring_addr, cfg.merging_addr)]  # fmt: skip
+        self._channels = chans
+        self._engine = Engine(
+            Clients(
+                candidates=candidates_pb2_grpc.CandidateServiceStub(chans[0]),
+                features=features_pb2_grpc.FeatureServiceStub(chans[1]),
+                scoring=scoring_pb2_grpc.ScoringServiceStub(chans[2]),
+                merging=merging_pb2_grpc.MergingServiceStub(chans[3]),
+            )
+        )
+        self._watch = asyncio.create_task(self._watch_workflows())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for ch in self._channels:
+            await ch.close()
+
+    # ---- workflows -----------------------------------------------------------------------
+    def _files_stamp(self) -> tuple[tuple[str, float], ...]:
+        files = sorted([*self._dir.glob("*.yaml"), *self._dir.glob("*.yml")])
+        return tuple((str(p), p.stat().st_mtime) for p in files)
+
+    def _load_workflows(self) -> None:
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return
+        workflows, errors = load_directory(self._dir)
+        for err in errors:
+            log.error("workflow rejected: %s", err)
+        if errors and self.workflows:
+            log.error("keeping the %d workflows already loaded", len(self.workflows))
+            workflows = {**self.workflows, **workflows}
+        self.workflows = {s: w for s, w in workflows.items() if w.spec.modes.online.enabled}
+        self._stamp = stamp
+        log.info("serving surfaces %s", sorted(self.workflows))
+
+    async def _watch_workflows(self) -> None:
+        while True:
+            await asyncio.sleep(self._cfg.reload_interval_s)
+            try:
+                self._load_workflows()
+            except OSError as exc:
+                log.warning("workflow reload failed: %s", exc)
+
+    # ---- RPCs ----------------------------------------------------------------------------
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        wf = self.workflows.get(request.surface)
+        if wf is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"surface: unknown surface {request.surface!r}; known: {sorted(self.workflows)}",
+            )
+        if not 1 <= request.k <= MAX_K:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"k: must be between 1 and {MAX_K}, got {request.k}",
+            )
+        if request.member < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"member: must be >= 0, got {request.member}"
+            )
+        assert self._engine is not None and wf is not None
+        budget = wf.spec.budget_ms / 1000.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining - _RESPONSE_MARGIN_S)
+        try:
+            outcome = await self._engine.run(wf, request.member, request.k, budget)
+        except MemberNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except NodeFailed as exc:
+            code = exc.code
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                code = grpc.StatusCode.INTERNAL  # our own graph's call was wrong, not the caller's
+            await context.abort(code, f"surface {wf.surface!r}: {exc}")
+        resp = gateway_pb2.RecommendResponse(
+            edges=outcome.frame.edges,
+            partial=outcome.partial,
+            degraded=outcome.degraded,
+            surface=wf.surface,
+            workflow=wf.name,
+            request_id=request.request_id or uuid.uuid4().hex,
+        )
+        if request.debug:
+            resp.funnel.nodes.extend(outcome.traces)
+            resp.funnel.total_ms = outcome.total_ms
+            for reason, count in outcome.frame.dropped.items():
+                resp.funnel.dropped[reason] = count
+        return resp
+
+    async def ListSurfaces(
+        self, request: gateway_pb2.ListSurfacesRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListSurfacesResponse:
+        return gateway_pb2.ListSurfacesResponse(surfaces=sorted(self.workflows))
+
+
+def create(cfg: Config) -> Service:
+    return GatewayService(cfg)

@@ -1,0 +1,158 @@
+"""The ops a workflow node may use: what each consumes, produces and accepts as params.
+
+Like Merlin's operator schemas, every op declares its input and output kinds, so wiring
+errors are caught when a graph is validated, not when a request runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from edgeflow.features.schema import MODEL_COLUMNS
+
+
+class Kind(StrEnum):
+    CANDIDATES = "candidates"
+    FEATURES = "features"
+    SCORED = "scored"
+    RANKED = "ranked"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class GraphParams(Params):
+    """Friends of friends ranked by (weighted) common neighbours."""
+
+    limit: int = Field(400, ge=1, le=5000, description="Most candidates to return.")
+    weight: Literal["common", "adamic_adar"] = Field(
+        "adamic_adar", description="Rank by plain common-neighbour count or Adamic-Adar weight."
+    )
+    min_common: int = Field(1, ge=1, le=1000, description="Fewest common neighbours to keep.")
+
+
+class EbrParams(Params):
+    """Embedding-based retrieval: nearest members by embedding cosine in Qdrant."""
+
+    limit: int = Field(100, ge=1, le=5000, description="Most candidates to return.")
+
+
+class PrecomputedParams(Params):
+    """A list precomputed by the offline job or the nearline worker."""
+
+    list: str = Field(
+        ..., min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="Name of the precomputed list set (usually the surface).",
+    )  # fmt: skip
+    limit: int = Field(200, ge=1, le=5000, description="Most candidates to return.")
+
+
+class PopularParams(Params):
+    """Best-connected members, for cold start."""
+
+    limit: int = Field(50, ge=1, le=5000, description="Most candidates to return.")
+
+
+class FetchParams(Params):
+    """Entity features from Feast plus request-time pair features."""
+
+    columns: list[str] = Field(
+        default_factory=list, description="Feature columns to fetch; empty means all."
+    )
+
+    def model_post_init(self, _: object) -> None:
+        unknown = sorted(set(self.columns) - set(MODEL_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown feature columns {unknown}; known: {list(MODEL_COLUMNS)}")
+
+
+class OnnxParams(Params):
+    """Score with a model from the registry."""
+
+    model: str = Field(
+        ..., min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="Model name in the registry.",
+    )  # fmt: skip
+    version: str = Field(
+        "latest", pattern=r"^(latest|v[0-9]+)$", description="Model version, or latest."
+    )
+
+
+FilterName = Literal["self", "connected", "blocked", "dismissed"]
+ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismissed")
+
+
+class BlendParams(Params):
+    """Blend, dedup, filter, apply quotas and cut to the request's top K."""
+
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Blend weight per input node (default 1)."
+    )
+    quotas: dict[str, int] = Field(
+        default_factory=dict, description="Most edges per candidate source node."
+    )
+    filters: list[FilterName] = Field(
+        default_factory=lambda: list(ALL_FILTERS), description="Visibility filters to apply."
+    )
+
+    def model_post_init(self, _: object) -> None:
+        for name, w in self.weights.items():
+            if w < 0:
+                raise ValueError(f"weight of {name!r} must be >= 0, got {w}")
+        for name, q in self.quotas.items():
+            if q < 0:
+                raise ValueError(f"quota of {name!r} must be >= 0, got {q}")
+
+
+class FilterParams(Params):
+    """A visibility filter node has no params."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    inputs: frozenset[Kind]  # kinds accepted as inputs
+    min_inputs: int
+    max_inputs: int
+    output: Kind | None  # None: same kind as its input
+    params: type[Params]
+    fallbacks: frozenset[str]  # fallback policies that make sense for this op
+    description: str
+
+
+_CANDS = frozenset({Kind.CANDIDATES})
+_SOURCE_FALLBACKS = frozenset({"empty", "fail"})
+# Visibility decides what a member may see, so it never degrades to "skip the filter".
+_STRICT = frozenset({"fail"})
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec("candidates.graph", frozenset(), 0, 0, Kind.CANDIDATES, GraphParams,
+               _SOURCE_FALLBACKS, "Friends of friends with common-neighbour counts."),
+        OpSpec("candidates.ebr", frozenset(), 0, 0, Kind.CANDIDATES, EbrParams,
+               _SOURCE_FALLBACKS, "Nearest members by embedding (Qdrant)."),
+        OpSpec("candidates.precomputed", frozenset(), 0, 0, Kind.CANDIDATES, PrecomputedParams,
+               _SOURCE_FALLBACKS, "Lists written by the offline job or nearline worker."),
+        OpSpec("candidates.popular", frozenset(), 0, 0, Kind.CANDIDATES, PopularParams,
+               _SOURCE_FALLBACKS, "Best-connected members (cold start)."),
+        OpSpec("features.fetch", _CANDS, 1, 16, Kind.FEATURES, FetchParams,
+               frozenset({"passthrough", "fail"}),
+               "Feast entity features and request-time pair features."),
+        OpSpec("scoring.onnx", frozenset({Kind.FEATURES}), 1, 1, Kind.SCORED, OnnxParams,
+               frozenset({"passthrough", "fail"}), "Score with a registry ONNX model."),
+        OpSpec("merge.blend", frozenset({Kind.CANDIDATES, Kind.SCORED}), 1, 16, Kind.RANKED,
+               BlendParams, _STRICT, "Blend, dedup, filter, quotas and top-K with provenance."),
+        *(
+            OpSpec(f"filter.{f}", frozenset({Kind.CANDIDATES, Kind.SCORED}), 1, 1, None,
+                   FilterParams, _STRICT, f"Drop the {f} members before later nodes.")
+            for f in ALL_FILTERS
+        ),
+    )
+}  # fmt: skip

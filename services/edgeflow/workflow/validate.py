@@ -1,0 +1,282 @@
+"""Validation of workflow graphs, with errors that name the node and the field.
+
+`edgeflow validate`, the gateway and the operator all call `load_workflow`/`check`, so a
+graph is accepted or rejected the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, WorkflowSpec
+from edgeflow.workflow.ops import OPS, Kind, OpSpec, Params
+
+DEFAULT_FALLBACK = {"candidates": "empty", "features": "passthrough", "scoring": "passthrough"}
+
+
+class WorkflowError(ValueError):
+    """An invalid workflow; `problems` lists every error as 'where: what'."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid workflow:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class CompiledNode:
+    node: Node
+    op: OpSpec
+    params: Params
+    fallback: str
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A validated graph, nodes in topological order."""
+
+    name: str
+    spec: WorkflowSpec
+    nodes: tuple[CompiledNode, ...]
+
+    @property
+    def surface(self) -> str:
+        return self.spec.surface
+
+    def node(self, name: str) -> CompiledNode:
+        return next(n for n in self.nodes if n.node.name == name)
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _problems(exc: ValidationError, where: str) -> list[str]:
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(x) for x in err["loc"])
+        out.append(
+            f"{where} field {field}: {_message(err)}" if field else f"{where}: {_message(err)}"
+        )
+    return out
+
+
+def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>") -> Workflow:
+    """Validate a spec mapping; raises WorkflowError listing every problem found."""
+    problems: list[str] = []
+    raw_nodes = spec_doc.get("nodes")
+    nodes: list[Node] = []
+    if isinstance(raw_nodes, list):
+        for idx, raw in enumerate(raw_nodes):
+            label = raw.get("name") if isinstance(raw, Mapping) else None
+            where = f"node {label!r}" if label else f"node #{idx + 1}"
+            try:
+                nodes.append(Node.model_validate(raw))
+            except ValidationError as exc:
+                problems.extend(_problems(exc, where))
+    try:
+        spec = WorkflowSpec.model_validate(
+            {**spec_doc, "nodes": nodes} if problems and nodes else spec_doc
+        )
+    except ValidationError as exc:
+        spec_problems = [
+            p for p in _problems(exc, "spec") if not (problems and p.startswith("spec field nodes"))
+        ]
+        raise WorkflowError(source, problems + spec_problems) from None
+    names: dict[str, Node] = {}
+    # Names of nodes that failed validation still count, so references to them do not cascade.
+    raw_names = {
+        str(r.get("name")) for r in raw_nodes or [] if isinstance(r, Mapping) and r.get("name")
+    }
+    for node in spec.nodes:
+        if node.name in names:
+            problems.append(f"node {node.name!r}: duplicate node name")
+        names[node.name] = node
+
+    compiled: dict[str, tuple[Node, OpSpec, Params, str]] = {}
+    for node in spec.nodes:
+        where = f"node {node.name!r}"
+        op = OPS.get(node.op)
+        if op is None:
+            problems.append(f"{where} field op: unknown op {node.op!r}; known: {sorted(OPS)}")
+            continue
+        try:
+            params = op.params.model_validate(node.params)
+        except ValidationError as exc:
+            for err in exc.errors():
+                field = ".".join(["params", *(str(x) for x in err["loc"])])
+                problems.append(f"{where} field {field}: {_message(err)}")
+            continue
+        family = node.op.split(".", 1)[0]
+        fallback = node.fallback or DEFAULT_FALLBACK.get(family, "fail")
+        if fallback not in op.fallbacks:
+            problems.append(
+                f"{where} field fallback: {fallback!r} is not allowed for {node.op}; "
+                f"use one of {sorted(op.fallbacks)}"
+            )
+        n_in = len(node.inputs)
+        if not op.min_inputs <= n_in <= op.max_inputs:
+            want = (
+                "no inputs" if op.max_inputs == 0
+                else f"{op.min_inputs}..{op.max_inputs} inputs"
+            )  # fmt: skip
+            problems.append(f"{where} field inputs: {node.op} takes {want}, got {n_in}")
+        for dep in node.inputs:
+            if dep not in names and dep not in raw_names:
+                problems.append(f"{where} field inputs: unknown node {dep!r}")
+            elif dep == node.name:
+                problems.append(f"{where} field inputs: a node cannot be its own input")
+        if len(set(node.inputs)) != n_in:
+            problems.append(f"{where} field inputs: an input is listed twice")
+        compiled[node.name] = (node, op, params, fallback)
+
+    order = _topological(spec.nodes, problems)
+    kinds: dict[str, Kind] = {}
+    result: list[CompiledNode] = []
+    for name in order:
+        if name not in compiled:
+            continue
+        node, op, params, fallback = compiled[name]
+        in_kinds = [kinds[d] for d in node.inputs if d in kinds]
+        for dep, kind in zip(node.inputs, in_kinds, strict=False):
+            if kind not in op.inputs:
+                problems.append(
+                    f"node {name!r} field inputs: {dep!r} produces {kind.value}, but {node.op} "
+                    f"takes {' or '.join(sorted(k.value for k in op.inputs))}"
+                )
+        kind = op.output or (in_kinds[0] if in_kinds else Kind.CANDIDATES)
+        kinds[name] = kind
+        result.append(CompiledNode(node, op, params, fallback, kind))
+        problems.extend(_semantic(node, params, names))
+
+    if spec.output not in names and spec.output not in raw_names:
+        problems.append(f"spec.output: unknown node {spec.output!r}")
+    elif spec.output in kinds and kinds[spec.output] is not Kind.RANKED:
+        problems.append(
+            f"spec.output: node {spec.output!r} produces {kinds[spec.output].value}; the "
+            "output must be a merge.blend node (ranked)"
+        )
+    if problems:
+        raise WorkflowError(source, problems)
+    return Workflow(name=name or spec.surface, spec=spec, nodes=tuple(result))
+
+
+def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str]:
+    """Checks that need the whole graph: references from params to other nodes."""
+    from edgeflow.workflow.ops import BlendParams
+
+    problems = []
+    if isinstance(params, BlendParams):
+        for key in params.weights:
+            if key not in node.inputs:
+                problems.append(
+                    f"node {node.name!r} field params.weights.{key}: not an input of this node"
+                )
+        for key in params.quotas:
+            src = names.get(key)
+            if src is None or not src.op.startswith("candidates."):
+                problems.append(
+                    f"node {node.name!r} field params.quotas.{key}: not a candidates node"
+                )
+    return problems
+
+
+def _topological(nodes: list[Node], problems: list[str]) -> list[str]:
+    """Kahn's algorithm; nodes left over sit on a cycle and are reported."""
+    known = {n.name for n in nodes}
+    indeg = {n.name: sum(1 for d in set(n.inputs) if d in known and d != n.name) for n in nodes}
+    users: dict[str, list[str]] = {n.name: [] for n in nodes}
+    for n in nodes:
+        for d in set(n.inputs):
+            if d in known and d != n.name:
+                users[d].append(n.name)
+    ready = [n.name for n in nodes if indeg[n.name] == 0]
+    order: list[str] = []
+    while ready:
+        cur = ready.pop(0)
+        order.append(cur)
+        for u in users[cur]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    stuck = [n.name for n in nodes if n.name not in order]
+    if stuck:
+        problems.append(f"nodes {stuck}: the graph has a cycle through these nodes (field inputs)")
+    return order
+
+
+def parse_document(doc: Any, source: str) -> Workflow:
+    """Accept a whole EdgeWorkflow resource or a bare spec."""
+    if not isinstance(doc, Mapping):
+        raise WorkflowError(source, ["the document must be a mapping (an EdgeWorkflow or a spec)"])
+    if "spec" in doc or "kind" in doc or "apiVersion" in doc:
+        problems = []
+        if doc.get("apiVersion") != API_VERSION:
+            problems.append(f"apiVersion: expected {API_VERSION!r}, got {doc.get('apiVersion')!r}")
+        if doc.get("kind") != KIND:
+            problems.append(f"kind: expected {KIND!r}, got {doc.get('kind')!r}")
+        meta = doc.get("metadata")
+        if not isinstance(meta, Mapping) or not meta.get("name"):
+            problems.append("metadata.name: required")
+        if not isinstance(doc.get("spec"), Mapping):
+            problems.append("spec: required mapping")
+        if problems:
+            raise WorkflowError(source, problems)
+        try:
+            EdgeWorkflow.model_validate(doc)
+        except ValidationError as exc:
+            problems = [
+                p for p in _problems(exc, "resource") if not p.startswith("resource field spec")
+            ]
+        try:
+            wf = check(doc["spec"], name=str(doc["metadata"]["name"]), source=source)
+        except WorkflowError as exc:
+            raise WorkflowError(source, problems + exc.problems) from None
+        if problems:
+            raise WorkflowError(source, problems)
+        return wf
+    return check(doc, source=source)
+
+
+def load_workflow(path: Path) -> Workflow:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkflowError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "document"
+        raise WorkflowError(str(path), [f"{where}: not valid YAML ({exc})"]) from None
+    if len(docs) != 1:
+        raise WorkflowError(str(path), [f"expected one YAML document, found {len(docs)}"])
+    return parse_document(docs[0], str(path))
+
+
+def load_directory(directory: Path) -> tuple[dict[str, Workflow], list[WorkflowError]]:
+    """Every *.yaml workflow in a directory, by surface; invalid ones are returned as errors."""
+    workflows: dict[str, Workflow] = {}
+    errors: list[WorkflowError] = []
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        try:
+            wf = load_workflow(path)
+        except WorkflowError as exc:
+            errors.append(exc)
+            continue
+        if wf.surface in workflows:
+            errors.append(WorkflowError(str(path), [f"surface {wf.surface!r} is defined twice"]))
+            continue
+        workflows[wf.surface] = wf
+    return workflows, errors
