@@ -97,6 +97,8 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -104,3 +106,5 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

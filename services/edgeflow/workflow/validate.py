@@ -75,6 +75,7 @@ def _problems(exc: ValidationError, where: str) -> list[str]:
 def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>") -> Workflow:
     """Validate a spec mapping; raises WorkflowError listing every problem found."""
     problems: list[str] = []
+    workflow_name = name
     raw_nodes = spec_doc.get("nodes")
     nodes: list[Node] = []
     if isinstance(raw_nodes, list):
@@ -169,7 +170,7 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
         )
     if problems:
         raise WorkflowError(source, problems)
-    return Workflow(name=name or spec.surface, spec=spec, nodes=tuple(result))
+    return Workflow(name=workflow_name or spec.surface, spec=spec, nodes=tuple(result))
 
 
 def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str]:

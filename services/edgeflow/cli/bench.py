@@ -1,0 +1,299 @@
+"""`edgeflow bench`: end-to-end and per-service latency, against the straightforward
+in-process pipeline (Feast SDK + qdrant-client + onnxruntime) timed in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeflow import tensor
+from edgeflow.cli.harness import Harness, running_suite
+from edgeflow.cli.main import CliError
+from edgeflow.cli.quickstart import FACEBOOK_CANDIDATES
+from edgeflow.features import schema
+from edgeflow.features.compute import model_matrix
+from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree, read_edge_file
+from edgeflow.local.suite import SERVICES, peak_rss_mb
+from edgeflow.server import channel
+from edgeflow.v1 import (
+    candidates_pb2,
+    candidates_pb2_grpc,
+    features_pb2,
+    features_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    merging_pb2,
+    merging_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
+from edgeflow.workflow.ops import EbrParams, GraphParams
+from edgeflow.workflow.validate import load_workflow
+
+ENTITY_REFS = [f"{schema.FEATURE_VIEW}:{f}" for f in schema.ENTITY_FEATURES]
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values), q)), 3)
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], n: int, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        await fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+class NaivePipeline:
+    """What a team writes first: one process calling the SDKs directly per request."""
+
+    def __init__(self, h: Harness, graph: Graph, embeddings: np.ndarray) -> None:
+        import onnxruntime as ort
+        from feast import FeatureStore
+        from qdrant_client import QdrantClient, models
+
+        self.graph = graph
+        self.weights = inverse_log_degree(graph)
+        wf = load_workflow(h.cfg.workflows_dir / "pymk.yaml")
+        self.fof_limit = next(n.params for n in wf.nodes if isinstance(n.params, GraphParams)).limit
+        self.ebr_limit = next(n.params for n in wf.nodes if isinstance(n.params, EbrParams)).limit
+        self.store = FeatureStore(repo_path=str(h.cfg.feature_repo))
+        self.qdrant = QdrantClient(":memory:")
+        self.qdrant.create_collection(
+            "members",
+            vectors_config=models.VectorParams(
+                size=embeddings.shape[1], distance=models.Distance.COSINE
+            ),
+        )
+        self.qdrant.upsert(
+            "members",
+            points=models.Batch(ids=graph.ids.tolist(), vectors=embeddings.tolist()),
+        )
+        self.embeddings = embeddings
+        model_dir = max((h.cfg.model_dir / "pymk-ranker").iterdir(), key=lambda p: int(p.name[1:]))
+        card = json.loads((model_dir / "card.json").read_text())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts)
+        self.card = card
+        self.col_index = [schema.MODEL_COLUMNS.index(c) for c in card["features"]]
+
+    def recommend(self, member: int, k: int) -> list[int]:
+        g = self.graph
+        i = g.index_of(member)
+        fof, _, _ = friends_of_friends(g, i, self.fof_limit, self.weights)
+        hits = self.qdrant.query_points(
+            "members",
+            query=self.embeddings[i].tolist(),
+            limit=self.ebr_limit + int(g.degree[i]) + 1,
+        ).points
+        ebr = g.indices_of(np.asarray([p.id for p in hits], dtype=np.int64))
+        nbrs = set(g.neighbors(i).tolist()) | {i}
+        ebr = np.asarray(
+            [x for x in ebr if x >= 0 and x not in nbrs][: self.ebr_limit], dtype=np.int64
+        )
+        cands = np.unique(np.concatenate([fof, ebr]))
+        rows = [{schema.JOIN_KEY: int(m)} for m in [member, *g.ids[cands].tolist()]]
+        feats = self.store.get_online_features(features=ENTITY_REFS, entity_rows=rows).to_dict()
+        scal = np.asarray([feats[f] for f in schema.SCALAR_FEATURES], dtype=np.float32).T
+        emb = np.asarray(feats[schema.EMBEDDING_FEATURE], dtype=np.float32)
+        x = model_matrix(g, self.weights, i, cands, scal[0], scal[1:], emb[0], emb[1:])
+        out = self.session.run([self.card["output"]], {self.card["input"]: x[:, self.col_index]})
+        probs = np.asarray(out[0])[:, self.card.get("output_index", 1)]
+        top = np.argsort(-probs, kind="stable")[:k]
+        return [int(m) for m in g.ids[cands[top]]]
+
+
+async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    members = rng.choice(graph.ids[graph.degree > 0], size=min(requests, graph.n), replace=False)
+    gw = channel(h.suite.addr("gateway"))
+    stub = gateway_pb2_grpc.RecommenderStub(gw)
+    result: dict[str, Any] = {}
+
+    # End to end, sequential.
+    it = iter(np.resize(members, requests + 50).tolist())
+
+    async def recommend() -> None:
+        await stub.Recommend(
+            gateway_pb2.RecommendRequest(surface="pymk", member=next(it), k=50), timeout=5
+        )
+
+    lat = await timed(recommend, requests, warmup=50)
+    result["recommend_p50_ms"] = pct(lat, 50)
+    result["recommend_p99_ms"] = pct(lat, 99)
+    partial, scored = 0, []
+    for m in members[:100].tolist():
+        resp = await stub.Recommend(
+            gateway_pb2.RecommendRequest(surface="pymk", member=m, k=50, debug=True)
+        )
+        partial += int(resp.partial)
+        scored += [n.items_in for n in resp.funnel.nodes if n.op == "scoring.onnx"]
+    result["recommend_candidates_scored_mean"] = round(float(np.mean(scored)), 1)
+    result["recommend_partial_responses"] = partial
+
+    # End to end under concurrent load.
+    for conc in (4, 16):
+        lats = await load(stub, np.resize(members, requests).tolist(), conc)
+        result[f"recommend_c{conc}_qps"] = lats.pop()
+        result[f"recommend_c{conc}_p50_ms"] = pct(lats, 50)
+        result[f"recommend_c{conc}_p99_ms"] = pct(lats, 99)
+
+    # Per service.
+    result.update(await per_service(h, graph, members))
+
+    # Features for 500 entities against Feast's SDK on the same Redis.
+    fch = channel(h.suite.addr("features"))
+    fstub = features_pb2_grpc.FeatureServiceStub(fch)
+    ents = rng.choice(graph.ids, size=500, replace=False).tolist()
+    req = features_pb2.GetFeaturesRequest(entities=ents)
+    ours = await timed(lambda: fstub.GetFeatures(req, timeout=5), 200)
+    served = tensor.unpack((await fstub.GetFeatures(req)).features)
+    all_req = features_pb2.GetFeaturesRequest(entities=graph.ids.tolist())
+    all_emb = tensor.unpack((await fstub.GetFeatures(all_req)).features)
+    await fch.close()
+    embeddings = np.ascontiguousarray(all_emb[:, len(schema.SCALAR_FEATURES) :])
+
+    naive = NaivePipeline(h, graph, embeddings)
+    rows = [{schema.JOIN_KEY: m} for m in ents]
+    feast_lat = []
+    for _ in range(40):
+        t = time.perf_counter()
+        ref = naive.store.get_online_features(features=ENTITY_REFS, entity_rows=rows).to_dict()
+        feast_lat.append((time.perf_counter() - t) * 1000)
+    ref_matrix = np.column_stack(
+        [np.asarray(ref[f], dtype=np.float32) for f in schema.SCALAR_FEATURES]
+        + [np.asarray(ref[schema.EMBEDDING_FEATURE], dtype=np.float32)]
+    )
+    result["features_500_p50_ms"] = pct(ours, 50)
+    result["feast_sdk_500_p50_ms"] = pct(feast_lat, 50)
+    result["features_speedup"] = round(
+        result["feast_sdk_500_p50_ms"] / result["features_500_p50_ms"], 1
+    )
+    result["features_identical"] = bool(np.array_equal(served, ref_matrix))
+
+    # The in-process pipeline, same model and the same candidate recipe, same members.
+    naive_lat = []
+    for m in members[: min(requests, 150)].tolist():
+        t = time.perf_counter()
+        naive.recommend(m, 50)
+        naive_lat.append((time.perf_counter() - t) * 1000)
+    result["naive_pipeline_p50_ms"] = pct(naive_lat, 50)
+    result["naive_pipeline_p99_ms"] = pct(naive_lat, 99)
+    result["speedup_vs_naive_p50"] = round(
+        result["naive_pipeline_p50_ms"] / result["recommend_p50_ms"], 2
+    )
+
+    result["rss_mb"] = {name: peak_rss_mb(h.suite.pids[name]) for name in SERVICES}
+    await gw.close()
+    return result
+
+
+async def load(
+    stub: gateway_pb2_grpc.RecommenderStub, members: list[int], concurrency: int
+) -> list[float]:
+    """Latencies of Recommend at a fixed concurrency; the last item is the throughput (QPS)."""
+    it = iter(members)
+    lats: list[float] = []
+
+    async def worker() -> None:
+        for m in it:
+            t = time.perf_counter()
+            req = gateway_pb2.RecommendRequest(surface="pymk", member=m, k=50)
+            await stub.Recommend(req, timeout=5)
+            lats.append((time.perf_counter() - t) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    qps = round(len(lats) / (time.perf_counter() - t0), 1)
+    return [*lats, qps]
+
+
+async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    hub = int(graph.ids[int(np.argmax(graph.degree))])
+    typical = int(members[0])
+    cch = channel(h.suite.addr("candidates"))
+    cstub = candidates_pb2_grpc.CandidateServiceStub(cch)
+    for label, member, source, limit in (
+        ("generate_graph_typical", typical, "graph", 400),
+        ("generate_graph_hub", hub, "graph", 400),
+        ("generate_ebr", typical, "ebr", 100),
+    ):
+        req = candidates_pb2.GenerateRequest(member=member, source=source, limit=limit)
+        lat = await timed(lambda r=req: cstub.Generate(r, timeout=5), 200)
+        out[f"{label}_p50_ms"], out[f"{label}_p99_ms"] = pct(lat, 50), pct(lat, 99)
+    cands = (
+        await cstub.Generate(candidates_pb2.GenerateRequest(member=hub, source="graph", limit=500))
+    ).ids
+    await cch.close()
+
+    fch = channel(h.suite.addr("features"))
+    fstub = features_pb2_grpc.FeatureServiceStub(fch)
+    freq = features_pb2.GetFeaturesRequest(member=hub, entities=cands)
+    lat = await timed(lambda: fstub.GetFeatures(freq, timeout=5), 200)
+    out["features_pairs_500_p50_ms"], out["features_pairs_500_p99_ms"] = pct(lat, 50), pct(lat, 99)
+    feats = (await fstub.GetFeatures(freq)).features
+    await fch.close()
+
+    sch = channel(h.suite.addr("scoring"))
+    sstub = scoring_pb2_grpc.ScoringServiceStub(sch)
+    sreq = scoring_pb2.ScoreRequest(model="pymk-ranker", features=feats)
+    lat = await timed(lambda: sstub.Score(sreq, timeout=5), 200)
+    out["score_500_p50_ms"], out["score_500_p99_ms"] = pct(lat, 50), pct(lat, 99)
+    scores = tensor.unpack((await sstub.Score(sreq)).scores)[:, 0]
+    await sch.close()
+
+    mch = channel(h.suite.addr("merging"))
+    mstub = merging_pb2_grpc.MergingServiceStub(mch)
+    mreq = merging_pb2.MergeRequest(
+        member=hub, k=50, filters=["self", "connected", "blocked", "dismissed"],
+        lists=[merging_pb2.ScoredList(name="rank", ids=cands, weight=1.0, model_column=0,
+                                      scores=tensor.pack(scores, ["score"]))],
+    )  # fmt: skip
+    lat = await timed(lambda: mstub.Merge(mreq, timeout=5), 200)
+    out["merge_500_p50_ms"], out["merge_500_p99_ms"] = pct(lat, 50), pct(lat, 99)
+    await mch.close()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    edges = args.edges or next((p for p in FACEBOOK_CANDIDATES if p.exists()), None)
+    if edges is None:
+        raise CliError("no edge list: pass --edges (the Facebook graph was not found)")
+    if args.requests < 50:
+        raise CliError("--requests must be at least 50")
+    t0 = time.perf_counter()
+    src, dst = read_edge_file(edges)
+    graph = Graph.from_edges(src, dst)
+    with running_suite(graph, seed=0, log=not args.json) as h:
+        result = asyncio.run(bench(h, graph, args.requests))
+    result["edges"] = str(Path(edges).name)
+    result["members"] = graph.n
+    result["requests"] = args.requests
+    result["machine"] = f"{platform.machine()} {_cpus()} cpus, python {platform.python_version()}"
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(result, indent=None if args.json else 2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0

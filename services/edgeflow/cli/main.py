@@ -1,0 +1,121 @@
+"""`edgeflow`: one console script for the suite (argparse; heavy imports happen per command)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+SERVICE_MODULES = {
+    "candidates": "edgeflow.candidates.service",
+    "features": "edgeflow.features.service",
+    "scoring": "edgeflow.scoring.service",
+    "merging": "edgeflow.merging.service",
+    "gateway": "edgeflow.gateway.service",
+}
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edgeflow import config, server
+
+    cfg = config.load()
+    server.setup_logging(cfg.log_level)
+    module = importlib.import_module(SERVICE_MODULES[args.service])
+    asyncio.run(server.serve(module.create(cfg), cfg))
+    return 0
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"edgeflow.cli.{name}")
+        result: int = module.run(args)
+        return result
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeflow", description="Serving for edge recommendations (people you may know)."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("quickstart", help="ingest a graph, train, start the suite, recommend")
+    s.add_argument("--edges", type=Path, help="edge list (default: the SNAP Facebook graph "
+                   "in ../shared/data when present, else a generated graph)")  # fmt: skip
+    s.add_argument("--members", type=int, default=3, help="members to show recommendations for")
+    s.add_argument("--keep-running", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave the suite up afterwards (stop it with `edgeflow down`)")  # fmt: skip
+    s.set_defaults(func=_command("quickstart"))
+
+    s = sub.add_parser("ingest", help="load an edge list into the member graph in Redis")
+    s.add_argument("--edges", type=Path, required=True, help="whitespace-separated edge list")
+    s.set_defaults(func=_command("build"), action="ingest")
+
+    s = sub.add_parser("train", help="embeddings, Feast features and the ranker from the graph")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", default="pymk-ranker", help="model name in the registry")
+    s.set_defaults(func=_command("build"), action="train")
+
+    s = sub.add_parser("up", help="start Redis and the five services on this machine")
+    s.set_defaults(func=_command("suite_cmd"), action="up")
+    s = sub.add_parser("down", help="stop what `edgeflow up` started")
+    s.set_defaults(func=_command("suite_cmd"), action="down")
+    s = sub.add_parser("status", help="show the local suite's processes and health")
+    s.set_defaults(func=_command("suite_cmd"), action="status")
+
+    s = sub.add_parser("serve", help="run one service in the foreground (what `up` spawns)")
+    s.add_argument("service", choices=sorted(SERVICE_MODULES))
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("recommend", help="ask the gateway for recommendations")
+    s.add_argument("--member", type=int, required=True)
+    s.add_argument("--surface", default="pymk")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--debug", action="store_true", help="also print the funnel")
+    s.add_argument("--json", action="store_true", help="print the response as JSON")
+    s.add_argument("--addr", help="gateway address (default: GATEWAY_ADDR)")
+    s.set_defaults(func=_command("recommend"))
+
+    s = sub.add_parser("validate", help="check workflow files")
+    s.add_argument("files", type=Path, nargs="+")
+    s.set_defaults(func=_command("validate"))
+
+    s = sub.add_parser("eval", help="measure recall@k end to end through the serving path")
+    s.add_argument("--edges", type=Path, required=True)
+    s.add_argument("--holdout", type=float, default=0.1)
+    s.add_argument("--k", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-members", type=int, default=1000)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_command("evaluate"))
+
+    s = sub.add_parser("bench", help="latency and throughput against the in-process baseline")
+    s.add_argument("--edges", type=Path, help="edge list (default: the Facebook graph)")
+    s.add_argument("--requests", type=int, default=400)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    s.set_defaults(func=_command("bench"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"edgeflow {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

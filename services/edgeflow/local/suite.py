@@ -1,0 +1,195 @@
+"""The whole suite as local processes: a Redis server and the five services.
+
+`edgeflow up` uses it with fixed ports under EDGEFLOW_HOME; `eval` and `bench` use it with
+free ports in a temporary home so they can run beside a suite that is already up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgeflow.local.redis_server import find_redis_server, free_port, start_redis, stop_pid
+
+SERVICES = ("candidates", "features", "scoring", "merging", "gateway")
+PROCESSES = ("redis", *SERVICES)
+
+
+@dataclass
+class Suite:
+    home: Path
+    ports: dict[str, int]
+    pids: dict[str, int] = field(default_factory=dict)
+    redis_started: bool = False
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['redis']}/0"
+
+    def addr(self, service: str) -> str:
+        return f"127.0.0.1:{self.ports[service]}"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "run" / "suite.json"
+
+    def env(self) -> dict[str, str]:
+        """The environment every process of this suite runs with."""
+        env = dict(os.environ)
+        env.update(
+            EDGEFLOW_HOME=str(self.home),
+            REDIS_URL=self.redis_url,
+            CANDIDATES_ADDR=self.addr("candidates"),
+            FEATURES_ADDR=self.addr("features"),
+            SCORING_ADDR=self.addr("scoring"),
+            MERGING_ADDR=self.addr("merging"),
+            GATEWAY_ADDR=self.addr("gateway"),
+        )
+        return env
+
+    def save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self) | {"home": str(self.home)}
+        self.state_file.write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, home: Path) -> Suite | None:
+        path = home / "run" / "suite.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(home=Path(data["home"]), ports=data["ports"], pids=data["pids"],
+                   redis_started=data["redis_started"])  # fmt: skip
+
+
+def new_suite(home: Path, free_ports: bool) -> Suite:
+    """A suite on free ports, or on the ports the configuration names (REDIS_URL, *_ADDR)."""
+    if free_ports:
+        return Suite(home=home.resolve(), ports={k: free_port() for k in PROCESSES})
+    from urllib.parse import urlparse
+
+    from edgeflow import config
+
+    cfg = config.load()
+    addrs = {
+        "gateway": cfg.gateway_addr, "candidates": cfg.candidates_addr,
+        "features": cfg.features_addr, "scoring": cfg.scoring_addr, "merging": cfg.merging_addr,
+    }  # fmt: skip
+    ports = {name: int(addr.rsplit(":", 1)[1]) for name, addr in addrs.items()}
+    ports["redis"] = urlparse(cfg.redis_url).port or 6379
+    return Suite(home=home.resolve(), ports=ports)
+
+
+def ensure_redis(suite: Suite) -> None:
+    """Start a Redis server for the suite unless one already answers on its port."""
+    import redis
+
+    try:
+        redis.Redis(port=suite.ports["redis"], socket_connect_timeout=0.3).ping()
+        return
+    except redis.RedisError:
+        pass
+    find_redis_server()
+    proc = start_redis(suite.home / "redis", port=suite.ports["redis"])
+    suite.pids["redis"] = proc.pid
+    suite.redis_started = True
+    suite.save()
+
+
+def start_services(suite: Suite, timeout_s: float = 120.0) -> None:
+    """Spawn each service as `edgeflow serve NAME` and wait until all report SERVING."""
+    log_dir = suite.home / "run"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = suite.env()
+    for name in SERVICES:
+        env_one = dict(env, PORT=str(suite.ports[name]))
+        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeflow.cli.main", "serve", name],
+            env=env_one, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        suite.pids[name] = proc.pid
+    suite.save()
+    wait_serving(suite, timeout_s)
+
+
+def wait_serving(suite: Suite, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(SERVICES)
+    while pending:
+        name = pending[0]
+        if not _alive(suite.pids.get(name, 0)):
+            raise RuntimeError(f"{name} exited during start-up:\n{log_tail(suite, name)}")
+        if _serving(suite.addr(name)):
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{name} did not become SERVING within {timeout_s:.0f}s:\n{log_tail(suite, name)}"
+            )
+        time.sleep(0.2)
+
+
+def _serving(addr: str) -> bool:
+    with grpc.insecure_channel(addr) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still answers kill(0); ask the kernel for its state.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def log_tail(suite: Suite, name: str, lines: int = 25) -> str:
+    path = suite.home / "run" / f"{name}.log"
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_suite(suite: Suite) -> list[str]:
+    """Stop the services (gracefully, SIGTERM) and the Redis this suite started."""
+    stopped = []
+    for name in reversed(SERVICES):
+        pid = suite.pids.pop(name, 0)
+        if pid and _alive(pid):
+            stop_pid(pid)
+            stopped.append(name)
+    if suite.redis_started and suite.pids.get("redis"):
+        stop_pid(suite.pids.pop("redis"))
+        stopped.append("redis")
+        suite.redis_started = False
+    suite.state_file.unlink(missing_ok=True)
+    return stopped
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
