@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -62,9 +63,7 @@ class StoredList:
 
 def validate_name(name: str, what: str = "list name") -> str:
     if not _NAME.match(name):
-        raise ListError(
-            f"{what} {name!r} is invalid: use 1-64 letters, digits, '_', '.' or '-'"
-        )
+        raise ListError(f"{what} {name!r} is invalid: use 1-64 letters, digits, '_', '.' or '-'")
     return name
 
 
@@ -113,9 +112,7 @@ def _entry_pattern(name: str, version: str) -> str:
     return f"{before}{version}{after[:-1]}*"
 
 
-def _check_batch(
-    members: np.ndarray, lists: Sequence[tuple[np.ndarray, np.ndarray]]
-) -> np.ndarray:
+def _check_batch(members: np.ndarray, lists: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     members = np.asarray(members)
     if members.ndim != 1 or not np.issubdtype(members.dtype, np.integer):
         raise ListError(f"members must be a 1-D integer array, got {members.dtype} {members.shape}")
@@ -127,9 +124,12 @@ def _check_batch(
     return members.astype(np.int64)
 
 
+def _text(raw: Any) -> str | None:
+    return None if raw is None else bytes(raw).decode()
+
+
 def current_version(client: redis.Redis, name: str) -> str | None:
-    raw = client.get(keys.list_current(validate_name(name)))
-    return None if raw is None else raw.decode()
+    return _text(client.get(keys.list_current(validate_name(name))))
 
 
 def write_lists(
@@ -152,12 +152,14 @@ def write_lists(
         raise ListError(f"list {name!r} version {version!r} already exists")
     created_at = time.time()
     written: list[str] = []
+    candidates = 0
     pipe = client.pipeline(transaction=False)
     for i, (member, (ids, scores)) in enumerate(zip(members.tolist(), lists, strict=True)):
         try:
             value = encode_entry(ids, scores, created_at)
         except ListError as exc:
             raise ListError(f"list for member {member} (index {i}): {exc}") from None
+        candidates += (len(value) - _HEADER.size) // _ITEM_BYTES
         key = keys.list_entry(name, version, member)
         pipe.set(key, value, ex=PENDING_TTL_S)
         written.append(key)
@@ -174,12 +176,12 @@ def write_lists(
         mapping={
             "created_at": created_at,
             "members": members.size,
-            "candidates": sum(int(np.asarray(ids).size) for ids, _ in lists),
+            "candidates": candidates,
         },
     )
-    previous = client.set(keys.list_current(name), version, get=True)
-    if previous is not None and previous.decode() != version:
-        expire_version(client, name, previous.decode(), grace_s)
+    previous = _text(client.set(keys.list_current(name), version, get=True))
+    if previous is not None and previous != version:
+        expire_version(client, name, previous, grace_s)
     return version
 
 
@@ -214,19 +216,20 @@ def update_lists(
     now = time.time()
     values = [encode_entry(ids, scores, now) for ids, scores in lists]
     pointer = keys.list_current(name)
-
-    def write(pipe: redis.client.Pipeline) -> str | None:
-        raw = pipe.get(pointer)
-        if raw is None:
-            return None
-        version = raw.decode()
-        pipe.multi()
-        for member, value in zip(members.tolist(), values, strict=True):
-            pipe.set(keys.list_entry(name, version, member), value)
-        return version
-
-    result: str | None = client.transaction(write, pointer, value_from_callable=True)
-    return result
+    with client.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(pointer)
+                version = _text(pipe.get(pointer))
+                if version is None:
+                    return None
+                pipe.multi()
+                for member, value in zip(members.tolist(), values, strict=True):
+                    pipe.set(keys.list_entry(name, version, member), value)
+                pipe.execute()
+                return version
+            except redis.WatchError:
+                continue  # a batch swapped the pointer meanwhile: write into the new one
 
 
 async def read_list(client: aioredis.Redis, name: str, member: int) -> StoredList | None:

@@ -162,7 +162,7 @@ class Engine:
     # ---- ops -----------------------------------------------------------------------------
     async def _generate(self, cn: CompiledNode, member: int, timeout: float) -> Frame:
         source = cn.node.op.split(".", 1)[1]
-        params = cn.params.model_dump(by_alias=True)
+        params = cn.params.model_dump()
         limit = int(params.pop("limit"))
         req = candidates_pb2.GenerateRequest(
             member=member, source=source, limit=limit,

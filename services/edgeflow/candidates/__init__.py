@@ -1,0 +1,1 @@
+"""The candidates service: candidate sources behind gRPC `Generate`."""

@@ -1,0 +1,310 @@
+"""Candidate sources: graph (friends of friends), ebr (Qdrant), precomputed lists, popular.
+
+Each source answers `generate(member, limit, params)` with ids best first and one score per
+id, never the member itself or its existing connections. Errors are typed so the service
+maps them to precise status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import redis.asyncio as aioredis
+from qdrant_client import QdrantClient
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from edgeflow import keys, lists
+from edgeflow.graph import Graph, friends_of_friends
+from edgeflow.graph_store import GraphNotLoaded, GraphStore
+
+log = logging.getLogger("edgeflow.candidates")
+
+MAX_LIMIT = 5000
+_EMPTY_IDS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float32)
+_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+class MemberNotFound(LookupError):
+    def __init__(self, member: int) -> None:
+        super().__init__(f"member {member} is not in the graph")
+        self.member = member
+
+
+class InvalidParam(ValueError):
+    """A bad request parameter; `field` names it (e.g. "params.weight")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotReady(RuntimeError):
+    """Data the source needs does not exist yet; the message says what to run."""
+
+
+class SourceUnavailable(RuntimeError):
+    """A backing store (Qdrant server) did not answer."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    ids: np.ndarray  # int64, best first
+    scores: np.ndarray  # float32, one per id
+    column: str  # name of the score's measure
+    age_seconds: float = 0.0
+    version: str = ""
+
+
+class Source(Protocol):
+    name: str
+    params: tuple[str, ...]  # the parameter names it accepts
+
+    async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated: ...
+
+
+def check_params(source: Source, params: Mapping[str, str]) -> dict[str, str]:
+    """The params with snake_case keys (workflow YAML may spell them in camelCase)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = _CAMEL.sub(r"_\1", key).lower()
+        if name not in source.params:
+            allowed = ", ".join(source.params) or "none"
+            raise InvalidParam(
+                f"params.{key}",
+                f"unknown parameter for source {source.name!r} (allowed: {allowed})",
+            )
+        out[name] = value
+    return out
+
+
+def _int_param(params: Mapping[str, str], key: str, default: int, lo: int, hi: int) -> int:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidParam(f"params.{key}", f"must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise InvalidParam(f"params.{key}", f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _graph(store: GraphStore) -> Graph:
+    try:
+        return store.graph
+    except GraphNotLoaded:
+        raise NotReady(
+            "no member graph is loaded: run `edgeflow ingest --edges FILE` first"
+        ) from None
+
+
+def _excluded(graph: Graph, member: int) -> np.ndarray:
+    """Sorted external ids the member must never get: itself and its connections."""
+    i = graph.index_of(member)
+    if i < 0:
+        return np.asarray([member], dtype=np.int64)
+    conn = graph.ids[graph.neighbors(i)]  # sorted: ids and neighbour indices both are
+    pos = int(np.searchsorted(conn, member))
+    return np.insert(conn, pos, member)
+
+
+def _drop(ids: np.ndarray, sorted_excluded: np.ndarray) -> np.ndarray:
+    """Mask of ids not in `sorted_excluded`."""
+    if sorted_excluded.size == 0 or ids.size == 0:
+        return np.ones(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_excluded, ids), sorted_excluded.size - 1)
+    return sorted_excluded[pos] != ids
+
+
+class GraphSource:
+    """Friends of friends ranked by common neighbours or Adamic-Adar weighting."""
+
+    name = "graph"
+    params: tuple[str, ...] = ("weight", "min_common")
+
+    def __init__(self, store: GraphStore) -> None:
+        self._store = store
+
+    async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
+        params = check_params(self, params)
+        weight = params.get("weight") or "common"
+        if weight not in ("common", "adamic_adar"):
+            raise InvalidParam(
+                "params.weight", f"must be 'common' or 'adamic_adar', got {weight!r}"
+            )
+        min_common = _int_param(params, "min_common", 1, 1, 1_000_000)
+        graph = _graph(self._store)
+        i = graph.index_of(member)
+        if i < 0:
+            raise MemberNotFound(member)
+        weights = self._store.inv_log_degree if weight == "adamic_adar" else None
+        # With a weighted ranking, the count filter must see every candidate before the cut.
+        fetch = graph.n if (weights is not None and min_common > 1) else limit
+        idx, counts, _ = friends_of_friends(graph, i, fetch, weights)
+        if min_common > 1:
+            keep = counts >= min_common
+            idx, counts = idx[keep][:limit], counts[keep][:limit]
+        return Generated(graph.ids[idx], counts, "common_neighbors", 0.0, graph.version)
+
+
+@dataclass
+class Embeddings:
+    """The Qdrant client and the live collection (followed via `ef:embeddings:current`)."""
+
+    client: QdrantClient | None
+    collection: str | None = None
+    problem: str = ""  # why the client could not be opened, when it could not
+
+    async def refresh(self, rds: aioredis.Redis) -> bool:
+        """Follow the pointer; True when the live collection changed."""
+        raw = await rds.get(keys.EMBEDDINGS_CURRENT)
+        name = None if raw is None else raw.decode()
+        if name == self.collection:
+            return False
+        self.collection = name
+        log.info("embedding collection is now %s", name)
+        return True
+
+
+class EbrSource:
+    """Embedding-based retrieval: nearest members by cosine, filtered after retrieval."""
+
+    name = "ebr"
+    params: tuple[str, ...] = ()
+
+    def __init__(self, store: GraphStore, embeddings: Embeddings) -> None:
+        self._store = store
+        self._emb = embeddings
+
+    async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
+        params = check_params(self, params)
+        graph = _graph(self._store)
+        i = graph.index_of(member)
+        if i < 0:
+            raise MemberNotFound(member)
+        client, collection = self._emb.client, self._emb.collection
+        if client is None:
+            raise NotReady(f"Qdrant is not open: {self._emb.problem}")
+        if collection is None:
+            raise NotReady("no member embeddings in Qdrant: run `edgeflow train` first")
+        # Self and connections are dropped after retrieval: fetch enough to fill `limit`.
+        fetch = limit + int(graph.degree[i]) + 1
+        ids, scores = await asyncio.to_thread(_nearest, client, collection, member, fetch)
+        keep = _drop(ids, _excluded(graph, member))
+        return Generated(ids[keep][:limit], scores[keep][:limit], "cosine", 0.0, collection)
+
+
+def _nearest(
+    client: QdrantClient, collection: str, member: int, fetch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `fetch` nearest members to the member's own vector (which is among them)."""
+    try:
+        found = client.retrieve(collection, ids=[member], with_vectors=True, with_payload=False)
+        if not found or found[0].vector is None:
+            return _EMPTY_IDS, _EMPTY_SCORES
+        vector = found[0].vector
+        if not isinstance(vector, list):
+            raise NotReady(f"collection {collection} has named or sparse vectors, not one dense")
+        points = client.query_points(
+            collection, query=vector, limit=fetch, with_payload=False
+        ).points
+    except (ValueError, UnexpectedResponse) as exc:
+        # Local mode raises ValueError and a server answers 404 for a missing collection.
+        if _missing(client, collection):
+            raise NotReady(
+                f"embedding collection {collection} is missing from Qdrant: "
+                "run `edgeflow train` again"
+            ) from None
+        raise SourceUnavailable(f"Qdrant query on {collection} failed: {exc}") from exc
+    except (ResponseHandlingException, OSError) as exc:
+        raise SourceUnavailable(f"Qdrant did not answer for {collection}: {exc}") from exc
+    n = len(points)
+    ids = np.fromiter((p.id for p in points), dtype=np.int64, count=n)
+    scores = np.fromiter((p.score for p in points), dtype=np.float32, count=n)
+    return ids, scores
+
+
+def _missing(client: QdrantClient, collection: str) -> bool:
+    try:
+        return not client.collection_exists(collection)
+    except (ResponseHandlingException, UnexpectedResponse, OSError):
+        return False
+
+
+class PrecomputedSource:
+    """Lists written by the offline job or the nearline worker (`params.list` names them)."""
+
+    name = "precomputed"
+    params: tuple[str, ...] = ("list",)
+
+    def __init__(self, rds: aioredis.Redis, store: GraphStore) -> None:
+        self._rds = rds
+        self._store = store
+
+    async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
+        params = check_params(self, params)
+        name = params.get("list", "")
+        if not name:
+            raise InvalidParam("params.list", "is required: the name of a precomputed list")
+        try:
+            lists.validate_name(name)
+        except lists.ListError as exc:
+            raise InvalidParam("params.list", str(exc)) from None
+        stored = await lists.read_list(self._rds, name, member)
+        if stored is None:
+            return Generated(_EMPTY_IDS, _EMPTY_SCORES, "list_score")
+        try:
+            # Connections made since the list was computed are dropped too.
+            excluded = _excluded(self._store.graph, member)
+        except GraphNotLoaded:
+            excluded = np.asarray([member], dtype=np.int64)
+        keep = _drop(stored.ids, excluded)
+        return Generated(
+            stored.ids[keep][:limit],
+            stored.scores[keep][:limit],
+            "list_score",
+            stored.age_seconds,
+            stored.version,
+        )
+
+
+class PopularSource:
+    """Highest-degree members, for cold start; also serves members unknown to the graph."""
+
+    name = "popular"
+    params: tuple[str, ...] = ()
+
+    def __init__(self, store: GraphStore) -> None:
+        self._store = store
+        self._version: str | None = None
+        self._ids = _EMPTY_IDS
+        self._degree = _EMPTY_SCORES
+
+    def _ranking(self, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+        if self._version != graph.version:
+            degree = graph.degree
+            # Enough for the largest limit after dropping the best-connected member's links.
+            keep = min(graph.n, MAX_LIMIT + int(degree.max(initial=0)) + 1)
+            order = np.argsort(-degree, kind="stable")[:keep]
+            self._ids, self._degree = graph.ids[order], degree[order].astype(np.float32)
+            self._version = graph.version
+        return self._ids, self._degree
+
+    async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
+        params = check_params(self, params)
+        graph = _graph(self._store)
+        ids, degree = self._ranking(graph)
+        excluded = _excluded(graph, member)
+        head = ids[: limit + excluded.size]
+        keep = _drop(head, excluded)
+        return Generated(
+            head[keep][:limit], degree[: head.size][keep][:limit], "degree", 0.0, graph.version
+        )

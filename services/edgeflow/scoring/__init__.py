@@ -1,0 +1,1 @@
+"""The scoring service: ONNX Runtime sessions over a registry of versioned models."""

@@ -1,0 +1,359 @@
+"""Candidate sources and the candidates service, on a real Redis and Qdrant local mode.
+
+The small graph (ids 1..11) has answers worked out by hand:
+  1-2 1-3 2-4 3-4 2-5 2-10 2-11 3-9 4-6 5-6 7-8
+Member 1 knows 2 and 3; its friends of friends are 4 (via 2 and 3), then 5, 9, 10, 11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+from edgeflow import lists, tensor, vectors
+from edgeflow.candidates.service import CandidatesService, create
+from edgeflow.candidates.sources import (
+    EbrSource,
+    Embeddings,
+    GraphSource,
+    InvalidParam,
+    MemberNotFound,
+    NotReady,
+    PopularSource,
+    PrecomputedSource,
+)
+from edgeflow.config import Config
+from edgeflow.graph import Graph, pair_measures, read_edge_file
+from edgeflow.graph_store import GraphStore, save_graph
+from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow.server import channel, start_server
+from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from qdrant_client import QdrantClient
+
+EDGES = [(1, 2), (1, 3), (2, 4), (3, 4), (2, 5), (2, 10), (2, 11), (3, 9), (4, 6), (5, 6), (7, 8)]
+# Angles of 2-D unit vectors: cosine to member 1 falls with the angle. Member 8 has none.
+ANGLES = {1: 0.0, 2: 0.1, 3: 0.2, 7: 0.05, 4: 0.3, 6: 0.4, 5: 0.5, 9: 1.0, 10: 2.0, 11: 3.0}
+
+
+def small_graph() -> Graph:
+    src, dst = (np.asarray(col, dtype=np.int64) for col in zip(*EDGES, strict=True))
+    return Graph.from_edges(src, dst)
+
+
+def embed(angles: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(sorted(angles), dtype=np.int64)
+    theta = np.asarray([angles[int(m)] for m in ids])
+    return ids, np.stack([np.cos(theta), np.sin(theta)], axis=1).astype(np.float32)
+
+
+@pytest.fixture
+async def aclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_proc.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_client: redis.Redis, aclient: aioredis.Redis) -> GraphStore:
+    save_graph(redis_client, small_graph())
+    graph_store = GraphStore(aclient)
+    assert await graph_store.load()
+    return graph_store
+
+
+@pytest.fixture
+def qdrant(tmp_path: Path) -> Iterator[QdrantClient]:
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    yield client
+    client.close()
+
+
+# ---- sources ------------------------------------------------------------------------------
+async def test_graph_source_counts_common_neighbours_and_excludes(store: GraphStore) -> None:
+    source = GraphSource(store)
+    out = await source.generate(1, 10, {})
+    assert out.ids.tolist() == [4, 5, 9, 10, 11]
+    assert out.scores.tolist() == [2, 1, 1, 1, 1]
+    assert out.column == "common_neighbors" and out.version == store.graph.version
+    assert (await source.generate(1, 2, {})).ids.tolist() == [4, 5]
+    assert (await source.generate(7, 10, {})).ids.size == 0  # only friend is 8, who knows only 7
+
+
+async def test_graph_source_adamic_adar_and_min_common(store: GraphStore) -> None:
+    source = GraphSource(store)
+    # Via 3 (degree 3) weighs more than via 2 (degree 5): 9 overtakes 5, 10 and 11.
+    out = await source.generate(1, 10, {"weight": "adamic_adar"})
+    assert out.ids.tolist() == [4, 9, 5, 10, 11]
+    assert out.scores.tolist() == [2, 1, 1, 1, 1]  # scores stay the counts
+    for weight in ("common", "adamic_adar"):
+        strict = await source.generate(1, 10, {"weight": weight, "min_common": "2"})
+        assert strict.ids.tolist() == [4]
+
+
+async def test_graph_source_rejects_bad_params_and_unknown_members(store: GraphStore) -> None:
+    source = GraphSource(store)
+    with pytest.raises(InvalidParam, match=r"params.weight: must be 'common' or 'adamic_adar'"):
+        await source.generate(1, 10, {"weight": "pagerank"})
+    with pytest.raises(InvalidParam, match=r"params.min_common: must be an integer, got 'x'"):
+        await source.generate(1, 10, {"min_common": "x"})
+    with pytest.raises(InvalidParam, match=r"params.min_common: must be between 1"):
+        await source.generate(1, 10, {"min_common": "0"})
+    with pytest.raises(InvalidParam, match=r"params.wieght: unknown parameter for source 'graph'"):
+        await source.generate(1, 10, {"wieght": "common"})
+    with pytest.raises(MemberNotFound, match="member 999 is not in the graph"):
+        await source.generate(999, 10, {})
+
+
+async def test_popular_excludes_member_and_connections(store: GraphStore) -> None:
+    source = PopularSource(store)
+    out = await source.generate(1, 5, {})
+    assert out.ids.tolist() == [4, 5, 6, 7, 8]  # 2 and 3 are 1's connections
+    assert out.scores.tolist() == [3, 2, 2, 1, 1] and out.column == "degree"
+    # A member the graph does not know still gets the most connected members.
+    assert (await source.generate(999, 4, {})).ids.tolist() == [2, 3, 4, 1]
+
+
+async def test_ebr_nearest_by_cosine_after_dropping_self_and_connections(
+    store: GraphStore, qdrant: QdrantClient, redis_client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    ids, vecs = embed(ANGLES)
+    name = vectors.write_embeddings(qdrant, redis_client, ids, vecs, "v1")
+    emb = Embeddings(client=qdrant)
+    assert await emb.refresh(aclient) and emb.collection == name
+    source = EbrSource(store, emb)
+    out = await source.generate(1, 3, {})
+    assert out.ids.tolist() == [7, 4, 6]
+    np.testing.assert_allclose(out.scores, np.cos([0.05, 0.3, 0.4]), rtol=1e-5)
+    assert out.column == "cosine" and out.version == name
+    assert (await source.generate(8, 3, {})).ids.size == 0  # in the graph, but no vector
+    with pytest.raises(MemberNotFound):
+        await source.generate(999, 3, {})
+
+    # A new training run moves the pointer; the source follows it.
+    moved = {**ANGLES, 1: 2.0}
+    name2 = vectors.write_embeddings(qdrant, redis_client, *embed(moved), "v2")
+    assert await emb.refresh(aclient) and emb.collection == name2
+    assert (await source.generate(1, 1, {})).ids.tolist() == [10]
+
+
+async def test_ebr_without_embeddings_says_what_to_run(store: GraphStore) -> None:
+    source = EbrSource(store, Embeddings(client=None, problem="storage locked"))
+    with pytest.raises(NotReady, match="storage locked"):
+        await source.generate(1, 3, {})
+
+
+async def test_precomputed_reads_the_live_list_and_drops_connections(
+    store: GraphStore, redis_client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    # 2 became a connection after the list was computed, and 1 is the member itself.
+    entry = (np.asarray([2, 9, 4, 1]), np.asarray([0.9, 0.8, 0.7, 0.6]))
+    version = lists.write_lists(redis_client, "pymk", np.asarray([1]), [entry])
+    source = PrecomputedSource(aclient, store)
+    out = await source.generate(1, 10, {"list": "pymk"})
+    assert out.ids.tolist() == [9, 4] and out.version == version and out.column == "list_score"
+    np.testing.assert_allclose(out.scores, [0.8, 0.7])
+    assert 0 <= out.age_seconds < 60
+    assert (await source.generate(1, 1, {"list": "pymk"})).ids.tolist() == [9]
+    empty = await source.generate(999, 10, {"list": "pymk"})  # no list: empty, not an error
+    assert empty.ids.size == 0
+    with pytest.raises(InvalidParam, match=r"params\.list: is required"):
+        await source.generate(1, 10, {})
+    with pytest.raises(InvalidParam, match=r"params\.list: list name 'a:b' is invalid"):
+        await source.generate(1, 10, {"list": "a:b"})
+
+
+async def test_graph_source_on_facebook_matches_pair_measures(
+    facebook_edges: Path, redis_client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    graph = Graph.from_edges(*read_edge_file(facebook_edges))
+    save_graph(redis_client, graph)
+    graph_store = GraphStore(aclient)
+    await graph_store.load()
+    hub = int(graph.ids[np.argmax(graph.degree)])
+    out = await GraphSource(graph_store).generate(hub, 500, {})
+    i = graph.index_of(hub)
+    assert out.ids.size == 500 and hub not in out.ids
+    assert not np.isin(out.ids, graph.ids[graph.neighbors(i)]).any()
+    assert np.all(np.diff(out.scores) <= 0)
+    cn = pair_measures(graph, i, graph.indices_of(out.ids), graph_store.inv_log_degree)[:, 0]
+    np.testing.assert_array_equal(out.scores, cn)
+
+
+# ---- the service over real gRPC ---------------------------------------------------------------
+def _config(home: Path, redis_url: str) -> Config:
+    return Config(home=home, redis_url=redis_url, qdrant_url="", reload_interval_s=0.1)
+
+
+def _seed(client: redis.Redis, qdrant_path: Path) -> None:
+    save_graph(client, small_graph())
+    qclient = QdrantClient(path=str(qdrant_path))
+    vectors.write_embeddings(qclient, client, *embed(ANGLES), "v1")
+    qclient.close()  # the service owns the local storage from here
+    entry = (np.asarray([9, 4, 2]), np.asarray([0.9, 0.8, 0.7]))
+    lists.write_lists(client, "pymk", np.asarray([1]), [entry], version="nightly")
+
+
+class Running:
+    def __init__(self, service: CandidatesService, server: grpc.aio.Server, port: int) -> None:
+        self.service, self.server = service, server
+        self.channel = channel(f"127.0.0.1:{port}")
+        self.stub = candidates_pb2_grpc.CandidateServiceStub(self.channel)
+
+    async def generate(
+        self, member: int, source: str, limit: int = 10, **params: str
+    ) -> candidates_pb2.GenerateResponse:
+        request = candidates_pb2.GenerateRequest(
+            member=member, source=source, limit=limit, params=params
+        )
+        response: candidates_pb2.GenerateResponse = await self.stub.Generate(request, timeout=10)
+        return response
+
+    async def error(
+        self, member: int, source: str, limit: int = 10, **params: str
+    ) -> grpc.RpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await self.generate(member, source, limit, **params)
+        return info.value
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.server.stop(None)
+        await self.service.stop()
+
+
+async def _run(cfg: Config) -> Running:
+    service = create(cfg)
+    assert isinstance(service, CandidatesService)
+    server, port, _ = await start_server(service, "127.0.0.1:0")
+    return Running(service, server, port)
+
+
+async def test_service_generates_from_every_source(
+    tmp_path: Path, redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    cfg = _config(tmp_path, redis_proc.url)
+    _seed(redis_client, cfg.qdrant_path)
+    running = await _run(cfg)
+    try:
+        health = health_pb2_grpc.HealthStub(running.channel)
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service="edgeflow.v1.CandidateService")
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        graph = await running.generate(1, "graph", weight="adamic_adar")
+        assert list(graph.ids) == [4, 9, 5, 10, 11]
+        assert list(graph.scores.columns) == ["common_neighbors"]
+        assert tensor.unpack(graph.scores)[:, 0].tolist() == [2, 1, 1, 1, 1]
+        assert graph.version == small_graph().version
+
+        ebr = await running.generate(1, "ebr", limit=2)
+        assert list(ebr.ids) == [7, 4] and list(ebr.scores.columns) == ["cosine"]
+        assert ebr.version == vectors.collection_name("v1")
+
+        pre = await running.generate(1, "precomputed", list="pymk")
+        assert list(pre.ids) == [9, 4] and pre.version == "nightly"
+        assert 0 <= pre.age_seconds < 60
+
+        popular = await running.generate(424242, "popular", limit=3)
+        assert list(popular.ids) == [2, 3, 4]
+        assert tensor.unpack(popular.scores).shape == (3, 1)
+    finally:
+        await running.close()
+    # stop() released the local storage: another client (e.g. `edgeflow train`) can open it.
+    QdrantClient(path=str(cfg.qdrant_path)).close()
+
+
+async def test_service_status_codes_name_the_field(
+    tmp_path: Path, redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    cfg = _config(tmp_path, redis_proc.url)
+    _seed(redis_client, cfg.qdrant_path)
+    running = await _run(cfg)
+    try:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        missing = grpc.StatusCode.NOT_FOUND
+        cases: list[tuple[int, str, int, dict[str, str], grpc.StatusCode, str]] = [
+            (1, "nope", 10, {}, invalid, "source: unknown candidate source 'nope'"),
+            (1, "graph", 0, {}, invalid, "limit: must be between 1 and 5000, got 0"),
+            (1, "graph", 5001, {}, invalid, "limit: must be between 1 and 5000, got 5001"),
+            (-3, "graph", 10, {}, invalid, "member: ids are non-negative, got -3"),
+            (1, "graph", 10, {"weight": "x"}, invalid, "params.weight: must be 'common'"),
+            (1, "ebr", 10, {"k": "1"}, invalid, "params.k: unknown parameter for source 'ebr'"),
+            (1, "precomputed", 10, {}, invalid, "params.list: is required"),
+            (999, "graph", 10, {}, missing, "member 999 is not in the graph"),
+            (999, "ebr", 10, {}, missing, "member 999 is not in the graph"),
+        ]
+        for member, source, limit, params, code, text in cases:
+            err = await running.error(member, source, limit, **params)
+            assert err.code() == code, (source, params, err.details())
+            assert text in (err.details() or ""), (source, params, err.details())
+        # The gateway sends workflow params as written in YAML, camelCase included.
+        strict = await running.generate(1, "graph", weight="common", minCommon="2")
+        assert list(strict.ids) == [4]
+    finally:
+        await running.close()
+
+
+async def test_service_starts_without_data_and_follows_a_later_ingest(
+    tmp_path: Path, redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    running = await _run(_config(tmp_path, redis_proc.url))
+    try:
+        for source in ("graph", "ebr", "popular"):
+            err = await running.error(1, source)
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "edgeflow ingest" in (err.details() or "")
+        assert list((await running.generate(1, "precomputed", list="pymk")).ids) == []
+
+        save_graph(redis_client, small_graph())
+        for _ in range(100):  # the service polls every 0.1 s
+            try:
+                await running.generate(1, "graph")
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.05)
+        assert list((await running.generate(1, "graph")).ids) == [4, 5, 9, 10, 11]
+        err = await running.error(1, "ebr")
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "edgeflow train" in (err.details() or "")
+    finally:
+        await running.close()
+
+
+async def test_redis_stopped_gives_unavailable_and_memory_sources_keep_serving(
+    tmp_path: Path,
+) -> None:
+    proc = start_redis(tmp_path / "redis")
+    killed = False
+    try:
+        cfg = _config(tmp_path, proc.url)
+        client = redis.Redis.from_url(proc.url)
+        _seed(client, cfg.qdrant_path)
+        client.close()
+        running = await _run(cfg)
+        try:
+            assert list((await running.generate(1, "precomputed", list="pymk")).ids) == [9, 4]
+            os.kill(proc.pid, signal.SIGKILL)  # Redis goes away without warning
+            killed = True
+            for _ in range(3):  # every request fails fast, none hangs
+                err = await running.error(1, "precomputed", list="pymk")
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert f"Redis at {proc.url} is unavailable" in (err.details() or "")
+            # The graph and the embeddings are in memory: those sources still answer.
+            assert list((await running.generate(1, "graph")).ids) == [4, 5, 9, 10, 11]
+            assert list((await running.generate(1, "ebr", limit=1)).ids) == [7]
+        finally:
+            await running.close()
+    finally:
+        if not killed:
+            proc.stop()
