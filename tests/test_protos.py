@@ -1,0 +1,42 @@
+"""The generated package services/edgeflow/v1 must be exactly what protos/ generates."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from edgeflow.config import REPO_ROOT
+
+GENERATED = REPO_ROOT / "services" / "edgeflow" / "v1"
+
+
+def _generate(out: Path) -> Path:
+    spec = importlib.util.spec_from_file_location(
+        "gen_protos", REPO_ROOT / "scripts" / "gen_protos.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.generate(out)
+    return out / "edgeflow" / "v1"
+
+
+def test_generated_package_matches_protos(tmp_path: Path) -> None:
+    fresh = _generate(tmp_path)
+    expected = sorted(p.name for p in fresh.iterdir() if "_pb2" in p.name)
+    committed = sorted(p.name for p in GENERATED.iterdir() if "_pb2" in p.name)
+    assert committed == expected, "run: python scripts/gen_protos.py"
+    stale = [n for n in expected if (fresh / n).read_bytes() != (GENERATED / n).read_bytes()]
+    assert stale == [], f"stale generated files {stale}: run python scripts/gen_protos.py"
+
+
+def test_every_service_api_is_declared_once() -> None:
+    protos = sorted((REPO_ROOT / "protos" / "edgeflow" / "v1").glob("*.proto"))
+    services = [line.split()[1] for p in protos for line in p.read_text().splitlines()
+                if line.startswith("service ")]  # fmt: skip
+    assert sorted(services) == sorted(
+        ["CandidateService", "FeatureService", "ScoringService", "MergingService", "Recommender"]
+    )
+    messages = [line.split()[1] for p in protos for line in p.read_text().splitlines()
+                if line.startswith("message ")]  # fmt: skip
+    assert len(messages) == len(set(messages)), "a message is declared twice"
