@@ -272,16 +272,23 @@ def _scored_list(name: str, frame: Frame, weight: float) -> merging_pb2.ScoredLi
         if frame.ids.size
         else np.zeros((0, 1 + len(src_names)), np.float32)
     )
-    modes = {frame.info[s].mode for s in src_names if s in frame.info}
-    ages = [frame.info[s].age_seconds for s in src_names if s in frame.info]
+    infos = [
+        merging_pb2.SourceInfo(
+            name=s, mode=frame.info[s].mode, age_seconds=frame.info[s].age_seconds
+        )
+        for s in src_names
+        if s in frame.info
+    ]
+    modes = {i.mode for i in infos}
     return merging_pb2.ScoredList(
         name=name,
         ids=frame.ids.tolist(),
         scores=tensor.pack(matrix, ["score", *(f"source:{s}" for s in src_names)]),
         weight=weight,
         mode=modes.pop() if len(modes) == 1 else ("mixed" if modes else "online"),
-        age_seconds=max(ages, default=0.0),
+        age_seconds=max((i.age_seconds for i in infos), default=0.0),
         model_column=model_column,
+        sources=infos,
     )
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoredList(_message.Message):
-    __slots__ = ("name", "ids", "scores", "weight", "mode", "age_seconds", "model_column")
+    __slots__ = ("name", "ids", "scores", "weight", "mode", "age_seconds", "model_column", "sources")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ScoredList(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     ids: _containers.RepeatedScalarFieldContainer[int]
     scores: _tensor_pb2.Tensor
@@ -23,7 +24,18 @@ class ScoredList(_message.Message):
     mode: str
     age_seconds: float
     model_column: int
-    def __init__(self, name: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weight: _Optional[float] = ..., mode: _Optional[str] = ..., age_seconds: _Optional[float] = ..., model_column: _Optional[int] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[SourceInfo]
+    def __init__(self, name: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weight: _Optional[float] = ..., mode: _Optional[str] = ..., age_seconds: _Optional[float] = ..., model_column: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ...) -> None: ...
+
+class SourceInfo(_message.Message):
+    __slots__ = ("name", "mode", "age_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mode: str
+    age_seconds: float
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class Quota(_message.Message):
     __slots__ = ("source", "max")

@@ -1,0 +1,1 @@
+"""The merging service: blend scored lists, dedup, visibility filters, quotas, top-K."""

@@ -1,0 +1,173 @@
+"""The merging service over gRPC: Merge (blend, filters, quotas, top-K) and Filter.
+
+Input errors are INVALID_ARGUMENT naming the field; Redis going away during the filters is
+UNAVAILABLE within a bounded time, and a Redis that refuses SMISMEMBER is FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import grpc
+import numpy as np
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from edgeflow import tensor
+from edgeflow.config import Config
+from edgeflow.merging import blend, filters
+from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
+from edgeflow.merging.filters import FilterError
+from edgeflow.redis_client import connect_async
+from edgeflow.server import Service
+from edgeflow.v1 import merging_pb2, merging_pb2_grpc
+
+log = logging.getLogger("edgeflow.merging")
+
+# Upper bound on the filters' Redis round trip, below any sensible request budget.
+REDIS_BUDGET_S = 1.0
+
+
+def to_list(i: int, msg: merging_pb2.ScoredList) -> ScoredList:
+    """A ScoredList message as a blend input; raises BlendError naming the field."""
+    where = f"lists[{i}] ({msg.name!r})"
+    if not msg.name:
+        raise BlendError(f"lists[{i}].name is empty")
+    if not math.isfinite(msg.age_seconds) or msg.age_seconds < 0:
+        raise BlendError(f"{where}.age_seconds must be a finite number >= 0, got {msg.age_seconds}")
+    try:
+        scores = tensor.unpack(msg.scores)
+    except ValueError as exc:
+        raise BlendError(f"{where}.scores: {exc}") from exc
+    return ScoredList(
+        name=msg.name,
+        ids=tensor.ids(msg.ids),
+        scores=scores,
+        columns=tuple(msg.scores.columns),
+        weight=msg.weight,
+        mode=msg.mode or "online",  # copied into provenance as given
+        age_seconds=msg.age_seconds,
+        model_column=msg.model_column,
+        source_info={i.name: (i.mode or "online", i.age_seconds) for i in msg.sources},
+    )
+
+
+def to_quotas(quotas: Sequence[merging_pb2.Quota]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i, q in enumerate(quotas):
+        if not q.source:
+            raise BlendError(f"quotas[{i}].source is empty")
+        if q.source in out:
+            raise BlendError(f"quotas[{i}]: source {q.source!r} already has a quota")
+        out[q.source] = q.max
+    return out
+
+
+class Failure(Exception):
+    """A request failure with its gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class MergingService(Service):
+    name = "merging"
+    service_names = ("edgeflow.v1.MergingService",)
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        url = urlsplit(cfg.redis_url)
+        self._redis_at = f"{url.hostname}:{url.port or 6379}"  # never the credentials
+        self._redis: aioredis.Redis | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        merging_pb2_grpc.add_MergingServiceServicer_to_server(_Servicer(self), server)
+
+    async def start(self) -> None:
+        # Nothing to load; the client connects on first use, so Merge works without Redis
+        # whenever no Redis-backed filter is asked for.
+        self._redis = connect_async(self._cfg.redis_url)
+
+    async def stop(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def merge(
+        self, request: merging_pb2.MergeRequest, deadline_s: float | None
+    ) -> merging_pb2.MergeResponse:
+        try:
+            if not 1 <= request.k <= MAX_K:
+                raise BlendError(f"k must be in 1..{MAX_K}, got {request.k}")
+            names = filters.check(request.filters)
+            quotas = to_quotas(request.quotas)
+            pool = blend.blend([to_list(i, m) for i, m in enumerate(request.lists)])
+        except (BlendError, FilterError) as exc:
+            raise Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        keep, dropped = await self.visible(request.member, pool.ids, names, deadline_s)
+        return blend.response(pool, blend.select(pool, request.k, quotas, keep, dropped))
+
+    async def filter(
+        self, request: merging_pb2.FilterRequest, deadline_s: float | None
+    ) -> merging_pb2.FilterResponse:
+        try:
+            names = filters.check(request.filters)
+        except FilterError as exc:
+            raise Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        ids = tensor.ids(request.ids)
+        keep, dropped = await self.visible(request.member, ids, names, deadline_s)
+        return merging_pb2.FilterResponse(
+            keep=np.flatnonzero(keep).tolist(), dropped=blend.drop_counts(dropped)
+        )
+
+    async def visible(
+        self, member: int, ids: np.ndarray, names: Sequence[str], deadline_s: float | None
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Apply the filters, mapping Redis failures to UNAVAILABLE or FAILED_PRECONDITION."""
+        if self._redis is None:
+            raise Failure(grpc.StatusCode.UNAVAILABLE, "merging: service is not started")
+        budget = REDIS_BUDGET_S if deadline_s is None else min(REDIS_BUDGET_S, deadline_s)
+        try:
+            async with asyncio.timeout(budget):
+                return await filters.visible(self._redis, member, ids, names)
+        except rexc.ResponseError as exc:
+            msg = f"merging: redis at {self._redis_at} refused the filters {list(names)}: {exc}"
+            raise Failure(grpc.StatusCode.FAILED_PRECONDITION, msg) from exc
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError) as exc:
+            reason = str(exc) or f"no reply within {budget:.2f}s"
+            msg = f"merging: redis at {self._redis_at} unavailable for filters {list(names)}: "
+            log.warning("%s%s", msg, reason)
+            raise Failure(grpc.StatusCode.UNAVAILABLE, msg + reason) from exc
+
+
+class _Servicer(merging_pb2_grpc.MergingServiceServicer):
+    def __init__(self, service: MergingService) -> None:
+        self._svc = service
+
+    async def Merge(
+        self, request: merging_pb2.MergeRequest, context: grpc.aio.ServicerContext
+    ) -> merging_pb2.MergeResponse:
+        try:
+            return await self._svc.merge(request, context.time_remaining())
+        except Failure as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # abort raises; this keeps the control flow explicit
+
+    async def Filter(
+        self, request: merging_pb2.FilterRequest, context: grpc.aio.ServicerContext
+    ) -> merging_pb2.FilterResponse:
+        try:
+            return await self._svc.filter(request, context.time_remaining())
+        except Failure as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+
+
+def create(cfg: Config) -> Service:
+    return MergingService(cfg)
