@@ -1,0 +1,166 @@
+"""Publishing member features into Feast: render the repo, write the parquet, apply and
+materialise with Feast's own CLI.
+
+The template in `feature_repo/` is rendered per suite into `cfg.feature_repo`, because each
+suite has its own Redis; the registry and the parquet live inside the rendered repo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from edgeflow.config import Config
+from edgeflow.features.schema import EMBEDDING_DIM, EMBEDDING_FEATURE, JOIN_KEY, SCALAR_FEATURES
+from edgeflow.graph import Graph
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+PARQUET = Path("data") / "member_features.parquet"
+_REDIS_TOKEN = "${EDGEFLOW_FEAST_REDIS}"
+_TEMPLATE_FILES = ("feature_store.yaml", "definitions.py", ".feastignore", "README.md")
+_CLI_TIMEOUT_S = 600.0
+# Feast's Redis client gets short timeouts too, so a push to a dead Redis fails fast.
+_FEAST_REDIS_TIMEOUTS = "socket_connect_timeout=0.5,socket_timeout=5"
+
+
+class FeastCommandError(RuntimeError):
+    """A Feast CLI command failed; the message holds the command and its stderr tail."""
+
+
+def feast_connection_string(redis_url: str) -> str:
+    """Feast's `host:port,db=N,...` form of a redis:// URL (password and TLS carried over)."""
+    url = urlparse(redis_url)
+    if url.scheme not in ("redis", "rediss"):
+        raise ValueError(f"REDIS_URL must be redis:// or rediss://, got {redis_url!r}")
+    host = url.hostname or "127.0.0.1"
+    parts = [f"{host}:{url.port or 6379}"]
+    db = url.path.lstrip("/") or "0"
+    if not db.isdigit():
+        raise ValueError(f"REDIS_URL database must be a number, got {db!r} in {redis_url!r}")
+    parts.append(f"db={db}")
+    if url.username:
+        parts.append(f"username={unquote(url.username)}")
+    if url.password:
+        parts.append(f"password={unquote(url.password)}")
+    if url.scheme == "rediss":
+        parts.append("ssl=true")
+    parts.append(_FEAST_REDIS_TIMEOUTS)
+    return ",".join(parts)
+
+
+def render_repo(cfg: Config) -> Path:
+    """Copy the template into cfg.feature_repo with this suite's Redis filled in."""
+    template, repo = cfg.feature_repo_template, cfg.feature_repo
+    if not (template / "feature_store.yaml").is_file():
+        raise FileNotFoundError(
+            f"Feast repo template not found: {template / 'feature_store.yaml'} "
+            "(set EDGEFLOW_FEATURE_REPO_TEMPLATE)"
+        )
+    (repo / "data").mkdir(parents=True, exist_ok=True)
+    for name in _TEMPLATE_FILES:
+        src = template / name
+        if src.is_file():
+            shutil.copyfile(src, repo / name)
+    yaml_path = repo / "feature_store.yaml"
+    text = yaml_path.read_text()
+    if _REDIS_TOKEN not in text:
+        raise ValueError(f"{template / 'feature_store.yaml'} lacks the {_REDIS_TOKEN} placeholder")
+    yaml_path.write_text(text.replace(_REDIS_TOKEN, feast_connection_string(cfg.redis_url)))
+    return repo
+
+
+def write_parquet(
+    path: Path,
+    member_ids: np.ndarray,
+    scalars: np.ndarray,
+    embeddings: np.ndarray,
+    event_time: datetime,
+) -> None:
+    """One row per member: member_id, the scalar features, embedding, timestamps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = member_ids.size
+    if scalars.shape != (n, len(SCALAR_FEATURES)):
+        raise ValueError(
+            f"scalars have shape {scalars.shape}, expected ({n}, {len(SCALAR_FEATURES)})"
+        )
+    if embeddings.shape != (n, EMBEDDING_DIM):
+        raise ValueError(
+            f"embeddings have shape {embeddings.shape}, expected ({n}, {EMBEDDING_DIM})"
+        )
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).ravel(), pa.float32())
+    offsets = pa.array(np.arange(0, n * EMBEDDING_DIM + 1, EMBEDDING_DIM, dtype=np.int32))
+    columns: dict[str, pa.Array] = {JOIN_KEY: pa.array(member_ids.astype(np.int64))}
+    for j, name in enumerate(SCALAR_FEATURES):
+        columns[name] = pa.array(scalars[:, j].astype(np.float32), pa.float32())
+    columns[EMBEDDING_FEATURE] = pa.ListArray.from_arrays(offsets, flat)
+    stamp = pa.array(np.full(n, np.datetime64(event_time.replace(tzinfo=None), "us")))
+    columns["event_timestamp"] = stamp.cast(pa.timestamp("us", tz="UTC"))
+    columns["created"] = columns["event_timestamp"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def _feast_cli() -> list[str]:
+    beside = Path(sys.executable).with_name("feast")
+    found = str(beside) if beside.exists() else shutil.which("feast")
+    if not found:
+        raise FeastCommandError("the `feast` command was not found (install feast[redis])")
+    return [found]
+
+
+def run_feast(repo: Path, *args: str) -> str:
+    """Run one Feast CLI command in the repo; raise FeastCommandError with its stderr tail."""
+    cmd = [*_feast_cli(), "--chdir", str(repo), *args]
+    env = {**os.environ, "FEAST_USAGE": "False", "PYTHONUNBUFFERED": "1"}
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=_CLI_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise FeastCommandError(f"`{' '.join(cmd)}` timed out after {exc.timeout:.0f}s") from None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip()[-2000:]
+        raise FeastCommandError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+def publish_member_features(
+    cfg: Config, graph: Graph, scalars: np.ndarray, embeddings: np.ndarray
+) -> Path:
+    """Render the repo, write every member's features, `feast apply`, `feast materialize`.
+
+    `scalars` is (graph.n, len(SCALAR_FEATURES)) and `embeddings` (graph.n, EMBEDDING_DIM),
+    rows in graph.ids order. Returns the rendered repo path.
+    """
+    repo = render_repo(cfg)
+    now = datetime.now(UTC).replace(microsecond=0)
+    write_parquet(repo / PARQUET, graph.ids, scalars, embeddings, now)
+    run_feast(repo, "apply")
+    # An explicit window around this publish: every row of the new parquet, and nothing
+    # depends on the previous materialisation's bookmark.
+    start, end = now - timedelta(days=1), now + timedelta(minutes=1)
+    run_feast(repo, "materialize", start.isoformat(), end.isoformat())
+    return repo
+
+
+def feature_store(cfg: Config) -> FeatureStore:
+    """Feast's SDK over the rendered repo (imports feast, which takes seconds)."""
+    if not (cfg.feature_repo / "feature_store.yaml").is_file():
+        raise FileNotFoundError(
+            f"no Feast repo at {cfg.feature_repo}: run `edgeflow train` to publish features"
+        )
+    from feast import FeatureStore
+
+    return FeatureStore(repo_path=str(cfg.feature_repo))

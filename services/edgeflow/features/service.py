@@ -1,0 +1,350 @@
+"""The features service: entity features from Feast's online store plus pair features.
+
+`GetFeatures` reads the member and every entity from Feast's Redis layout in one round trip
+(features/online.py) and joins them with request-time pair measures from the in-memory
+graph. `Push` writes rows through Feast's push source; Feast is imported on the first Push
+only, because importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+
+from edgeflow import tensor
+from edgeflow.config import Config
+from edgeflow.features.compute import model_matrix
+from edgeflow.features.online import OnlineReader, OnlineRows, OnlineValueError
+from edgeflow.features.schema import (
+    EMBEDDING_DIM,
+    EMBEDDING_FEATURE,
+    ENTITY_COLUMNS,
+    JOIN_KEY,
+    MODEL_COLUMNS,
+    PUSH_SOURCE,
+    SCALAR_FEATURES,
+)
+from edgeflow.graph_store import GraphNotLoaded, GraphStore
+from edgeflow.redis_client import connect_async
+from edgeflow.server import Service
+from edgeflow.v1 import features_pb2, features_pb2_grpc
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+
+log = logging.getLogger("edgeflow.features")
+
+MAX_ENTITIES = 5000
+_EMBEDDING_COLUMNS = ENTITY_COLUMNS[len(SCALAR_FEATURES) :]
+_MODEL_INDEX = {name: i for i, name in enumerate(MODEL_COLUMNS)}
+_ENTITY_INDEX = {name: i for i, name in enumerate(ENTITY_COLUMNS)}
+
+
+class RequestError(Exception):
+    """A request that fails with a gRPC status code and a message naming what and where."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def select_columns(
+    requested: list[str], with_member: bool
+) -> tuple[tuple[str, ...], np.ndarray | None]:
+    """The response's column names and their indices (None: every column, in order)."""
+    names, index = (MODEL_COLUMNS, _MODEL_INDEX) if with_member else (ENTITY_COLUMNS, _ENTITY_INDEX)
+    if not requested:
+        return names, None
+    for name in requested:
+        if name not in index:
+            kind = "with member set" if with_member else "without member"
+            other = _ENTITY_INDEX if with_member else _MODEL_INDEX
+            hint = (
+                f" ({name!r} is only available {'without' if with_member else 'with'} member)"
+                if name in other
+                else ""
+            )
+            raise _invalid(
+                f"columns: unknown column {name!r} for a request {kind}{hint}; "
+                f"expected some of {', '.join(names)}"
+            )
+    return tuple(requested), np.fromiter((index[c] for c in requested), np.int64, len(requested))
+
+
+class FeaturesService(Service):
+    name = "features"
+    service_names = ("edgeflow.v1.FeatureService",)
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.reader = OnlineReader()
+        self._rds: aioredis.Redis | None = None
+        self._store: GraphStore | None = None
+        self._feast: FeatureStore | None = None
+        self._feast_lock = asyncio.Lock()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        features_pb2_grpc.add_FeatureServiceServicer_to_server(_Servicer(self), server)
+
+    async def start(self) -> None:
+        self._rds = connect_async(self.cfg.redis_url)
+        self._store = GraphStore(self._rds, self.cfg.reload_interval_s)
+        try:
+            if not await self._store.load():
+                log.warning("no member graph yet: run `edgeflow ingest --edges FILE`")
+            await self.reader.prepare(self._rds)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("not loaded yet, Redis at %s: %s", self.cfg.redis_url, exc)
+        self._store.start_watching()
+
+    async def stop(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+        if self._rds is not None:
+            await self._rds.aclose()
+
+    # ---- GetFeatures ---------------------------------------------------------------------
+    async def get_features(
+        self, request: features_pb2.GetFeaturesRequest
+    ) -> features_pb2.GetFeaturesResponse:
+        n = len(request.entities)
+        if n > MAX_ENTITIES:
+            raise _invalid(f"entities: {n} requested, at most {MAX_ENTITIES} per request")
+        with_member = request.HasField("member")
+        names, select = select_columns(list(request.columns), with_member)
+        entities = np.asarray(request.entities, dtype=np.int64)
+        if with_member:
+            matrix, missing = await self._model_rows(request.member, entities)
+        else:
+            rows = await self._read(entities)
+            matrix = np.hstack([rows.scalars, rows.embeddings])
+            missing = rows.missing
+        if select is not None:
+            matrix = matrix[:, select]
+        return features_pb2.GetFeaturesResponse(
+            features=tensor.pack(matrix, names), missing=entities[missing].tolist()
+        )
+
+    async def _model_rows(self, member: int, entities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        store = self._graph_store()
+        try:
+            graph, inv_log_degree = store.graph, store.inv_log_degree
+        except GraphNotLoaded as exc:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"features: {exc} (pair features need the member graph)",
+            ) from exc
+        rows = await self._read(np.concatenate(([member], entities)))
+        member_index = graph.index_of(member)
+        if member_index < 0 and rows.missing[0]:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"member {member} is not in the member graph ({graph.n} members, version "
+                f"{graph.version}) and has no row in the online feature store",
+            )
+        matrix = model_matrix(
+            graph,
+            inv_log_degree,
+            member_index,
+            graph.indices_of(entities),
+            rows.scalars[0],
+            rows.scalars[1:],
+            rows.embeddings[0],
+            rows.embeddings[1:],
+        )
+        return matrix, rows.missing[1:]
+
+    def _graph_store(self) -> GraphStore:
+        if self._store is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "features: the service has not started")
+        return self._store
+
+    def _client(self) -> aioredis.Redis:
+        if self._rds is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "features: the service has not started")
+        return self._rds
+
+    async def _read(self, members: np.ndarray) -> OnlineRows:
+        try:
+            return await self.reader.read(self._client(), members)
+        except redis.ResponseError as exc:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"features: Redis at {self.cfg.redis_url} rejected the online read: {exc}",
+            ) from exc
+        except (redis.RedisError, OSError) as exc:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"features: Redis at {self.cfg.redis_url} is unavailable while reading "
+                f"online features: {exc}",
+            ) from exc
+        except OnlineValueError as exc:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"features: online store row is invalid: {exc} (republish with `edgeflow train`)",
+            ) from exc
+
+    # ---- Push ----------------------------------------------------------------------------
+    async def push(self, request: features_pb2.PushRequest) -> features_pb2.PushResponse:
+        entities = np.asarray(request.entities, dtype=np.int64)
+        if entities.size == 0:
+            return features_pb2.PushResponse(pushed=0)
+        if entities.size > MAX_ENTITIES:
+            raise _invalid(f"entities: {entities.size} pushed, at most {MAX_ENTITIES} per request")
+        scalars, embeddings, given = _push_values(request, entities)
+        if not given.all() or embeddings is None:
+            scalars, embeddings = await self._complete(entities, scalars, embeddings, given)
+        store = await self._feature_store()
+        now = datetime.now(UTC)
+        frame = _push_frame(entities, scalars, embeddings, now)
+        try:
+            from feast.data_source import PushMode
+
+            await asyncio.to_thread(store.push, PUSH_SOURCE, frame, to=PushMode.ONLINE)
+        except (redis.ResponseError, ValueError, KeyError) as exc:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"push: Feast rejected the rows: {exc}"
+            ) from exc
+        except (redis.RedisError, OSError) as exc:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"push: Redis at {self.cfg.redis_url} is unavailable: {exc}",
+            ) from exc
+        return features_pb2.PushResponse(pushed=int(entities.size))
+
+    async def _complete(
+        self,
+        entities: np.ndarray,
+        scalars: np.ndarray,
+        embeddings: np.ndarray | None,
+        given: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fill features a push leaves out from the current online rows (Feast writes whole
+        rows); a member without a row must get every feature."""
+        current = await self._read(entities)
+        absent = [f for f, g in zip(SCALAR_FEATURES, given, strict=True) if not g]
+        if embeddings is None:
+            absent.append(EMBEDDING_FEATURE)
+        if current.missing.any():
+            first = int(entities[np.flatnonzero(current.missing)[0]])
+            raise _invalid(
+                f"values: member {first} has no online row yet, so a push must carry every "
+                f"feature; missing {', '.join(absent)}"
+            )
+        scalars = np.where(given, scalars, current.scalars)
+        return scalars, current.embeddings if embeddings is None else embeddings
+
+    async def _feature_store(self) -> FeatureStore:
+        async with self._feast_lock:
+            if self._feast is None:
+                from edgeflow.build.feast_features import feature_store
+
+                try:
+                    self._feast = await asyncio.to_thread(feature_store, self.cfg)
+                except FileNotFoundError as exc:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"push: {exc}") from exc
+            return self._feast
+
+
+def _push_values(
+    request: features_pb2.PushRequest, entities: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Validate a push: (scalars with zeros where not given, embeddings or None, given mask)."""
+    try:
+        values = tensor.unpack(request.values)
+    except ValueError as exc:
+        raise _invalid(f"values: {exc}") from exc
+    columns = list(request.values.columns)
+    if values.shape[0] != entities.size:
+        raise _invalid(f"values: {values.shape[0]} rows for {entities.size} entities")
+    if not columns:
+        raise _invalid(f"values.columns: name every column (some of {', '.join(ENTITY_COLUMNS)})")
+    seen: set[str] = set()
+    for name in columns:
+        if name not in _ENTITY_INDEX:
+            raise _invalid(
+                f"values.columns: unknown feature {name!r}; expected some of "
+                f"{', '.join(SCALAR_FEATURES)} and all of "
+                f"embedding_0..embedding_{EMBEDDING_DIM - 1}"
+            )
+        if name in seen:
+            raise _invalid(f"values.columns: {name!r} appears twice")
+        seen.add(name)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(x) for x in np.argwhere(bad)[0])
+        raise _invalid(
+            f"values: member {int(entities[row])}, column {columns[col]!r} is "
+            f"{values[row, col]} (values must be finite)"
+        )
+    emb_given = [c for c in columns if c in _EMBEDDING_COLUMNS]
+    if emb_given and len(emb_given) != EMBEDDING_DIM:
+        raise _invalid(
+            f"values.columns: the embedding is pushed whole: {len(emb_given)} of "
+            f"{EMBEDDING_DIM} embedding_* columns given"
+        )
+    position = {name: j for j, name in enumerate(columns)}
+    scalars = np.zeros((entities.size, len(SCALAR_FEATURES)), dtype=np.float32)
+    given = np.array([f in position for f in SCALAR_FEATURES])
+    for j, name in enumerate(SCALAR_FEATURES):
+        if name in position:
+            scalars[:, j] = values[:, position[name]]
+    embeddings = None
+    if emb_given:
+        embeddings = np.ascontiguousarray(values[:, [position[c] for c in _EMBEDDING_COLUMNS]])
+    return scalars, embeddings, given
+
+
+def _push_frame(
+    entities: np.ndarray, scalars: np.ndarray, embeddings: np.ndarray, now: datetime
+) -> pd.DataFrame:
+    """The DataFrame Feast's push takes: every feature of the view plus timestamps."""
+    import pandas as pd
+
+    frame = pd.DataFrame({JOIN_KEY: entities})
+    for j, name in enumerate(SCALAR_FEATURES):
+        frame[name] = scalars[:, j].astype(np.float32)
+    frame[EMBEDDING_FEATURE] = list(embeddings.astype(np.float32))
+    frame["event_timestamp"] = now
+    frame["created"] = now
+    return frame
+
+
+class _Servicer(features_pb2_grpc.FeatureServiceServicer):
+    def __init__(self, service: FeaturesService) -> None:
+        self._service = service
+
+    async def GetFeatures(
+        self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.GetFeaturesResponse:
+        try:
+            return await self._service.get_features(request)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # abort raises; this keeps type checkers aware
+
+    async def Push(
+        self, request: features_pb2.PushRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.PushResponse:
+        try:
+            return await self._service.push(request)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+
+
+def create(cfg: Config) -> Service:
+    return FeaturesService(cfg)
