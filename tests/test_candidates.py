@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from qdrant_client import QdrantClient
+
 from edgeflow import lists, tensor, vectors
 from edgeflow.candidates.service import CandidatesService, create
 from edgeflow.candidates.sources import (
@@ -36,8 +39,6 @@ from edgeflow.graph_store import GraphStore, save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.server import channel, start_server
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from qdrant_client import QdrantClient
 
 EDGES = [(1, 2), (1, 3), (2, 4), (3, 4), (2, 5), (2, 10), (2, 11), (3, 9), (4, 6), (5, 6), (7, 8)]
 # Angles of 2-D unit vectors: cosine to member 1 falls with the angle. Member 8 has none.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+
 from edgeflow import keys, lists
 from edgeflow.local.redis_server import RedisProcess
 

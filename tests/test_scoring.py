@@ -17,6 +17,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from skl2onnx import to_onnx
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
 from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.local.redis_server import free_port
@@ -30,10 +35,6 @@ from edgeflow.scoring.registry import (
 from edgeflow.scoring.service import ScoringService
 from edgeflow.server import channel, drain, start_server
 from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from skl2onnx import to_onnx
-from sklearn.ensemble import GradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
 
 FEATURES = ["common_neighbors", "adamic_adar", "jaccard", "cand_degree", "embedding_cosine"]
 SERVICE = "edgeflow.v1.ScoringService"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from edgeflow.config import REPO_ROOT
 from edgeflow.workflow.ops import OPS, Kind
 from edgeflow.workflow.validate import WorkflowError, load_directory, load_workflow, parse_document

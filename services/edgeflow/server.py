@@ -133,5 +133,9 @@ def channel(address: str) -> grpc.aio.Channel:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.enable_http_proxy", 0),
+            # A restarted peer is back in well under a second, not after gRPC's 1 s+ backoff.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ],
     )

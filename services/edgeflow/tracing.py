@@ -28,7 +28,9 @@ def setup(service: str, otlp_endpoint: str = "", processor: SpanProcessor | None
         if otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+            provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint))
+            )
         trace.set_tracer_provider(provider)
         _configured = True
     if processor is not None and isinstance(provider, TracerProvider):
@@ -58,36 +60,45 @@ def outgoing_metadata() -> tuple[tuple[str, str], ...]:
 
 
 class ServerTracing(grpc.aio.ServerInterceptor):
-    """Continues the caller's trace in a server span named after the RPC."""
+    """Continues the caller's trace in a server span named after the RPC.
+
+    The wrapped handler is built once per method; per call only the caller's context is
+    read from the call's metadata.
+    """
 
     def __init__(self, service: str) -> None:
         self._tracer = tracer(f"edgeflow.{service}")
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler
         inner = handler.unary_unary
         span_name = method.lstrip("/")
         tr = self._tracer
-        metadata = tuple(details.invocation_metadata or ())
 
         async def traced(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
-            parent = propagate.extract(metadata, getter=_Getter())  # type: ignore[arg-type]
-            token = context.attach(parent)
+            metadata = tuple(ctx.invocation_metadata() or ())
+            token = context.attach(propagate.extract(metadata, getter=_Getter()))  # type: ignore[arg-type]
             try:
                 with tr.start_as_current_span(span_name, kind=trace.SpanKind.SERVER):
                     return await inner(request, ctx)
             finally:
                 context.detach(token)
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             traced,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[method] = wrapped
+        return wrapped

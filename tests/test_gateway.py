@@ -1,0 +1,247 @@
+"""The whole online path in one process: the five services on real grpc.aio servers, a real
+Redis, a real Feast repo, Qdrant local mode and a trained ONNX ranker."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import yaml
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from edgeflow import keys, lists, tracing
+from edgeflow.build.synthetic import social_graph
+from edgeflow.build.train import train
+from edgeflow.candidates.service import CandidatesService
+from edgeflow.config import REPO_ROOT, Config
+from edgeflow.features.service import FeaturesService
+from edgeflow.gateway.service import GatewayService
+from edgeflow.graph import Graph
+from edgeflow.graph_store import save_graph
+from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow.merging.service import MergingService
+from edgeflow.redis_client import connect
+from edgeflow.scoring.service import ScoringService
+from edgeflow.server import Service, channel, start_server
+from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
+
+SPANS = InMemorySpanExporter()
+
+
+@dataclasses.dataclass
+class Suite:
+    graph: Graph
+    redis: RedisProcess
+    cfg: Config
+    stub: gateway_pb2_grpc.RecommenderStub
+    servers: dict[str, tuple[Service, grpc.aio.Server, int]]
+
+    async def recommend(self, member: int, k: int = 10, surface: str = "pymk",
+                        debug: bool = False) -> gateway_pb2.RecommendResponse:  # fmt: skip
+        req = gateway_pb2.RecommendRequest(surface=surface, member=member, k=k, debug=debug)
+        return await self.stub.Recommend(req, timeout=10)
+
+
+def _slow_variant(workflows: Path) -> None:
+    """A surface whose Redis-reading sources have short deadlines and whose merge a long one."""
+    doc: dict[str, Any] = yaml.safe_load((workflows / "pymk.yaml").read_text())
+    doc["metadata"]["name"] = doc["spec"]["surface"] = "pymk-slow"
+    doc["spec"]["budgetMs"] = 5000
+    for node in doc["spec"]["nodes"]:
+        node["timeoutMs"] = {"features": 100, "precomputed": 100}.get(node["name"], 4000)
+    (workflows / "pymk-slow.yaml").write_text(yaml.safe_dump(doc))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    tracing.setup("tests", processor=SimpleSpanProcessor(SPANS))
+    home = tmp_path_factory.mktemp("suite")
+    redis = start_redis(home / "redis")
+    edges = social_graph(members=400, communities=8, seed=3)
+    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
+    save_graph(connect(redis.url), graph)
+    workflows = home / "workflows"
+    workflows.mkdir()
+    shutil.copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
+    _slow_variant(workflows)
+    cfg = dataclasses.replace(
+        Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
+    )
+    train(cfg, seed=0)
+    servers: dict[str, tuple[Service, grpc.aio.Server, int]] = {}
+    for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
+                MergingService(cfg)):  # fmt: skip
+        server, port, _ = await start_server(svc, "127.0.0.1:0")
+        servers[svc.name] = (svc, server, port)
+    addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
+    cfg = dataclasses.replace(
+        cfg, candidates_addr=addr["candidates"], features_addr=addr["features"],
+        scoring_addr=addr["scoring"], merging_addr=addr["merging"],
+    )  # fmt: skip
+    gateway = GatewayService(cfg)
+    server, port, _ = await start_server(gateway, "127.0.0.1:0")
+    servers["gateway"] = (gateway, server, port)
+    ch = channel(f"127.0.0.1:{port}")
+    yield Suite(graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers)
+    await ch.close()
+    for svc, srv, _ in servers.values():
+        await srv.stop(None)
+        await svc.stop()
+    redis.stop()
+
+
+def members_with_degree(graph: Graph, lo: int) -> list[int]:
+    return [int(graph.ids[i]) for i in np.flatnonzero(graph.degree >= lo)]
+
+
+async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 8)[0]
+    resp = await suite.recommend(member, k=15)
+    assert not resp.partial and list(resp.degraded) == []
+    assert len(resp.edges) == 15
+    i = suite.graph.index_of(member)
+    connected = set(suite.graph.ids[suite.graph.neighbors(i)].tolist())
+    targets = [e.target for e in resp.edges]
+    assert len(set(targets)) == 15
+    assert member not in targets and not connected.intersection(targets)
+    scores = [e.score for e in resp.edges]
+    assert scores == sorted(scores, reverse=True)
+    for edge in resp.edges:
+        assert edge.provenance, edge
+        assert {p.source for p in edge.provenance} <= {"fof", "ebr", "precomputed"}
+        assert 0.0 <= edge.model_score <= 1.0
+    assert resp.surface == "pymk" and resp.workflow == "pymk" and resp.request_id
+
+
+async def test_debug_funnel(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 8)[1]
+    resp = await suite.recommend(member, k=5, debug=True)
+    nodes = {n.node: n for n in resp.funnel.nodes}
+    assert list(nodes) == ["fof", "ebr", "precomputed", "features", "rank", "blend"]
+    assert all(n.status == "ok" for n in nodes.values())
+    assert nodes["features"].items_in == sum(
+        nodes[s].items_out for s in ("fof", "ebr", "precomputed")
+    )
+    assert nodes["rank"].items_in == nodes["features"].items_out == nodes["rank"].items_out
+    assert nodes["blend"].items_out == 5
+    assert nodes["fof"].items_out > 0 and nodes["ebr"].items_out > 0
+    assert resp.funnel.total_ms >= max(n.start_ms + n.duration_ms for n in nodes.values()) * 0.5
+    plain = await suite.recommend(member, k=5)
+    assert not plain.HasField("funnel")
+
+
+@pytest.mark.parametrize(
+    ("surface", "member", "k", "code", "text"),
+    [
+        ("pymk", 10**12, 10, grpc.StatusCode.NOT_FOUND, "10000000000"),
+        ("pymk", 1, 0, grpc.StatusCode.INVALID_ARGUMENT, "k: must be between 1 and 500"),
+        ("pymk", 1, 501, grpc.StatusCode.INVALID_ARGUMENT, "k: must be between 1 and 500"),
+        ("nope", 1, 10, grpc.StatusCode.INVALID_ARGUMENT, "unknown surface 'nope'"),
+        ("pymk", -4, 10, grpc.StatusCode.INVALID_ARGUMENT, "member: must be >= 0"),
+    ],
+)
+async def test_bad_requests(
+    suite: Suite, surface: str, member: int, k: int, code: grpc.StatusCode, text: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await suite.recommend(member, k=k, surface=surface)
+    assert err.value.code() == code
+    assert text in (err.value.details() or "")
+
+
+async def test_precomputed_list_is_served_and_blocks_apply_at_once(suite: Suite) -> None:
+    g = suite.graph
+    member = members_with_degree(g, 8)[2]
+    i = g.index_of(member)
+    far = [int(m) for m in g.ids if m != member and m not in set(g.ids[g.neighbors(i)].tolist())]
+    picked = far[-1]
+    rds = connect(suite.cfg.redis_url)
+    lists.write_lists(
+        rds, "pymk", np.asarray([member]), [(np.asarray([picked]), np.asarray([0.9], np.float32))]
+    )
+    resp = await suite.recommend(member, k=500)
+    edge = next(e for e in resp.edges if e.target == picked)
+    prov = {p.source: p for p in edge.provenance}
+    assert prov["precomputed"].mode == "offline"
+    assert prov["precomputed"].score == pytest.approx(0.9)
+
+    rds.sadd(keys.blocked(member), picked)
+    resp = await suite.recommend(member, k=500, debug=True)
+    assert picked not in [e.target for e in resp.edges]
+    assert resp.funnel.dropped["blocked"] >= 1
+    rds.delete(keys.blocked(member))
+
+
+async def test_one_trace_spans_every_service(suite: Suite) -> None:
+    SPANS.clear()
+    member = members_with_degree(suite.graph, 8)[3]
+    await suite.recommend(member, k=5)
+    spans = SPANS.get_finished_spans()
+    root = next(s for s in spans if s.name == "edgeflow.v1.Recommender/Recommend")
+    tree = [s for s in spans if s.context.trace_id == root.context.trace_id]
+    names = [s.name for s in tree]
+    for rpc in ("CandidateService/Generate", "FeatureService/GetFeatures",
+                "ScoringService/Score", "MergingService/Merge"):  # fmt: skip
+        assert f"edgeflow.v1.{rpc}" in names, names
+    by_id = {s.context.span_id: s for s in tree}
+    for span in tree:
+        if span is root:
+            continue
+        assert span.parent is not None and span.parent.span_id in by_id, span.name
+    score = next(s for s in tree if s.name == "edgeflow.v1.ScoringService/Score")
+    assert by_id[score.parent.span_id].name == "node rank"  # type: ignore[union-attr]
+    assert by_id[by_id[score.parent.span_id].parent.span_id] is root  # type: ignore[union-attr]
+
+
+async def test_node_timeout_gives_marked_partial_response(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 8)[4]
+    rds = connect(suite.cfg.redis_url)
+    rds.execute_command("CLIENT", "PAUSE", 600, "ALL")  # the features read stalls past 100 ms
+    resp = await suite.recommend(member, k=10, surface="pymk-slow", debug=True)
+    assert resp.partial
+    nodes = {n.node: n for n in resp.funnel.nodes}
+    assert nodes["features"].status == "fallback" and "timed out" in nodes["features"].error
+    assert nodes["rank"].status == "fallback"
+    assert any(d.startswith("features: timed out") for d in resp.degraded)
+    assert len(resp.edges) == 10  # ranked by source scores, still filtered
+    i = suite.graph.index_of(member)
+    assert not set(suite.graph.ids[suite.graph.neighbors(i)].tolist()) & {
+        e.target for e in resp.edges
+    }
+
+
+async def test_scoring_down_falls_back_to_source_scores(suite: Suite) -> None:
+    svc, server, port = suite.servers["scoring"]
+    await server.stop(None)
+    try:
+        member = members_with_degree(suite.graph, 8)[5]
+        resp = await suite.recommend(member, k=10)
+        assert resp.partial and len(resp.edges) == 10
+        assert any(d.startswith("rank: UNAVAILABLE") for d in resp.degraded), resp.degraded
+    finally:
+        server, _, _ = await start_server(svc, f"127.0.0.1:{port}")
+        suite.servers["scoring"] = (svc, server, port)
+    for _ in range(50):  # the gateway reconnects on its own once scoring is back
+        resp = await suite.recommend(member, k=10)
+        if not resp.partial:
+            break
+        await asyncio.sleep(0.1)
+    assert not resp.partial, resp.degraded
+
+
+async def test_redis_down_is_unavailable_not_a_hang(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 8)[6]
+    suite.redis.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await suite.recommend(member, k=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "blend" in (err.value.details() or "")
