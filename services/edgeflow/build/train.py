@@ -1,0 +1,114 @@
+"""`edgeflow train`: everything learned from the ingested graph, built and then published.
+
+Learning happens first (embeddings, member features, the ranker), publishing after (Qdrant,
+Feast, the model registry), so a graph that cannot yield a model publishes nothing. Qdrant is
+opened before the learning starts, so a locked local store fails in a second, not later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from edgeflow import redis_client, vectors
+from edgeflow.build.embeddings import member_embeddings
+from edgeflow.build.ranker import train_ranker
+from edgeflow.config import Config
+from edgeflow.features.compute import member_features
+from edgeflow.features.schema import EMBEDDING_DIM
+from edgeflow.graph_store import GraphNotLoaded, load_graph
+
+
+class TrainError(RuntimeError):
+    """Training could not start or finish; the message says what and where."""
+
+
+@dataclass
+class TrainReport:
+    graph_version: str
+    members: int
+    edges: int
+    embedding_collection: str
+    embedding_dim: int
+    feature_rows: int
+    feature_repo: str
+    model_name: str
+    model_version: str
+    metrics: dict[str, float]
+    feature_importances: dict[str, float]  # drop in validation recall@50 when shuffled
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._last, 3)
+        self._last = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
+
+
+def train(cfg: Config, *, seed: int = 0, model_name: str = "pymk-ranker") -> TrainReport:
+    """Embeddings -> Qdrant, member features -> Feast, ranker -> the model registry."""
+    from edgeflow.build.feast_features import publish_member_features
+    from edgeflow.scoring.registry import publish_model
+
+    clock = _Clock()
+    rds = redis_client.connect(cfg.redis_url)
+    try:
+        try:
+            graph = load_graph(rds)
+        except GraphNotLoaded as exc:
+            raise TrainError(f"Redis at {cfg.redis_url}: {exc}") from exc
+        except redis.RedisError as exc:
+            raise TrainError(
+                f"cannot read the member graph from Redis at {cfg.redis_url}: {exc}"
+            ) from exc
+        if graph.edge_count == 0:
+            raise TrainError(f"the member graph {graph.version} has no edges: nothing to learn")
+        clock.lap("load_graph")
+
+        qdrant = vectors.open_client(cfg)
+        try:
+            embeddings = member_embeddings(graph, EMBEDDING_DIM, seed)
+            clock.lap("embeddings")
+            scalars = member_features(graph)
+            clock.lap("member_features")
+            ranker = train_ranker(graph, seed=seed, name=model_name)
+            clock.lap("ranker")
+            collection = vectors.write_embeddings(qdrant, rds, graph.ids, embeddings, graph.version)
+            clock.lap("qdrant")
+        finally:
+            qdrant.close()
+    finally:
+        rds.close()
+
+    repo = publish_member_features(cfg, graph, scalars, embeddings)
+    clock.lap("feast")
+    version = publish_model(cfg.model_dir, model_name, ranker.onnx_bytes, ranker.card)
+    clock.lap("registry")
+    return TrainReport(
+        graph_version=graph.version,
+        members=graph.n,
+        edges=graph.edge_count,
+        embedding_collection=collection,
+        embedding_dim=EMBEDDING_DIM,
+        feature_rows=graph.n,
+        feature_repo=str(repo),
+        model_name=model_name,
+        model_version=version,
+        metrics=ranker.card["metrics"],
+        feature_importances=ranker.card["training"]["feature_importances_recall_drop"],
+        seconds=clock.total(),
+    )
