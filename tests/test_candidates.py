@@ -19,7 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from qdrant_client import QdrantClient
+from qdrant_client import QdrantClient, models
 
 from edgeflow import lists, tensor, vectors
 from edgeflow.candidates.service import CandidatesService, create
@@ -32,6 +32,7 @@ from edgeflow.candidates.sources import (
     NotReady,
     PopularSource,
     PrecomputedSource,
+    VectorIndex,
 )
 from edgeflow.config import Config
 from edgeflow.graph import Graph, pair_measures, read_edge_file
@@ -123,13 +124,21 @@ async def test_popular_excludes_member_and_connections(store: GraphStore) -> Non
     assert (await source.generate(999, 4, {})).ids.tolist() == [2, 3, 4, 1]
 
 
+@pytest.mark.parametrize("local_index", [False, True], ids=["query_points", "local_index"])
 async def test_ebr_nearest_by_cosine_after_dropping_self_and_connections(
-    store: GraphStore, qdrant: QdrantClient, redis_client: redis.Redis, aclient: aioredis.Redis
+    store: GraphStore,
+    qdrant: QdrantClient,
+    redis_client: redis.Redis,
+    aclient: aioredis.Redis,
+    local_index: bool,
 ) -> None:
+    """Both search paths (Qdrant's query_points, and the in-memory index of the collection
+    used in local mode) give the same answers."""
     ids, vecs = embed(ANGLES)
     name = vectors.write_embeddings(qdrant, redis_client, ids, vecs, "v1")
-    emb = Embeddings(client=qdrant)
+    emb = Embeddings(client=qdrant, local=local_index)
     assert await emb.refresh(aclient) and emb.collection == name
+    assert (emb.index is not None) == local_index
     source = EbrSource(store, emb)
     out = await source.generate(1, 3, {})
     assert out.ids.tolist() == [7, 4, 6]
@@ -358,3 +367,29 @@ async def test_redis_stopped_gives_unavailable_and_memory_sources_keep_serving(
     finally:
         if not killed:
             proc.stop()
+
+
+def test_local_index_equals_query_points_on_random_vectors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    ids = rng.choice(10**6, size=600, replace=False).astype(np.int64)
+    vecs = rng.normal(size=(600, 16)).astype(np.float32)
+    vecs[7] = 0.0  # an isolated member
+    client = QdrantClient(path=str(tmp_path / "q"))
+    try:
+        client.create_collection(
+            "c", vectors_config=models.VectorParams(size=16, distance=models.Distance.COSINE)
+        )
+        client.upsert("c", points=models.Batch(ids=ids.tolist(), vectors=vecs.tolist()))
+        index = VectorIndex.load(client, "c")
+        for row in (0, 99, 321):
+            member = int(ids[row])
+            exclude = np.sort(np.append(ids[rng.choice(600, 40, replace=False)], member))
+            got_ids, got_scores = index.nearest(member, 25, exclude)
+            hits = client.query_points("c", query=vecs[row].tolist(), limit=600).points
+            want = [(p.id, p.score) for p in hits if p.id not in set(exclude.tolist())][:25]
+            assert got_ids.tolist() == [w[0] for w in want]
+            np.testing.assert_allclose(got_scores, [w[1] for w in want], rtol=1e-5, atol=1e-6)
+        assert index.nearest(int(ids[7]), 10, np.zeros(0, np.int64))[0].size == 0
+        assert index.nearest(-5, 10, np.zeros(0, np.int64))[0].size == 0
+    finally:
+        client.close()

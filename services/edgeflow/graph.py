@@ -192,7 +192,7 @@ def inverse_log_degree(graph: Graph) -> np.ndarray:
     """Adamic-Adar weight of each member as an intermediate: 1 / log(degree) (0 for degree < 2)."""
     deg = graph.degree.astype(np.float64)
     out = np.zeros_like(deg)
-    np.divide(1.0, np.log(deg), out=out, where=deg > 1)
+    np.divide(1.0, np.log(np.maximum(deg, 2.0)), out=out, where=deg > 1)
     return out
 
 

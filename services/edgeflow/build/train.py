@@ -44,6 +44,19 @@ class TrainReport:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def summary(self) -> str:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+        steps = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        return (
+            f"trained on graph {self.graph_version} ({self.members:,} members, "
+            f"{self.edges:,} edges)\n"
+            f"  embeddings: {self.members:,} x {self.embedding_dim} in Qdrant collection "
+            f"{self.embedding_collection}\n"
+            f"  features:   {self.feature_rows:,} members materialised into Feast ({self.feature_repo})\n"
+            f"  model:      {self.model_name} {self.model_version} ({metrics})\n"
+            f"  time:       {steps}"
+        )
+
 
 class _Clock:
     def __init__(self) -> None:

@@ -64,6 +64,7 @@ class CandidatesService(Service):
             log.warning("graph not loaded, Redis at %s: %s", self.cfg.redis_url, exc)
         self._store.start_watching()
         self._emb.client = await _open_qdrant(self.cfg, self._emb)
+        self._emb.local = not self.cfg.qdrant_url
         try:
             await self._emb.refresh(self._rds)
         except (redis.RedisError, OSError) as exc:

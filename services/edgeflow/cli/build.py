@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
         report = train(cfg, seed=args.seed, model_name=args.model)
     except (GraphNotLoaded, RuntimeError) as exc:
         raise CliError(str(exc)) from None
-    print(report.summary() if hasattr(report, "summary") else report)
+    print(report.summary())
     return 0

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -44,16 +45,15 @@ def adamic_adar_top_k(graph: Graph, member: int, k: int, weights: np.ndarray) ->
 
 async def recommend_all(
     addr: str, members: list[int], k: int
-) -> tuple[dict[int, list[int]], int, list[str]]:
+) -> tuple[dict[int, list[int]], Counter[str], list[str]]:
     ch = channel(addr)
     stub = gateway_pb2_grpc.RecommenderStub(ch)
     sem = asyncio.Semaphore(CONCURRENCY)
     results: dict[int, list[int]] = {}
-    partial = 0
+    degraded: Counter[str] = Counter()
     errors: list[str] = []
 
     async def one(m: int) -> None:
-        nonlocal partial
         async with sem:
             req = gateway_pb2.RecommendRequest(surface="pymk", member=m, k=k)
             try:
@@ -62,12 +62,13 @@ async def recommend_all(
                 errors.append(f"member {m}: {exc}")
                 results[m] = []
                 return
-            partial += int(resp.partial)
+            degraded.update(line.split(":", 1)[0] for line in resp.degraded)
+            degraded["responses"] += int(resp.partial)
             results[m] = [e.target for e in resp.edges]
 
     await asyncio.gather(*(one(m) for m in members))
     await ch.close()
-    return results, partial, errors
+    return results, degraded, errors
 
 
 def recall(recs: dict[int, list[int]], truth: dict[int, set[int]]) -> float:
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         "hidden_edges_of_members": sum(len(truth[m]) for m in members),
         "graph_members": graph.n,
         "train_edges": graph.edge_count,
-        "partial_responses": partial,
+        "partial_responses": partial.pop("responses", 0),
+        "fallbacks_by_node": dict(partial),
         "failed_requests": len(errors),
     }
     base = result["baseline_adamic_adar_recall_at_k"]

@@ -50,7 +50,7 @@ def running_suite(graph: Graph, seed: int, log: bool = True) -> Iterator[Harness
         save_graph(connect(cfg.redis_url), graph)
         _note(log, f"training on {graph.n:,} members / {graph.edge_count:,} edges ...")
         report = train(cfg, seed=seed)
-        _note(log, report.summary() if hasattr(report, "summary") else str(report))
+        _note(log, report.summary())
         _note(log, "starting the services ...")
         local.start_services(suite)
         yield Harness(suite=suite, cfg=cfg)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"ingested {graph.n:,} members and {graph.edge_count:,} edges")
     console.print("training: embeddings -> Qdrant, member features -> Feast, ranker -> ONNX ...")
     report = train(suite_config(suite), seed=0)
-    console.print(report.summary() if hasattr(report, "summary") else str(report))
+    console.print(report.summary())
     console.print("starting the services ...")
     try:
         local.start_services(suite)
