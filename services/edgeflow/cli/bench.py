@@ -8,10 +8,12 @@ import asyncio
 import json
 import platform
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from edgeflow import tensor
@@ -146,10 +148,7 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
 
     # End to end under concurrent load.
     for conc in (4, 16):
-        lats = await load(stub, np.resize(members, requests).tolist(), conc)
-        result[f"recommend_c{conc}_qps"] = lats.pop()
-        result[f"recommend_c{conc}_p50_ms"] = pct(lats, 50)
-        result[f"recommend_c{conc}_p99_ms"] = pct(lats, 99)
+        result.update(await load(stub, np.resize(members, requests).tolist(), conc))
 
     # Per service.
     result.update(await per_service(h, graph, members))
@@ -203,22 +202,36 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
 
 async def load(
     stub: gateway_pb2_grpc.RecommenderStub, members: list[int], concurrency: int
-) -> list[float]:
-    """Latencies of Recommend at a fixed concurrency; the last item is the throughput (QPS)."""
+) -> dict[str, Any]:
+    """Recommend at a fixed concurrency: throughput, latency, partial and failed requests."""
     it = iter(members)
     lats: list[float] = []
+    partial = 0
+    failed: Counter[str] = Counter()
 
     async def worker() -> None:
+        nonlocal partial
         for m in it:
             t = time.perf_counter()
             req = gateway_pb2.RecommendRequest(surface="pymk", member=m, k=50)
-            await stub.Recommend(req, timeout=5)
+            try:
+                resp = await stub.Recommend(req, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                failed[exc.code().name] += 1
+                continue
+            partial += int(resp.partial)
             lats.append((time.perf_counter() - t) * 1000)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    qps = round(len(lats) / (time.perf_counter() - t0), 1)
-    return [*lats, qps]
+    wall = time.perf_counter() - t0
+    return {
+        f"recommend_c{concurrency}_qps": round(len(lats) / wall, 1),
+        f"recommend_c{concurrency}_p50_ms": pct(lats, 50),
+        f"recommend_c{concurrency}_p99_ms": pct(lats, 99),
+        f"recommend_c{concurrency}_partial": partial,
+        f"recommend_c{concurrency}_failed": dict(failed),
+    }
 
 
 async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str, Any]:

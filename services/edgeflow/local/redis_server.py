@@ -51,8 +51,14 @@ class RedisProcess:
         stop_pid(self.pid)
 
 
-def start_redis(workdir: Path, port: int = 0, timeout_s: float = 10.0) -> RedisProcess:
-    """Start redis-server bound to 127.0.0.1 (no persistence) and wait until it answers."""
+def start_redis(
+    workdir: Path, port: int = 0, timeout_s: float = 30.0, persist: bool = False
+) -> RedisProcess:
+    """Start redis-server bound to 127.0.0.1 and wait until it answers.
+
+    With `persist`, the data set is saved to `workdir/dump.rdb` (at shutdown and after
+    writes) and loaded again at the next start; otherwise nothing touches disk.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     pidfile = workdir / f"redis-{port}.pid"
@@ -62,7 +68,9 @@ def start_redis(workdir: Path, port: int = 0, timeout_s: float = 10.0) -> RedisP
         find_redis_server(),
         "--port", str(port),
         "--bind", "127.0.0.1",
-        "--save", "",
+        # Redis's default save points also make it save at shutdown; "" turns saving off.
+        *(() if persist else ("--save", "")),
+        "--dbfilename", "dump.rdb",
         "--appendonly", "no",
         "--daemonize", "yes",
         "--pidfile", str(pidfile),

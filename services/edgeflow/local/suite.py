@@ -29,6 +29,8 @@ class Suite:
     ports: dict[str, int]
     pids: dict[str, int] = field(default_factory=dict)
     redis_started: bool = False
+    # A suite of `edgeflow up` keeps its data across down/up; a throwaway one does not.
+    persist: bool = False
 
     @property
     def redis_url(self) -> str:
@@ -66,8 +68,13 @@ class Suite:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        return cls(home=Path(data["home"]), ports=data["ports"], pids=data["pids"],
-                   redis_started=data["redis_started"])  # fmt: skip
+        return cls(
+            home=Path(data["home"]),
+            ports=data["ports"],
+            pids=data["pids"],
+            redis_started=data["redis_started"],
+            persist=data.get("persist", False),
+        )
 
 
 def new_suite(home: Path, free_ports: bool) -> Suite:
@@ -85,7 +92,7 @@ def new_suite(home: Path, free_ports: bool) -> Suite:
     }  # fmt: skip
     ports = {name: int(addr.rsplit(":", 1)[1]) for name, addr in addrs.items()}
     ports["redis"] = urlparse(cfg.redis_url).port or 6379
-    return Suite(home=home.resolve(), ports=ports)
+    return Suite(home=home.resolve(), ports=ports, persist=True)
 
 
 def ensure_redis(suite: Suite) -> None:
@@ -98,7 +105,7 @@ def ensure_redis(suite: Suite) -> None:
     except redis.RedisError:
         pass
     find_redis_server()
-    proc = start_redis(suite.home / "redis", port=suite.ports["redis"])
+    proc = start_redis(suite.home / "redis", port=suite.ports["redis"], persist=suite.persist)
     suite.pids["redis"] = proc.pid
     suite.redis_started = True
     suite.save()
