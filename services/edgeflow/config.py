@@ -30,18 +30,14 @@ class Config:
     home: Path = field(default_factory=lambda: Path(_env("EDGEFLOW_HOME", ".edgeflow")).resolve())
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6390/0"))
     qdrant_url: str = field(default_factory=lambda: _env("QDRANT_URL", ""))
-    candidates_addr: str = field(
-        default_factory=lambda: _env("CANDIDATES_ADDR", "127.0.0.1:50061")
-    )
+    candidates_addr: str = field(default_factory=lambda: _env("CANDIDATES_ADDR", "127.0.0.1:50061"))
     features_addr: str = field(default_factory=lambda: _env("FEATURES_ADDR", "127.0.0.1:50062"))
     scoring_addr: str = field(default_factory=lambda: _env("SCORING_ADDR", "127.0.0.1:50063"))
     merging_addr: str = field(default_factory=lambda: _env("MERGING_ADDR", "127.0.0.1:50064"))
     gateway_addr: str = field(default_factory=lambda: _env("GATEWAY_ADDR", "127.0.0.1:50060"))
     # Port a service listens on; set per process by `edgeflow serve` or the chart.
     port: int = field(default_factory=lambda: _env_int("PORT", 0))
-    otlp_endpoint: str = field(
-        default_factory=lambda: _env("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-    )
+    otlp_endpoint: str = field(default_factory=lambda: _env("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO"))
     # How often services poll Redis for a new graph version or new models (seconds).
     reload_interval_s: float = field(

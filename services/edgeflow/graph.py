@@ -40,8 +40,10 @@ class Graph:
         src = np.asarray(src, dtype=np.int64)
         dst = np.asarray(dst, dtype=np.int64)
         parts = [src, dst] if members is None else [src, dst, np.asarray(members, np.int64)]
-        ids = np.unique(np.concatenate(parts)) if parts[0].size or len(parts) > 2 else np.zeros(
-            0, np.int64
+        ids = (
+            np.unique(np.concatenate(parts))
+            if parts[0].size or len(parts) > 2
+            else np.zeros(0, np.int64)
         )
         keep = src != dst
         a = np.searchsorted(ids, src[keep])
@@ -154,8 +156,7 @@ def parse_edge_lines(
             ) from None
         if u < 0 or v < 0 or u >= 2**63 or v >= 2**63:
             raise EdgeFileError(
-                f"{source}:{lineno}: member ids must be non-negative 64-bit integers, "
-                f"got {u} {v}"
+                f"{source}:{lineno}: member ids must be non-negative 64-bit integers, got {u} {v}"
             )
         src.append(u)
         dst.append(v)

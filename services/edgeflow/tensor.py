@@ -37,9 +37,7 @@ def unpack(tensor: tensor_pb2.Tensor) -> np.ndarray:
             f"needs {expected}"
         )
     if tensor.columns and len(tensor.columns) != tensor.cols:
-        raise ValueError(
-            f"tensor has {tensor.cols} columns but {len(tensor.columns)} column names"
-        )
+        raise ValueError(f"tensor has {tensor.cols} columns but {len(tensor.columns)} column names")
     return np.frombuffer(tensor.data, dtype=_F32).reshape(tensor.rows, tensor.cols)
 
 

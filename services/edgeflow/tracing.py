@@ -2,7 +2,8 @@
 
 Every server handler runs in a span continued from the caller's metadata, and every client
 call injects the current context, so one Recommend is one trace across all services.
-Spans go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+Spans go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set. With no exporter configured the
+process keeps OpenTelemetry's no-op tracer, so an unobserved request pays nothing for spans.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def setup(service: str, otlp_endpoint: str = "", processor: SpanProcessor | None
     """Install the process's tracer provider once; later calls only add `processor`."""
     global _configured
     provider = trace.get_tracer_provider()
+    if not otlp_endpoint and processor is None:
+        return
     if not _configured:
         provider = TracerProvider(resource=Resource.create({"service.name": f"edgeflow-{service}"}))
         if otlp_endpoint:
@@ -52,8 +55,14 @@ class _Getter:
         return [k for k, _ in carrier]
 
 
+def enabled() -> bool:
+    return _configured
+
+
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
     """Metadata carrying the current trace context, for an outbound gRPC call."""
+    if not _configured:
+        return ()
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return tuple(carrier.items())
@@ -87,6 +96,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         tr = self._tracer
 
         async def traced(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            if not _configured:
+                return await inner(request, ctx)
             metadata = tuple(ctx.invocation_metadata() or ())
             token = context.attach(propagate.extract(metadata, getter=_Getter()))  # type: ignore[arg-type]
             try:

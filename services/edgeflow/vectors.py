@@ -59,8 +59,10 @@ def write_embeddings(
             wait=True,
         )
     previous = rds.getset(keys.EMBEDDINGS_CURRENT, name)
-    if previous is not None and previous.decode() != name and client.collection_exists(
-        previous.decode()
+    if (
+        previous is not None
+        and previous.decode() != name
+        and client.collection_exists(previous.decode())
     ):
         client.delete_collection(previous.decode())
     return name

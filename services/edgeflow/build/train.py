@@ -52,7 +52,8 @@ class TrainReport:
             f"{self.edges:,} edges)\n"
             f"  embeddings: {self.members:,} x {self.embedding_dim} in Qdrant collection "
             f"{self.embedding_collection}\n"
-            f"  features:   {self.feature_rows:,} members materialised into Feast ({self.feature_repo})\n"
+            f"  features:   {self.feature_rows:,} members materialised into Feast "
+            f"({self.feature_repo})\n"
             f"  model:      {self.model_name} {self.model_version} ({metrics})\n"
             f"  time:       {steps}"
         )

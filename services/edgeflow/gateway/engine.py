@@ -75,6 +75,7 @@ _SOURCE_MODE = {"precomputed": "offline"}
 class Engine:
     def __init__(self, clients: Clients) -> None:
         self._c = clients
+        self._templates: dict[int, tuple[CompiledNode, candidates_pb2.GenerateRequest]] = {}
         self._ops: dict[str, Callable[..., Coroutine[Any, Any, Frame]]] = {
             "features.fetch": self._fetch,
             "scoring.onnx": self._score,
@@ -123,8 +124,7 @@ class Engine:
             start_ms=(start - t0) * 1000,
         )  # fmt: skip
         timeout = min(cn.node.timeout_ms / 1000.0, deadline - start)
-        with _tracer.start_as_current_span(f"node {name}") as span:
-            span.set_attribute("edgeflow.op", op)
+        with _tracer.start_as_current_span(f"node {name}", attributes={"edgeflow.op": op}) as span:
             try:
                 if timeout <= 0:
                     raise NodeError(
@@ -160,14 +160,25 @@ class Engine:
         return await self._ops[op](cn, inputs, member, k, timeout)
 
     # ---- ops -----------------------------------------------------------------------------
+    def _generate_template(self, cn: CompiledNode) -> candidates_pb2.GenerateRequest:
+        """The node's request without the member, built once per compiled node."""
+        cached = self._templates.get(id(cn))
+        if cached is not None and cached[0] is cn:
+            return cached[1]
+        params = cn.params.model_dump()
+        template = candidates_pb2.GenerateRequest(
+            source=cn.node.op.split(".", 1)[1],
+            limit=int(params.pop("limit")),
+            params={key: str(v) for key, v in params.items()},
+        )
+        self._templates[id(cn)] = (cn, template)
+        return template
+
     async def _generate(self, cn: CompiledNode, member: int, timeout: float) -> Frame:
         source = cn.node.op.split(".", 1)[1]
-        params = cn.params.model_dump()
-        limit = int(params.pop("limit"))
-        req = candidates_pb2.GenerateRequest(
-            member=member, source=source, limit=limit,
-            params={key: str(v) for key, v in params.items()},
-        )  # fmt: skip
+        req = candidates_pb2.GenerateRequest()
+        req.CopyFrom(self._generate_template(cn))
+        req.member = member
         try:
             resp = await self._c.candidates.Generate(
                 req, timeout=timeout, metadata=tracing.outgoing_metadata()
