@@ -115,6 +115,8 @@ def build_examples(
     members: np.ndarray,
     scalars: np.ndarray,
     embeddings: np.ndarray,
+    fof_limit: int = FOF_LIMIT,
+    ebr_limit: int = EBR_LIMIT,
 ) -> Examples:
     """Candidates and model matrices for `members` of `graph`; labels from `hidden` edges.
 
@@ -124,7 +126,7 @@ def build_examples(
     unit = normalized(embeddings)
     xs, ys, groups, cand_lists = [], [], [], []
     for pos, i in enumerate(members.tolist()):
-        cands = candidates(graph, inv, unit, i)
+        cands = candidates(graph, inv, unit, i, fof_limit, ebr_limit)
         xs.append(
             model_matrix(
                 graph, inv, i, cands, scalars[i], scalars[cands], embeddings[i], embeddings[cands]
@@ -169,7 +171,13 @@ def inner_split(graph: Graph, seed: int) -> tuple[Graph, Graph]:
 
 
 def train_ranker(
-    graph: Graph, *, seed: int = 0, max_members: int = MAX_MEMBERS, name: str = "pymk-ranker"
+    graph: Graph,
+    *,
+    seed: int = 0,
+    max_members: int = MAX_MEMBERS,
+    name: str = "pymk-ranker",
+    fof_limit: int = FOF_LIMIT,
+    ebr_limit: int = EBR_LIMIT,
 ) -> TrainedRanker:
     """Train, export to ONNX, verify the export and describe it in a model card."""
     import skl2onnx
@@ -191,8 +199,8 @@ def train_ranker(
     shuffled = rng.permutation(sample)
     n_val = min(round(shuffled.size * VALIDATION_SHARE), max(shuffled.size - 1, 0))
     val_members, fit_members = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
-    fit = build_examples(inner, hidden, fit_members, scalars, embeddings)
-    val = build_examples(inner, hidden, val_members, scalars, embeddings)
+    fit = build_examples(inner, hidden, fit_members, scalars, embeddings, fof_limit, ebr_limit)
+    val = build_examples(inner, hidden, val_members, scalars, embeddings, fof_limit, ebr_limit)
     seconds["examples"] = time.perf_counter() - t0
 
     positives = int(fit.y.sum())
@@ -237,8 +245,8 @@ def train_ranker(
             "inner_holdout": INNER_HOLDOUT,
             "fit_members": int(fit_members.size),
             "validation_members": int(val_members.size),
-            "fof_limit": FOF_LIMIT,
-            "ebr_limit": EBR_LIMIT,
+            "fof_limit": fof_limit,
+            "ebr_limit": ebr_limit,
             "embedding_dim": EMBEDDING_DIM,
             "feature_importances_recall_drop": importances,
         },

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from edgeflow import redis_client, vectors
 from edgeflow.build.embeddings import member_embeddings
-from edgeflow.build.ranker import train_ranker
+from edgeflow.build.ranker import EBR_LIMIT, FOF_LIMIT, train_ranker
 from edgeflow.config import Config
 from edgeflow.features.compute import member_features
 from edgeflow.features.schema import EMBEDDING_DIM
@@ -73,6 +74,26 @@ class _Clock:
         return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
 
 
+def candidate_limits(workflows_dir: Path, model_name: str) -> tuple[int, int]:
+    """Friends-of-friends and EBR limits of the workflows that serve `model_name`, so the
+    ranker learns on the candidates it will score (the largest limit of each kind wins)."""
+    from edgeflow.workflow.ops import EbrParams, GraphParams, OnnxParams
+    from edgeflow.workflow.validate import load_directory
+
+    workflows, _ = load_directory(workflows_dir) if workflows_dir.is_dir() else ({}, [])
+    fof, ebr = 0, 0
+    for wf in workflows.values():
+        if not any(isinstance(n.params, OnnxParams) and n.params.model == model_name
+                   for n in wf.nodes):  # fmt: skip
+            continue
+        for n in wf.nodes:
+            if isinstance(n.params, GraphParams):
+                fof = max(fof, n.params.limit)
+            elif isinstance(n.params, EbrParams):
+                ebr = max(ebr, n.params.limit)
+    return fof or FOF_LIMIT, ebr or EBR_LIMIT
+
+
 def train(cfg: Config, *, seed: int = 0, model_name: str = "pymk-ranker") -> TrainReport:
     """Embeddings -> Qdrant, member features -> Feast, ranker -> the model registry."""
     from edgeflow.build.feast_features import publish_member_features
@@ -99,7 +120,10 @@ def train(cfg: Config, *, seed: int = 0, model_name: str = "pymk-ranker") -> Tra
             clock.lap("embeddings")
             scalars = member_features(graph)
             clock.lap("member_features")
-            ranker = train_ranker(graph, seed=seed, name=model_name)
+            fof_limit, ebr_limit = candidate_limits(cfg.workflows_dir, model_name)
+            ranker = train_ranker(
+                graph, seed=seed, name=model_name, fof_limit=fof_limit, ebr_limit=ebr_limit
+            )
             clock.lap("ranker")
             collection = vectors.write_embeddings(qdrant, rds, graph.ids, embeddings, graph.version)
             clock.lap("qdrant")

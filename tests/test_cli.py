@@ -1,0 +1,114 @@
+"""The edgeflow command as a user runs it: real processes, real ports, real output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgeflow.build.synthetic import social_graph, write_edge_list
+from edgeflow.local.redis_server import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def edgeflow(
+    *args: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeflow.cli.main", *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("home")
+    e = dict(os.environ)
+    e.update(
+        EDGEFLOW_HOME=str(home),
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        **{f"{s}_ADDR": f"127.0.0.1:{free_port()}"
+           for s in ("GATEWAY", "CANDIDATES", "FEATURES", "SCORING", "MERGING")},
+    )  # fmt: skip
+    yield e
+    edgeflow("down", env=e)
+
+
+def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -> None:
+    edges = tmp_path / "edges.txt"
+    write_edge_list(edges, social_graph(members=300, communities=6, seed=5))
+    run = edgeflow("quickstart", "--edges", str(edges), "--members", "1", env=env)
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert "ingested 300 members" in run.stdout
+    assert "pymk for member" in run.stdout and "provenance" in run.stdout
+    assert "edgeflow down" in run.stdout
+
+    rec = edgeflow("recommend", "--member", "7", "--k", "5", "--json", "--debug", env=env)
+    assert rec.returncode == 0, rec.stderr
+    resp = json.loads(rec.stdout)
+    assert len(resp["edges"]) == 5 and resp["surface"] == "pymk"
+    assert [n["node"] for n in resp["funnel"]["nodes"]][-1] == "blend"
+
+    missing = edgeflow("recommend", "--member", "123456789", env=env)
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+
+    # Local Qdrant storage belongs to the running candidates service.
+    retrain = edgeflow("train", env=env)
+    assert retrain.returncode == 2 and "edgeflow down" in retrain.stderr
+
+    status = edgeflow("status", env=env)
+    assert status.stdout.count("SERVING") == 5, status.stdout
+
+    pids = json.loads((Path(env["EDGEFLOW_HOME"]) / "run" / "suite.json").read_text())["pids"]
+    down = edgeflow("down", env=env)
+    assert down.returncode == 0 and "gateway" in down.stdout and "redis" in down.stdout
+    for pid in pids.values():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_ingest_names_the_bad_line(env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("# members\n1 2\n2 x\n")
+    from edgeflow.local.redis_server import start_redis
+
+    proc = start_redis(
+        tmp_path / "redis", port=int(env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    )
+    try:
+        run = edgeflow("ingest", "--edges", str(bad), env=env)
+        assert run.returncode == 2
+        assert f"{bad}:3: member ids must be integers, got '2' 'x'" in run.stderr
+        assert "Traceback" not in run.stderr
+        ok = tmp_path / "ok.txt"
+        ok.write_text("1 2\n2 3\n")
+        run = edgeflow("ingest", "--edges", str(ok), env=env)
+        assert run.returncode == 0 and "3 members, 2 edges" in run.stdout
+    finally:
+        proc.stop()
+
+
+def test_commands_without_redis_say_what_to_do(env: dict[str, str], tmp_path: Path) -> None:
+    e = dict(env, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    run = edgeflow("ingest", "--edges", str(tmp_path / "x.txt"), env=e)
+    assert run.returncode == 2 and "cannot reach Redis" in run.stderr
+
+
+def test_eval_on_facebook_beats_adamic_adar(facebook_edges: Path, env: dict[str, str]) -> None:
+    """The quality contract end to end: train on 90%, ask Recommend, compare with AA."""
+    run = edgeflow(
+        "eval", "--edges", str(facebook_edges), "--holdout", "0.1", "--k", "50",
+        "--seed", "1", "--max-members", "400", "--json", env=env, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    for key in ("recall_at_k", "baseline_adamic_adar_recall_at_k", "members", "k", "seconds"):
+        assert key in result
+    assert result["members"] == 400 and result["k"] == 50
+    assert result["failed_requests"] == 0
+    assert result["recall_at_k"] >= result["baseline_adamic_adar_recall_at_k"], result

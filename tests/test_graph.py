@@ -1,0 +1,146 @@
+"""The member graph model, edge-list parsing and the graph measures, checked against
+straightforward Python on small graphs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeflow.build.synthetic import social_graph
+from edgeflow.graph import (
+    PAIR_COLUMNS,
+    EdgeFileError,
+    Graph,
+    friends_of_friends,
+    inverse_log_degree,
+    pair_measures,
+    parse_edge_lines,
+    read_edge_file,
+    split_edges,
+)
+
+
+def adjacency(edges: np.ndarray) -> dict[int, set[int]]:
+    adj: dict[int, set[int]] = {}
+    for u, v in edges.tolist():
+        if u != v:
+            adj.setdefault(u, set()).add(v)
+            adj.setdefault(v, set()).add(u)
+    return adj
+
+
+@pytest.fixture(scope="module")
+def sample() -> tuple[Graph, dict[int, set[int]]]:
+    edges = social_graph(members=300, communities=6, seed=11)
+    return Graph.from_edges(edges[:, 0], edges[:, 1]), adjacency(edges)
+
+
+def test_parse_accepts_comments_blank_lines_and_extra_columns() -> None:
+    src, dst = parse_edge_lines(["# a comment", "", "1 2", "2\t3  0.5 # weight", "  4 1  "])
+    assert src.tolist() == [1, 2, 4] and dst.tolist() == [2, 3, 1]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["1 2", "3"], "<edges>:2: expected two member ids"),
+        (["1 2", "# c", "a b"], "<edges>:3: member ids must be integers, got 'a' 'b'"),
+        (["-1 2"], "<edges>:1: member ids must be non-negative"),
+        (["1 99999999999999999999"], "<edges>:1: member ids must be non-negative 64-bit"),
+    ],
+)
+def test_parse_errors_name_the_line(lines: list[str], message: str) -> None:
+    with pytest.raises(EdgeFileError, match=message):
+        parse_edge_lines(lines)
+
+
+def test_read_edge_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(EdgeFileError, match="edge file not found"):
+        read_edge_file(tmp_path / "missing.txt")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(EdgeFileError, match="not a text edge list"):
+        read_edge_file(binary)
+
+
+def test_from_edges_dedups_and_drops_self_loops() -> None:
+    g = Graph.from_edges(
+        np.array([5, 7, 5, 9, 9]), np.array([7, 5, 5, 5, 12]), members=np.array([40])
+    )
+    assert g.ids.tolist() == [5, 7, 9, 12, 40]
+    assert g.edge_count == 3
+    assert g.degree.tolist() == [2, 1, 2, 1, 0]  # 40 is isolated
+    assert g.index_of(40) == 4 and g.index_of(6) == -1
+    assert g.indices_of(np.array([12, 3, 5])).tolist() == [3, -1, 0]
+    u, v = g.edges()
+    assert sorted(zip(u.tolist(), v.tolist(), strict=True)) == [(5, 7), (5, 9), (9, 12)]
+    again = Graph.from_bytes(g.to_bytes(), g.version)
+    assert np.array_equal(again.indices, g.indices) and again.data_hash() == g.data_hash()
+
+
+def test_split_hides_the_requested_share_without_overlap() -> None:
+    edges = social_graph(members=200, seed=2)
+    (ku, kv), (hu, hv) = split_edges(edges[:, 0], edges[:, 1], 0.1, seed=4)
+    kept = set(zip(ku.tolist(), kv.tolist(), strict=True))
+    hidden = set(zip(hu.tolist(), hv.tolist(), strict=True))
+    assert not kept & hidden and len(kept) + len(hidden) == len(edges)
+    assert 0.07 < len(hidden) / len(edges) < 0.13
+    again = split_edges(edges[:, 0], edges[:, 1], 0.1, seed=4)[1]
+    assert np.array_equal(again[0], hu)
+    with pytest.raises(ValueError, match="holdout"):
+        split_edges(edges[:, 0], edges[:, 1], 1.5, seed=0)
+
+
+def test_friends_of_friends_matches_brute_force(sample: tuple[Graph, dict[int, set[int]]]) -> None:
+    g, adj = sample
+    w = inverse_log_degree(g)
+    for member in (int(g.ids[0]), int(g.ids[77]), int(g.ids[int(np.argmax(g.degree))])):
+        i = g.index_of(member)
+        cands, counts, score = friends_of_friends(g, i, 10_000, w)
+        mine = adj[member]
+        expected = {
+            v: len(mine & adj[v]) for f in mine for v in adj[f] if v != member and v not in mine
+        }
+        got = dict(zip(g.ids[cands].tolist(), counts.tolist(), strict=True))
+        assert got == expected
+        aa = {v: sum(1 / math.log(len(adj[z])) for z in mine & adj[v]) for v in expected}
+        for v, s in zip(g.ids[cands].tolist(), score.tolist(), strict=True):
+            assert s == pytest.approx(aa[v], rel=1e-5)
+        assert list(score) == sorted(score, reverse=True)
+        top, _, top_score = friends_of_friends(g, i, 5, w)
+        assert top.size == min(5, cands.size)
+        assert top_score.tolist() == score[: top.size].tolist()
+
+
+def test_pair_measures_match_definitions(sample: tuple[Graph, dict[int, set[int]]]) -> None:
+    g, adj = sample
+    w = inverse_log_degree(g)
+    member = int(g.ids[3])
+    i = g.index_of(member)
+    others = [int(x) for x in g.ids[::7]]
+    matrix = pair_measures(g, i, np.append(g.indices_of(np.array(others)), -1), w)
+    assert matrix.shape == (len(others) + 1, len(PAIR_COLUMNS))
+    assert matrix[-1].tolist() == [0.0] * len(PAIR_COLUMNS)  # unknown candidate
+    for row, v in zip(matrix, others, strict=False):
+        common = adj[member] & adj.get(v, set())
+        du, dv = len(adj[member]), len(adj.get(v, set()))
+        want = [
+            len(common),
+            sum(1 / math.log(len(adj[z])) for z in common),
+            sum(1 / len(adj[z]) for z in common),
+            len(common) / len(adj[member] | adj.get(v, set())),
+            math.log1p(du * dv),
+        ]
+        assert row.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_measures_on_isolated_and_unknown_members() -> None:
+    g = Graph.from_edges(np.array([1, 2]), np.array([2, 3]), members=np.array([9]))
+    w = inverse_log_degree(g)
+    assert np.isfinite(w).all() and w[g.index_of(9)] == 0.0
+    cands, counts, _ = friends_of_friends(g, g.index_of(9), 10, w)
+    assert cands.size == 0 and counts.size == 0
+    assert pair_measures(g, -1, np.array([0, 1]), w).sum() == 0.0
