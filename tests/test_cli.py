@@ -112,3 +112,39 @@ def test_eval_on_facebook_beats_adamic_adar(facebook_edges: Path, env: dict[str,
     assert result["members"] == 400 and result["k"] == 50
     assert result["failed_requests"] == 0
     assert result["recall_at_k"] >= result["baseline_adamic_adar_recall_at_k"], result
+
+
+def test_serve_drains_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    log = tmp_path / "merging.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeflow.cli.main", "serve", "merging"],
+            env=dict(env, PORT=str(port)), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(service="edgeflow.v1.MergingService")
+            status = None
+            for _ in range(300):
+                try:
+                    status = health.Check(req, timeout=1).status
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.1)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    messages = [entry["msg"] for entry in lines]
+    assert any("serving on port" in m for m in messages)
+    assert messages[-2:] == ["merging draining", "merging stopped"]

@@ -61,6 +61,16 @@ def _slow_variant(workflows: Path) -> None:
     (workflows / "pymk-slow.yaml").write_text(yaml.safe_dump(doc))
 
 
+def _missing_model_variant(workflows: Path) -> None:
+    """A surface whose scoring node names a model the registry does not have."""
+    doc: dict[str, Any] = yaml.safe_load((workflows / "pymk.yaml").read_text())
+    doc["metadata"]["name"] = doc["spec"]["surface"] = "pymk-nomodel"
+    next(n for n in doc["spec"]["nodes"] if n["name"] == "rank")["params"]["model"] = (
+        "no-such-model"
+    )
+    (workflows / "pymk-nomodel.yaml").write_text(yaml.safe_dump(doc))
+
+
 @pytest_asyncio.fixture(scope="module")
 async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
     tracing.setup("tests", processor=SimpleSpanProcessor(SPANS))
@@ -73,6 +83,7 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
     workflows.mkdir()
     shutil.copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
     _slow_variant(workflows)
+    _missing_model_variant(workflows)
     cfg = dataclasses.replace(
         Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
     )
@@ -200,6 +211,15 @@ async def test_one_trace_spans_every_service(suite: Suite) -> None:
     score = next(s for s in tree if s.name == "edgeflow.v1.ScoringService/Score")
     assert by_id[score.parent.span_id].name == "node rank"  # type: ignore[union-attr]
     assert by_id[by_id[score.parent.span_id].parent.span_id] is root  # type: ignore[union-attr]
+
+
+async def test_missing_model_is_named_and_candidates_still_served(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 8)[7]
+    resp = await suite.recommend(member, k=10, surface="pymk-nomodel")
+    assert resp.partial and len(resp.edges) == 10
+    [line] = resp.degraded
+    assert line.startswith("rank: NOT_FOUND") and "no-such-model" in line
+    assert all(e.model_score == 0.0 for e in resp.edges)
 
 
 async def test_node_timeout_gives_marked_partial_response(suite: Suite) -> None:

@@ -13,7 +13,13 @@ import yaml
 
 from edgeflow.config import REPO_ROOT
 from edgeflow.workflow.ops import OPS, Kind
-from edgeflow.workflow.validate import WorkflowError, load_directory, load_workflow, parse_document
+from edgeflow.workflow.validate import (
+    WorkflowError,
+    check_models,
+    load_directory,
+    load_workflow,
+    parse_document,
+)
 
 PYMK = REPO_ROOT / "workflows" / "pymk.yaml"
 
@@ -170,3 +176,24 @@ def test_cli_validate_reports_and_exits_nonzero(tmp_path: Path, doc: dict[str, A
     assert proc.returncode == 1
     assert "valid workflow 'pymk'" in proc.stdout
     assert "node 'ebr' field op: unknown op 'candidates.nope'" in proc.stderr
+
+
+def test_model_references_checked_against_a_registry(doc: dict[str, Any]) -> None:
+    wf = parse_document(doc, "wf.yaml")
+    assert check_models(wf, {"pymk-ranker": ["v1", "v2"]}) == []
+    assert check_models(wf, {"other": ["v1"]}) == [
+        "node 'rank' field params.model: no model 'pymk-ranker' in the registry (it has ['other'])"
+    ]
+    node(doc, "rank")["params"]["version"] = "v7"
+    pinned = parse_document(doc, "wf.yaml")
+    assert check_models(pinned, {"pymk-ranker": ["v1"]}) == [
+        "node 'rank' field params.version: model 'pymk-ranker' has no version 'v7' (it has ['v1'])"
+    ]
+
+
+def test_cli_validate_with_model_dir(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "edgeflow.cli.main", "validate", str(PYMK),
+           "--model-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "no model 'pymk-ranker' in the registry" in proc.stderr

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 
 from edgeflow import tensor
+from edgeflow.cli import CliError
 from edgeflow.cli.harness import Harness, running_suite
-from edgeflow.cli.main import CliError
 from edgeflow.cli.quickstart import FACEBOOK_CANDIDATES
 from edgeflow.features import schema
 from edgeflow.features.compute import model_matrix

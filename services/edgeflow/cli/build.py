@@ -6,7 +6,7 @@ import argparse
 import time
 
 from edgeflow import config
-from edgeflow.cli.main import CliError
+from edgeflow.cli import CliError
 from edgeflow.graph import EdgeFileError
 from edgeflow.redis_client import connect
 

@@ -11,8 +11,8 @@ from collections import Counter
 
 import numpy as np
 
+from edgeflow.cli import CliError
 from edgeflow.cli.harness import running_suite
-from edgeflow.cli.main import CliError
 from edgeflow.graph import (
     EdgeFileError,
     Graph,

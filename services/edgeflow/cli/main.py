@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from edgeflow.cli import CliError
+
 SERVICE_MODULES = {
     "candidates": "edgeflow.candidates.service",
     "features": "edgeflow.features.service",
@@ -16,10 +18,6 @@ SERVICE_MODULES = {
     "merging": "edgeflow.merging.service",
     "gateway": "edgeflow.gateway.service",
 }
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -86,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check workflow files")
     s.add_argument("files", type=Path, nargs="+")
+    s.add_argument("--model-dir", type=Path,
+                   help="also check model references against this registry")  # fmt: skip
     s.set_defaults(func=_command("validate"))
 
     s = sub.add_parser("eval", help="measure recall@k end to end through the serving path")

@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 from edgeflow import config
+from edgeflow.cli import CliError
 from edgeflow.cli.harness import suite_config
-from edgeflow.cli.main import CliError
 from edgeflow.cli.recommend import fetch, render
 from edgeflow.local import suite as local
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeflow import config
-from edgeflow.cli.main import CliError
+from edgeflow.cli import CliError
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edgeflow import config
-from edgeflow.cli.main import CliError
+from edgeflow.cli import CliError
 from edgeflow.local import suite as local
 
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeflow.workflow.validate import WorkflowError, load_workflow
+from edgeflow.workflow.validate import WorkflowError, check_models, load_workflow
 
 
 def run(args: argparse.Namespace) -> int:
+    available = None
+    if args.model_dir is not None:
+        from edgeflow.scoring.registry import published_versions
+
+        available = published_versions(args.model_dir)
     failed = 0
     for path in args.files:
         try:
             wf = load_workflow(path)
+            if available is not None and (problems := check_models(wf, available)):
+                raise WorkflowError(str(path), problems)
         except WorkflowError as exc:
             failed += 1
             print(exc, file=sys.stderr)

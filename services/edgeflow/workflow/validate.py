@@ -193,6 +193,30 @@ def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str
     return problems
 
 
+def check_models(wf: Workflow, available: Mapping[str, list[str]]) -> list[str]:
+    """Problems with the scoring nodes' model references against a registry's contents."""
+    from edgeflow.workflow.ops import OnnxParams
+
+    problems = []
+    for cn in wf.nodes:
+        params = cn.params
+        if not isinstance(params, OnnxParams):
+            continue
+        where = f"node {cn.node.name!r} field params"
+        versions = available.get(params.model)
+        if versions is None:
+            problems.append(
+                f"{where}.model: no model {params.model!r} in the registry "
+                f"(it has {sorted(available) or 'no models'})"
+            )
+        elif params.version != "latest" and params.version not in versions:
+            problems.append(
+                f"{where}.version: model {params.model!r} has no version {params.version!r} "
+                f"(it has {versions})"
+            )
+    return problems
+
+
 def _topological(nodes: list[Node], problems: list[str]) -> list[str]:
     """Kahn's algorithm; nodes left over sit on a cycle and are reported."""
     known = {n.name for n in nodes}
