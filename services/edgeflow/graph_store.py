@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import cast
 
 import numpy as np
 import redis
@@ -54,17 +55,17 @@ def save_graph(client: redis.Redis, graph: Graph) -> None:
             pipe.execute()
             pending = 0
     pipe.execute()
-    previous = client.getset(keys.GRAPH_CURRENT, version)
+    previous = cast(bytes | None, client.getset(keys.GRAPH_CURRENT, version))
     if previous is not None and previous.decode() != version:
         # Readers follow the pointer; the old snapshot is kept a while for in-flight loads.
         client.expire(keys.graph_snapshot(previous.decode()), 300)
 
 
 def load_graph(client: redis.Redis) -> Graph:
-    version = client.get(keys.GRAPH_CURRENT)
+    version = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
     if version is None:
         raise GraphNotLoaded("no member graph in Redis: run `edgeflow ingest --edges FILE` first")
-    data = client.get(keys.graph_snapshot(version.decode()))
+    data = cast(bytes | None, client.get(keys.graph_snapshot(version.decode())))
     if data is None:
         raise GraphNotLoaded(f"graph snapshot {version.decode()} is missing from Redis")
     return Graph.from_bytes(data, version=version.decode())

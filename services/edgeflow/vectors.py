@@ -8,6 +8,7 @@ Local mode allows one process per path: the candidates service owns it while ser
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import numpy as np
 import redis
@@ -58,7 +59,7 @@ def write_embeddings(
             ),
             wait=True,
         )
-    previous = rds.getset(keys.EMBEDDINGS_CURRENT, name)
+    previous = cast(bytes | None, rds.getset(keys.EMBEDDINGS_CURRENT, name))
     if (
         previous is not None
         and previous.decode() != name

@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -186,7 +186,7 @@ class VectorIndex:
                 if not isinstance(p.vector, list):
                     raise NotReady(f"collection {collection} has named or sparse vectors")
                 ids.append(int(p.id))
-                vecs.append(p.vector)
+                vecs.append(cast(list[float], p.vector))
             if offset is None:
                 break
         dim = len(vecs[0]) if vecs else 0

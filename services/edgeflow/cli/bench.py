@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import platform
 import time
@@ -246,7 +247,7 @@ async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str
         ("generate_ebr", typical, "ebr", 100),
     ):
         req = candidates_pb2.GenerateRequest(member=member, source=source, limit=limit)
-        lat = await timed(lambda r=req: cstub.Generate(r, timeout=5), 200)
+        lat = await timed(functools.partial(cstub.Generate, req, timeout=5), 200)
         out[f"{label}_p50_ms"], out[f"{label}_p99_ms"] = pct(lat, 50), pct(lat, 99)
     cands = (
         await cstub.Generate(candidates_pb2.GenerateRequest(member=hub, source="graph", limit=500))

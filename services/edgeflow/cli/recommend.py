@@ -24,8 +24,8 @@ def fetch(
         try:
             return stub.Recommend(req, timeout=5)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            raise CliError(f"{code.name}: {exc.details()}") from None  # type: ignore[attr-defined]
+            code = exc.code()
+            raise CliError(f"{code.name}: {exc.details()}") from None
 
 
 def render(resp: gateway_pb2.RecommendResponse, member: int, console: Console) -> None:

@@ -28,10 +28,10 @@ def up(cfg: config.Config) -> local.Suite:
 def run(args: argparse.Namespace) -> int:
     cfg = config.load()
     if args.action == "up":
-        suite = up(cfg)
-        print(f"edgeflow is up (home {suite.home}):")
-        _print_status(suite)
-        print(f"Recommend at {suite.addr('gateway')}; stop everything with `edgeflow down`.")
+        started = up(cfg)
+        print(f"edgeflow is up (home {started.home}):")
+        _print_status(started)
+        print(f"Recommend at {started.addr('gateway')}; stop everything with `edgeflow down`.")
         return 0
     suite = local.Suite.load(cfg.home)
     if suite is None:

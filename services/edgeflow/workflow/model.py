@@ -6,13 +6,13 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-API_VERSION = "edgeflow.dev/v1alpha1"
-KIND = "EdgeWorkflow"
+API_VERSION: Final = "edgeflow.dev/v1alpha1"
+KIND: Final = "EdgeWorkflow"
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 Fallback = Literal["empty", "passthrough", "fail"]
@@ -59,7 +59,9 @@ class NearlineMode(_Model):
     """Recomputed by the nearline worker shortly after member events."""
 
     events: list[EventType] = Field(
-        default_factory=lambda: ["connect"], min_length=1, description="Triggering events."
+        default_factory=lambda: list[EventType](["connect"]),
+        min_length=1,
+        description="Triggering events.",
     )
 
 
