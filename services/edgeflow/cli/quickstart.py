@@ -7,6 +7,8 @@ recommendations for a few members.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +37,18 @@ def default_edges(home: Path, console: Console) -> Path:
     write_edge_list(path, social_graph())
     console.print(f"no Facebook graph found; generated a social graph at {path}")
     return path
+
+
+def command_name() -> str:
+    """How the user can call this command again: `edgeflow` if it is on PATH, else its path."""
+    here = Path(sys.executable).parent / "edgeflow"
+    found = shutil.which("edgeflow")
+    if found and Path(found).resolve() == here.resolve():
+        return "edgeflow"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
         resp = fetch(suite.addr("gateway"), "pymk", member, 10, debug=False)
         render(resp, member, console)
     if args.keep_running:
+        cmd = command_name()
         console.print(
-            "\nThe suite is still running. Try `edgeflow recommend --member 0 --debug`; "
-            "stop it with `edgeflow down`."
+            f"\nThe suite is still running. Try `{cmd} recommend --member 0 --debug`; "
+            f"stop it with `{cmd} down`."
         )
     else:
         local.stop_suite(suite)
