@@ -278,3 +278,20 @@ def test_bad_stored_values_are_named(published: Published, client: redis.Redis) 
     with pytest.raises(OnlineValueError, match="member 900003, feature degree"):
         OnlineReader().read_sync(client, [900_003])
     client.delete(short, garbage)
+
+
+async def test_pipelined_reader_equals_feast_sdk(
+    published: Published, store: Any, redis_proc: RedisProcess
+) -> None:
+    from edgeflow.resp import RawPipeline
+
+    pipe = RawPipeline(redis_proc.url)
+    try:
+        ids = np.concatenate([published.graph.ids[::2], ABSENT, published.graph.ids[:3]])
+        reader = OnlineReader()
+        assert_rows_equal(await reader.read_pipelined(pipe, ids), sdk_rows(store, ids))
+        # A second read reuses the pooled connection and gives the same rows.
+        assert_rows_equal(await reader.read_pipelined(pipe, ids), sdk_rows(store, ids))
+        assert (await reader.read_pipelined(pipe, [])).missing.size == 0
+    finally:
+        await pipe.close()

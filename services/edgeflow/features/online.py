@@ -32,6 +32,7 @@ from edgeflow.features.schema import (
     JOIN_KEY,
     SCALAR_FEATURES,
 )
+from edgeflow.resp import RawPipeline
 
 _LUA = """
 local out, m = {}, 0
@@ -246,6 +247,8 @@ class OnlineReader:
         self.fields: list[bytes] = [
             field_key(view, f) for f in (*SCALAR_FEATURES, EMBEDDING_FEATURE)
         ]
+        # Everything an HMGET command carries after its key.
+        self._tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in self.fields)
 
     async def prepare(self, client: aioredis.Redis) -> None:
         """Load the Lua script so the first request needs no extra round trip."""
@@ -263,6 +266,20 @@ class OnlineReader:
             await client.script_load(_LUA)
             reply = await cast(_Reply, client.evalsha(_LUA_SHA, len(keys), *args))
         return decode(reply, ids)
+
+    async def read_pipelined(
+        self, pipe: RawPipeline, members: Sequence[int] | np.ndarray
+    ) -> OnlineRows:
+        """The same read as one hand-encoded HMGET pipeline: about half the Redis time of
+        the script and a fraction of the client's (the request path uses this)."""
+        ids = np.asarray(members, dtype=np.int64)
+        if ids.size == 0:
+            return decode([], ids)
+        keys = entity_keys(ids, self.project)
+        head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(self.fields), len(keys[0]))
+        payload = b"".join([head + key + self._tail for key in keys])
+        replies = await pipe.execute(payload, ids.size)
+        return decode([v or b"" for rep in replies for v in rep], ids)
 
     def read_sync(self, client: redis.Redis, members: Sequence[int] | np.ndarray) -> OnlineRows:
         """The same read with a blocking client (batch jobs, benchmarks)."""

@@ -33,6 +33,7 @@ from edgeflow.features.schema import (
 )
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.redis_client import connect_async
+from edgeflow.resp import RawPipeline, RespError, RespReplyError
 from edgeflow.server import Service
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 
@@ -92,6 +93,7 @@ class FeaturesService(Service):
         self.cfg = cfg
         self.reader = OnlineReader()
         self._rds: aioredis.Redis | None = None
+        self._pipe = RawPipeline(cfg.redis_url)
         self._store: GraphStore | None = None
         self._feast: FeatureStore | None = None
         self._feast_lock = asyncio.Lock()
@@ -115,6 +117,7 @@ class FeaturesService(Service):
             await self._store.close()
         if self._rds is not None:
             await self._rds.aclose()
+        await self._pipe.close()
 
     # ---- GetFeatures ---------------------------------------------------------------------
     async def get_features(
@@ -178,14 +181,15 @@ class FeaturesService(Service):
         return self._rds
 
     async def _read(self, members: np.ndarray) -> OnlineRows:
+        self._client()  # raises until the service has started
         try:
-            return await self.reader.read(self._client(), members)
-        except redis.ResponseError as exc:
+            return await self.reader.read_pipelined(self._pipe, members)
+        except RespReplyError as exc:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"features: Redis at {self.cfg.redis_url} rejected the online read: {exc}",
             ) from exc
-        except (redis.RedisError, OSError) as exc:
+        except RespError as exc:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"features: Redis at {self.cfg.redis_url} is unavailable while reading "
