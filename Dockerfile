@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# The services image: `edgeflow serve candidates|features|scoring|merging|gateway`, and the
+# per-workflow nearline worker and offline job the operator creates.
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first, so a code change reuses the cached dependency layer.
+COPY pyproject.toml README.md ./
+RUN python - <<'PY' > /tmp/requirements.txt
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
+PY
+RUN pip install -r /tmp/requirements.txt
+COPY services ./services
+COPY operator ./operator
+RUN pip install --no-deps . \
+ && find /opt/venv -depth -name '__pycache__' -exec rm -rf {} + \
+ && find /opt/venv -name '*.pyc' -delete
+
+FROM python:${PYTHON_VERSION}-slim-bookworm
+RUN groupadd --system --gid 10001 edgeflow \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin edgeflow
+COPY --from=build /opt/venv /opt/venv
+COPY feature_repo /app/feature_repo
+COPY workflows /app/workflows
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    EDGEFLOW_HOME=/var/lib/edgeflow \
+    EDGEFLOW_WORKFLOWS=/app/workflows \
+    EDGEFLOW_FEATURE_REPO_TEMPLATE=/app/feature_repo
+WORKDIR /app
+USER 10001:10001
+EXPOSE 50060 50061 50062 50063 50064 50065
+ENTRYPOINT ["edgeflow"]
+CMD ["--help"]

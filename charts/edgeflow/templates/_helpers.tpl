@@ -1,0 +1,97 @@
+{{/* Names. */}}
+{{- define "edgeflow.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "edgeflow.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "edgeflow.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "edgeflow.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels: pass (dict "ctx" $ "component" "candidates"). */}}
+{{- define "edgeflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "edgeflow.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "edgeflow.labels" -}}
+{{ include "edgeflow.selectorLabels" . }}
+app.kubernetes.io/part-of: edgeflow
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Images. */}}
+{{- define "edgeflow.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "edgeflow.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- end -}}
+
+{{/* Endpoints: in-cluster by default, or the external ones. */}}
+{{- define "edgeflow.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s-redis.%s.svc:6379/0" (include "edgeflow.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "edgeflow.qdrantUrl" -}}
+{{- if .Values.qdrant.enabled -}}
+{{- printf "http://%s-qdrant.%s.svc:6333" (include "edgeflow.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "qdrant.externalUrl is required when qdrant.enabled is false" .Values.qdrant.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The environment every edgeflow process gets, as a name -> value map (JSON). */}}
+{{- define "edgeflow.env" -}}
+{{- $fullname := include "edgeflow.fullname" . -}}
+{{- $env := dict "REDIS_URL" (include "edgeflow.redisUrl" .) "QDRANT_URL" (include "edgeflow.qdrantUrl" .) "LOG_LEVEL" .Values.logLevel -}}
+{{- range $name, $svc := .Values.services -}}
+{{- $_ := set $env (printf "%s_ADDR" (upper $name)) (printf "%s-%s.%s.svc:%d" $fullname $name $.Release.Namespace (int $svc.port)) -}}
+{{- end -}}
+{{- if .Values.tracing.otlpEndpoint -}}
+{{- $_ := set $env "OTEL_EXPORTER_OTLP_ENDPOINT" .Values.tracing.otlpEndpoint -}}
+{{- end -}}
+{{- toJson $env -}}
+{{- end -}}
+
+{{/* The operator's RBAC rules. Least privilege: exactly the verbs and resources it uses. */}}
+{{- define "edgeflow.operatorRules" }}
+rules:
+  # Watch EdgeWorkflows, keep kopf's progress in their annotations, write their status.
+  - apiGroups: [edgeflow.dev]
+    resources: [edgeworkflows]
+    verbs: [get, list, watch, patch]
+  - apiGroups: [edgeflow.dev]
+    resources: [edgeworkflows/status]
+    verbs: [get, patch]
+  # The children of each workflow.
+  - apiGroups: [""]
+    resources: [configmaps, services]
+    verbs: [get, create, patch, delete]
+  - apiGroups: [apps]
+    resources: [deployments]
+    verbs: [get, create, patch, delete]
+  - apiGroups: [batch]
+    resources: [cronjobs]
+    verbs: [get, create, patch, delete]
+  - apiGroups: [autoscaling]
+    resources: [horizontalpodautoscalers]
+    verbs: [get, create, patch, delete]
+  # Events about each workflow (invalid graphs, reconciles).
+  - apiGroups: [""]
+    resources: [events]
+    verbs: [create]
+{{- end }}

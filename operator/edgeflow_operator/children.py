@@ -1,0 +1,433 @@
+"""The objects one EdgeWorkflow becomes: pure functions from (resource, workflow, config).
+
+- a ConfigMap with the compiled workflow (`workflow.yaml`), which the gateway, the nearline
+  worker and the offline job read from a mounted directory (EDGEFLOW_WORKFLOWS);
+- online mode: a gateway Deployment and Service per workflow, so a surface is isolated from
+  the others, scales on its own (HPA) and rolls out on its own;
+- offline mode: a CronJob whose Job is Indexed, one completion per shard;
+- nearline mode: a worker Deployment (a Redis Streams consumer group, so it scales out);
+- an HPA for the gateway or the worker when autoscaling is asked for.
+
+Every pod template carries a hash of the compiled workflow, so a spec change rolls the
+Deployments even before the kubelet refreshes the mounted ConfigMap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import yaml
+
+from edgeflow.workflow.model import API_VERSION, KIND
+from edgeflow.workflow.validate import Workflow
+from edgeflow_operator.config import Autoscaling, Component, OperatorConfig
+
+Manifest = dict[str, Any]
+
+WORKFLOW_FILE: Final = "workflow.yaml"
+WORKFLOWS_DIR: Final = "/etc/edgeflow/workflows"
+HASH_ANNOTATION: Final = "edgeflow.dev/config-hash"
+WORKFLOW_LABEL: Final = "edgeflow.dev/workflow"
+MANAGED_BY: Final = "edgeflow-operator"
+# Per-workflow replica overrides: "3" (fixed) or "2-10" (an HPA between the two).
+REPLICAS_ANNOTATIONS: Final = {
+    "gateway": "edgeflow.dev/gateway-replicas",
+    "nearline": "edgeflow.dev/nearline-replicas",
+}
+
+# Every kind the operator may create, for pruning children a spec change made unneeded.
+CHILD_KINDS: Final = ("ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler", "CronJob")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The parts of the EdgeWorkflow resource its children need."""
+
+    name: str
+    namespace: str
+    uid: str
+    annotations: Mapping[str, str]
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Owner:
+        meta = body.get("metadata", {})
+        return cls(
+            name=str(meta["name"]),
+            namespace=str(meta.get("namespace") or "default"),
+            uid=str(meta.get("uid", "")),
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+class AnnotationError(ValueError):
+    """An edgeflow.dev/* annotation the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    replicas: int
+    autoscaling: Autoscaling | None
+
+
+def scaling(owner: Owner, component: str, cfg: Component) -> Scaling:
+    """Replicas and autoscaling of a component: the chart's defaults or the annotation."""
+    key = REPLICAS_ANNOTATIONS[component]
+    raw = owner.annotations.get(key)
+    if raw is None:
+        return Scaling(cfg.replicas, cfg.autoscaling if cfg.autoscaling.enabled else None)
+    m = re.fullmatch(r"\s*(\d{1,4})\s*(?:-\s*(\d{1,4})\s*)?", raw)
+    if m is None:
+        raise AnnotationError(
+            f"annotation {key}: {raw!r} is not a replica count ('3') or a range ('2-10')"
+        )
+    low, high = int(m.group(1)), m.group(2)
+    if high is None:
+        return Scaling(low, None)
+    try:
+        hpa = Autoscaling(
+            enabled=True,
+            min_replicas=low,
+            max_replicas=int(high),
+            target_cpu_utilization_percentage=cfg.autoscaling.target_cpu_utilization_percentage,
+        )
+    except ValueError as exc:
+        problem = str(exc).splitlines()[-1].strip().removeprefix("Value error, ")
+        raise AnnotationError(f"annotation {key}: {raw!r}: {problem}") from None
+    return Scaling(low, hpa)
+
+
+def child_name(owner: str, suffix: str, limit: int = 63) -> str:
+    """`<workflow>-<suffix>`, a valid DNS-1035 label (Services need a leading letter)."""
+    base = owner if owner[:1].isalpha() else f"ewf-{owner}"
+    name = f"{base}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 2
+    return f"{base[:keep].rstrip('-')}-{digest}-{suffix}"
+
+
+def compiled_document(wf: Workflow, owner: Owner) -> dict[str, Any]:
+    """The validated graph with every default filled in, nodes in topological order."""
+    spec = wf.spec.model_dump(by_alias=True, mode="json", exclude={"nodes"}, exclude_none=True)
+    spec["nodes"] = [
+        {
+            "name": cn.node.name,
+            "op": cn.node.op,
+            "inputs": list(cn.node.inputs),
+            "params": cn.params.model_dump(by_alias=True, mode="json"),
+            "timeoutMs": cn.node.timeout_ms,
+            "fallback": cn.fallback,
+        }
+        for cn in wf.nodes
+    ]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": owner.name, "namespace": owner.namespace},
+        "spec": spec,
+    }
+
+
+def compiled_yaml(wf: Workflow, owner: Owner) -> str:
+    return yaml.safe_dump(compiled_document(wf, owner), sort_keys=False)
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _labels(owner: Owner, wf: Workflow, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "edgeflow",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "edgeflow",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        WORKFLOW_LABEL: owner.name,
+        "edgeflow.dev/surface": wf.surface,
+    }
+
+
+def _selector(owner: Owner, component: str) -> dict[str, str]:
+    # Immutable in a Deployment: only what never changes for this child.
+    return {WORKFLOW_LABEL: owner.name, "app.kubernetes.io/component": component}
+
+
+def _meta(owner: Owner, wf: Workflow, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": _labels(owner, wf, component),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def _container(
+    cfg: OperatorConfig, name: str, args: list[str], port: int | None, resources: dict[str, Any]
+) -> dict[str, Any]:
+    env = {
+        **cfg.env,
+        "EDGEFLOW_WORKFLOWS": WORKFLOWS_DIR,
+        "EDGEFLOW_RELOAD_INTERVAL_S": f"{cfg.reload_interval_s:g}",
+        "EDGEFLOW_HOME": "/tmp/edgeflow",
+    }
+    if port is not None:
+        env["PORT"] = str(port)
+    container: dict[str, Any] = {
+        "name": name,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": ["edgeflow"],
+        "args": args,
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "resources": resources,
+        "securityContext": cfg.security_context,
+        "volumeMounts": [
+            {"name": "workflow", "mountPath": WORKFLOWS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if port is not None:
+        container["ports"] = [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+    return container
+
+
+def _pod_spec(cfg: OperatorConfig, config_map: str, container: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": cfg.pod_security_context,
+        "terminationGracePeriodSeconds": 15,
+        "containers": [container],
+        "volumes": [
+            {"name": "workflow", "configMap": {"name": config_map}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+        ],
+    }
+    if cfg.service_account_name:
+        spec["serviceAccountName"] = cfg.service_account_name
+    if cfg.image_pull_secrets:
+        spec["imagePullSecrets"] = cfg.image_pull_secrets
+    if cfg.node_selector:
+        spec["nodeSelector"] = cfg.node_selector
+    if cfg.tolerations:
+        spec["tolerations"] = cfg.tolerations
+    return spec
+
+
+def _grpc_probes(port: int) -> dict[str, Any]:
+    return {
+        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 60},
+        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 3},
+    }
+
+
+def _deployment(
+    owner: Owner,
+    wf: Workflow,
+    cfg: OperatorConfig,
+    component: str,
+    comp: Component,
+    scale: Scaling,
+    config_map: str,
+    digest: str,
+) -> Manifest:
+    container = _container(cfg, component, ["serve", component], comp.port, comp.resources)
+    if comp.grpc_probes:
+        container.update(_grpc_probes(comp.port))
+    spec: dict[str, Any] = {
+        "revisionHistoryLimit": 3,
+        "selector": {"matchLabels": _selector(owner, component)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        },
+        "template": {
+            "metadata": {
+                "labels": {**cfg.pod_labels, **_labels(owner, wf, component)},
+                "annotations": {**cfg.pod_annotations, HASH_ANNOTATION: digest},
+            },
+            "spec": _pod_spec(cfg, config_map, container),
+        },
+    }
+    if scale.autoscaling is None:
+        spec["replicas"] = scale.replicas  # with an HPA, the HPA owns the replica count
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, wf, child_name(owner.name, component), component),
+        "spec": spec,
+    }
+
+
+def _hpa(owner: Owner, wf: Workflow, component: str, hpa: Autoscaling) -> Manifest:
+    target = child_name(owner.name, component)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(owner, wf, target, component),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+            "minReplicas": hpa.min_replicas,
+            "maxReplicas": hpa.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {
+                            "type": "Utilization",
+                            "averageUtilization": hpa.target_cpu_utilization_percentage,
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _service(owner: Owner, wf: Workflow, port: int) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, wf, child_name(owner.name, "gateway"), "gateway"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _selector(owner, "gateway"),
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                }
+            ],
+        },
+    }
+
+
+def _cron_job(
+    owner: Owner, wf: Workflow, cfg: OperatorConfig, config_map: str, digest: str
+) -> Manifest:
+    offline = wf.spec.modes.offline
+    assert offline is not None
+    shards = offline.shards
+    args = ["offline", "run", "--workflow", f"{WORKFLOWS_DIR}/{WORKFLOW_FILE}",
+            "--shard", "$(JOB_COMPLETION_INDEX)", "--shards", str(shards)]  # fmt: skip
+    container = _container(cfg, "offline", args, None, cfg.offline.resources)
+    labels = _labels(owner, wf, "offline")
+    pod_spec = _pod_spec(cfg, config_map, container)
+    pod_spec["restartPolicy"] = "Never"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": _meta(owner, wf, child_name(owner.name, "offline", limit=52), "offline"),
+        "spec": {
+            "schedule": offline.schedule,
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": 600,
+            "successfulJobsHistoryLimit": cfg.offline.successful_jobs_history_limit,
+            "failedJobsHistoryLimit": cfg.offline.failed_jobs_history_limit,
+            "jobTemplate": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "completionMode": "Indexed",
+                    "completions": shards,
+                    "parallelism": min(shards, cfg.offline.parallelism),
+                    "backoffLimitPerIndex": cfg.offline.backoff_limit_per_index,
+                    "activeDeadlineSeconds": cfg.offline.active_deadline_seconds,
+                    "ttlSecondsAfterFinished": 86400,
+                    "template": {
+                        "metadata": {
+                            "labels": {**cfg.pod_labels, **labels},
+                            "annotations": {**cfg.pod_annotations, HASH_ANNOTATION: digest},
+                        },
+                        "spec": pod_spec,
+                    },
+                },
+            },
+        },
+    }
+
+
+def desired_children(owner: Owner, wf: Workflow, cfg: OperatorConfig) -> tuple[list[Manifest], str]:
+    """Every child the workflow needs now, and the hash of its compiled graph.
+
+    Raises AnnotationError for an unusable edgeflow.dev/* annotation.
+    """
+    text = compiled_yaml(wf, owner)
+    digest = config_hash(text)
+    cm_name = child_name(owner.name, "workflow")
+    children: list[Manifest] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                **_meta(owner, wf, cm_name, "workflow"),
+                "annotations": {HASH_ANNOTATION: digest},
+            },
+            "data": {WORKFLOW_FILE: text},
+        }
+    ]
+    modes = wf.spec.modes
+    if modes.online.enabled:
+        scale = scaling(owner, "gateway", cfg.gateway)
+        children.append(_deployment(owner, wf, cfg, "gateway", cfg.gateway, scale, cm_name, digest))
+        children.append(_service(owner, wf, cfg.gateway.port))
+        if scale.autoscaling is not None:
+            children.append(_hpa(owner, wf, "gateway", scale.autoscaling))
+    if modes.nearline is not None:
+        scale = scaling(owner, "nearline", cfg.nearline)
+        children.append(
+            _deployment(owner, wf, cfg, "nearline", cfg.nearline, scale, cm_name, digest)
+        )
+        if scale.autoscaling is not None:
+            children.append(_hpa(owner, wf, "nearline", scale.autoscaling))
+    if modes.offline is not None:
+        children.append(_cron_job(owner, wf, cfg, cm_name, digest))
+    return children, digest
+
+
+def possible_children(owner_name: str) -> list[tuple[str, str]]:
+    """(kind, name) of every child any spec of this workflow could have, for pruning."""
+    return [
+        ("ConfigMap", child_name(owner_name, "workflow")),
+        ("Deployment", child_name(owner_name, "gateway")),
+        ("Service", child_name(owner_name, "gateway")),
+        ("HorizontalPodAutoscaler", child_name(owner_name, "gateway")),
+        ("Deployment", child_name(owner_name, "nearline")),
+        ("HorizontalPodAutoscaler", child_name(owner_name, "nearline")),
+        ("CronJob", child_name(owner_name, "offline", limit=52)),
+    ]
+
+
+def deployment_ready(obj: Mapping[str, Any]) -> tuple[bool, str]:
+    """Like `kubectl rollout status`: the new revision is rolled out and available."""
+    name = obj.get("metadata", {}).get("name", "?")
+    spec, status = obj.get("spec", {}), obj.get("status") or {}
+    want = int(spec.get("replicas", 1))
+    generation = int(obj.get("metadata", {}).get("generation", 0))
+    if int(status.get("observedGeneration", 0)) < generation:
+        return False, f"Deployment {name}: rollout not observed yet"
+    updated = int(status.get("updatedReplicas", 0))
+    available = int(status.get("availableReplicas", 0))
+    if updated < want:
+        return False, f"Deployment {name}: {updated}/{want} replicas updated"
+    if available < want:
+        return False, f"Deployment {name}: {available}/{want} replicas available"
+    return True, f"Deployment {name}: {available}/{want} available"

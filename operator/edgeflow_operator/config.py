@@ -1,0 +1,144 @@
+"""What the operator puts into every workflow's children: images, addresses, resources.
+
+The Helm chart renders this as JSON into a ConfigMap mounted at EDGEFLOW_OPERATOR_CONFIG, so
+the platform's choices (images, resources, autoscaling, security) live in the chart's values
+and each EdgeWorkflow only says what the surface needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+CONFIG_ENV = "EDGEFLOW_OPERATOR_CONFIG"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+def _resources(cpu: str, memory: str, cpu_limit: str, memory_limit: str) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"cpu": cpu_limit, "memory": memory_limit},
+    }
+
+
+class Autoscaling(_Model):
+    """A HorizontalPodAutoscaler on CPU for a component's Deployment."""
+
+    enabled: bool = False
+    min_replicas: int = Field(1, ge=1, le=1000)
+    max_replicas: int = Field(5, ge=1, le=1000)
+    target_cpu_utilization_percentage: int = Field(
+        70, ge=1, le=100, alias="targetCPUUtilizationPercentage"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"maxReplicas ({self.max_replicas}) is below minReplicas ({self.min_replicas})"
+            )
+        return self
+
+
+class Component(_Model):
+    """A long-running per-workflow Deployment (the gateway or the nearline worker)."""
+
+    replicas: int = Field(1, ge=0, le=1000)
+    port: int = Field(..., ge=1, le=65535)
+    resources: dict[str, Any]
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    grpc_probes: bool = Field(True, description="Probe the gRPC health service on the port.")
+
+
+class Offline(_Model):
+    """The offline CronJob: one Indexed Job of `shards` completions per run."""
+
+    resources: dict[str, Any] = Field(default_factory=lambda: _resources("500m", "1Gi", "2", "4Gi"))
+    parallelism: int = Field(4, ge=1, le=1024, description="Most shards running at once.")
+    backoff_limit_per_index: int = Field(2, ge=0, le=100)
+    active_deadline_seconds: int = Field(6 * 3600, ge=60)
+    successful_jobs_history_limit: int = Field(1, ge=0, le=10)
+    failed_jobs_history_limit: int = Field(3, ge=0, le=10)
+
+
+class OperatorConfig(_Model):
+    image: str = "edgeflow:dev"
+    image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list)
+    service_account_name: str = ""
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of every child container: REDIS_URL, QDRANT_URL, the "
+        "*_ADDR of the shared services, OTEL_EXPORTER_OTLP_ENDPOINT, LOG_LEVEL.",
+    )
+    reload_interval_s: float = Field(2.0, gt=0, alias="reloadIntervalSeconds")
+    gateway: Component = Field(
+        default_factory=lambda: Component(
+            port=50060, resources=_resources("100m", "256Mi", "1", "512Mi")
+        )
+    )
+    nearline: Component = Field(
+        default_factory=lambda: Component(
+            port=50065, resources=_resources("100m", "256Mi", "1", "1Gi")
+        )
+    )
+    offline: Offline = Field(default_factory=Offline)
+    pod_security_context: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    )
+    security_context: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    )
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    ready_interval_s: float = Field(10.0, gt=0, alias="readyIntervalSeconds")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load(path: Path | None = None) -> OperatorConfig:
+    """The config file named by EDGEFLOW_OPERATOR_CONFIG (YAML or JSON), else the defaults."""
+    if path is None:
+        raw = os.environ.get(CONFIG_ENV, "").strip()
+        if not raw:
+            return OperatorConfig()
+        path = Path(raw)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the operator config: {exc.strerror}") from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from None
+    try:
+        return OperatorConfig.model_validate(doc or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: invalid operator config: {problems}") from None

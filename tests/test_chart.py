@@ -1,0 +1,311 @@
+"""The Helm chart, the images and skaffold, on real tools: helm (installed by
+scripts/install_k8s_tools.py), kubernetes-validate, kubectl against the API emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from edgeflow_operator.config import OperatorConfig
+from edgeflow_operator.kube import KINDS
+from kube_emulator import EmulatorThread
+
+from edgeflow.config import REPO_ROOT
+
+CHART = REPO_ROOT / "charts" / "edgeflow"
+TOOLS = REPO_ROOT / ".cache" / "k8s-tools"
+HELM = TOOLS / "bin" / "helm"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+K8S_VERSION = "1.33.0"
+
+VALUE_SETS: dict[str, list[str]] = {
+    "defaults": [],
+    "external-stores-cluster-wide": [
+        "--set", "redis.enabled=false", "--set", "redis.externalUrl=redis://redis.data:6379/0",
+        "--set", "qdrant.enabled=false", "--set", "qdrant.externalUrl=http://qdrant.data:6333",
+        "--set", "operator.clusterWide=true", "--set", "networkPolicies.enabled=true",
+        "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4317",
+    ],
+    "ephemeral-autoscaled-multi-namespace": [
+        "--set", "redis.persistence.enabled=false", "--set", "qdrant.persistence.enabled=false",
+        "--set", "models.persistence.enabled=false", "--set", "gateway.autoscaling.enabled=true",
+        "--set", "operator.watchNamespaces={surfaces,experiments}",
+        "--set", "networkPolicies.enabled=true", "--set", "imagePullSecrets[0].name=registry",
+    ],
+    "services-only": [
+        "--set", "operator.enabled=false", "--set", "services.merging.replicas=3",
+        "--set", "models.existingClaim=shared-models", "--set", "image.tag=v9",
+    ],
+}  # fmt: skip
+
+
+def helm(*args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    if not HELM.exists():
+        pytest.fail(
+            f"{HELM} is missing: scripts/setup.sh installs it (scripts/install_k8s_tools.py)"
+        )
+    base = {**os.environ, **(env or {})}
+    for name in ("CACHE", "CONFIG", "DATA"):
+        base[f"HELM_{name}_HOME"] = str(TOOLS / "helm" / name.lower())
+    done = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=base,
+                          check=False, timeout=120)  # fmt: skip
+    if check and done.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout if check else done.stdout + done.stderr
+
+
+def render(*values: str, namespace: str = "edgeflow") -> list[dict[str, Any]]:
+    text = helm("template", "demo", str(CHART), "--namespace", namespace, *values)
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def test_helm_lint_strict() -> None:
+    for values in VALUE_SETS.values():
+        out = helm("lint", "--strict", str(CHART), *values)
+        assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_manifests_pass_kubernetes_validate(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "manifests.yaml"
+    out.write_text(helm("template", "demo", str(CHART), "--include-crds", *VALUE_SETS[name]))
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
+         "-k", K8S_VERSION, str(out)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "ERROR" not in done.stdout
+
+
+def _pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_pod_is_locked_down_and_probed(name: str) -> None:
+    docs = render(*VALUE_SETS[name])
+    for where, pod in _pods(docs):
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert set(c["resources"]) == {"requests", "limits"}, where
+            assert "livenessProbe" in c and (where.endswith("-operator")
+                                             or "readinessProbe" in c), where  # fmt: skip
+    for svc in ("candidates", "features", "scoring", "merging"):
+        (c,) = find(docs, "Deployment", f"demo-edgeflow-{svc}")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        port = c["ports"][0]["containerPort"]
+        assert c["readinessProbe"]["grpc"] == {"port": port}
+        assert c["livenessProbe"]["grpc"] == {"port": port}
+        assert c["args"] == ["serve", svc]
+
+
+def test_in_cluster_or_external_stores() -> None:
+    docs = render()
+    for store in ("redis", "qdrant"):
+        sts = find(docs, "StatefulSet", f"demo-edgeflow-{store}")
+        assert sts["spec"]["volumeClaimTemplates"], store
+    env = {e["name"]: e["value"] for e in find(docs, "Deployment", "demo-edgeflow-candidates")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["REDIS_URL"] == "redis://demo-edgeflow-redis.edgeflow.svc:6379/0"
+    assert env["QDRANT_URL"] == "http://demo-edgeflow-qdrant.edgeflow.svc:6333"
+    assert env["SCORING_ADDR"] == "demo-edgeflow-scoring.edgeflow.svc:50063"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+
+    external = render(*VALUE_SETS["external-stores-cluster-wide"])
+    assert not [d for d in external if d["kind"] == "StatefulSet"]
+    env = {e["name"]: e["value"] for e in find(external, "Deployment", "demo-edgeflow-features")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["REDIS_URL"] == "redis://redis.data:6379/0"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    policies = {d["metadata"]["name"] for d in external if d["kind"] == "NetworkPolicy"}
+    assert policies == {f"demo-edgeflow-{s}" for s in ("candidates", "features", "scoring",
+                                                       "merging")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        (["--set", "services.scoring.port=0"], "services.scoring.port"),
+        (["--set", "redis.enabled=false"], "redis.externalUrl"),
+        (["--set", "gatway.replicas=2"], "gatway"),
+        (["--set", "logLevel=LOUD"], "logLevel"),
+        (["--set", "operator.watchNamespaces={Bad_NS}"], "operator.watchNamespaces"),
+        (["--set", "services.features.resources.requests.cpu=lots"], "cpu"),
+        (["--set", "securityContext.allowPrivilegeEscalation=true"], "allowPrivilegeEscalation"),
+    ],
+)
+def test_bad_values_fail_with_the_key(values: list[str], problem: str) -> None:
+    out = helm("template", "demo", str(CHART), *values, check=False)
+    assert "Error" in out and problem in out, out
+
+
+def test_operator_config_in_the_chart_is_what_the_operator_reads() -> None:
+    docs = render(*VALUE_SETS["ephemeral-autoscaled-multi-namespace"])
+    raw = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    cfg = OperatorConfig.model_validate(raw)
+    assert cfg.image == "edgeflow/edgeflow:0.1.0"
+    assert cfg.gateway.autoscaling.enabled and cfg.gateway.port == 50060
+    assert cfg.env["CANDIDATES_ADDR"] == "demo-edgeflow-candidates.edgeflow.svc:50061"
+    assert cfg.image_pull_secrets == [{"name": "registry"}]
+    deployment = find(docs, "Deployment", "demo-edgeflow-operator")["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"] == {"type": "Recreate"}
+    (c,) = deployment["template"]["spec"]["containers"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["args"][:2] == ["operator", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert sorted(a for a in c["args"] if a.startswith("--namespace=")) == [
+        "--namespace=edgeflow", "--namespace=experiments", "--namespace=surfaces"
+    ]  # fmt: skip
+    roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"}
+    assert roles == {"edgeflow", "experiments", "surfaces"}
+
+
+def test_rbac_is_exactly_what_the_operator_uses() -> None:
+    for values, kind in (([], "Role"), (VALUE_SETS["external-stores-cluster-wide"], "ClusterRole")):
+        role = next(d for d in render(*values) if d["kind"] == kind)
+        granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+                   for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+        assert not any("*" in item for item in granted)
+        wanted = {("edgeflow.dev", "edgeworkflows", v) for v in ("get", "list", "watch", "patch")}
+        wanted |= {("edgeflow.dev", "edgeworkflows/status", v) for v in ("get", "patch")}
+        wanted |= {("", "events", "create")}
+        for k, (group, _version, plural) in KINDS.items():
+            if k != "EdgeWorkflow":
+                wanted |= {(group, plural, v) for v in ("get", "create", "patch", "delete")}
+        assert granted == wanted
+
+
+def test_skaffold_builds_every_image_and_deploys_the_chart() -> None:
+    skaffold = yaml.safe_load((REPO_ROOT / "skaffold.yaml").read_text())
+    assert skaffold["apiVersion"].startswith("skaffold/v4beta") and skaffold["kind"] == "Config"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    images = {values["image"]["repository"], values["operator"]["image"]["repository"]}
+    for build in (skaffold["build"], *(p["build"] for p in skaffold["profiles"] if "build" in p)):
+        artifacts = {a["image"]: a for a in build["artifacts"]}
+        assert set(artifacts) == images
+        for a in artifacts.values():
+            dockerfile = REPO_ROOT / a["context"] / a["docker"]["dockerfile"]
+            assert dockerfile.is_file(), dockerfile
+    for deploy in (
+        skaffold["deploy"],
+        *(p["deploy"] for p in skaffold["profiles"] if "deploy" in p),
+    ):
+        (release,) = deploy["helm"]["releases"]
+        assert (REPO_ROOT / release["chartPath"]).resolve() == CHART
+        templates = release["setValueTemplates"]
+        for key, image in (("image", "edgeflow/edgeflow"),
+                           ("operator.image", "edgeflow/edgeflow-operator")):  # fmt: skip
+            token = image.replace("/", "_").replace("-", "_")
+            assert templates[f"{key}.repository"] == f"{{{{.IMAGE_REPO_{token}}}}}"
+            assert f"{{{{.IMAGE_TAG_{token}}}}}" in templates[f"{key}.tag"]
+    assert "dev" in {p["name"] for p in skaffold["profiles"]}
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "operator/Dockerfile"])
+def test_dockerfiles_are_multi_stage_and_non_root(dockerfile: str) -> None:
+    lines = [ln.strip() for ln in (REPO_ROOT / dockerfile).read_text().splitlines()]
+    assert sum(ln.startswith("FROM ") for ln in lines) >= 2
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
+    for ln in lines:
+        if ln.startswith("COPY ") and "--from=" not in ln:
+            for src in ln.split()[1:-1]:
+                assert (REPO_ROOT / src).exists(), f"{dockerfile}: {src}"
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".cache", "tests"} <= set(ignored)
+
+
+# ---- kubectl against the emulator ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread]:
+    emulator = EmulatorThread(tmp_path_factory.mktemp("kube"))
+    yield emulator
+    emulator.stop()
+
+
+def kubectl(
+    api: EmulatorThread, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    assert shutil.which(str(KUBECTL)), f"{KUBECTL} is missing (the dev extra installs it)"
+    return subprocess.run([str(KUBECTL), *args], input=stdin, capture_output=True, text=True,
+                          env={**os.environ, "KUBECONFIG": str(api.kubeconfig)},
+                          check=False, timeout=120)  # fmt: skip
+
+
+def test_kubectl_apply_of_the_crd_and_examples(api: EmulatorThread) -> None:
+    crd = kubectl(api, "apply", "--validate=false", "-f", str(CHART / "crds"))
+    assert crd.returncode == 0, crd.stderr
+    done = kubectl(api, "apply", "--validate=false", "-n", "surfaces",
+                   "-f", str(REPO_ROOT / "examples"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.stem for p in (REPO_ROOT / "examples").glob("*.yaml"))
+    assert sorted(done.stdout.split()) == sorted(
+        [f"edgeworkflow.edgeflow.dev/{n}" for n in names] + ["created"] * len(names)
+    )
+    listed = kubectl(api, "get", "ewf", "-n", "surfaces", "-o", "name")
+    assert sorted(listed.stdout.split()) == [f"edgeworkflow.edgeflow.dev/{n}" for n in names]
+    stored = yaml.safe_load(kubectl(api, "get", "ewf", "pymk", "-n", "surfaces",
+                                    "-o", "yaml").stdout)  # fmt: skip
+    assert stored["spec"]["nodes"][2]["timeoutMs"] == 20
+    assert stored["spec"]["nodes"][5]["timeoutMs"] == 40  # and defaults filled in by the schema
+    again = kubectl(api, "apply", "--validate=false", "-n", "surfaces",
+                    "-f", str(REPO_ROOT / "examples"))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    # kubectl re-sends a list whose items got server-side defaults (timeoutMs), as it would
+    # against a real API server, but the spec does not change: no new generation.
+    assert "edgeworkflow.edgeflow.dev/pymk unchanged" in again.stdout
+    for n in names:
+        meta = yaml.safe_load(kubectl(api, "get", "ewf", n, "-n", "surfaces", "-o", "yaml").stdout)
+        assert meta["metadata"]["generation"] == 1, n
+
+
+def test_kubectl_apply_rejects_what_the_schema_catches(api: EmulatorThread) -> None:
+    kubectl(api, "apply", "--validate=false", "-f", str(CHART / "crds"))
+    broken = yaml.safe_load((REPO_ROOT / "examples" / "cold-start.yaml").read_text())
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["nodes"][0]["timeoutMs"] = 0
+    broken["spec"]["nodes"][1]["op"] = "candidates.nope"
+    done = kubectl(api, "apply", "--validate=false", "-n", "surfaces", "-f", "-",
+                   stdin=yaml.safe_dump(broken))  # fmt: skip
+    assert done.returncode != 0
+    assert 'EdgeWorkflow.edgeflow.dev "broken" is invalid' in done.stderr
+    assert "spec.nodes.0.timeoutMs" in done.stderr and "spec.nodes.1.op" in done.stderr
+    assert kubectl(api, "get", "ewf", "broken", "-n", "surfaces").returncode != 0
+
+
+def test_rendered_chart_applies_with_kubectl(api: EmulatorThread) -> None:
+    manifests = helm("template", "demo", str(CHART), "--namespace", "edgeflow", "--include-crds")
+    done = kubectl(api, "apply", "--validate=false", "-n", "edgeflow", "-f", "-", stdin=manifests)
+    assert done.returncode == 0, done.stderr
+    assert "deployment.apps/demo-edgeflow-operator created" in done.stdout
+    assert "statefulset.apps/demo-edgeflow-redis created" in done.stdout
+
+
+def test_notes_tell_how_to_use_the_release(api: EmulatorThread) -> None:
+    out = helm("install", "demo", str(CHART), "--dry-run=client", "--disable-openapi-validation",
+               "--namespace", "notes", env={"KUBECONFIG": str(api.kubeconfig)})  # fmt: skip
+    notes = out[out.index("NOTES:") :]
+    assert "kubectl apply -n notes -f examples/pymk.yaml" in notes
+    assert "kubectl get ewf -n notes" in notes
+    for condition in ("Valid=False", "Deployed=True", "Ready=True"):
+        assert condition in notes
+    assert "redis://demo-edgeflow-redis.notes.svc:6379/0" in notes

@@ -1,0 +1,444 @@
+"""The operator on the real kopf runtime (KopfRunner) against the Kubernetes API emulator."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from edgeflow_operator.children import (
+    AnnotationError,
+    Owner,
+    child_name,
+    compiled_document,
+    compiled_yaml,
+    config_hash,
+    deployment_ready,
+    scaling,
+)
+from edgeflow_operator.config import OperatorConfig
+from kopf.testing import KopfRunner
+from kube_emulator import EmulatorThread
+
+from edgeflow.config import REPO_ROOT
+from edgeflow.workflow.validate import parse_document
+
+# Read when kopf imports the handlers: refresh Ready and retry quickly in tests.
+os.environ["EDGEFLOW_OPERATOR_READY_INTERVAL_S"] = "0.3"
+os.environ["EDGEFLOW_OPERATOR_RETRY_DELAY_S"] = "0.3"
+
+CRD_FILE = REPO_ROOT / "charts" / "edgeflow" / "crds" / "edgeworkflows.edgeflow.dev.yaml"
+EWF = "/apis/edgeflow.dev/v1alpha1/namespaces/{ns}/edgeworkflows"
+PATHS = {
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
+    "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+    "Event": "/api/v1/namespaces/{ns}/events",
+}
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread]:
+    emulator = EmulatorThread(tmp_path_factory.mktemp("kube"))
+    emulator.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                    yaml.safe_load(CRD_FILE.read_text(encoding="utf-8")))  # fmt: skip
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def kubeconfig(api: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig))
+    monkeypatch.delenv("EDGEFLOW_OPERATOR_CONFIG", raising=False)
+    return api.kubeconfig
+
+
+def operator(namespace: str) -> KopfRunner:
+    return KopfRunner(
+        ["run", "--standalone", "-n", namespace, "-m", "edgeflow_operator.handlers"],
+        timeout=60,
+    )
+
+
+def wait_for(fn: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def example(name: str = "pymk") -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / f"{name}.yaml").read_text())
+    return doc
+
+
+def ewf(api: EmulatorThread, ns: str, name: str) -> dict[str, Any]:
+    obj = api.get(f"{EWF.format(ns=ns)}/{name}")
+    assert obj is not None
+    return obj
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for c in obj.get("status", {}).get("conditions", []):
+        if c["type"] == type_:
+            return dict(c)
+    return {}
+
+
+def wait_condition(
+    api: EmulatorThread, ns: str, name: str, type_: str, status: str, generation: int = 1
+) -> dict[str, Any]:
+    last: list[Any] = [None]
+
+    def check() -> dict[str, Any] | None:
+        obj = last[0] = ewf(api, ns, name)
+        c = condition(obj, type_)
+        return (
+            obj if c.get("status") == status and c.get("observedGeneration") == generation else None
+        )
+
+    try:
+        return wait_for(check, f"{type_}={status} on {ns}/{name} (generation {generation})")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; status: {last[0].get('status')}") from None
+
+
+def children(api: EmulatorThread, ns: str, kind: str) -> dict[str, dict[str, Any]]:
+    return {i["metadata"]["name"]: i for i in api.items(PATHS[kind].format(ns=ns))}
+
+
+def roll_out(api: EmulatorThread, ns: str, name: str) -> None:
+    """Play the Deployment controller: the current generation rolled out and available."""
+    path = f"{PATHS['Deployment'].format(ns=ns)}/{name}"
+    dep = api.get(path)
+    assert dep is not None
+    n = int(dep["spec"].get("replicas", 1))
+    api.patch(f"{path}/status", {"status": {
+        "observedGeneration": dep["metadata"]["generation"], "replicas": n,
+        "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n}})  # fmt: skip
+
+
+def test_valid_workflow_gets_owned_children_and_status(
+    api: EmulatorThread, kubeconfig: Path
+) -> None:
+    ns = "valid"
+    with operator(ns) as runner:
+        created = api.create(EWF.format(ns=ns), example())
+        obj = wait_condition(api, ns, "pymk", "Deployed", "True")
+        uid = created["metadata"]["uid"]
+        assert condition(obj, "Valid")["status"] == "True"
+        assert "offline (8 shards" in condition(obj, "Valid")["message"]
+        ready = condition(obj, "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "ChildrenNotReady"
+        assert obj["status"]["surface"] == "pymk"
+        digest = obj["status"]["configHash"]
+
+        owned = {(kind, name): child for kind in PATHS if kind != "Event"
+                 for name, child in children(api, ns, kind).items()}  # fmt: skip
+        assert set(owned) == {
+            ("ConfigMap", "pymk-workflow"), ("Deployment", "pymk-gateway"),
+            ("Service", "pymk-gateway"), ("HorizontalPodAutoscaler", "pymk-gateway"),
+            ("Deployment", "pymk-nearline"), ("CronJob", "pymk-offline"),
+        }  # fmt: skip
+        for (kind, name), child in owned.items():
+            (ref,) = child["metadata"]["ownerReferences"]
+            assert ref == {"apiVersion": "edgeflow.dev/v1alpha1", "kind": "EdgeWorkflow",
+                           "name": "pymk", "uid": uid, "controller": True,
+                           "blockOwnerDeletion": True}, (kind, name)  # fmt: skip
+            assert child["metadata"]["labels"]["edgeflow.dev/workflow"] == "pymk"
+        assert {c["kind"] + "/" + c["name"] for c in obj["status"]["children"]} == {
+            f"{k}/{n}" for k, n in owned
+        }
+
+        # The compiled graph is a workflow the gateway itself accepts.
+        text = owned[("ConfigMap", "pymk-workflow")]["data"]["workflow.yaml"]
+        compiled = parse_document(yaml.safe_load(text), "configmap")
+        assert [n.node.name for n in compiled.nodes][-1] == "blend"
+        assert config_hash(text) == digest
+
+        gateway = owned[("Deployment", "pymk-gateway")]["spec"]
+        pod = gateway["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"] == ["serve", "gateway"]
+        assert container["readinessProbe"]["grpc"] == {"port": 50060}
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert gateway["template"]["metadata"]["annotations"]["edgeflow.dev/config-hash"] == digest
+        assert "replicas" not in gateway  # the HPA owns it: edgeflow.dev/gateway-replicas "2-10"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["EDGEFLOW_WORKFLOWS"] == "/etc/edgeflow/workflows" and env["PORT"] == "50060"
+        assert pod["volumes"][0] == {"name": "workflow", "configMap": {"name": "pymk-workflow"}}
+        hpa = owned[("HorizontalPodAutoscaler", "pymk-gateway")]["spec"]
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 10)
+
+        job = owned[("CronJob", "pymk-offline")]["spec"]
+        assert job["schedule"] == "0 3 * * *"
+        indexed = job["jobTemplate"]["spec"]
+        assert indexed["completionMode"] == "Indexed" and indexed["completions"] == 8
+        args = indexed["template"]["spec"]["containers"][0]["args"]
+        assert args[:2] == ["offline", "run"]
+        assert "$(JOB_COMPLETION_INDEX)" in args and args[args.index("--shards") + 1] == "8"
+        nearline = owned[("Deployment", "pymk-nearline")]["spec"]["template"]["spec"]
+        assert nearline["containers"][0]["args"] == ["serve", "nearline"]
+
+        reasons = {(e["type"], e["reason"]) for e in api.items(PATHS["Event"].format(ns=ns))
+                   if e["involvedObject"]["name"] == "pymk"}  # fmt: skip
+        assert ("Normal", "Reconciled") in reasons
+
+        # Ready follows the children's rollout.
+        roll_out(api, ns, "pymk-gateway")
+        roll_out(api, ns, "pymk-nearline")
+        obj = wait_condition(api, ns, "pymk", "Ready", "True")
+        assert condition(obj, "Ready")["reason"] == "ChildrenReady"
+        printed = subprocess.run(
+            ["kubectl", "get", "ewf", "-n", ns], capture_output=True, text=True, check=True,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        ).stdout  # fmt: skip
+        header, row = printed.splitlines()[:2]
+        assert header.split() == ["NAME", "SURFACE", "VALID", "READY", "AGE"]
+        assert row.split()[:4] == ["pymk", "pymk", "True", "True"]
+
+        # Deleting the workflow leaves its children to ownerReference garbage collection.
+        api.http.delete(f"{EWF.format(ns=ns)}/pymk").raise_for_status()
+        assert children(api, ns, "Deployment") == {} and children(api, ns, "ConfigMap") == {}
+    assert runner.exception is None and runner.exit_code == 0
+
+
+def test_spec_change_rolls_deployments_and_prunes_children(
+    api: EmulatorThread, kubeconfig: Path
+) -> None:
+    ns = "update"
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example())
+        before = wait_condition(api, ns, "pymk", "Deployed", "True")
+        old_hash = before["status"]["configHash"]
+        api.patch(f"{EWF.format(ns=ns)}/pymk", {
+            "metadata": {"annotations": {"edgeflow.dev/gateway-replicas": "4"}},
+            "spec": {"budgetMs": 200, "modes": {"nearline": None}},
+        })  # fmt: skip
+        after = wait_condition(api, ns, "pymk", "Deployed", "True", generation=2)
+        new_hash = after["status"]["configHash"]
+        assert new_hash != old_hash
+        gateway = children(api, ns, "Deployment")["pymk-gateway"]["spec"]
+        assert (
+            gateway["template"]["metadata"]["annotations"]["edgeflow.dev/config-hash"] == new_hash
+        )
+        assert gateway["replicas"] == 4
+        text = children(api, ns, "ConfigMap")["pymk-workflow"]["data"]["workflow.yaml"]
+        assert yaml.safe_load(text)["spec"]["budgetMs"] == 200
+        assert "pymk-nearline" not in children(api, ns, "Deployment")
+        assert children(api, ns, "HorizontalPodAutoscaler") == {}
+        assert condition(after, "Deployed")["message"] == "4 children match the spec"
+        messages = [e["message"] for e in api.items(PATHS["Event"].format(ns=ns))
+                    if e["reason"] == "Reconciled"]  # fmt: skip
+        assert any("2 deleted" in m for m in messages), messages  # nearline and its HPA
+    assert runner.exception is None and runner.exit_code == 0
+
+
+def test_invalid_workflow_is_reported_and_gets_no_children(
+    api: EmulatorThread, kubeconfig: Path
+) -> None:
+    ns = "invalid"
+    bad = example("follows")
+    next(n for n in bad["spec"]["nodes"] if n["name"] == "features")["inputs"].append("rank")
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), bad)
+        obj = wait_condition(api, ns, "follows", "Valid", "False")
+        valid = condition(obj, "Valid")
+        assert valid["reason"] == "InvalidSpec"
+        assert "cycle" in valid["message"] and "(field inputs)" in valid["message"]
+        assert condition(obj, "Deployed")["status"] == "False"
+        events = [e for e in api.items(PATHS["Event"].format(ns=ns))
+                  if e["involvedObject"]["name"] == "follows"]  # fmt: skip
+        assert any(e["type"] == "Warning" and e["reason"] == "InvalidWorkflow"
+                   and "cycle" in e["message"] for e in events)  # fmt: skip
+        for kind in ("ConfigMap", "Deployment", "Service", "CronJob"):
+            assert children(api, ns, kind) == {}, kind
+
+        # Fixed: valid, with children (offline and nearline only: no gateway).
+        api.patch(f"{EWF.format(ns=ns)}/follows", {"spec": example("follows")["spec"]})
+        wait_condition(api, ns, "follows", "Deployed", "True", generation=2)
+        assert set(children(api, ns, "Deployment")) == {"follows-nearline"}
+        assert set(children(api, ns, "CronJob")) == {"follows-offline"}
+        assert children(api, ns, "Service") == {}
+    assert runner.exception is None and runner.exit_code == 0
+
+
+def test_invalid_update_keeps_the_last_valid_version_running(
+    api: EmulatorThread, kubeconfig: Path
+) -> None:
+    ns = "keep"
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example("cold-start"))
+        first = wait_condition(api, ns, "cold-start", "Deployed", "True")
+        api.patch(f"{EWF.format(ns=ns)}/cold-start", {
+            "metadata": {"annotations": {"edgeflow.dev/gateway-replicas": "9-3"}}})  # fmt: skip
+        obj = wait_for(lambda: (o := ewf(api, ns, "cold-start")) and
+                       condition(o, "Valid").get("status") == "False" and o,
+                       "Valid=False after a bad annotation")  # fmt: skip
+        message = condition(obj, "Valid")["message"]
+        assert "edgeflow.dev/gateway-replicas" in message and "'9-3'" in message
+        deployed = condition(obj, "Deployed")
+        assert deployed["status"] == "False" and "keeps running" in deployed["message"]
+        gateway = children(api, ns, "Deployment")["cold-start-gateway"]
+        hash_now = gateway["spec"]["template"]["metadata"]["annotations"]
+        assert hash_now["edgeflow.dev/config-hash"] == first["status"]["configHash"]
+        assert gateway["spec"]["replicas"] == 3
+    assert runner.exception is None and runner.exit_code == 0
+
+
+def _writes(api: EmulatorThread, since: int) -> list[str]:
+    """Writes to anything but EdgeWorkflows and Events after request number `since`."""
+    out = []
+    for r in api.requests()[since:]:
+        plural = r.resource.plural if r.resource is not None else None
+        if r.method.value in ("POST", "PATCH", "PUT", "DELETE") and plural not in (
+            "edgeworkflows", "events"
+        ):  # fmt: skip
+            out.append(f"{r.method.value} {r.url.path}")
+    return out
+
+
+def test_a_second_run_changes_nothing(api: EmulatorThread, kubeconfig: Path) -> None:
+    ns = "idem"
+    with operator(ns):
+        api.create(EWF.format(ns=ns), example())
+        wait_condition(api, ns, "pymk", "Deployed", "True")
+    status = ewf(api, ns, "pymk")["status"]
+    mark = len(api.requests())
+    with operator(ns) as runner:
+        # The resumed reconcile reads every child, checks the last one it could prune, then
+        # reads the Deployments' rollout; the readiness timer reads them again later.
+        def gets(suffix: str, after: int) -> list[int]:
+            return [i for i, r in enumerate(api.requests()) if i >= after
+                    and r.method.value == "GET" and r.url.path.endswith(suffix)]  # fmt: skip
+
+        pruned = wait_for(lambda: gets("/horizontalpodautoscalers/pymk-nearline", mark),
+                          "the resumed reconcile")[0]  # fmt: skip
+        wait_for(lambda: len(gets("/deployments/pymk-nearline", pruned)) >= 2,
+                 "a readiness check after the reconcile")  # fmt: skip
+    assert runner.exception is None and runner.exit_code == 0
+    assert "Resuming is processed: 1 succeeded; 0 failed" in runner.output
+    assert _writes(api, mark) == []
+    assert ewf(api, ns, "pymk")["status"] == status
+
+
+def test_transient_api_errors_are_retried(api: EmulatorThread, kubeconfig: Path) -> None:
+    ns = "flaky"
+    api.inject("POST", "deployments", ns, 503, times=2)
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example("cold-start"))
+        wait_condition(api, ns, "cold-start", "Deployed", "True")
+        assert set(children(api, ns, "Deployment")) == {"cold-start-gateway"}
+    assert runner.exception is None and runner.exit_code == 0
+    assert "failed temporarily" in runner.output and "503" in runner.output
+
+
+def test_permanent_api_errors_stop_with_a_condition(api: EmulatorThread, kubeconfig: Path) -> None:
+    ns = "forbidden"
+    api.inject("POST", "deployments", ns, 403)
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example("cold-start"))
+        obj = wait_for(lambda: (o := ewf(api, ns, "cold-start")) and
+                       condition(o, "Deployed").get("status") == "False" and o,
+                       "Deployed=False")  # fmt: skip
+        deployed = condition(obj, "Deployed")
+        assert deployed["reason"] == "ApplyFailed"
+        assert "Deployment cold-start-gateway (HTTP 403)" in deployed["message"]
+        assert condition(obj, "Valid")["status"] == "True"
+        events = api.items(PATHS["Event"].format(ns=ns))
+        assert any(e["reason"] == "ApplyFailed" and e["type"] == "Warning" for e in events)
+        time.sleep(1.0)  # several retry delays: a permanent failure must not be retried
+    assert runner.exception is None and runner.exit_code == 0
+    assert "failed permanently" in runner.output
+    attempts = [r for r in api.requests() if r.method.value == "POST"
+                and r.url.path == f"/apis/apps/v1/namespaces/{ns}/deployments"]  # fmt: skip
+    assert len(attempts) == 1
+
+
+# ---- the pure parts ---------------------------------------------------------------------------
+def _owner(annotations: dict[str, str] | None = None) -> Owner:
+    return Owner("pymk", "ns", "uid-1", annotations or {})
+
+
+def test_compiled_workflow_round_trips() -> None:
+    wf = parse_document(example(), "pymk")
+    doc = compiled_document(wf, _owner())
+    again = parse_document(copy.deepcopy(doc), "compiled")
+    assert compiled_document(again, _owner()) == doc
+    assert config_hash(compiled_yaml(again, _owner())) == config_hash(compiled_yaml(wf, _owner()))
+    assert [n["name"] for n in doc["spec"]["nodes"]][-1] == "blend"
+    assert all("fallback" in n and "timeoutMs" in n for n in doc["spec"]["nodes"])
+
+
+def test_child_names_are_valid_dns_labels() -> None:
+    assert child_name("pymk", "gateway") == "pymk-gateway"
+    assert child_name("1st", "gateway") == "ewf-1st-gateway"
+    long = "a" * 63
+    for suffix, limit in (("gateway", 63), ("offline", 52)):
+        name = child_name(long, suffix, limit)
+        assert len(name) <= limit and name.endswith(f"-{suffix}") and name[0].isalpha()
+    assert child_name(long, "gateway") != child_name("a" * 62 + "b", "gateway")
+
+
+@pytest.mark.parametrize(
+    ("value", "replicas", "hpa"),
+    [(None, 1, None), ("3", 3, None), ("2-10", 2, (2, 10)), (" 1 - 1 ", 1, (1, 1))],
+)
+def test_replica_annotation(value: str | None, replicas: int, hpa: tuple[int, int] | None) -> None:
+    owner = _owner({} if value is None else {"edgeflow.dev/gateway-replicas": value})
+    got = scaling(owner, "gateway", OperatorConfig().gateway)
+    assert got.replicas == replicas
+    bounds = (
+        (got.autoscaling.min_replicas, got.autoscaling.max_replicas) if got.autoscaling else None
+    )
+    assert bounds == hpa
+
+
+@pytest.mark.parametrize("value", ["ten", "10-2", "0-5", "-1", "3-"])
+def test_bad_replica_annotation_names_itself(value: str) -> None:
+    with pytest.raises(AnnotationError, match=r"edgeflow\.dev/gateway-replicas"):
+        scaling(
+            _owner({"edgeflow.dev/gateway-replicas": value}), "gateway", OperatorConfig().gateway
+        )
+
+
+def test_deployment_readiness_follows_rollout_status() -> None:
+    dep: dict[str, Any] = {"metadata": {"name": "d", "generation": 2}, "spec": {"replicas": 2}}
+    assert deployment_ready(dep)[0] is False
+    dep["status"] = {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 2}
+    assert "not observed" in deployment_ready(dep)[1]
+    dep["status"]["observedGeneration"] = 2
+    dep["status"]["availableReplicas"] = 1
+    assert deployment_ready(dep) == (False, "Deployment d: 1/2 replicas available")
+    dep["status"]["availableReplicas"] = 2
+    assert deployment_ready(dep)[0] is True
+
+
+def test_operator_command_explains_a_bad_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgeflow.cli.main import main
+
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    monkeypatch.delenv("EDGEFLOW_OPERATOR_CONFIG", raising=False)
+    assert main(["operator"]) == 2
+    assert "--namespace" in capsys.readouterr().err
+    bad = tmp_path / "config.json"
+    bad.write_text('{"gateway": {"port": 0, "resources": {}}}')
+    monkeypatch.setenv("EDGEFLOW_OPERATOR_CONFIG", str(bad))
+    assert main(["operator", "-n", "default"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "gateway.port" in err
