@@ -34,7 +34,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         EDGEFLOW_HOME=str(home),
         REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
         **{f"{s}_ADDR": f"127.0.0.1:{free_port()}"
-           for s in ("GATEWAY", "CANDIDATES", "FEATURES", "SCORING", "MERGING")},
+           for s in ("GATEWAY", "CANDIDATES", "FEATURES", "SCORING", "MERGING", "NEARLINE")},
     )  # fmt: skip
     yield e
     edgeflow("down", env=e)
@@ -63,7 +63,7 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
     assert retrain.returncode == 2 and "edgeflow down" in retrain.stderr
 
     status = edgeflow("status", env=env)
-    assert status.stdout.count("SERVING") == 5, status.stdout
+    assert status.stdout.count(" SERVING") == 6, status.stdout  # five services, the worker
 
     pids = json.loads((Path(env["EDGEFLOW_HOME"]) / "run" / "suite.json").read_text())["pids"]
     down = edgeflow("down", env=env)

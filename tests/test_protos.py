@@ -21,10 +21,16 @@ def _generate(out: Path) -> Path:
     return out / "edgeflow" / "v1"
 
 
+def _generated(root: Path) -> list[str]:
+    """Generated files under root, subpackages (edgeflow.v1.inference) included."""
+    found = [*root.rglob("*_pb2.py"), *root.rglob("*_pb2.pyi"), *root.rglob("*_pb2_grpc.py")]
+    return sorted(str(p.relative_to(root)) for p in found)
+
+
 def test_generated_package_matches_protos(tmp_path: Path) -> None:
     fresh = _generate(tmp_path)
-    expected = sorted(p.name for p in fresh.iterdir() if "_pb2" in p.name)
-    committed = sorted(p.name for p in GENERATED.iterdir() if "_pb2" in p.name)
+    expected = _generated(fresh)
+    committed = _generated(GENERATED)
     assert committed == expected, "run: python scripts/gen_protos.py"
     stale = [n for n in expected if (fresh / n).read_bytes() != (GENERATED / n).read_bytes()]
     assert stale == [], f"stale generated files {stale}: run python scripts/gen_protos.py"

@@ -104,6 +104,59 @@ class Graph:
         offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
         return owner, self.indices[np.repeat(starts, lens) + offsets]
 
+    def with_edges(self, pairs: np.ndarray, present: np.ndarray, version: str = "") -> Graph:
+        """A new graph with each (u, v) pair of external ids made an edge (present) or not.
+
+        A pair listed twice takes its last state; unknown members are added, and members
+        keep their place even when they lose every edge.
+        """
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        present = np.asarray(present, dtype=bool).reshape(-1)
+        if pairs.shape[0] != present.size:
+            raise ValueError(f"{pairs.shape[0]} pairs but {present.size} states")
+        keep = pairs[:, 0] != pairs[:, 1]
+        lo = np.minimum(pairs[keep, 0], pairs[keep, 1])
+        hi = np.maximum(pairs[keep, 0], pairs[keep, 1])
+        present = present[keep]
+        if lo.size and (self.indices_of(lo) >= 0).all() and (self.indices_of(hi) >= 0).all():
+            return self._patched(self.indices_of(lo), self.indices_of(hi), present, version)
+        src, dst = self.edges()  # (lo, hi) by id: dense order is id order
+        ids = np.unique(np.concatenate([self.ids, lo, hi]))
+        n = np.int64(ids.size)
+        old_key = np.searchsorted(ids, src) * n + np.searchsorted(ids, dst)
+        new_key = np.searchsorted(ids, lo) * n + np.searchsorted(ids, hi)
+        # Last state per pair: unique over the reversed changes keeps the latest.
+        last_key, first = np.unique(new_key[::-1], return_index=True)
+        last_on = present[::-1][first]
+        kept = old_key[~np.isin(old_key, last_key)]
+        keys = np.concatenate([kept, last_key[last_on]])
+        return Graph.from_edges(ids[keys // n], ids[keys % n], members=ids, version=version)
+
+    def _patched(self, a: np.ndarray, b: np.ndarray, present: np.ndarray, version: str) -> Graph:
+        """Rewrite only the rows the changes touch (known members): a copy, not a rebuild."""
+        rows: dict[int, set[int]] = {}
+        for u, v, on in zip(a.tolist(), b.tolist(), present.tolist(), strict=True):
+            for x, y in ((u, v), (v, u)):
+                nbrs = rows.get(x)
+                if nbrs is None:
+                    nbrs = rows[x] = set(self.neighbors(x).tolist())
+                if on:
+                    nbrs.add(y)
+                else:
+                    nbrs.discard(y)
+        degree = self.degree.copy()
+        pieces: list[np.ndarray] = []
+        previous = 0
+        for r in sorted(rows):
+            new = np.asarray(sorted(rows[r]), dtype=self.indices.dtype)
+            pieces += [self.indices[self.indptr[previous] : self.indptr[r]], new]
+            degree[r] = new.size
+            previous = r + 1
+        pieces.append(self.indices[self.indptr[previous] :])
+        indptr = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(degree, out=indptr[1:])
+        return Graph(self.ids, indptr, np.concatenate(pieces), version or self.version)
+
     # ---- serialisation (numpy arrays only, never pickle) ---------------------------------
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

@@ -46,3 +46,58 @@ def list_entry(name: str, version: str, member: int) -> str:
 
 # Latest embedding collection written by `edgeflow train` (Qdrant collection name).
 EMBEDDINGS_CURRENT = PREFIX + "embeddings:current"
+
+
+def list_nearline(name: str, version: str) -> str:
+    """SET of members whose entry the nearline worker rewrote inside this version."""
+    return f"{PREFIX}list:{name}:{version}:nearline"
+
+
+# Graph changes since a snapshot (a STREAM of edge states), followed by every GraphStore.
+def graph_deltas(version: str) -> str:
+    return f"{PREFIX}graph:deltas:{version}"
+
+
+def follows(member: int) -> str:
+    """SET of members this member follows."""
+    return f"{PREFIX}follows:{member}"
+
+
+# ---- offline runs ---------------------------------------------------------------------------
+def offline_pending(name: str) -> str:
+    """HASH of the run of a list that is in progress (its version, shard count, ...)."""
+    return f"{PREFIX}offline:{name}:pending"
+
+
+def offline_progress(name: str, version: str) -> str:
+    """HASH per shard of a run: the last member done and how many (the resume checkpoint)."""
+    return f"{PREFIX}offline:{name}:{version}:progress"
+
+
+def offline_done(name: str, version: str) -> str:
+    """SET of the shard indices of a run that finished."""
+    return f"{PREFIX}offline:{name}:{version}:done"
+
+
+# ---- nearline -------------------------------------------------------------------------------
+# Member events (a STREAM) and the nearline workers' consumer group.
+EVENTS = PREFIX + "events"
+NEARLINE_GROUP = "nearline"
+# Channel on which the worker announces the event ids whose lists it stored.
+NEARLINE_STORED = PREFIX + "nearline:stored"
+
+
+def event_seen(event_id: str) -> str:
+    """Marks an event id accepted by Publish (dedup of retried publishes)."""
+    return f"{PREFIX}event:seen:{event_id}"
+
+
+def event_done(event_id: str) -> str:
+    """Marks an event id whose effects the nearline worker stored (dedup of redeliveries)."""
+    return f"{PREFIX}event:done:{event_id}"
+
+
+# Events the worker could not apply (malformed, or refused for good), with the reason.
+EVENTS_DEAD = PREFIX + "events:dead"
+# HASH of the workers' counters (events applied, dead-lettered).
+NEARLINE_STATS = PREFIX + "nearline:stats"

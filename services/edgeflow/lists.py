@@ -6,8 +6,14 @@ see the old batch or the new one, never a mix. The nearline worker rewrites sing
 inside the live version with `update_lists`. Readers call `read_list`: one round trip (a Lua
 script) that follows the pointer and fetches the member's entry.
 
-An entry is one binary value: float64 created_at, then n int64 ids, then n float32 scores
-(little-endian), so the age of each member's list travels with the list itself.
+An entry is one binary value: float64 created_at, one mode byte (0 offline, 1 nearline),
+then n int64 ids, then n float32 scores (little-endian), so the age and the origin of each
+member's list travel with the list itself. Entries written before the mode byte existed
+(8 + 12*n bytes) read as offline.
+
+A sharded offline run writes its entries with `queue_entries` from several processes and the
+last shard calls `publish_version`. The swap carries over entries the nearline worker wrote
+into the live version after the run started, so a bulk run never undoes a fresher update.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -26,7 +32,9 @@ import redis.asyncio as aioredis
 
 from edgeflow import keys
 
-_HEADER = struct.Struct("<d")
+_HEADER = struct.Struct("<dB")
+_LEGACY_HEADER = struct.Struct("<d")
+MODES = ("offline", "nearline")  # an entry's mode byte indexes this
 _IDS = np.dtype("<i8")
 _SCORES = np.dtype("<f4")
 _ITEM_BYTES = _IDS.itemsize + _SCORES.itemsize
@@ -47,6 +55,26 @@ if not v then return false end
 return {v, redis.call('GET', ARGV[1] .. v .. ARGV[2])}
 """
 
+# KEYS[1] = pointer; ARGV = new version, entry key before the version, between version and
+# member, the nearline set's suffix, the run's start time. Swaps the pointer after copying
+# the old version's nearline entries written since the start; returns the old version.
+_SWAP_LUA = """
+local new, before, mid, nearline = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local old = redis.call('GET', KEYS[1])
+if old == new then return old end
+if old then
+  for _, m in ipairs(redis.call('SMEMBERS', before .. old .. nearline)) do
+    local e = redis.call('GET', before .. old .. mid .. m)
+    if e and #e >= 8 and struct.unpack('<d', e) >= tonumber(ARGV[5]) then
+      redis.call('SET', before .. new .. mid .. m, e)
+      redis.call('SADD', before .. new .. nearline, m)
+    end
+  end
+end
+redis.call('SET', KEYS[1], new)
+return old
+"""
+
 
 class ListError(ValueError):
     """Bad input to a list write, or a stored entry that cannot be decoded."""
@@ -59,6 +87,7 @@ class StoredList:
     version: str
     created_at: float  # unix seconds when this member's entry was computed
     age_seconds: float
+    mode: str = "offline"  # who computed the entry: the offline job or the nearline worker
 
 
 def validate_name(name: str, what: str = "list name") -> str:
@@ -72,7 +101,11 @@ def new_version() -> str:
     return f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}"
 
 
-def encode_entry(ids: np.ndarray, scores: np.ndarray, created_at: float) -> bytes:
+def encode_entry(
+    ids: np.ndarray, scores: np.ndarray, created_at: float, mode: str = "offline"
+) -> bytes:
+    if mode not in MODES:
+        raise ListError(f"mode {mode!r} is not one of {MODES}")
     ids = np.asarray(ids)
     scores = np.asarray(scores)
     if ids.ndim != 1 or scores.shape != ids.shape:
@@ -80,22 +113,29 @@ def encode_entry(ids: np.ndarray, scores: np.ndarray, created_at: float) -> byte
             f"ids and scores must be 1-D arrays of one length, got {ids.shape} and {scores.shape}"
         )
     return (
-        _HEADER.pack(created_at)
+        _HEADER.pack(created_at, MODES.index(mode))
         + ids.astype(_IDS, copy=False).tobytes()
         + scores.astype(_SCORES, copy=False).tobytes()
     )
 
 
-def decode_entry(data: bytes, where: str = "list entry") -> tuple[np.ndarray, np.ndarray, float]:
-    """(ids, scores, created_at) from an entry; raises ListError naming `where` if corrupt."""
-    body = len(data) - _HEADER.size
-    if body < 0 or body % _ITEM_BYTES:
-        raise ListError(f"{where} is corrupt: {len(data)} bytes is not 8 + 12*n")
-    n = body // _ITEM_BYTES
-    (created_at,) = _HEADER.unpack_from(data)
-    ids = np.frombuffer(data, dtype=_IDS, count=n, offset=_HEADER.size)
-    scores = np.frombuffer(data, dtype=_SCORES, count=n, offset=_HEADER.size + n * _IDS.itemsize)
-    return ids.astype(np.int64), scores.astype(np.float32), created_at
+def decode_entry(
+    data: bytes, where: str = "list entry"
+) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """(ids, scores, created_at, mode) from an entry; raises ListError naming `where` if corrupt."""
+    if len(data) >= _HEADER.size and (len(data) - _HEADER.size) % _ITEM_BYTES == 0:
+        created_at, code = _HEADER.unpack_from(data)
+        if code >= len(MODES):
+            raise ListError(f"{where} is corrupt: unknown mode byte {code}")
+        head, mode = _HEADER.size, MODES[code]
+    elif len(data) >= _LEGACY_HEADER.size and (len(data) - _LEGACY_HEADER.size) % _ITEM_BYTES == 0:
+        (created_at,), head, mode = _LEGACY_HEADER.unpack_from(data), _LEGACY_HEADER.size, "offline"
+    else:
+        raise ListError(f"{where} is corrupt: {len(data)} bytes is not 9 + 12*n")
+    n = (len(data) - head) // _ITEM_BYTES
+    ids = np.frombuffer(data, dtype=_IDS, count=n, offset=head)
+    scores = np.frombuffer(data, dtype=_SCORES, count=n, offset=head + n * _IDS.itemsize)
+    return ids.astype(np.int64), scores.astype(np.float32), created_at, mode
 
 
 def _entry_parts(name: str, member: int) -> tuple[str, str]:
@@ -179,10 +219,71 @@ def write_lists(
             "candidates": candidates,
         },
     )
-    previous = _text(client.set(keys.list_current(name), version, get=True))
+    previous = _swap(client, name, version, created_at)
     if previous is not None and previous != version:
         expire_version(client, name, previous, grace_s)
     return version
+
+
+def queue_entries(
+    pipe: redis.client.Pipeline,
+    name: str,
+    version: str,
+    members: np.ndarray,
+    lists: Sequence[tuple[np.ndarray, np.ndarray]],
+    created_at: float,
+) -> int:
+    """Queue some members' offline entries of a version that is not live yet on `pipe`
+    (with the pending TTL, lifted by `publish_version`); returns how many candidates."""
+    members = _check_batch(members, lists)
+    values = []
+    for i, (member, (ids, scores)) in enumerate(zip(members.tolist(), lists, strict=True)):
+        try:
+            values.append(encode_entry(ids, scores, created_at))
+        except ListError as exc:
+            raise ListError(f"list for member {member} (index {i}): {exc}") from None
+    for member, value in zip(members.tolist(), values, strict=True):
+        pipe.set(keys.list_entry(name, version, member), value, ex=PENDING_TTL_S)
+    return sum((len(v) - _HEADER.size) // _ITEM_BYTES for v in values)
+
+
+def publish_version(
+    client: redis.Redis,
+    name: str,
+    version: str,
+    meta: dict[str, str | int | float],
+    started_at: float,
+    grace_s: int = GRACE_S,
+) -> str | None:
+    """Make a version written with `queue_entries` permanent and current; returns the version
+    it replaced. Idempotent: publishing the live version again changes nothing.
+
+    Nearline entries written into the replaced version since `started_at` are carried over.
+    """
+    validate_name(name)
+    pipe = client.pipeline(transaction=False)
+    for key in client.scan_iter(match=_entry_pattern(name, version), count=1000):
+        pipe.persist(key)
+        if len(pipe) >= _PIPELINE_BATCH:
+            pipe.execute()
+    pipe.execute()
+    client.hset(keys.list_meta(name, version), mapping=meta)
+    previous = _swap(client, name, version, started_at)
+    if previous is not None and previous != version:
+        expire_version(client, name, previous, grace_s)
+    return previous
+
+
+def _swap(client: redis.Redis, name: str, version: str, started_at: float) -> str | None:
+    before, _ = _entry_parts(name, 0)
+    mid = keys.list_entry(name, _SENTINEL, 0).split(_SENTINEL)[1][:-1]
+    nearline = keys.list_nearline(name, _SENTINEL).split(_SENTINEL)[1]
+    if not keys.list_nearline(name, _SENTINEL).startswith(before):
+        raise RuntimeError("keys.list_nearline must share the entry keys' prefix")
+    script = client.register_script(_SWAP_LUA)
+    return _text(
+        script(keys=[keys.list_current(name)], args=[version, before, mid, nearline, started_at])
+    )
 
 
 def expire_version(client: redis.Redis, name: str, version: str, ttl_s: int) -> int:
@@ -190,6 +291,7 @@ def expire_version(client: redis.Redis, name: str, version: str, ttl_s: int) -> 
     count = 0
     pipe = client.pipeline(transaction=False)
     pipe.expire(keys.list_meta(name, version), ttl_s)
+    pipe.expire(keys.list_nearline(name, version), ttl_s)
     for key in client.scan_iter(match=_entry_pattern(name, version), count=1000):
         pipe.expire(key, ttl_s)
         count += 1
@@ -214,7 +316,7 @@ def update_lists(
     validate_name(name)
     members = _check_batch(members, lists)
     now = time.time()
-    values = [encode_entry(ids, scores, now) for ids, scores in lists]
+    values = [encode_entry(ids, scores, now, "nearline") for ids, scores in lists]
     pointer = keys.list_current(name)
     with client.pipeline() as pipe:
         while True:
@@ -226,6 +328,8 @@ def update_lists(
                 pipe.multi()
                 for member, value in zip(members.tolist(), values, strict=True):
                     pipe.set(keys.list_entry(name, version, member), value)
+                if members.size:
+                    pipe.sadd(keys.list_nearline(name, version), *members.tolist())
                 pipe.execute()
                 return version
             except redis.WatchError:
@@ -240,7 +344,7 @@ async def read_list(client: aioredis.Redis, name: str, member: int) -> StoredLis
     if not reply or len(reply) < 2 or reply[1] is None:
         return None
     version = reply[0].decode()
-    ids, scores, created_at = decode_entry(
+    ids, scores, created_at, mode = decode_entry(
         reply[1], f"list {name!r} version {version} entry for member {member}"
     )
     return StoredList(
@@ -249,4 +353,27 @@ async def read_list(client: aioredis.Redis, name: str, member: int) -> StoredLis
         version=version,
         created_at=created_at,
         age_seconds=max(0.0, time.time() - created_at),
+        mode=mode,
     )
+
+
+def read_lists(
+    client: redis.Redis, name: str, members: Sequence[int] | np.ndarray
+) -> list[StoredList | None]:
+    """Many members' entries of the live version with a blocking client (batch jobs, tests);
+    None where a member has none."""
+    version = current_version(client, name)
+    ids = np.asarray(members, dtype=np.int64).tolist()
+    if version is None or not ids:
+        return [None] * len(ids)
+    raw = cast(list[bytes | None], client.mget([keys.list_entry(name, version, m) for m in ids]))
+    now = time.time()
+    out: list[StoredList | None] = []
+    for member, data in zip(ids, raw, strict=True):
+        if data is None:
+            out.append(None)
+            continue
+        where = f"list {name!r} version {version} entry for member {member}"
+        e_ids, scores, created_at, mode = decode_entry(data, where)
+        out.append(StoredList(e_ids, scores, version, created_at, max(0.0, now - created_at), mode))
+    return out

@@ -147,6 +147,7 @@ class CandidatesService(Service):
             scores=tensor.pack(out.scores, (out.column,)),
             age_seconds=out.age_seconds,
             version=out.version,
+            mode=out.mode,
         )
 
 

@@ -60,6 +60,7 @@ class Generated:
     column: str  # name of the score's measure
     age_seconds: float = 0.0
     version: str = ""
+    mode: str = "online"  # a precomputed list's entry says "offline" or "nearline"
 
 
 class Source(Protocol):
@@ -334,7 +335,7 @@ class PrecomputedSource:
             raise InvalidParam("params.list", str(exc)) from None
         stored = await lists.read_list(self._rds, name, member)
         if stored is None:
-            return Generated(_EMPTY_IDS, _EMPTY_SCORES, "list_score")
+            return Generated(_EMPTY_IDS, _EMPTY_SCORES, "list_score", mode="offline")
         try:
             # Connections made since the list was computed are dropped too.
             excluded = _excluded(self._store.graph, member)
@@ -347,6 +348,7 @@ class PrecomputedSource:
             "list_score",
             stored.age_seconds,
             stored.version,
+            stored.mode,
         )
 
 

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import platform
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -196,6 +197,10 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
         result["naive_pipeline_p50_ms"] / result["recommend_p50_ms"], 2
     )
 
+    # Offline against Recommend, then nearline freshness on the lists the offline run wrote.
+    result.update(await offline_throughput(h, stub, members))
+    result.update(await nearline_freshness(h, graph, stub))
+
     result["rss_mb"] = {name: peak_rss_mb(h.suite.pids[name]) for name in SERVICES}
     await gw.close()
     return result
@@ -281,6 +286,114 @@ async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str
     out["merge_500_p50_ms"], out["merge_500_p99_ms"] = pct(lat, 50), pct(lat, 99)
     await mch.close()
     return out
+
+
+async def offline_throughput(
+    h: Harness, stub: gateway_pb2_grpc.RecommenderStub, members: np.ndarray
+) -> dict[str, Any]:
+    """Member-candidate pairs scored per second: Recommend for one member after another
+    (pairs = what its scoring node scored), and the offline job over every member."""
+    pairs, t0 = 0, time.perf_counter()
+    for m in members[:300].tolist():
+        resp = await stub.Recommend(
+            gateway_pb2.RecommendRequest(surface="pymk", member=m, k=50, debug=True), timeout=5
+        )
+        pairs += sum(n.items_in for n in resp.funnel.nodes if n.op == "scoring.onnx")
+    online = pairs / (time.perf_counter() - t0)
+    out: dict[str, Any] = {"recommend_pairs_per_s": round(online)}
+    for workflow in ("pymk", "follows"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeflow.cli.main", "offline", "run", "--workflow", workflow,
+            "--json", "--quiet", env=h.suite.env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await proc.communicate()
+        if proc.returncode != 0:
+            raise CliError(f"offline run of {workflow} failed:\n{stderr.decode()[-2000:]}")
+        if workflow == "pymk":
+            summary = json.loads(stdout.decode().splitlines()[-1])
+            offline = summary["pairs_scored"] / summary["seconds"]
+            out["offline_pairs_per_s"] = round(offline)
+            out["offline_members"] = summary["members"]
+            out["offline_seconds"] = summary["seconds"]
+            out["offline_speedup"] = round(offline / online, 1)
+    return out
+
+
+async def nearline_freshness(
+    h: Harness, graph: Graph, stub: gateway_pb2_grpc.RecommenderStub, rate: float = 50.0,
+    events: int = 250,
+) -> dict[str, Any]:  # fmt: skip
+    """From Publish of a connect to the worker's announcement that the lists reflecting it
+    are stored, at `rate` events per second (after a warm-up that loads Feast's push)."""
+    import redis.asyncio as aioredis
+
+    from edgeflow import keys, lists
+    from edgeflow.redis_client import connect
+
+    rng = np.random.default_rng(11)
+    stored: dict[str, float] = {}
+    listener = aioredis.Redis.from_url(h.cfg.redis_url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(keys.NEARLINE_STORED)
+
+    async def listen() -> None:
+        async for msg in pubsub.listen():
+            if msg["type"] == "message":
+                now = time.perf_counter()
+                for event_id in json.loads(msg["data"])["events"]:
+                    stored.setdefault(event_id, now)
+
+    async def publish(event_id: str) -> tuple[int, float]:
+        while True:
+            u, v = (int(x) for x in rng.choice(graph.ids, 2, replace=False))
+            if graph.index_of(v) not in graph.neighbors(graph.index_of(u)):
+                break
+        t = time.perf_counter()
+        event = gateway_pb2.MemberEvent(
+            type=gateway_pb2.MemberEvent.CONNECT, member=u, target=v, event_id=event_id
+        )
+        await stub.Publish(gateway_pb2.PublishRequest(events=[event]), timeout=5)
+        return u, t
+
+    async def settle(ids: list[str], timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while any(i not in stored for i in ids) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(listen())
+    try:
+        warm = [f"warm-{time.time()}-{i}" for i in range(3)]
+        for event_id in warm:
+            await publish(event_id)
+        await settle(warm, 120)
+        sent: dict[str, tuple[int, float]] = {}
+        t0 = time.perf_counter()
+        for i in range(events):
+            event_id = f"bench-{time.time()}-{i}"
+            sent[event_id] = await publish(event_id)
+            await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - time.perf_counter()))
+        await settle(list(sent), 30)
+    finally:
+        task.cancel()
+        await pubsub.aclose()
+        await listener.aclose()
+    lat = [(stored[e] - t) * 1000 for e, (_, t) in sent.items() if e in stored]
+    if not lat:
+        raise CliError("the nearline worker stored no list during the benchmark")
+    last = max(stored[e] for e in sent if e in stored)
+    client = connect(h.cfg.redis_url)
+    sample = [u for u, _ in list(sent.values())[-20:]]
+    modes = {e.mode for e in lists.read_lists(client, "pymk", sample) if e is not None}
+    client.close()
+    return {
+        "nearline_freshness_p50_ms": pct(lat, 50),
+        "nearline_freshness_p99_ms": pct(lat, 99),
+        "nearline_events_per_s": round(len(lat) / (last - t0), 1),
+        "nearline_offered_events_per_s": rate,
+        "nearline_events_stored": f"{len(lat)}/{events}",
+        "nearline_stored_modes": sorted(modes),
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ SERVICE_MODULES = {
     "scoring": "edgeflow.scoring.service",
     "merging": "edgeflow.merging.service",
     "gateway": "edgeflow.gateway.service",
+    "nearline": "edgeflow.nearline.worker",
 }
 
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="pymk-ranker", help="model name in the registry")
     s.set_defaults(func=_command("build"), action="train")
 
-    s = sub.add_parser("up", help="start Redis and the five services on this machine")
+    s = sub.add_parser("up", help="start Redis, the five services and the nearline worker here")
     s.set_defaults(func=_command("suite_cmd"), action="up")
     s = sub.add_parser("down", help="stop what `edgeflow up` started")
     s.set_defaults(func=_command("suite_cmd"), action="down")
@@ -87,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", type=Path,
                    help="also check model references against this registry")  # fmt: skip
     s.set_defaults(func=_command("validate"))
+
+    s = sub.add_parser("operator", help="run the Kubernetes operator for EdgeWorkflow resources")
+    importlib.import_module("edgeflow_operator.main").add_arguments(s)
+
+    s = sub.add_parser("offline", help="the offline job: a workflow's lists for every member")
+    off = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    o = off.add_parser("run", help="compute the list for every member, or for one shard")
+    o.add_argument("--workflow", required=True, help="surface name or workflow YAML file")
+    o.add_argument("--shard", type=int, help="this shard's index (default: JOB_COMPLETION_INDEX, "
+                   "else every shard in turn)")  # fmt: skip
+    o.add_argument("--shards", type=int, help="shard count (default: the workflow's)")
+    o.add_argument("--local", action="store_true", help="run every shard as a local process")
+    o.add_argument("--batch-size", type=int, default=256, help="members per batch")
+    o.add_argument("--threads", type=int, default=2, help="batches computed at once per shard")
+    o.add_argument("--restart", action="store_true", help="abandon a run in progress first")
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--progress", action="store_true", help="a progress bar even when not a tty")
+    o.set_defaults(func=_command("offline"))
+    o = off.add_parser("status", help="the live version and the run in progress")
+    o.add_argument("--workflow", required=True, help="surface name or workflow YAML file")
+    o.set_defaults(func=_command("offline"))
 
     s = sub.add_parser("eval", help="measure recall@k end to end through the serving path")
     s.add_argument("--edges", type=Path, required=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeflow import tensor, tracing
 from edgeflow.gateway.frame import Frame, SourceInfo, union
+from edgeflow.gateway.remote import RemoteError, RemoteScorer
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,
@@ -25,7 +26,7 @@ from edgeflow.v1 import (
     scoring_pb2,
     scoring_pb2_grpc,
 )
-from edgeflow.workflow.ops import BlendParams, FetchParams, Kind, OnnxParams
+from edgeflow.workflow.ops import BlendParams, FetchParams, Kind, OnnxParams, RemoteParams
 from edgeflow.workflow.validate import CompiledNode, Workflow
 
 _tracer = tracing.tracer("edgeflow.gateway")
@@ -76,11 +77,17 @@ class Engine:
     def __init__(self, clients: Clients) -> None:
         self._c = clients
         self._templates: dict[int, tuple[CompiledNode, candidates_pb2.GenerateRequest]] = {}
+        self._remote = RemoteScorer()
         self._ops: dict[str, Callable[..., Coroutine[Any, Any, Frame]]] = {
             "features.fetch": self._fetch,
             "scoring.onnx": self._score,
+            "scoring.remote": self._score_remote,
             "merge.blend": self._blend,
         }
+
+    async def close(self) -> None:
+        """Close the channels the engine opened itself (those of remote model servers)."""
+        await self._remote.close()
 
     async def run(self, wf: Workflow, member: int, k: int, budget_s: float) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -189,7 +196,8 @@ class Engine:
             raise
         ids = tensor.ids(resp.ids)
         scores = tensor.unpack(resp.scores)[:, 0] if resp.scores.rows else np.zeros(0, np.float32)
-        info = SourceInfo(mode=_SOURCE_MODE.get(source, "online"), age_seconds=resp.age_seconds)
+        mode = resp.mode or _SOURCE_MODE.get(source, "online")  # the list entry's own mode
+        info = SourceInfo(mode=mode, age_seconds=resp.age_seconds)
         return Frame(ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info})
 
     async def _fetch(
@@ -230,6 +238,15 @@ class Engine:
             raise NodeError(f"model returned {scores.size} scores for {frame.ids.size} rows")
         out = Frame(ids=frame.ids, sources=frame.sources, info=frame.info, score=scores)
         return out
+
+    async def _score_remote(
+        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+    ) -> Frame:
+        assert isinstance(cn.params, RemoteParams)
+        try:
+            return await self._remote.score(cn.params, cn.node.timeout_ms, inputs[0], timeout)
+        except RemoteError as exc:
+            raise NodeError(str(exc), exc.code) from None
 
     async def _filter(
         self, cn: CompiledNode, inputs: list[Frame], member: int, timeout: float

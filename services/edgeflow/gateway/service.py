@@ -9,9 +9,14 @@ import uuid
 from pathlib import Path
 
 import grpc
+import redis
+import redis.asyncio as aioredis
 
 from edgeflow.config import Config
 from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed
+from edgeflow.nearline import events
+from edgeflow.offline.serving import served_workflows
+from edgeflow.redis_client import connect_async
 from edgeflow.server import Service, channel
 from edgeflow.v1 import (
     candidates_pb2_grpc,
@@ -42,6 +47,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._rds: aioredis.Redis | None = None  # member events (Publish)
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_RecommenderServicer_to_server(self, server)
@@ -63,6 +69,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             )
         )
         self._watch = asyncio.create_task(self._watch_workflows())
+        self._rds = connect_async(cfg.redis_url)  # connects on the first Publish
 
     async def stop(self) -> None:
         if self._watch is not None:
@@ -71,6 +78,10 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
                 await self._watch
         for ch in self._channels:
             await ch.close()
+        if self._engine is not None:
+            await self._engine.close()
+        if self._rds is not None:
+            await self._rds.aclose()
 
     # ---- workflows -----------------------------------------------------------------------
     def _files_stamp(self) -> tuple[tuple[str, float], ...]:
@@ -87,7 +98,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         if errors and self.workflows:
             log.error("keeping the %d workflows already loaded", len(self.workflows))
             workflows = {**self.workflows, **workflows}
-        self.workflows = {s: w for s, w in workflows.items() if w.spec.modes.online.enabled}
+        self.workflows = served_workflows(workflows)
         self._stamp = stamp
         log.info("serving surfaces %s", sorted(self.workflows))
 
@@ -146,6 +157,31 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             for reason, count in outcome.frame.dropped.items():
                 resp.funnel.dropped[reason] = count
         return resp
+
+    async def Publish(
+        self, request: gateway_pb2.PublishRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PublishResponse:
+        try:
+            parsed = events.parse_request(request)
+        except events.EventError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self._rds is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway: not started")
+        assert self._rds is not None
+        try:
+            entry_ids = await events.publish(self._rds, parsed)
+        except (redis.RedisError, OSError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"publish: Redis at {self._cfg.redis_url} is unavailable: {exc}",
+            )
+        published = sum(1 for e in entry_ids if e)
+        return gateway_pb2.PublishResponse(
+            entry_ids=entry_ids,
+            event_ids=[e.id for e in parsed],
+            published=published,
+            duplicates=len(entry_ids) - published,
+        )
 
     async def ListSurfaces(
         self, request: gateway_pb2.ListSurfacesRequest, context: grpc.aio.ServicerContext

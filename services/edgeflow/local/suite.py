@@ -1,4 +1,4 @@
-"""The whole suite as local processes: a Redis server and the five services.
+"""The whole suite as local processes: a Redis server, the five services and the nearline worker.
 
 `edgeflow up` uses it with fixed ports under EDGEFLOW_HOME; `eval` and `bench` use it with
 free ports in a temporary home so they can run beside a suite that is already up.
@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeflow.local.redis_server import find_redis_server, free_port, start_redis, stop_pid
 
-SERVICES = ("candidates", "features", "scoring", "merging", "gateway")
+SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
+# The nearline worker serves health only; its port is not a peer address in Config.
+NEARLINE_ADDR = "127.0.0.1:50065"
 PROCESSES = ("redis", *SERVICES)
 
 
@@ -90,6 +92,7 @@ def new_suite(home: Path, free_ports: bool) -> Suite:
         "gateway": cfg.gateway_addr, "candidates": cfg.candidates_addr,
         "features": cfg.features_addr, "scoring": cfg.scoring_addr, "merging": cfg.merging_addr,
     }  # fmt: skip
+    addrs["nearline"] = os.environ.get("NEARLINE_ADDR", "").strip() or NEARLINE_ADDR
     ports = {name: int(addr.rsplit(":", 1)[1]) for name, addr in addrs.items()}
     ports["redis"] = urlparse(cfg.redis_url).port or 6379
     return Suite(home=home.resolve(), ports=ports, persist=True)

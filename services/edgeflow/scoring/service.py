@@ -1,4 +1,5 @@
-"""The scoring service: `Score` and `ListModels` over the model registry, with hot reload."""
+"""The scoring service: `Score` and `ListModels` over the model registry, with hot reload, and
+the same models over the Open Inference Protocol v2 (scoring/oip.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from opentelemetry import trace
 
 from edgeflow import tensor
 from edgeflow.config import Config
+from edgeflow.scoring import oip
 from edgeflow.scoring.registry import ModelNotFoundError, ModelRegistry
 from edgeflow.server import Service
 from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
@@ -90,7 +92,7 @@ class ScoringService(Service):
     """Serves every model version under cfg.model_dir; re-scans every reload_interval_s."""
 
     name = "scoring"
-    service_names = ("edgeflow.v1.ScoringService",)
+    service_names = ("edgeflow.v1.ScoringService", oip.SERVICE_NAME)
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -99,6 +101,9 @@ class ScoringService(Service):
 
     def register(self, server: grpc.aio.Server) -> None:
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(_Servicer(self.registry), server)
+        oip.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            oip.InferenceServicer(self.registry, THREAD_ROWS), server
+        )
 
     async def start(self) -> None:
         # Session creation and warm-up take milliseconds each: keep them off the event loop.

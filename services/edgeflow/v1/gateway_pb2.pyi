@@ -1,5 +1,6 @@
 from edgeflow.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -87,3 +88,60 @@ class ListSurfacesResponse(_message.Message):
     SURFACES_FIELD_NUMBER: _ClassVar[int]
     surfaces: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, surfaces: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MemberEvent(_message.Message):
+    __slots__ = ("type", "member", "target", "features", "event_id", "time")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TYPE_UNSPECIFIED: _ClassVar[MemberEvent.Type]
+        CONNECT: _ClassVar[MemberEvent.Type]
+        DISCONNECT: _ClassVar[MemberEvent.Type]
+        BLOCK: _ClassVar[MemberEvent.Type]
+        DISMISS: _ClassVar[MemberEvent.Type]
+        FOLLOW: _ClassVar[MemberEvent.Type]
+        PROFILE_CHANGE: _ClassVar[MemberEvent.Type]
+    TYPE_UNSPECIFIED: MemberEvent.Type
+    CONNECT: MemberEvent.Type
+    DISCONNECT: MemberEvent.Type
+    BLOCK: MemberEvent.Type
+    DISMISS: MemberEvent.Type
+    FOLLOW: MemberEvent.Type
+    PROFILE_CHANGE: MemberEvent.Type
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    type: MemberEvent.Type
+    member: int
+    target: int
+    features: _containers.ScalarMap[str, float]
+    event_id: str
+    time: float
+    def __init__(self, type: _Optional[_Union[MemberEvent.Type, str]] = ..., member: _Optional[int] = ..., target: _Optional[int] = ..., features: _Optional[_Mapping[str, float]] = ..., event_id: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[MemberEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[MemberEvent, _Mapping]]] = ...) -> None: ...
+
+class PublishResponse(_message.Message):
+    __slots__ = ("entry_ids", "event_ids", "published", "duplicates")
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    entry_ids: _containers.RepeatedScalarFieldContainer[str]
+    event_ids: _containers.RepeatedScalarFieldContainer[str]
+    published: int
+    duplicates: int
+    def __init__(self, entry_ids: _Optional[_Iterable[str]] = ..., event_ids: _Optional[_Iterable[str]] = ..., published: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...

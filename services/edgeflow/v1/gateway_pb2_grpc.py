@@ -45,6 +45,11 @@ class RecommenderStub:
                 request_serializer=edgeflow_dot_v1_dot_gateway__pb2.ListSurfacesRequest.SerializeToString,
                 response_deserializer=edgeflow_dot_v1_dot_gateway__pb2.ListSurfacesResponse.FromString,
                 _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/edgeflow.v1.Recommender/Publish',
+                request_serializer=edgeflow_dot_v1_dot_gateway__pb2.PublishRequest.SerializeToString,
+                response_deserializer=edgeflow_dot_v1_dot_gateway__pb2.PublishResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -63,6 +68,15 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Publish(self, request, context):
+        """Member events for the nearline worker, appended to a Redis Stream. Connects,
+        disconnects, blocks and dismissals change what Recommend serves at once, before
+        any list is recomputed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.ListSurfaces,
                     request_deserializer=edgeflow_dot_v1_dot_gateway__pb2.ListSurfacesRequest.FromString,
                     response_serializer=edgeflow_dot_v1_dot_gateway__pb2.ListSurfacesResponse.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=edgeflow_dot_v1_dot_gateway__pb2.PublishRequest.FromString,
+                    response_serializer=edgeflow_dot_v1_dot_gateway__pb2.PublishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class Recommender:
             '/edgeflow.v1.Recommender/ListSurfaces',
             edgeflow_dot_v1_dot_gateway__pb2.ListSurfacesRequest.SerializeToString,
             edgeflow_dot_v1_dot_gateway__pb2.ListSurfacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeflow.v1.Recommender/Publish',
+            edgeflow_dot_v1_dot_gateway__pb2.PublishRequest.SerializeToString,
+            edgeflow_dot_v1_dot_gateway__pb2.PublishResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from edgeflow.workflow import endpoints
 
 API_VERSION: Final = "edgeflow.dev/v1alpha1"
 KIND: Final = "EdgeWorkflow"
@@ -53,6 +55,11 @@ class OfflineMode(_Model):
 
     schedule: str = Field("0 3 * * *", description="Cron schedule of the bulk run.")
     shards: int = Field(1, ge=1, le=1024, description="Number of shards (Indexed Job size).")
+    list: str = Field(
+        "", max_length=63, pattern=r"^([a-z0-9][a-z0-9_.-]*)?$",
+        description="Name of the precomputed list it writes; empty means the surface.",
+    )  # fmt: skip
+    k: int = Field(200, ge=1, le=1000, description="Edges kept per member in the list.")
 
 
 class NearlineMode(_Model):
@@ -65,23 +72,63 @@ class NearlineMode(_Model):
     )
 
 
+class RemoteMode(_Model):
+    """Scoring by a model server over the Open Inference Protocol v2 (scoring.remote nodes)."""
+
+    endpoint: str = Field(
+        ...,
+        description=(
+            "Endpoint of the scoring.remote nodes that name none: host:port, ${VAR} or "
+            "${VAR:-host:port} (read from the gateway's environment)."
+        ),
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return endpoints.check(value)
+
+
 class Modes(_Model):
-    online: OnlineMode = Field(default_factory=OnlineMode)
-    offline: OfflineMode | None = None
-    nearline: NearlineMode | None = None
+    """Where and when the workflow runs; any combination of modes may be on."""
+
+    online: OnlineMode = Field(
+        default_factory=OnlineMode, description="Request-time serving by the gateway."
+    )
+    offline: OfflineMode | None = Field(
+        None, description="Bulk precompute by the offline job; absent means none."
+    )
+    nearline: NearlineMode | None = Field(
+        None, description="Recompute after member events; absent means no nearline worker."
+    )
+    remote: RemoteMode | None = Field(
+        None, description="Defaults of remote scoring; absent means each node names its endpoint."
+    )
 
 
 class WorkflowSpec(_Model):
     """A surface's workflow graph."""
 
     surface: str = Field(..., pattern=NAME_PATTERN, description="Surface served, e.g. pymk.")
-    description: str = Field("", max_length=1000)
+    description: str = Field("", max_length=1000, description="What the surface is, for people.")
     budget_ms: int = Field(
         100, ge=1, le=60_000, description="Default end-to-end deadline of a request."
     )
-    modes: Modes = Field(default_factory=Modes)
-    nodes: list[Node] = Field(..., min_length=1, max_length=64)
+    modes: Modes = Field(default_factory=Modes, description="The inference modes it runs in.")
+    nodes: list[Node] = Field(
+        ..., min_length=1, max_length=64, description="The graph's nodes, each naming its inputs."
+    )
     output: str = Field(..., description="Name of the node whose ranked list is served.")
+
+    @model_validator(mode="after")
+    def _remote_endpoints(self) -> WorkflowSpec:
+        # A scoring.remote node that names no endpoint uses the remote mode's, so one value
+        # (often ${SCORING_ADDR...}) serves every remote node of the workflow.
+        remote = self.modes.remote
+        for node in self.nodes:
+            if remote is not None and node.op == "scoring.remote" and "endpoint" not in node.params:
+                node.params = {**node.params, "endpoint": remote.endpoint}
+        return self
 
 
 class Metadata(BaseModel):

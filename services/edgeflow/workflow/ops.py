@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from edgeflow.features.schema import MODEL_COLUMNS
+from edgeflow.workflow import endpoints
 
 
 class Kind(StrEnum):
@@ -84,6 +85,78 @@ class OnnxParams(Params):
     )
 
 
+class RemoteParams(Params):
+    """Score with a model served over the Open Inference Protocol v2 (gRPC ModelInfer): the
+    scoring service's own endpoint, Triton, KServe or MLServer. The node's timeoutMs is the
+    deadline of the call, retries included."""
+
+    endpoint: str = Field(
+        "",
+        validate_default=True,
+        description=(
+            "host:port of the model server; ${VAR} or ${VAR:-host:port} reads the gateway's "
+            "environment when it calls. Defaults to spec.modes.remote.endpoint."
+        ),
+    )
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Model name on that server.",
+    )
+    version: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$",
+        description="Model version (the scoring service takes N or vN); empty: the server picks.",
+    )
+    input: str = Field(
+        "features",
+        min_length=1,
+        max_length=128,
+        description="Name of the model's one FP32 input tensor, [rows, columns].",
+    )
+    output: str = Field(
+        "score", min_length=1, max_length=128, description="Output tensor holding the scores."
+    )
+    output_index: int | None = Field(
+        None,
+        ge=0,
+        le=1023,
+        description=(
+            "Column of a [rows, n] output that holds the score (1: predict_proba's positive "
+            "class); unset: the output must be one score per row."
+        ),
+    )
+    columns: list[str] = Field(
+        default_factory=list,
+        description="Feature columns the model takes, in its order; empty: as fetched.",
+    )
+    retries: int = Field(
+        1,
+        ge=0,
+        le=5,
+        description="Further attempts after UNAVAILABLE or RESOURCE_EXHAUSTED, within timeoutMs.",
+    )
+    backoff_ms: int = Field(
+        10, ge=1, le=10_000, description="Wait before the first retry; doubled for each next one."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value:
+            raise ValueError(f"required: {endpoints.FORMS}, here or in spec.modes.remote.endpoint")
+        return endpoints.check(value)
+
+    def model_post_init(self, _: object) -> None:
+        unknown = sorted(set(self.columns) - set(MODEL_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown feature columns {unknown}; known: {list(MODEL_COLUMNS)}")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"columns lists a column twice: {self.columns}")
+
+
 FilterName = Literal["self", "connected", "blocked", "dismissed"]
 ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismissed")
 
@@ -147,6 +220,9 @@ OPS: dict[str, OpSpec] = {
                "Feast entity features and request-time pair features."),
         OpSpec("scoring.onnx", frozenset({Kind.FEATURES}), 1, 1, Kind.SCORED, OnnxParams,
                frozenset({"passthrough", "fail"}), "Score with a registry ONNX model."),
+        OpSpec("scoring.remote", frozenset({Kind.FEATURES}), 1, 1, Kind.SCORED, RemoteParams,
+               frozenset({"passthrough", "fail"}),
+               "Score with a model server over the Open Inference Protocol v2."),
         OpSpec("merge.blend", frozenset({Kind.CANDIDATES, Kind.SCORED}), 1, 16, Kind.RANKED,
                BlendParams, _STRICT, "Blend, dedup, filter, quotas and top-K with provenance."),
         *(

@@ -1,0 +1,204 @@
+"""Member events: validation of Publish requests, the atomic append, and the stream format.
+
+Publish runs one Lua script for the whole request. For each event whose id is new it
+updates the SETs that decide visibility at request time (adjacency, blocked, dismissed,
+follows) and appends the event to the stream, so a block is honoured by the next Recommend
+and the worker sees every event that changed those SETs. A repeated event id changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from edgeflow import keys
+from edgeflow.features.schema import EMBEDDING_DIM, ENTITY_COLUMNS
+from edgeflow.v1 import gateway_pb2
+
+MAX_EVENTS = 1000
+MAX_ID_LENGTH = 128
+# How long an event id is remembered for deduplication.
+DEDUP_TTL_S = 7 * 24 * 3600
+# The stream is capped near this length (an approximate trim, as XADD MAXLEN ~ does it).
+STREAM_MAXLEN = 1_000_000
+
+_TYPES = {
+    gateway_pb2.MemberEvent.CONNECT: "connect",
+    gateway_pb2.MemberEvent.DISCONNECT: "disconnect",
+    gateway_pb2.MemberEvent.BLOCK: "block",
+    gateway_pb2.MemberEvent.DISMISS: "dismiss",
+    gateway_pb2.MemberEvent.FOLLOW: "follow",
+    gateway_pb2.MemberEvent.PROFILE_CHANGE: "profile_change",
+}
+GRAPH_TYPES = ("connect", "disconnect", "block")
+_EMBEDDING = {f"embedding_{j}" for j in range(EMBEDDING_DIM)}
+
+# KEYS[1] = stream, then per event: seen, adj(m), adj(t), blocked(m), blocked(t),
+# dismissed(m), follows(m). ARGV[1..2] = dedup TTL, stream max length, then per event:
+# type, member, target, event id, time, features (JSON). Returns an entry id per event,
+# "" where the event id was seen before.
+_PUBLISH_LUA = """
+local out = {}
+local n = (#ARGV - 2) / 6
+for e = 0, n - 1 do
+  local k, a = 1 + e * 7, 2 + e * 6
+  local typ, m, t = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
+    if typ == 'connect' then
+      redis.call('SADD', KEYS[k + 2], t)
+      redis.call('SADD', KEYS[k + 3], m)
+    elseif typ == 'disconnect' then
+      redis.call('SREM', KEYS[k + 2], t)
+      redis.call('SREM', KEYS[k + 3], m)
+    elseif typ == 'block' then
+      redis.call('SADD', KEYS[k + 4], t)
+      redis.call('SADD', KEYS[k + 5], m)
+      redis.call('SREM', KEYS[k + 2], t)
+      redis.call('SREM', KEYS[k + 3], m)
+    elseif typ == 'dismiss' then
+      redis.call('SADD', KEYS[k + 6], t)
+    elseif typ == 'follow' then
+      redis.call('SADD', KEYS[k + 7], t)
+    end
+    out[e + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+      'id', ARGV[a + 4], 'type', typ, 'member', m, 'target', t, 'time', ARGV[a + 5],
+      'features', ARGV[a + 6])
+  else
+    out[e + 1] = ''
+  end
+end
+return out
+"""
+
+
+class EventError(ValueError):
+    """An invalid event; the message names the field, e.g. events[2].target."""
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str  # connect, disconnect, block, dismiss, follow, profile_change
+    member: int
+    target: int
+    time: float
+    features: dict[str, float] = field(default_factory=dict)
+
+    def affected(self) -> tuple[int, ...]:
+        """Members whose lists the event changes."""
+        if self.type in GRAPH_TYPES:
+            return (self.member, self.target)
+        return (self.member,)
+
+
+def from_proto(i: int, msg: gateway_pb2.MemberEvent, now: float) -> Event:
+    """Validate one event of a Publish request (index `i`)."""
+    where = f"events[{i}]"
+    kind = _TYPES.get(msg.type)
+    if kind is None:
+        raise EventError(f"{where}.type: required, one of {', '.join(_TYPES.values())}")
+    if msg.member < 0:
+        raise EventError(f"{where}.member: must be >= 0, got {msg.member}")
+    features = dict(msg.features)
+    if kind == "profile_change":
+        if not features:
+            raise EventError(f"{where}.features: a profile_change carries the new values")
+        check_features(features, f"{where}.features")
+    else:
+        if features:
+            raise EventError(f"{where}.features: only a profile_change carries features")
+        if msg.target < 0:
+            raise EventError(f"{where}.target: must be >= 0, got {msg.target}")
+        if msg.target == msg.member:
+            raise EventError(f"{where}.target: a member cannot {kind} themselves")
+    if len(msg.event_id) > MAX_ID_LENGTH:
+        raise EventError(f"{where}.event_id: at most {MAX_ID_LENGTH} characters")
+    if not math.isfinite(msg.time) or msg.time < 0:
+        raise EventError(f"{where}.time: must be unix seconds >= 0, got {msg.time}")
+    return Event(
+        id=msg.event_id or uuid.uuid4().hex,
+        type=kind,
+        member=msg.member,
+        target=msg.target if kind != "profile_change" else 0,
+        time=msg.time or now,
+        features=features,
+    )
+
+
+def check_features(features: dict[str, float], where: str) -> None:
+    for name, value in features.items():
+        if name not in ENTITY_COLUMNS:
+            raise EventError(
+                f"{where}: unknown feature {name!r}; expected some of "
+                f"{', '.join(ENTITY_COLUMNS[: len(ENTITY_COLUMNS) - EMBEDDING_DIM])} or all of "
+                f"embedding_0..embedding_{EMBEDDING_DIM - 1}"
+            )
+        if not math.isfinite(value):
+            raise EventError(f"{where}[{name!r}]: must be finite, got {value}")
+    given = _EMBEDDING.intersection(features)
+    if given and len(given) != EMBEDDING_DIM:
+        raise EventError(
+            f"{where}: the embedding changes whole: {len(given)} of {EMBEDDING_DIM} "
+            "embedding_* values given"
+        )
+
+
+def parse_request(request: gateway_pb2.PublishRequest) -> list[Event]:
+    n = len(request.events)
+    if not 1 <= n <= MAX_EVENTS:
+        raise EventError(f"events: between 1 and {MAX_EVENTS} per request, got {n}")
+    now = time.time()
+    events = [from_proto(i, msg, now) for i, msg in enumerate(request.events)]
+    ids = [e.id for e in events]
+    if len(set(ids)) != n:
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise EventError(f"events: event_id {dup!r} appears twice in one request")
+    return events
+
+
+async def publish(client: aioredis.Redis, events: Sequence[Event]) -> list[str]:
+    """Append the events and apply their visibility changes atomically; returns the stream
+    entry id of each event, "" for an event id seen before."""
+    key_list: list[str] = [keys.EVENTS]
+    args: list[str | int | float] = [DEDUP_TTL_S, STREAM_MAXLEN]
+    for e in events:
+        key_list += [
+            keys.event_seen(e.id),
+            keys.adjacency(e.member),
+            keys.adjacency(e.target),
+            keys.blocked(e.member),
+            keys.blocked(e.target),
+            keys.dismissed(e.member),
+            keys.follows(e.member),
+        ]
+        args += [
+            e.type,
+            e.member,
+            e.target,
+            e.id,
+            repr(e.time),
+            json.dumps(e.features, separators=(",", ":")),
+        ]
+    script = client.register_script(_PUBLISH_LUA)
+    reply = cast(list[bytes], await script(keys=key_list, args=args))
+    return [bytes(r).decode() for r in reply]
+
+
+def from_fields(fields: dict[bytes, bytes]) -> Event:
+    """An event as the worker reads it from a stream entry."""
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+    return Event(
+        id=text["id"],
+        type=text["type"],
+        member=int(text["member"]),
+        target=int(text["target"]),
+        time=float(text["time"]),
+        features={k: float(v) for k, v in json.loads(text.get("features") or "{}").items()},
+    )

@@ -1,0 +1,482 @@
+"""The nearline worker: a consumer in the `nearline` group of the member-event stream.
+
+For each batch of events it updates the graph (an edge-state delta per pair, read from the
+adjacency SETs that Publish changed, so replays and reordering converge on the truth), pushes
+the changed features through the features service's Push (Feast's push source), recomputes
+the affected members' lists with the offline batch runner for every workflow whose nearline
+mode listens to the event, and stores them with `lists.update_lists`. Only then are the
+events marked done and acknowledged, in one script: delivery is at least once, and an event
+id marked done is never applied twice. Entries a dead worker left pending are claimed
+(XAUTOCLAIM) once idle. The gRPC server carries health only: SERVING once the consumer
+group exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import grpc
+import numpy as np
+import redis
+
+from edgeflow import keys, lists, tensor
+from edgeflow.config import Config
+from edgeflow.features.schema import SCALAR_FEATURES
+from edgeflow.graph import Graph
+from edgeflow.graph_store import (
+    append_deltas,
+    compact_graph,
+    load_graph,
+    read_deltas,
+    snapshot_of,
+)
+from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
+from edgeflow.offline.executor import BatchRunner, OfflineError
+from edgeflow.offline.inputs import Inputs, LiveFeatures, embedding_index
+from edgeflow.offline.serving import list_name
+from edgeflow.redis_client import connect
+from edgeflow.scoring.registry import ModelRegistry
+from edgeflow.server import Service
+from edgeflow.v1 import features_pb2, features_pb2_grpc
+from edgeflow.workflow.validate import Workflow, load_directory
+
+log = logging.getLogger("edgeflow.nearline")
+
+READ_COUNT = 64
+BLOCK_MS = 500
+# Entries pending this long with a consumer are taken over (its worker is presumed dead).
+CLAIM_IDLE_S = float(os.environ.get("NEARLINE_CLAIM_IDLE_S", "") or 30.0)
+# A delta stream this long is folded into a new graph snapshot.
+COMPACT_DELTAS = 10_000
+DONE_TTL_S = 7 * 24 * 3600
+PUSH_TIMEOUT_S = 10.0
+_RETRY_S = 1.0
+_GRAPH_FEATURES = ("degree", "clustering", "avg_neighbor_degree")
+# Push failures that will not heal by retrying the same event.
+_PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+# KEYS = stream, stats; ARGV = group, done TTL, done-key prefix, channel, payload, then
+# (entry id, event id) pairs. Marks each event done (counting only the first time), acks
+# its entry and announces the stored lists.
+_FINISH_LUA = """
+local applied = 0
+for i = 6, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' and redis.call('SET', ARGV[3] .. ARGV[i + 1], '1', 'NX', 'EX', ARGV[2]) then
+    applied = applied + 1
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+end
+if applied > 0 then redis.call('HINCRBY', KEYS[2], 'applied', applied) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return applied
+"""
+
+_Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+class PushFailed(RuntimeError):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class BatchOutcome:
+    applied: list[Event] = field(default_factory=list)
+    dead: list[tuple[bytes, str]] = field(default_factory=list)  # entry id, reason
+    lists: dict[str, int] = field(default_factory=dict)  # list -> members stored
+
+
+def graph_features(graph: Graph, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(members in the graph, (m, 3) float32 degree, clustering, avg neighbour degree), the
+    values features/compute.member_features gives them, for a few members."""
+    dense = graph.indices_of(members)
+    known = dense >= 0
+    deg = graph.degree
+    rows = []
+    for i in dense[known].tolist():
+        nbrs = graph.neighbors(i)
+        d = float(nbrs.size)
+        _, second = graph.gather(nbrs)
+        inside = np.zeros(graph.n, dtype=bool)
+        inside[nbrs] = True
+        triangles = float(inside[second].sum()) / 2.0
+        pairs = d * (d - 1) / 2.0
+        rows.append([d, triangles / pairs if pairs > 0 else 0.0, deg[nbrs].sum() / d if d else 0.0])
+    values = np.asarray(rows, dtype=np.float64).reshape(-1, len(_GRAPH_FEATURES))
+    return np.asarray(members)[known], values.astype(np.float32)
+
+
+class Processor:
+    """Applies batches of events; blocking (Redis, gRPC and numpy), run on the worker thread."""
+
+    def __init__(self, cfg: Config, client: redis.Redis, consumer: str) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.consumer = consumer
+        self.registry = ModelRegistry(cfg.model_dir)
+        self.workflows: list[Workflow] = []
+        self.runners: dict[str, BatchRunner] = {}
+        self.graph: Graph | None = None
+        self.inputs: Inputs | None = None
+        self._embeddings: bytes | None = None
+        self._stamp: tuple[tuple[str, float], ...] = ()
+        self._refreshed = 0.0
+        self._features = LiveFeatures(client)
+        self._channel = grpc.insecure_channel(cfg.features_addr)
+        self._push = features_pb2_grpc.FeatureServiceStub(self._channel)
+        self._no_list: set[str] = set()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # ---- what it computes with ----------------------------------------------------------
+    def refresh(self, force: bool = False) -> None:
+        """Workflows and models, at most once per reload interval."""
+        now = time.monotonic()
+        if not force and now - self._refreshed < self.cfg.reload_interval_s:
+            return
+        self._refreshed = now
+        for problem in self.registry.refresh():
+            log.warning("model registry: %s", problem)
+        directory = self.cfg.workflows_dir
+        files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+        stamp = tuple((str(p), p.stat().st_mtime) for p in files)
+        if stamp != self._stamp:
+            workflows, errors = load_directory(directory)
+            for err in errors:
+                log.error("workflow rejected: %s", err)
+            self.workflows = [w for w in workflows.values() if w.spec.modes.nearline]
+            self.runners = {}
+            self._stamp = stamp
+            log.info("nearline workflows: %s", [w.name for w in self.workflows])
+
+    def sync_graph(self) -> bool:
+        """Follow the graph pointer and its deltas; True when a graph is loaded."""
+        current = cast(bytes | None, self.client.get(keys.GRAPH_CURRENT))
+        if current is None:
+            self.graph = self.inputs = None
+            return False
+        graph = self.graph
+        if graph is None or snapshot_of(graph) != current.decode():
+            graph = load_graph(self.client)
+        else:
+            graph = read_deltas(self.client, graph)
+        embeddings = cast(bytes | None, self.client.get(keys.EMBEDDINGS_CURRENT))
+        if graph is not self.graph or self.inputs is None or embeddings != self._embeddings:
+            rebuild = (
+                self.inputs is None
+                or embeddings != self._embeddings
+                or (self.graph is None or snapshot_of(self.graph) != snapshot_of(graph))
+            )
+            index = (
+                embedding_index(self._features, graph.ids)
+                if rebuild or self.inputs is None
+                else self.inputs.index
+            )
+            self.graph, self._embeddings = graph, embeddings
+            self.inputs = Inputs.build(graph, self._features, self.registry, self.client, index)
+            for runner in self.runners.values():
+                runner.inputs = self.inputs
+        return True
+
+    def rebuild_index(self) -> None:
+        if self.inputs is not None and self.graph is not None:
+            self.inputs.index = embedding_index(self._features, self.graph.ids)
+
+    def runner(self, wf: Workflow) -> BatchRunner:
+        assert self.inputs is not None
+        runner = self.runners.get(wf.name)
+        if runner is None:
+            runner = self.runners[wf.name] = BatchRunner(wf, self.inputs)
+        return runner
+
+    # ---- one batch ------------------------------------------------------------------------
+    def handle(self, entries: Sequence[_Entry]) -> BatchOutcome:
+        """Apply a batch of stream entries and acknowledge them; raises (acknowledging
+        nothing) when a store is unavailable, so the entries are retried."""
+        outcome = BatchOutcome()
+        parsed: list[tuple[bytes, Event]] = []
+        acks: list[tuple[bytes, str]] = []
+        for entry_id, fields in entries:
+            if fields is None:  # trimmed from the stream before it was read
+                acks.append((entry_id, ""))
+                continue
+            try:
+                parsed.append((entry_id, from_fields(fields)))
+            except (KeyError, ValueError) as exc:
+                outcome.dead.append((entry_id, f"malformed entry: {exc}"))
+        pipe = self.client.pipeline(transaction=False)
+        for _, event in parsed:
+            pipe.exists(keys.event_done(event.id))
+        seen = pipe.execute() if parsed else []
+        todo = [(eid, ev) for (eid, ev), done in zip(parsed, seen, strict=True) if not done]
+        acks += [(eid, "") for (eid, _), done in zip(parsed, seen, strict=True) if done]
+        if todo:
+            outcome = self._apply(todo, outcome)
+        self._dead_letter(outcome.dead, dict(entries))
+        acks += [(eid, ev.id) for eid, ev in todo if ev in outcome.applied]
+        acks += [(eid, "") for eid, _ in outcome.dead]
+        self._finish(acks, outcome)
+        return outcome
+
+    def _apply(self, todo: list[tuple[bytes, Event]], outcome: BatchOutcome) -> BatchOutcome:
+        events = [ev for _, ev in todo]
+        self.refresh()
+        edges = [ev for ev in events if ev.type in GRAPH_TYPES]
+        if edges:
+            pairs = np.asarray([(ev.member, ev.target) for ev in edges], dtype=np.int64)
+            pipe = self.client.pipeline(transaction=False)
+            for u, v in pairs.tolist():
+                pipe.sismember(keys.adjacency(u), v)
+            truth = np.asarray(pipe.execute(), dtype=bool)
+            append_deltas(self.client, pairs, truth)  # a no-op without a graph
+        has_graph = self.sync_graph()  # with these deltas and any other worker's
+        bad = self._push_features(events, edges, has_graph)
+        for ev in events:
+            if ev.id in bad:
+                outcome.dead.append((next(e for e, x in todo if x is ev), bad[ev.id]))
+            else:
+                outcome.applied.append(ev)
+        if has_graph:
+            self._recompute(outcome)
+        if edges and has_graph:
+            compact_graph(self.client, COMPACT_DELTAS)
+        return outcome
+
+    def _push_features(
+        self, events: list[Event], edges: list[Event], has_graph: bool
+    ) -> dict[str, str]:
+        """Push changed features; returns the events refused for good (id -> reason)."""
+        refused: dict[str, str] = {}
+        if edges and has_graph and self.graph is not None:
+            touched = np.unique(np.asarray([m for ev in edges for m in ev.affected()]))
+            have = ~self._features.rows(touched).missing  # a push needs an existing row
+            members, values = graph_features(self.graph, touched[have])
+            if members.size:
+                try:
+                    self._push_rows(members, values, _GRAPH_FEATURES)
+                except PushFailed as exc:
+                    if exc.code not in _PERMANENT:
+                        raise
+                    log.warning("graph features not pushed: %s", exc)
+        embedding_changed = False
+        for ev in events:
+            if ev.type != "profile_change":
+                continue
+            columns = tuple(sorted(ev.features))
+            values = np.asarray([[ev.features[c] for c in columns]], dtype=np.float32)
+            try:
+                self._push_rows(np.asarray([ev.member]), values, columns)
+            except PushFailed as exc:
+                if exc.code not in _PERMANENT:
+                    raise
+                refused[ev.id] = f"push refused: {exc}"
+                continue
+            embedding_changed |= any(c not in SCALAR_FEATURES for c in columns)
+        if embedding_changed:
+            self.rebuild_index()
+        return refused
+
+    def _push_rows(self, members: np.ndarray, values: np.ndarray, columns: Sequence[str]) -> None:
+        request = features_pb2.PushRequest(
+            entities=np.asarray(members, dtype=np.int64).tolist(),
+            values=tensor.pack(values, tuple(columns)),
+        )
+        try:
+            self._push.Push(request, timeout=PUSH_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            code = cast(grpc.Call, exc).code()
+            details = cast(grpc.Call, exc).details()
+            raise PushFailed(
+                code, f"features service at {self.cfg.features_addr}: {code.name}: {details}"
+            ) from None
+
+    def _recompute(self, outcome: BatchOutcome) -> None:
+        for wf in self.workflows:
+            nearline = wf.spec.modes.nearline
+            assert nearline is not None
+            members = sorted(
+                {m for ev in outcome.applied if ev.type in nearline.events for m in ev.affected()}
+            )
+            if not members:
+                continue
+            name = list_name(wf)
+            try:
+                result = self.runner(wf).run(np.asarray(members, dtype=np.int64))
+            except OfflineError as exc:
+                log.error("workflow %s: %s", wf.name, exc)
+                continue
+            version = lists.update_lists(self.client, name, result.members, result.lists)
+            if version is None:
+                if name not in self._no_list:
+                    log.warning(
+                        "list %s has no live version yet: run `edgeflow offline run "
+                        "--workflow %s` first",
+                        name,
+                        wf.name,
+                    )
+                    self._no_list.add(name)
+                continue
+            self._no_list.discard(name)
+            outcome.lists[name] = len(members)
+
+    def _dead_letter(
+        self, dead: list[tuple[bytes, str]], fields: dict[bytes, dict[bytes, bytes] | None]
+    ) -> None:
+        if not dead:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, reason in dead:
+            body: dict[Any, Any] = dict(fields.get(entry_id) or {})
+            pipe.xadd(
+                keys.EVENTS_DEAD,
+                {**body, b"entry": entry_id, b"reason": reason.encode()},
+                maxlen=100_000,
+                approximate=True,
+            )
+            log.error("event entry %s dead-lettered: %s", entry_id.decode(), reason)
+        pipe.hincrby(keys.NEARLINE_STATS, "dead", len(dead))
+        pipe.execute()
+
+    def _finish(self, acks: list[tuple[bytes, str]], outcome: BatchOutcome) -> None:
+        if not acks:
+            return
+        payload = json.dumps(
+            {
+                "events": [ev.id for ev in outcome.applied],
+                "lists": outcome.lists,
+                "stored_at": time.time(),
+            }
+        )
+        args: list[Any] = [
+            keys.NEARLINE_GROUP,
+            DONE_TTL_S,
+            keys.event_done(""),
+            keys.NEARLINE_STORED,
+            payload,
+        ]
+        for entry_id, event_id in acks:
+            args += [entry_id, event_id]
+        self.client.register_script(_FINISH_LUA)(keys=[keys.EVENTS, keys.NEARLINE_STATS], args=args)
+
+
+def ensure_group(client: redis.Redis) -> None:
+    """The consumer group, created at the start of the stream (so no event is skipped)."""
+    try:
+        client.xgroup_create(keys.EVENTS, keys.NEARLINE_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class NearlineWorker(Service):
+    name = "nearline"
+    service_names: tuple[str, ...] = ()
+
+    def __init__(
+        self, cfg: Config, consumer: str | None = None, claim_idle_s: float = CLAIM_IDLE_S
+    ) -> None:
+        self.cfg = cfg
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_idle_s = claim_idle_s
+        self.client = connect(cfg.redis_url, socket_timeout_s=10.0)
+        self.processor = Processor(cfg, self.client, self.consumer)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Health and reflection only: the worker serves no API."""
+
+    async def start(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")  # small products: spinning BLAS threads
+        while True:
+            try:
+                await asyncio.to_thread(ensure_group, self.client)
+                break
+            except (redis.RedisError, OSError) as exc:
+                log.warning("consumer group not ready, Redis at %s: %s", self.cfg.redis_url, exc)
+                await asyncio.sleep(_RETRY_S)
+        try:
+            await asyncio.to_thread(self.processor.refresh, True)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("not loaded yet: %s", exc)
+        self._thread = threading.Thread(target=self._run, name="nearline", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+        self.processor.close()
+        self.client.close()
+
+    # ---- the consumer loop ---------------------------------------------------------------
+    def _run(self) -> None:
+        last_claim = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - last_claim >= min(self.claim_idle_s, 5.0):
+                    last_claim = time.monotonic()
+                    self._claim()
+                reply = self.client.xreadgroup(
+                    keys.NEARLINE_GROUP,
+                    self.consumer,
+                    {keys.EVENTS: ">"},
+                    count=READ_COUNT,
+                    block=BLOCK_MS,
+                )
+                for _, entries in cast(list[tuple[bytes, list[_Entry]]], reply or []):
+                    if entries:
+                        self._handle(entries)
+                self.processor.refresh()
+            except (redis.RedisError, OSError, PushFailed) as exc:
+                log.warning("nearline batch not done (retried): %s", exc)
+                self._stop.wait(_RETRY_S)
+            except Exception:
+                log.exception("nearline batch failed (retried)")
+                self._stop.wait(_RETRY_S)
+
+    def _claim(self) -> None:
+        """Take over entries idle past claim_idle_s (a dead worker's, or this one's failures)."""
+        start = "0-0"
+        idle_ms = int(self.claim_idle_s * 1000)
+        while not self._stop.is_set():
+            reply = cast(
+                list[Any],
+                self.client.xautoclaim(
+                    keys.EVENTS,
+                    keys.NEARLINE_GROUP,
+                    self.consumer,
+                    idle_ms,
+                    start_id=start,
+                    count=READ_COUNT,
+                ),
+            )
+            start = bytes(reply[0]).decode()
+            entries = cast(list[_Entry], reply[1])
+            if entries:
+                log.info("claimed %d idle event entries", len(entries))
+                self._handle(entries)
+            if start == "0-0" or not entries:
+                return
+
+    def _handle(self, entries: Iterable[_Entry]) -> None:
+        self.processor.handle(list(entries))
+        self.batches += 1
+
+
+def create(cfg: Config) -> Service:
+    return NearlineWorker(cfg)

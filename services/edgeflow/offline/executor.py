@@ -1,0 +1,357 @@
+"""The batch runner: one workflow graph executed over a batch of members at once.
+
+The same ops as a request, computed the same way (friends of friends and the pair measures
+with the graph's own sums, see pairs.py; EBR by cosine over the same embeddings; features
+in model_matrix's columns from Feast's rows; the registry's ONNX model; blend.py's ranking),
+but each node handles the whole batch: the model scores every pair of the batch in one call.
+The list the run writes is not read back as a candidate source of itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
+from edgeflow import lists as stored_lists
+from edgeflow.candidates.sources import VectorIndex
+from edgeflow.features.schema import MODEL_COLUMNS
+from edgeflow.offline.inputs import FeatureTable, Inputs, take
+from edgeflow.offline.pairs import (
+    TwoHop,
+    index_cosines,
+    member_friends_of_friends,
+    member_measures,
+    model_rows,
+    row_cosines,
+)
+from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pair_in
+from edgeflow.offline.rows import Rows, union
+from edgeflow.offline.serving import list_name, list_size
+from edgeflow.scoring.registry import ModelNotFoundError
+from edgeflow.workflow.ops import (
+    BlendParams,
+    EbrParams,
+    FetchParams,
+    GraphParams,
+    OnnxParams,
+    PopularParams,
+    PrecomputedParams,
+)
+from edgeflow.workflow.validate import CompiledNode, Workflow
+
+_EMPTY_IDS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float32)
+# Most similarity cells computed at once by the batched EBR (memory bound: 4 bytes each).
+_EBR_CELLS = 1 << 24
+# Up to this many members (the nearline worker's batches), the graph work is done member by
+# member with graph.py's functions rather than with the batch's sparse product.
+PER_MEMBER_MAX = 8
+
+
+class OfflineError(RuntimeError):
+    """A workflow the batch runner cannot run; the message names the node."""
+
+
+@dataclass
+class BatchResult:
+    members: np.ndarray
+    lists: list[Ranked]
+    pairs_scored: int
+
+
+class _Batch:
+    """One batch's members and what several nodes share: their dense indices and, built on
+    first use, their two-hop products."""
+
+    def __init__(self, inputs: Inputs, members: np.ndarray) -> None:
+        self.inputs = inputs
+        self.members = members
+        self.dense = inputs.graph.indices_of(members)
+        self._two_hop: TwoHop | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.members.size)
+
+    @property
+    def per_member(self) -> bool:
+        return self.size <= PER_MEMBER_MAX
+
+    @property
+    def two_hop(self) -> TwoHop:
+        if self._two_hop is None:
+            self._two_hop = TwoHop.build(self.inputs.pairs, self.dense)
+        return self._two_hop
+
+
+class BatchRunner:
+    """Runs `wf` for batches of members against `inputs`."""
+
+    def __init__(self, wf: Workflow, inputs: Inputs, k: int | None = None) -> None:
+        self.wf = wf
+        self.inputs = inputs
+        self.list = list_name(wf)
+        self.k = k or list_size(wf)
+        self._ops: dict[str, Callable[[CompiledNode, list[Rows], _Batch], Rows]] = {
+            "candidates.graph": self._graph,
+            "candidates.ebr": self._ebr,
+            "candidates.precomputed": self._precomputed,
+            "candidates.popular": self._popular,
+            "features.fetch": self._fetch,
+            "scoring.onnx": self._score,
+        }
+        for cn in wf.nodes:
+            op = cn.node.op
+            if op not in self._ops and op != "merge.blend" and not op.startswith("filter."):
+                raise OfflineError(
+                    f"node {cn.node.name!r} field op: {op} cannot run in a batch "
+                    f"(batch ops: {sorted([*self._ops, 'merge.blend', 'filter.*'])})"
+                )
+
+    def run(self, members: np.ndarray) -> BatchResult:
+        """The output node's lists for a batch of members; safe to call from several threads.
+        A batch too big for the two-hop products' memory runs in parts."""
+        members = np.asarray(members, dtype=np.int64)
+        step = self.inputs.pairs.members_per_batch() if members.size > PER_MEMBER_MAX else 0
+        if step and members.size > step:
+            parts = [self.run(members[i : i + step]) for i in range(0, members.size, step)]
+            return BatchResult(
+                members,
+                [lst for part in parts for lst in part.lists],
+                sum(part.pairs_scored for part in parts),
+            )
+        batch = _Batch(self.inputs, members)
+        pairs = 0
+        out: dict[str, Rows] = {}
+        ranked: dict[str, list[Ranked]] = {}
+        for cn in self.wf.nodes:  # topological order
+            inputs = [out[d] for d in cn.node.inputs]
+            if cn.node.op == "merge.blend":
+                ranked[cn.node.name] = self._blend(cn, inputs, batch)
+                out[cn.node.name] = Rows.empty()
+            elif cn.node.op.startswith("filter."):
+                out[cn.node.name] = self._filter(cn, inputs[0], batch)
+            else:
+                out[cn.node.name] = self._ops[cn.node.op](cn, inputs, batch)
+                if cn.node.op == "scoring.onnx":
+                    pairs += len(out[cn.node.name])
+        return BatchResult(members, ranked[self.wf.spec.output], pairs)
+
+    # ---- candidate sources -----------------------------------------------------------------
+    def _graph(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        params = cn.params
+        assert isinstance(params, GraphParams)
+        g = self.inputs.graph
+        weighted = params.weight == "adamic_adar"
+        if not batch.per_member:
+            owner, cand, counts = batch.two_hop.friends_of_friends(
+                params.limit, weighted, params.min_common
+            )
+            rows = Rows(owner=owner, ids=g.ids[cand], sources={cn.node.name: counts})
+            rows.modes[cn.node.name] = "offline"
+            return rows
+        weights = self.inputs.inv_log_degree if weighted else None
+        parts = []
+        for i in batch.dense.tolist():
+            idx, counts = member_friends_of_friends(g, i, params.limit, weights, params.min_common)
+            parts.append((g.ids[idx], counts))
+        return Rows.from_parts(cn.node.name, parts, "offline")
+
+    def _ebr(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        members = batch.members
+        params = cn.params
+        assert isinstance(params, EbrParams)
+        index = self.inputs.index
+        if index is None:
+            return Rows.from_parts(cn.node.name, [], "offline")
+        g = self.inputs.graph
+        rows = index.rows(members)
+        ok = rows >= 0
+        ok[ok] = index.nonzero[rows[ok]]
+        todo = np.flatnonzero(ok)
+        step = max(1, _EBR_CELLS // max(index.ids.size, 1))
+        owners, ids, scores = [], [], []
+        for start in range(0, todo.size, step):
+            chunk = todo[start : start + step]
+            sims = index.vectors[rows[chunk]] @ index.vectors.T
+            sims[:, ~index.nonzero] = -np.inf
+            sims[np.arange(chunk.size), rows[chunk]] = -np.inf
+            dense = g.indices_of(members[chunk])
+            known = np.flatnonzero(dense >= 0)
+            owner, nb = g.gather(dense[known])
+            gone = index.rows(g.ids[nb])
+            sims[known[owner][gone >= 0], gone[gone >= 0]] = -np.inf
+            k = min(params.limit, index.ids.size)
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            top_sims = np.take_along_axis(sims, top, axis=1)
+            order = np.lexsort((index.ids[top], -top_sims), axis=1)
+            top = np.take_along_axis(top, order, axis=1)
+            top_sims = np.take_along_axis(top_sims, order, axis=1)
+            finite = np.isfinite(top_sims)
+            owners.append(np.repeat(chunk, k)[finite.ravel()])
+            ids.append(index.ids[top[finite]])
+            scores.append(top_sims[finite].astype(np.float32))
+        rows_out = Rows.from_parts(cn.node.name, [], "offline")
+        if owners:
+            rows_out.owner = np.concatenate(owners).astype(np.int64)
+            rows_out.ids = np.concatenate(ids)
+            rows_out.sources[cn.node.name] = np.concatenate(scores)
+        return rows_out
+
+    def _precomputed(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        members = batch.members
+        params = cn.params
+        assert isinstance(params, PrecomputedParams)
+        if params.list == self.list:  # the list being written is not its own input
+            return Rows.from_parts(cn.node.name, [], "offline")
+        stored = stored_lists.read_lists(self.inputs.client, params.list, members)
+        parts = [(_EMPTY_IDS, _EMPTY_SCORES) if s is None else (s.ids, s.scores) for s in stored]
+        rows = Rows.from_parts(cn.node.name, parts, "offline")
+        g = self.inputs.graph
+        dense = g.indices_of(members)
+        known = np.flatnonzero(dense >= 0)
+        owner, nb = g.gather(dense[known])
+        set_owner = np.concatenate([np.arange(members.size), known[owner]])
+        set_ids = np.concatenate([members, g.ids[nb]])
+        rows = rows.take(~pair_in(rows.owner, rows.ids, set_owner, set_ids))
+        return _limit(rows, params.limit)
+
+    def _popular(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        members = batch.members
+        params = cn.params
+        assert isinstance(params, PopularParams)
+        g = self.inputs.graph
+        degree = g.degree
+        head = min(g.n, params.limit + int(degree.max(initial=0)) + 1)
+        order = np.argsort(-degree, kind="stable")[:head]
+        ranked_ids, ranked_deg = g.ids[order], degree[order].astype(np.float32)
+        dense = g.indices_of(members)
+        parts = []
+        for member, i in zip(members.tolist(), dense.tolist(), strict=True):
+            gone = [member] if i < 0 else [member, *g.ids[g.neighbors(i)].tolist()]
+            keep = ~np.isin(ranked_ids, gone)
+            parts.append((ranked_ids[keep][: params.limit], ranked_deg[keep][: params.limit]))
+        return Rows.from_parts(cn.node.name, parts, "offline")
+
+    # ---- features and scoring -------------------------------------------------------------
+    def _fetch(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        params = cn.params
+        assert isinstance(params, FetchParams)
+        rows = union(inputs, self.inputs.graph.ids)
+        g = self.inputs.graph
+        members = batch.members
+        features = self.inputs.features
+        if self.inputs.aligned and rows.dense is not None and (batch.dense >= 0).all():
+            # Features, graph and index rows are all in graph order: index them directly.
+            measures = self._measures(batch, rows, rows.dense)
+            table = cast(FeatureTable, features).table
+            index = cast(VectorIndex, self.inputs.index)
+            sims = index.vectors[batch.dense] @ index.vectors.T
+            matrix = model_rows(
+                rows.owner, measures, table.scalars[batch.dense], table.scalars[rows.dense],
+                sims[rows.owner, rows.dense].astype(np.float32),
+            )  # fmt: skip
+        else:
+            if isinstance(features, FeatureTable):  # in memory: look rows up directly
+                mine, theirs = features.rows(members), features.rows(rows.ids)
+            else:  # read from Redis: each distinct member once
+                uniq, inverse = np.unique(np.concatenate([members, rows.ids]), return_inverse=True)
+                table = features.rows(uniq)
+                mine = take(table, inverse[: members.size])
+                theirs = take(table, inverse[members.size :])
+            measures = self._measures(batch, rows, g.indices_of(rows.ids))
+            ebr_index = self.inputs.index
+            if ebr_index is not None and isinstance(features, FeatureTable):  # its vectors
+                cosines = index_cosines(
+                    ebr_index, members, rows.owner, rows.ids, mine.embeddings, theirs.embeddings
+                )
+            else:
+                cosines = row_cosines(rows.owner, mine.embeddings, theirs.embeddings)
+            matrix = model_rows(rows.owner, measures, mine.scalars, theirs.scalars, cosines)
+        if params.columns:
+            select = [MODEL_COLUMNS.index(c) for c in params.columns]
+            rows.features, rows.columns = matrix[:, select], tuple(params.columns)
+        else:
+            rows.features, rows.columns = matrix, MODEL_COLUMNS
+        return rows
+
+    def _measures(self, batch: _Batch, rows: Rows, cand_dense: np.ndarray) -> np.ndarray:
+        if batch.per_member:
+            return member_measures(
+                self.inputs.graph, self.inputs.inv_log_degree, batch.dense, rows.owner, cand_dense
+            )
+        return batch.two_hop.measures(rows.owner, cand_dense)
+
+    def _score(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        params = cn.params
+        assert isinstance(params, OnnxParams)
+        rows = inputs[0]
+        try:
+            model = self.inputs.registry.get(params.model, params.version)
+        except ModelNotFoundError as exc:
+            raise OfflineError(f"node {cn.node.name!r} field params.model: {exc}") from None
+        if not len(rows):
+            return rows
+        if rows.features is None:
+            raise OfflineError(f"node {cn.node.name!r}: its input carries no features")
+        try:
+            rows.score = model.score(rows.features, rows.columns)
+        except ValueError as exc:
+            raise OfflineError(f"node {cn.node.name!r}: {exc}") from None
+        return rows
+
+    # ---- visibility and blending ---------------------------------------------------------
+    def _filter(self, cn: CompiledNode, rows: Rows, batch: _Batch) -> Rows:
+        name = cn.node.op.split(".", 1)[1]
+        pairs = hidden(self.inputs.client, self.inputs.graph, batch.members, [name])
+        return rows.take(~pair_in(rows.owner, rows.ids, *pairs))
+
+    def _blend(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> list[Ranked]:
+        members = batch.members
+        params = cn.params
+        assert isinstance(params, BlendParams)
+        lists = [
+            _blend_input(name, rows, params.weights.get(name, 1.0))
+            for name, rows in zip(cn.node.inputs, inputs, strict=True)
+        ]
+        pairs = hidden(self.inputs.client, self.inputs.graph, members, params.filters)
+        return blend_batch(
+            lists, members.size, self.k, pairs, dict(params.quotas), self.inputs.graph.ids
+        )
+
+
+def _blend_input(name: str, rows: Rows, weight: float) -> BlendInput:
+    """Column 0 is the model score, or the first source's score for unscored rows (as the
+    gateway sends a list to the merging service)."""
+    if rows.score is not None:
+        primary = rows.score
+    else:
+        primary = np.full(len(rows), np.nan, dtype=np.float32)
+        for col in rows.sources.values():
+            primary = np.where(np.isnan(primary), col, primary)
+        primary = np.nan_to_num(primary, nan=0.0)
+    return BlendInput(
+        name,
+        rows.owner,
+        rows.ids,
+        primary,
+        rows.sources,
+        rows.modes,
+        weight,
+        rows.score is not None,
+        rows.dense if len(rows) else np.zeros(0, dtype=np.int64),
+        rows.unique or not len(rows),
+    )
+
+
+def _limit(rows: Rows, limit: int) -> Rows:
+    """At most `limit` rows per member, in order."""
+    if not len(rows):
+        return rows
+    start = np.ones(len(rows), dtype=bool)
+    start[1:] = rows.owner[1:] != rows.owner[:-1]
+    first = np.maximum.accumulate(np.where(start, np.arange(len(rows)), 0))
+    return rows.take(np.arange(len(rows)) - first < limit)

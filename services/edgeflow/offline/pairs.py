@@ -1,0 +1,196 @@
+"""Friends of friends and the ranker's input for a whole batch of members at once.
+
+For a batch, one sparse product of the members' adjacency rows with the graph (plain, and
+weighted per intermediate member by 1/log(degree) and by 1/degree) gives every two-hop
+pair's common-neighbour count, Adamic-Adar and resource-allocation sums. It adds the very
+terms graph.friends_of_friends and graph.pair_measures add, in the same order, so the values
+are identical (tests hold them to that); the candidates are cut at the limit by
+(score, member id), which decides ties the same way for any batch. Batches of a few members
+(the nearline worker's) use those two functions directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from edgeflow.candidates.sources import VectorIndex
+from edgeflow.features.compute import adjacency_matrix
+from edgeflow.features.schema import MODEL_COLUMNS
+from edgeflow.graph import PAIR_COLUMNS, Graph, friends_of_friends, pair_measures
+from edgeflow.offline.rows import best_first
+
+_PAIR_START = MODEL_COLUMNS.index(PAIR_COLUMNS[0])
+# Most cells of a batch's dense two-hop product (three float64 blocks of n per member).
+DENSE_CELLS = 1 << 23
+
+
+class PairIndex:
+    """The graph's adjacency once plain and twice weighted per intermediate member."""
+
+    def __init__(self, graph: Graph, inv_log_degree: np.ndarray) -> None:
+        self.graph = graph
+        self.inv_log_degree = inv_log_degree
+        adj = adjacency_matrix(graph)
+        deg = graph.degree.astype(np.float64)
+        self.adj = adj
+        self.stacked = sp.hstack(
+            [adj, sp.diags(inv_log_degree) @ adj, sp.diags(1.0 / np.maximum(deg, 1.0)) @ adj],
+            format="csr",
+        )
+
+    def members_per_batch(self) -> int:
+        """Most members whose dense two-hop blocks fit DENSE_CELLS."""
+        return max(1, DENSE_CELLS // max(3 * self.graph.n, 1))
+
+
+@dataclass
+class TwoHop:
+    """Common neighbours, Adamic-Adar and resource allocation of each batch member (row) with
+    every graph member (column); rows of members unknown to the graph are all zero."""
+
+    graph: Graph
+    member_dense: np.ndarray  # (B,) dense index, -1 when unknown
+    cn: np.ndarray  # (B, n) float64
+    aa: np.ndarray
+    ra: np.ndarray
+
+    @classmethod
+    def build(cls, pairs: PairIndex, member_dense: np.ndarray) -> TwoHop:
+        g = pairs.graph
+        known = member_dense >= 0
+        if known.all():
+            blocks = (pairs.adj[member_dense] @ pairs.stacked).toarray()
+        else:
+            blocks = np.zeros((member_dense.size, 3 * g.n), dtype=np.float64)
+            if known.any():
+                blocks[known] = (pairs.adj[member_dense[known]] @ pairs.stacked).toarray()
+        n = g.n
+        return cls(g, member_dense, blocks[:, :n], blocks[:, n : 2 * n], blocks[:, 2 * n :])
+
+    def friends_of_friends(
+        self, limit: int, weighted: bool, min_common: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(owner, candidate dense index, common-neighbour count) per member, best first:
+        friends_of_friends' ranking (Adamic-Adar weight or count, then member id), cut at
+        `limit` after dropping candidates with fewer than `min_common` common neighbours."""
+        g, b = self.graph, self.member_dense.size
+        score = (self.aa if weighted else self.cn).astype(np.float32)
+        allowed = self.cn >= max(min_common, 1)
+        rows = np.flatnonzero(self.member_dense >= 0)
+        allowed[rows, self.member_dense[rows]] = False
+        owner, nb = g.gather(self.member_dense[rows])
+        allowed[rows[owner], nb] = False
+        score = np.where(allowed, score, -np.inf)
+        k = min(limit, g.n)
+        if k <= 0 or b == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, np.zeros(0, dtype=np.float32)
+        # The k-th best score per row, then every better one and the lowest ids tied with it.
+        kth = -np.partition(-score, k - 1, axis=1)[:, k - 1 : k]
+        better = score > kth
+        tied = (score == kth) & np.isfinite(kth)
+        keep = better | tied
+        need = k - better.sum(axis=1)
+        cut = np.flatnonzero(tied.sum(axis=1) > need)  # rows with more ties than room
+        if cut.size:
+            room = np.cumsum(tied[cut], axis=1) <= need[cut, None]
+            keep[cut] = better[cut] | (tied[cut] & room)
+        owner, cand = np.nonzero(keep)  # row-major: by member, then by id
+        order = best_first(owner, score[owner, cand])
+        owner, cand = owner[order], cand[order]
+        return owner.astype(np.int64), cand.astype(np.int64), self.cn[owner, cand].astype("f4")
+
+    def measures(self, owner: np.ndarray, cand_dense: np.ndarray) -> np.ndarray:
+        """graph.pair_measures for the pairs (member `owner`, candidate `cand_dense`)."""
+        out = np.zeros((cand_dense.size, len(PAIR_COLUMNS)), dtype=np.float32)
+        ok = (self.member_dense[owner] >= 0) & (cand_dense >= 0)
+        rows, o, c = np.flatnonzero(ok), owner[ok], cand_dense[ok]
+        cn, aa, ra = self.cn[o, c], self.aa[o, c], self.ra[o, c]
+        deg = self.graph.degree
+        du = deg[self.member_dense[o]].astype(np.float64)
+        dv = deg[c].astype(np.float64)
+        union = du + dv - cn
+        out[rows, 0] = cn
+        out[rows, 1] = aa
+        out[rows, 2] = ra
+        out[rows, 3] = np.divide(cn, union, out=np.zeros_like(cn), where=union > 0)
+        out[rows, 4] = np.log1p(du * dv)
+        return out
+
+
+def member_friends_of_friends(
+    graph: Graph, i: int, limit: int, weights: np.ndarray | None, min_common: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """TwoHop.friends_of_friends for one member: (candidate dense indices, counts)."""
+    if i < 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    idx, counts, _ = friends_of_friends(graph, i, graph.n, weights)  # every one, in order
+    keep = counts >= max(min_common, 1)
+    return idx[keep][:limit], counts[keep][:limit]
+
+
+def member_measures(
+    graph: Graph, inv_log_degree: np.ndarray, member_dense: np.ndarray, owner: np.ndarray,
+    cand_dense: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """TwoHop.measures member by member, with graph.pair_measures."""
+    out = np.zeros((cand_dense.size, len(PAIR_COLUMNS)), dtype=np.float32)
+    bounds = np.searchsorted(owner, np.arange(member_dense.size + 1))
+    for j, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
+        if hi > lo:
+            out[lo:hi] = pair_measures(graph, int(member_dense[j]), cand_dense[lo:hi],
+                                       inv_log_degree)  # fmt: skip
+    return out
+
+
+def model_rows(
+    owner: np.ndarray,
+    measures: np.ndarray,
+    member_scalars: np.ndarray,
+    cand_scalars: np.ndarray,
+    cosines: np.ndarray,
+) -> np.ndarray:
+    """features/compute.model_matrix's columns for pairs of several members (member rows are
+    indexed by `owner`), given the pair measures and embedding cosines."""
+    out = np.empty((owner.size, len(MODEL_COLUMNS)), dtype=np.float32)
+    out[:, 0] = member_scalars[owner, 0]
+    out[:, 1] = member_scalars[owner, 1]
+    out[:, 2:6] = cand_scalars[:, 0:4]
+    out[:, _PAIR_START : _PAIR_START + len(PAIR_COLUMNS)] = measures
+    out[:, -1] = cosines
+    return out
+
+
+def row_cosines(
+    owner: np.ndarray, member_embeddings: np.ndarray, cand_embeddings: np.ndarray
+) -> np.ndarray:
+    """compute.cosine's formula, row by row (0 where a vector is zero or missing)."""
+    a = np.nan_to_num(member_embeddings.astype(np.float32, copy=False))
+    b = np.nan_to_num(cand_embeddings.astype(np.float32, copy=False))
+    norms = np.linalg.norm(b, axis=1) * np.linalg.norm(a, axis=1)[owner]
+    dots = np.einsum("ij,ij->i", b, a[owner])
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def index_cosines(
+    index: VectorIndex,
+    members: np.ndarray,
+    owner: np.ndarray,
+    cand_ids: np.ndarray,
+    member_embeddings: np.ndarray,
+    cand_embeddings: np.ndarray,
+) -> np.ndarray:
+    """The same cosines from the EBR index's unit vectors (one small product per batch);
+    rows whose member or candidate the index lacks fall back to `row_cosines`."""
+    member_rows, cand_rows = index.rows(members), index.rows(cand_ids)
+    known = (member_rows[owner] >= 0) & (cand_rows >= 0)
+    out = np.empty(owner.size, dtype=np.float32)
+    sims = index.vectors[np.maximum(member_rows, 0)] @ index.vectors.T
+    out[known] = sims[owner[known], cand_rows[known]]
+    if not known.all():
+        rest = ~known
+        out[rest] = row_cosines(owner[rest], member_embeddings, cand_embeddings[rest])
+    return out

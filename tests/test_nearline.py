@@ -1,0 +1,411 @@
+"""Nearline mode on a real Redis, real Feast pushes and the real services over gRPC: Publish,
+visibility that changes at once, the worker's recomputed lists, graph deltas, and
+at-least-once delivery through a worker killed between reading and acknowledging."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgeflow import keys, lists
+from edgeflow.build.synthetic import social_graph
+from edgeflow.build.train import train
+from edgeflow.candidates.service import CandidatesService
+from edgeflow.config import REPO_ROOT, Config
+from edgeflow.features.online import OnlineReader
+from edgeflow.features.service import FeaturesService
+from edgeflow.gateway.service import GatewayService
+from edgeflow.graph import Graph
+from edgeflow.graph_store import (
+    GraphStore,
+    append_deltas,
+    compact_graph,
+    load_graph,
+    save_graph,
+    snapshot_of,
+)
+from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
+from edgeflow.merging.service import MergingService
+from edgeflow.nearline.worker import NearlineWorker
+from edgeflow.offline import job
+from edgeflow.offline.context import find_workflow, load_inputs
+from edgeflow.offline.executor import BatchRunner
+from edgeflow.redis_client import connect
+from edgeflow.scoring.service import ScoringService
+from edgeflow.server import Service, channel, drain, start_server
+from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+
+Event = gateway_pb2.MemberEvent
+TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass
+class Suite:
+    graph: Graph
+    redis: RedisProcess
+    cfg: Config
+    client: redis.Redis
+    stub: gateway_pb2_grpc.RecommenderStub
+    candidates: candidates_pb2_grpc.CandidateServiceStub
+    servers: dict[str, tuple[Service, grpc.aio.Server, int]]
+
+    async def recommend(
+        self, member: int, surface: str = "pymk", k: int = 50
+    ) -> gateway_pb2.RecommendResponse:
+        req = gateway_pb2.RecommendRequest(surface=surface, member=member, k=k, debug=True)
+        return await self.stub.Recommend(req, timeout=10)
+
+    async def publish(self, *events: gateway_pb2.MemberEvent) -> gateway_pb2.PublishResponse:
+        return await self.stub.Publish(gateway_pb2.PublishRequest(events=events), timeout=10)
+
+    def connected(self, member: int) -> set[int]:
+        return {int(x) for x in cast(set[bytes], self.client.smembers(keys.adjacency(member)))}
+
+    def stranger(self, member: int, skip: set[int] | None = None) -> int:
+        """A member in this member's stored pymk list: neither connected nor in `skip`."""
+        [stored] = lists.read_lists(self.client, "pymk", [member])
+        assert stored is not None
+        avoid = (skip or set()) | self.connected(member)
+        return next(int(t) for t in stored.ids if int(t) not in avoid)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    home = tmp_path_factory.mktemp("nearline")
+    proc = start_redis(home / "redis")
+    edges = social_graph(members=300, communities=6, seed=5)
+    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
+    client = connect(proc.url)
+    save_graph(client, graph)
+    workflows = home / "workflows"
+    workflows.mkdir()
+    for name in ("pymk.yaml", "follows.yaml"):
+        shutil.copy(REPO_ROOT / "workflows" / name, workflows)
+    cfg = dataclasses.replace(
+        Config(), home=home, redis_url=proc.url, reload_interval_s=0.3, workflows_dir=workflows
+    )
+    train(cfg, seed=0)
+    for name in ("pymk", "follows"):  # the offline lists the worker updates
+        wf = find_workflow(cfg, name)
+        run = job.begin(client, name, 1, name)
+        job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0,
+                      graph.ids, 64)  # fmt: skip
+    servers: dict[str, tuple[Service, grpc.aio.Server, int]] = {}
+    for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
+                MergingService(cfg)):  # fmt: skip
+        server, port, _ = await start_server(svc, "127.0.0.1:0")
+        servers[svc.name] = (svc, server, port)
+    addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
+    cfg = dataclasses.replace(
+        cfg, candidates_addr=addr["candidates"], features_addr=addr["features"],
+        scoring_addr=addr["scoring"], merging_addr=addr["merging"],
+    )  # fmt: skip
+    gateway = GatewayService(cfg)
+    server, port, _ = await start_server(gateway, "127.0.0.1:0")
+    servers["gateway"] = (gateway, server, port)
+    gch, cch = channel(f"127.0.0.1:{port}"), channel(addr["candidates"])
+    yield Suite(graph, proc, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
+                candidates_pb2_grpc.CandidateServiceStub(cch), servers)  # fmt: skip
+    await gch.close()
+    await cch.close()
+    for svc, srv, _ in servers.values():
+        await srv.stop(None)
+        await svc.stop()
+    client.close()
+    proc.stop()
+
+
+def members_with_degree(graph: Graph, lo: int) -> list[int]:
+    return [int(graph.ids[i]) for i in np.flatnonzero(graph.degree >= lo)]
+
+
+def _fresh_stream(client: redis.Redis) -> None:
+    client.delete(keys.EVENTS, keys.NEARLINE_STATS, keys.EVENTS_DEAD)
+
+
+async def _until(check: Any, what: str, timeout: float = TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _applied(client: redis.Redis) -> int:
+    return int(cast(bytes | None, client.hget(keys.NEARLINE_STATS, "applied")) or 0)
+
+
+def _pending(client: redis.Redis) -> dict[str, int]:
+    info = cast(dict[str, Any], client.xpending(keys.EVENTS, keys.NEARLINE_GROUP))
+    return {c["name"].decode(): int(c["pending"]) for c in info["consumers"]}
+
+
+# ---- Publish ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("event", "text"),
+    [
+        (Event(member=1, target=2), "events[0].type: required"),
+        (Event(type=Event.CONNECT, member=-1, target=2), "events[0].member: must be >= 0"),
+        (Event(type=Event.BLOCK, member=3, target=3), "events[0].target: a member cannot block"),
+        (Event(type=Event.DISMISS, member=3, target=-2), "events[0].target: must be >= 0"),
+        (Event(type=Event.PROFILE_CHANGE, member=3), "events[0].features: a profile_change"),
+        (Event(type=Event.PROFILE_CHANGE, member=3, features={"height": 1.0}),
+         "unknown feature 'height'"),
+        (Event(type=Event.PROFILE_CHANGE, member=3, features={"embedding_0": 1.0}),
+         "the embedding changes whole: 1 of 32"),
+        (Event(type=Event.CONNECT, member=3, target=4, features={"degree": 1.0}),
+         "only a profile_change carries features"),
+    ],
+)  # fmt: skip
+async def test_publish_names_the_bad_field(
+    suite: Suite, event: gateway_pb2.MemberEvent, text: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await suite.publish(event)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert text in (err.value.details() or "")
+
+
+async def test_block_dismiss_and_connect_apply_before_any_recompute(suite: Suite) -> None:
+    _fresh_stream(suite.client)  # no worker runs in this test
+    member = members_with_degree(suite.graph, 6)[0]
+    before = await suite.recommend(member)
+    targets = [e.target for e in before.edges]
+    blocked, connected = targets[0], targets[1]
+    resp = await suite.publish(
+        Event(type=Event.BLOCK, member=member, target=blocked),
+        Event(type=Event.CONNECT, member=member, target=connected),
+    )
+    assert resp.published == 2 and all(resp.entry_ids) and len(set(resp.event_ids)) == 2
+    after = await suite.recommend(member)
+    shown = {e.target for e in after.edges}
+    assert blocked not in shown and connected not in shown
+    assert after.funnel.dropped["blocked"] >= 1 and after.funnel.dropped["connected"] >= 1
+    # The blocked member does not see the blocker either.
+    assert member not in {e.target for e in (await suite.recommend(blocked)).edges}
+    # follows has no online scoring: its list is served, and filtered, at request time.
+    follows = [e.target for e in (await suite.recommend(member, "follows")).edges]
+    assert follows and blocked not in follows and connected not in follows
+    gone = follows[0]
+    await suite.publish(Event(type=Event.DISMISS, member=member, target=gone))
+    assert gone not in {e.target for e in (await suite.recommend(member, "follows")).edges}
+    edge = (await suite.recommend(member, "follows")).edges[0]
+    assert [(p.source, p.mode) for p in edge.provenance] == [("precomputed", "offline")]
+    # Undo, so later tests start from the ingested graph.
+    await suite.publish(Event(type=Event.DISCONNECT, member=member, target=connected))
+    assert connected not in suite.connected(member)
+    suite.client.delete(keys.blocked(member), keys.blocked(blocked), keys.dismissed(member))
+    assert int(cast(int, suite.client.xlen(keys.EVENTS))) == 4
+
+
+async def test_a_repeated_event_id_is_stored_once(suite: Suite) -> None:
+    _fresh_stream(suite.client)
+    event = Event(type=Event.FOLLOW, member=1, target=2, event_id="follow-1-2")
+    first = await suite.publish(event)
+    again = await suite.publish(event, Event(type=Event.FOLLOW, member=1, target=3))
+    assert first.published == 1 and list(first.event_ids) == ["follow-1-2"]
+    assert again.published == 1 and again.duplicates == 1 and again.entry_ids[0] == ""
+    assert int(cast(int, suite.client.xlen(keys.EVENTS))) == 2
+    with pytest.raises(grpc.aio.AioRpcError, match="appears twice in one request"):
+        await suite.publish(Event(type=Event.FOLLOW, member=1, target=4, event_id="x"),
+                            Event(type=Event.FOLLOW, member=1, target=5, event_id="x"))  # fmt: skip
+    suite.client.delete(keys.follows(1))
+
+
+async def test_pymk_still_serves_its_offline_list_when_scoring_fails(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 6)[1]
+    [stored] = lists.read_lists(suite.client, "pymk", [member])
+    assert stored is not None and stored.mode == "offline"
+    svc, server, port = suite.servers["scoring"]
+    await server.stop(None)
+    try:
+        resp = await suite.recommend(member, k=20)
+    finally:
+        server, _, _ = await start_server(svc, f"127.0.0.1:{port}")
+        suite.servers["scoring"] = (svc, server, port)
+    assert resp.partial and any(d.startswith("rank: UNAVAILABLE") for d in resp.degraded)
+    assert len(resp.edges) == 20
+    offline = {int(t): float(s) for t, s in zip(stored.ids, stored.scores, strict=True)}
+    for edge in resp.edges:
+        assert edge.model_score == 0.0  # nothing was scored online
+        prov = {p.source: p for p in edge.provenance}
+        assert prov["precomputed"].mode == "offline" and prov["precomputed"].age_seconds > 0
+        assert prov["precomputed"].score == pytest.approx(offline[edge.target])
+    assert int(stored.ids[0]) in {e.target for e in resp.edges}  # its best edge is served
+
+
+# ---- the worker ------------------------------------------------------------------------------
+async def _start_worker(suite: Suite, consumer: str, claim_idle_s: float = 30.0) -> tuple[
+    NearlineWorker, grpc.aio.Server, Any
+]:  # fmt: skip
+    worker = NearlineWorker(suite.cfg, consumer=consumer, claim_idle_s=claim_idle_s)
+    server, port, health = await start_server(worker, "127.0.0.1:0")
+    async with channel(f"127.0.0.1:{port}") as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    groups = cast(list[dict[str, Any]], suite.client.xinfo_groups(keys.EVENTS))
+    assert [g["name"].decode() for g in groups] == [keys.NEARLINE_GROUP]
+    return worker, server, health
+
+
+async def test_a_connect_reaches_stored_lists_graph_and_features(suite: Suite) -> None:
+    _fresh_stream(suite.client)
+    member = members_with_degree(suite.graph, 6)[3]
+    target = suite.stranger(member)
+    reader = OnlineReader()
+    degree_before = reader.read_sync(suite.client, [member]).scalars[0, 0]
+    worker, server, health = await _start_worker(suite, "fresh")
+    listener = aioredis.Redis.from_url(suite.cfg.redis_url)
+    pubsub = listener.pubsub()
+    try:
+        await pubsub.subscribe(keys.NEARLINE_STORED)
+        published_at = time.time()
+        resp = await suite.publish(Event(type=Event.CONNECT, member=member, target=target))
+        [event_id] = resp.event_ids
+
+        async def stored() -> dict[str, Any] | None:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            note = None if msg is None else json.loads(msg["data"])
+            return note if note and event_id in note["events"] else None
+
+        note = await _until(stored, "the worker to store the recomputed lists")
+        assert note["lists"] == {"pymk": 2, "follows": 2}
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await drain(worker, server, health)
+    for name in ("pymk", "follows"):
+        mine, theirs = lists.read_lists(suite.client, name, [member, target])
+        assert mine is not None and theirs is not None
+        assert mine.mode == theirs.mode == "nearline" and mine.created_at >= published_at
+        assert target not in mine.ids and member not in theirs.ids
+    # Served: the list's entries carry their nearline mode and age into provenance.
+    resp = await suite.recommend(member)
+    modes = {p.mode for e in resp.edges for p in e.provenance if p.source == "precomputed"}
+    assert modes == {"nearline"} and target not in {e.target for e in resp.edges}
+    # The graph changed for every reader: the delta stream, then the candidates service.
+    graph = load_graph(suite.client)
+    assert graph.index_of(target) in set(graph.neighbors(graph.index_of(member)).tolist())
+
+    async def fof_sees_it() -> bool:
+        req = candidates_pb2.GenerateRequest(member=member, source="graph", limit=500)
+        return target not in (await suite.candidates.Generate(req, timeout=5)).ids
+
+    await _until(fof_sees_it, "the candidates service to apply the graph delta", 10)
+    # The features pushed through Feast's push source: the member's degree is one more.
+    degree_after = reader.read_sync(suite.client, [member]).scalars[0, 0]
+    assert degree_after == degree_before + 1
+    assert _applied(suite.client) == 1 and _pending(suite.client) == {}
+
+
+async def test_at_least_once_through_a_worker_killed_before_acking(suite: Suite) -> None:
+    _fresh_stream(suite.client)
+    suite.client.xgroup_create(keys.EVENTS, keys.NEARLINE_GROUP, id="0", mkstream=True)
+    port = free_port()
+    env = dict(
+        os.environ, REDIS_URL=suite.cfg.redis_url, EDGEFLOW_HOME=str(suite.cfg.home),
+        EDGEFLOW_WORKFLOWS=str(suite.cfg.workflows_dir), PORT=str(port),
+        FEATURES_ADDR=f"127.0.0.1:{free_port()}",  # nothing listens: every push fails
+        NEARLINE_CLAIM_IDLE_S="600", LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "edgeflow.cli.main", "serve", "nearline"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    members = members_with_degree(suite.graph, 4)[10:22]
+    pairs: list[tuple[int, int]] = []
+    taken: set[int] = set()
+    for m in members:
+        t = suite.stranger(m, taken | set(members))
+        taken |= {m, t}
+        pairs.append((m, t))
+    events = [Event(type=Event.CONNECT, member=m, target=t, event_id=f"c-{m}-{t}")
+              for m, t in pairs]  # fmt: skip
+    try:
+        first = await suite.publish(*events)
+        assert first.published == len(events)
+        # It read every event and acknowledged none of them: then it dies.
+        await _until(lambda: sum(_pending(suite.client).values()) == len(events), "reads")
+        [name] = _pending(suite.client)
+        assert doomed.poll() is None
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    # Retried publishes of the same events add nothing.
+    again = await suite.publish(*events[:3])
+    assert again.duplicates == 3 and int(cast(int, suite.client.xlen(keys.EVENTS))) == len(events)
+    assert _applied(suite.client) == 0
+
+    worker, server, health = await _start_worker(suite, "rescuer", claim_idle_s=0.5)
+    try:
+        await _until(lambda: _applied(suite.client) == len(events), "the claimed events")
+        await _until(lambda: _pending(suite.client) == {}, "every entry acknowledged")
+        # An entry delivered again (a replayed append) is acknowledged, not applied again.
+        fields = {"id": events[0].event_id, "type": "connect", "member": str(pairs[0][0]),
+                  "target": str(pairs[0][1]), "time": "1", "features": "{}"}  # fmt: skip
+        replay = cast(bytes, suite.client.xadd(keys.EVENTS, fields))
+
+        def replayed() -> bool:
+            [group] = cast(list[dict[str, Any]], suite.client.xinfo_groups(keys.EVENTS))
+            return group["last-delivered-id"] == replay and _pending(suite.client) == {}
+
+        await _until(replayed, "the replayed entry")
+    finally:
+        await drain(worker, server, health)
+    assert _applied(suite.client) == len(events)  # nothing lost, nothing doubled
+    assert not suite.client.exists(keys.EVENTS_DEAD)
+    assert name != "rescuer"
+    graph = load_graph(suite.client)
+    for (m, t), event in zip(pairs, events, strict=True):
+        assert suite.client.exists(keys.event_done(event.event_id))
+        assert graph.index_of(t) in set(graph.neighbors(graph.index_of(m)).tolist())
+        stored = lists.read_lists(suite.client, "pymk", [m])[0]
+        assert stored is not None and stored.mode == "nearline" and t not in stored.ids
+
+
+async def test_graph_deltas_are_followed_and_compacted(suite: Suite) -> None:
+    client = suite.client
+    store = GraphStore(aioredis.Redis.from_url(suite.cfg.redis_url))
+    await store.load()
+    base = store.graph
+    a, b = members_with_degree(base, 2)[:2]
+    on = a in set(base.ids[base.neighbors(base.index_of(b))].tolist())
+    append_deltas(client, np.array([[a, b], [a, b]]), np.array([on, not on]))
+    assert await store.load() and not await store.load()  # applied once
+    flipped = store.graph
+    assert snapshot_of(flipped) == snapshot_of(base) and flipped.version != base.version
+    assert (flipped.index_of(b) in set(flipped.neighbors(flipped.index_of(a)).tolist())) != on
+    assert flipped.edge_count == base.edge_count + (-1 if on else 1)
+    new_version = compact_graph(client, min_deltas=1)
+    assert new_version is not None and "+" not in new_version
+    assert await store.load()
+    assert store.graph.version == new_version
+    assert np.array_equal(store.graph.indices, flipped.indices)
+    assert compact_graph(client, min_deltas=1) is None  # nothing left to fold
+    append_deltas(client, np.array([[a, b]]), np.array([on]))  # restore the edge state
+    restored = load_graph(client)
+    assert restored.edge_count == base.edge_count
+    await store.close()
