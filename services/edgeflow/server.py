@@ -14,7 +14,8 @@ import signal
 import sys
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +26,27 @@ from edgeflow.config import Config
 
 log = logging.getLogger("edgeflow")
 
+T = TypeVar("T")
+
 GRACE_S = 5.0
+
+
+class RequestError(Exception):
+    """A request that fails with a gRPC status code and a message naming what and where."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    """Await a handler's work; a RequestError becomes the call's status and message."""
+    try:
+        return await work
+    except RequestError as exc:
+        await context.abort(exc.code, exc.message)
+        raise  # abort raises; this keeps type checkers aware
 
 
 class Service(ABC):

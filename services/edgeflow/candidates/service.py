@@ -33,7 +33,7 @@ from edgeflow.config import Config
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.lists import ListError
 from edgeflow.redis_client import connect_async
-from edgeflow.server import Service
+from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
 
 log = logging.getLogger("edgeflow.candidates")
@@ -151,15 +151,6 @@ class CandidatesService(Service):
         )
 
 
-class RequestError(Exception):
-    """A request that fails with a gRPC status code and a message naming what and where."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 async def _open_qdrant(cfg: Config, emb: Embeddings) -> QdrantClient | None:
     """Open Qdrant; on failure serve the other sources and say why ebr cannot answer."""
     try:
@@ -177,11 +168,7 @@ class _Servicer(candidates_pb2_grpc.CandidateServiceServicer):
     async def Generate(
         self, request: candidates_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> candidates_pb2.GenerateResponse:
-        try:
-            return await self._service.generate(request)
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # abort raises; this keeps type checkers aware
+        return await answer(context, self._service.generate(request))
 
 
 def create(cfg: Config) -> Service:

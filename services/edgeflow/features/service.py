@@ -34,7 +34,7 @@ from edgeflow.features.schema import (
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.redis_client import connect_async
 from edgeflow.resp import RawPipeline, RespError, RespReplyError
-from edgeflow.server import Service
+from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 
 if TYPE_CHECKING:
@@ -47,15 +47,6 @@ MAX_ENTITIES = 5000
 _EMBEDDING_COLUMNS = ENTITY_COLUMNS[len(SCALAR_FEATURES) :]
 _MODEL_INDEX = {name: i for i, name in enumerate(MODEL_COLUMNS)}
 _ENTITY_INDEX = {name: i for i, name in enumerate(ENTITY_COLUMNS)}
-
-
-class RequestError(Exception):
-    """A request that fails with a gRPC status code and a message naming what and where."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _invalid(message: str) -> RequestError:
@@ -334,20 +325,12 @@ class _Servicer(features_pb2_grpc.FeatureServiceServicer):
     async def GetFeatures(
         self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetFeaturesResponse:
-        try:
-            return await self._service.get_features(request)
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # abort raises; this keeps type checkers aware
+        return await answer(context, self._service.get_features(request))
 
     async def Push(
         self, request: features_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.PushResponse:
-        try:
-            return await self._service.push(request)
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message)
-            raise
+        return await answer(context, self._service.push(request))
 
 
 def create(cfg: Config) -> Service:

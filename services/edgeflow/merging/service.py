@@ -23,7 +23,7 @@ from edgeflow.merging import blend, filters
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.redis_client import connect_async
-from edgeflow.server import Service
+from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
 log = logging.getLogger("edgeflow.merging")
@@ -67,15 +67,6 @@ def to_quotas(quotas: Sequence[merging_pb2.Quota]) -> dict[str, int]:
     return out
 
 
-class Failure(Exception):
-    """A request failure with its gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class MergingService(Service):
     name = "merging"
     service_names = ("edgeflow.v1.MergingService",)
@@ -109,7 +100,7 @@ class MergingService(Service):
             quotas = to_quotas(request.quotas)
             pool = blend.blend([to_list(i, m) for i, m in enumerate(request.lists)])
         except (BlendError, FilterError) as exc:
-            raise Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         keep, dropped = await self.visible(request.member, pool.ids, names, deadline_s)
         return blend.response(pool, blend.select(pool, request.k, quotas, keep, dropped))
 
@@ -119,7 +110,7 @@ class MergingService(Service):
         try:
             names = filters.check(request.filters)
         except FilterError as exc:
-            raise Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         ids = tensor.ids(request.ids)
         keep, dropped = await self.visible(request.member, ids, names, deadline_s)
         return merging_pb2.FilterResponse(
@@ -131,19 +122,19 @@ class MergingService(Service):
     ) -> tuple[np.ndarray, dict[str, int]]:
         """Apply the filters, mapping Redis failures to UNAVAILABLE or FAILED_PRECONDITION."""
         if self._redis is None:
-            raise Failure(grpc.StatusCode.UNAVAILABLE, "merging: service is not started")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "merging: service is not started")
         budget = REDIS_BUDGET_S if deadline_s is None else min(REDIS_BUDGET_S, deadline_s)
         try:
             async with asyncio.timeout(budget):
                 return await filters.visible(self._redis, member, ids, names)
         except rexc.ResponseError as exc:
             msg = f"merging: redis at {self._redis_at} refused the filters {list(names)}: {exc}"
-            raise Failure(grpc.StatusCode.FAILED_PRECONDITION, msg) from exc
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, msg) from exc
         except (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError) as exc:
             reason = str(exc) or f"no reply within {budget:.2f}s"
             msg = f"merging: redis at {self._redis_at} unavailable for filters {list(names)}: "
             log.warning("%s%s", msg, reason)
-            raise Failure(grpc.StatusCode.UNAVAILABLE, msg + reason) from exc
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, msg + reason) from exc
 
 
 class _Servicer(merging_pb2_grpc.MergingServiceServicer):
@@ -153,20 +144,12 @@ class _Servicer(merging_pb2_grpc.MergingServiceServicer):
     async def Merge(
         self, request: merging_pb2.MergeRequest, context: grpc.aio.ServicerContext
     ) -> merging_pb2.MergeResponse:
-        try:
-            return await self._svc.merge(request, context.time_remaining())
-        except Failure as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # abort raises; this keeps the control flow explicit
+        return await answer(context, self._svc.merge(request, context.time_remaining()))
 
     async def Filter(
         self, request: merging_pb2.FilterRequest, context: grpc.aio.ServicerContext
     ) -> merging_pb2.FilterResponse:
-        try:
-            return await self._svc.filter(request, context.time_remaining())
-        except Failure as exc:
-            await context.abort(exc.code, exc.message)
-            raise
+        return await answer(context, self._svc.filter(request, context.time_remaining()))
 
 
 def create(cfg: Config) -> Service:
