@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,22 +14,18 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import yaml
+from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from edgeflow import keys, lists, tracing
 from edgeflow.build.synthetic import social_graph
 from edgeflow.build.train import train
-from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import REPO_ROOT, Config
-from edgeflow.features.service import FeaturesService
-from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
 from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.merging.service import MergingService
 from edgeflow.redis_client import connect
-from edgeflow.scoring.service import ScoringService
 from edgeflow.server import Service, channel, start_server
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -81,32 +76,19 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
     save_graph(connect(redis.url), graph)
     workflows = home / "workflows"
     workflows.mkdir()
-    shutil.copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
+    relaxed_copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
     _slow_variant(workflows)
     _missing_model_variant(workflows)
     cfg = dataclasses.replace(
         Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
     )
     train(cfg, seed=0)
-    servers: dict[str, tuple[Service, grpc.aio.Server, int]] = {}
-    for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
-                MergingService(cfg)):  # fmt: skip
-        server, port, _ = await start_server(svc, "127.0.0.1:0")
-        servers[svc.name] = (svc, server, port)
-    addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
-    cfg = dataclasses.replace(
-        cfg, candidates_addr=addr["candidates"], features_addr=addr["features"],
-        scoring_addr=addr["scoring"], merging_addr=addr["merging"],
-    )  # fmt: skip
-    gateway = GatewayService(cfg)
-    server, port, _ = await start_server(gateway, "127.0.0.1:0")
-    servers["gateway"] = (gateway, server, port)
+    cfg, servers = await start_backends(cfg)
+    port = await start_gateway(cfg, servers)
     ch = channel(f"127.0.0.1:{port}")
     yield Suite(graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers)
     await ch.close()
-    for svc, srv, _ in servers.values():
-        await srv.stop(None)
-        await svc.stop()
+    await stop_all(servers)
     redis.stop()
 
 

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,15 +22,13 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
 
 from edgeflow import keys, lists
 from edgeflow.build.synthetic import social_graph
 from edgeflow.build.train import train
-from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.online import OnlineReader
-from edgeflow.features.service import FeaturesService
-from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
 from edgeflow.graph_store import (
     GraphStore,
@@ -42,13 +39,11 @@ from edgeflow.graph_store import (
     snapshot_of,
 )
 from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
-from edgeflow.merging.service import MergingService
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
 from edgeflow.redis_client import connect
-from edgeflow.scoring.service import ScoringService
 from edgeflow.server import Service, channel, drain, start_server
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
@@ -97,7 +92,7 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
     workflows = home / "workflows"
     workflows.mkdir()
     for name in ("pymk.yaml", "follows.yaml"):
-        shutil.copy(REPO_ROOT / "workflows" / name, workflows)
+        relaxed_copy(REPO_ROOT / "workflows" / name, workflows)
     cfg = dataclasses.replace(
         Config(), home=home, redis_url=proc.url, reload_interval_s=0.3, workflows_dir=workflows
     )
@@ -107,27 +102,14 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
         run = job.begin(client, name, 1, name)
         job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0,
                       graph.ids, 64)  # fmt: skip
-    servers: dict[str, tuple[Service, grpc.aio.Server, int]] = {}
-    for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
-                MergingService(cfg)):  # fmt: skip
-        server, port, _ = await start_server(svc, "127.0.0.1:0")
-        servers[svc.name] = (svc, server, port)
-    addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
-    cfg = dataclasses.replace(
-        cfg, candidates_addr=addr["candidates"], features_addr=addr["features"],
-        scoring_addr=addr["scoring"], merging_addr=addr["merging"],
-    )  # fmt: skip
-    gateway = GatewayService(cfg)
-    server, port, _ = await start_server(gateway, "127.0.0.1:0")
-    servers["gateway"] = (gateway, server, port)
-    gch, cch = channel(f"127.0.0.1:{port}"), channel(addr["candidates"])
+    cfg, servers = await start_backends(cfg)
+    port = await start_gateway(cfg, servers)
+    gch, cch = channel(f"127.0.0.1:{port}"), channel(cfg.candidates_addr)
     yield Suite(graph, proc, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
                 candidates_pb2_grpc.CandidateServiceStub(cch), servers)  # fmt: skip
     await gch.close()
     await cch.close()
-    for svc, srv, _ in servers.values():
-        await srv.stop(None)
-        await svc.stop()
+    await stop_all(servers)
     client.close()
     proc.stop()
 

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import yaml
+from inprocess import start_backends, start_gateway, stop_all
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -33,22 +33,18 @@ from edgeflow.build.embeddings import member_embeddings
 from edgeflow.build.ranker import build_examples, inner_split
 from edgeflow.build.synthetic import social_graph
 from edgeflow.build.train import train
-from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.compute import member_features
 from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS
-from edgeflow.features.service import FeaturesService
 from edgeflow.gateway.frame import Frame, SourceInfo
 from edgeflow.gateway.remote import RemoteError, RemoteScorer, infer_request, read_scores
-from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
 from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import free_port, start_redis
-from edgeflow.merging.service import MergingService
 from edgeflow.redis_client import connect
 from edgeflow.scoring.oip import InferenceServicer
 from edgeflow.scoring.service import ScoringService
-from edgeflow.server import Service, channel, start_server
+from edgeflow.server import channel
 from edgeflow.v1 import (
     features_pb2,
     features_pb2_grpc,
@@ -366,16 +362,12 @@ async def remote(
     save_graph(connect(redis.url), graph)
     workflows = home / "workflows"
     workflows.mkdir()
-    shutil.copy(CATCH_UP, workflows)
+    _variant(workflows, "catch-up")  # the checked-in graph, with generous deadlines
     cfg = dataclasses.replace(
         Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
     )
     train(cfg, seed=0)
-    servers: dict[str, tuple[Service, grpc.aio.Server, int]] = {}
-    for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
-                MergingService(cfg)):  # fmt: skip
-        server, port, _ = await start_server(svc, "127.0.0.1:0")
-        servers[svc.name] = (svc, server, port)
+    cfg, servers = await start_backends(cfg)
     addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
     scoring_service = servers["scoring"][0]
     assert isinstance(scoring_service, ScoringService)
@@ -408,13 +400,7 @@ async def remote(
     # The checked-in catch-up reads SCORING_ADDR from the gateway's environment.
     env = pytest.MonkeyPatch()
     env.setenv("SCORING_ADDR", addr["scoring"])
-    cfg = dataclasses.replace(
-        cfg, candidates_addr=addr["candidates"], features_addr=addr["features"],
-        scoring_addr=addr["scoring"], merging_addr=addr["merging"],
-    )  # fmt: skip
-    gateway = GatewayService(cfg)
-    server, port, _ = await start_server(gateway, "127.0.0.1:0")
-    servers["gateway"] = (gateway, server, port)
+    port = await start_gateway(cfg, servers)
     await _wait_ready(proc, mlserver, home / "mlserver.log")
     chans = [channel(f"127.0.0.1:{port}"), channel(addr["features"]), channel(addr["scoring"])]
     yield Remote(
@@ -429,9 +415,7 @@ async def remote(
     for ch in chans:
         await ch.close()
     await flaky_server.stop(None)
-    for svc, srv, _ in servers.values():
-        await srv.stop(None)
-        await svc.stop()
+    await stop_all(servers)
     redis.stop()
 
 

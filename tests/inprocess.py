@@ -1,0 +1,61 @@
+"""The suite's services in the test's own process, on real grpc.aio servers."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from edgeflow.candidates.service import CandidatesService
+from edgeflow.config import Config
+from edgeflow.features.service import FeaturesService
+from edgeflow.gateway.service import GatewayService
+from edgeflow.merging.service import MergingService
+from edgeflow.scoring.service import ScoringService
+from edgeflow.server import Service, start_server
+
+Servers = dict[str, tuple[Service, grpc.aio.Server, int]]
+
+
+async def start_backends(cfg: Config) -> tuple[Config, Servers]:
+    """Candidates, features, scoring and merging on free ports; the returned config (for the
+    gateway) carries their addresses."""
+    servers: Servers = {}
+    for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
+                MergingService(cfg)):  # fmt: skip
+        server, port, _ = await start_server(svc, "127.0.0.1:0")
+        servers[svc.name] = (svc, server, port)
+    addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
+    cfg = dataclasses.replace(
+        cfg, candidates_addr=addr["candidates"], features_addr=addr["features"],
+        scoring_addr=addr["scoring"], merging_addr=addr["merging"],
+    )  # fmt: skip
+    return cfg, servers
+
+
+async def start_gateway(cfg: Config, servers: Servers) -> int:
+    gateway = GatewayService(cfg)
+    server, port, _ = await start_server(gateway, "127.0.0.1:0")
+    servers["gateway"] = (gateway, server, port)
+    return port
+
+
+async def stop_all(servers: Servers) -> None:
+    for svc, srv, _ in servers.values():
+        await srv.stop(None)
+        await svc.stop()
+
+
+def relaxed_copy(source: Path, directory: Path) -> Path:
+    """Copy a checked-in workflow with deadlines a loaded CI machine always meets, for tests
+    of what a graph computes (tests of what deadlines do set their own)."""
+    doc: dict[str, Any] = yaml.safe_load(source.read_text())
+    doc["spec"]["budgetMs"] = 10_000
+    for node in doc["spec"]["nodes"]:
+        node["timeoutMs"] = 5_000
+    target = directory / source.name
+    target.write_text(yaml.safe_dump(doc))
+    return target
