@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,17 @@ async def start_gateway(cfg: Config, servers: Servers) -> int:
     return port
 
 
-async def stop_all(servers: Servers) -> None:
-    for svc, srv, _ in servers.values():
-        await srv.stop(None)
-        await svc.stop()
+async def stop_all(servers: Servers, timeout_s: float = 20.0) -> None:
+    """Stop every server and service. Teardown is not what these tests check, so one that
+    does not stop in time is reported with every task's stack, and the rest still stop."""
+    for name, (svc, srv, _) in servers.items():
+        try:
+            await asyncio.wait_for(srv.stop(None), timeout_s)
+            await asyncio.wait_for(svc.stop(), timeout_s)
+        except TimeoutError:
+            warnings.warn(f"the {name} service did not stop within {timeout_s} s", stacklevel=1)
+            for task in asyncio.all_tasks():
+                task.print_stack(file=sys.stderr)
 
 
 def relaxed_copy(source: Path, directory: Path) -> Path:

@@ -412,9 +412,8 @@ async def remote(
         flaky,
     )
     env.undo()
-    for ch in chans:
-        await ch.close()
-    await flaky_server.stop(None)
+    await asyncio.wait_for(asyncio.gather(*(ch.close() for ch in chans)), 20)
+    await asyncio.wait_for(flaky_server.stop(None), 20)
     await stop_all(servers)
     redis.stop()
 

@@ -31,6 +31,7 @@ from edgeflow.workflow.validate import Workflow, load_directory
 log = logging.getLogger("edgeflow.gateway")
 
 MAX_K = 500
+_CLOSE_TIMEOUT_S = 5.0
 # Leave this much of the caller's deadline for building and sending the response.
 _RESPONSE_MARGIN_S = 0.002
 
@@ -76,10 +77,13 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        for ch in self._channels:
-            await ch.close()
+        closing = [ch.close() for ch in self._channels]
         if self._engine is not None:
-            await self._engine.close()
+            closing.append(self._engine.close())
+        try:  # a peer that never answers must not keep the process from exiting
+            await asyncio.wait_for(asyncio.gather(*closing), _CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("peer channels did not close within %.0f s", _CLOSE_TIMEOUT_S)
         if self._rds is not None:
             await self._rds.aclose()
 
