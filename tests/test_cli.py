@@ -148,3 +148,18 @@ def test_serve_drains_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
     messages = [entry["msg"] for entry in lines]
     assert any("serving on port" in m for m in messages)
     assert messages[-2:] == ["merging draining", "merging stopped"]
+
+
+def test_up_refuses_ports_already_in_use(env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        e = dict(env, GATEWAY_ADDR=f"127.0.0.1:{port}")
+        run = edgeflow("up", env=e)
+    assert run.returncode == 2
+    assert f"in use: gateway port {port}" in run.stderr and "edgeflow down" in run.stderr
+    status = edgeflow("status", env=e)
+    assert status.stdout.startswith("nothing is running")  # nothing was left behind

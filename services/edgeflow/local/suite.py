@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +117,16 @@ def ensure_redis(suite: Suite) -> None:
 
 def start_services(suite: Suite, timeout_s: float = 120.0) -> None:
     """Spawn each service as `edgeflow serve NAME` and wait until all report SERVING."""
+    busy = [
+        f"{name} port {suite.ports[name]}" for name in SERVICES if not port_free(suite.ports[name])
+    ]
+    if busy:
+        # Otherwise a health check could reach whatever already listens there.
+        raise RuntimeError(
+            f"in use: {', '.join(busy)}. Another edgeflow suite may be up: run `edgeflow down` "
+            "where it was started, or choose other ports with GATEWAY_ADDR, CANDIDATES_ADDR, "
+            "FEATURES_ADDR, SCORING_ADDR, MERGING_ADDR and NEARLINE_ADDR"
+        )
     log_dir = suite.home / "run"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = suite.env()
@@ -131,6 +142,16 @@ def start_services(suite: Suite, timeout_s: float = 120.0) -> None:
         suite.pids[name] = proc.pid
     suite.save()
     wait_serving(suite, timeout_s)
+
+
+def port_free(port: int) -> bool:
+    """Whether a service could bind the port (services listen on all interfaces)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_serving(suite: Suite, timeout_s: float) -> None:
