@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from edgeflow.build.feast_features import (
     FeastCommandError,
@@ -216,19 +215,21 @@ def test_reader_equals_feast_sdk_for_every_member(
     assert np.isnan(ours.scalars[~known]).all() and np.isnan(ours.embeddings[~known]).all()
 
 
-async def test_async_reader_equals_sync(
+async def test_pipelined_reader_equals_script_reader(
     published: Published, redis_proc: RedisProcess, client: redis.Redis
 ) -> None:
-    aclient = aioredis.Redis.from_url(redis_proc.url)
+    from edgeflow.resp import RawPipeline
+
+    pipe = RawPipeline(redis_proc.url)
     try:
         reader = OnlineReader()
         ids = np.concatenate([published.graph.ids[::3], ABSENT])
-        client.script_flush()  # the reader reloads its script when Redis lost it
-        assert_rows_equal(await reader.read(aclient, ids), reader.read_sync(client, ids))
-        empty = await reader.read(aclient, [])
+        client.script_flush()  # the script reader reloads its script when Redis lost it
+        assert_rows_equal(await reader.read_pipelined(pipe, ids), reader.read_sync(client, ids))
+        empty = reader.read_sync(client, [])
         assert empty.scalars.shape == (0, len(SCALAR_FEATURES)) and empty.missing.size == 0
     finally:
-        await aclient.aclose()
+        await pipe.close()
 
 
 def test_fallback_decoder_matches_feast_for_other_layouts(

@@ -98,7 +98,6 @@ class FeaturesService(Service):
         try:
             if not await self._store.load():
                 log.warning("no member graph yet: run `edgeflow ingest --edges FILE`")
-            await self.reader.prepare(self._rds)
         except (redis.RedisError, OSError) as exc:
             log.warning("not loaded yet, Redis at %s: %s", self.cfg.redis_url, exc)
         self._store.start_watching()
