@@ -1,15 +1,31 @@
-"""Shared fixtures: a real Redis server process, the Facebook graph, small graphs."""
+"""Shared fixtures: a real Redis server process, the Facebook graph, small graphs, and the
+whole online suite in process."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_asyncio
 import redis
+import yaml
+from inprocess import Suite, relaxed_copy, start_backends, start_gateway, stop_all
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from edgeflow.config import REPO_ROOT
+from edgeflow import tracing
+from edgeflow.build.synthetic import social_graph
+from edgeflow.build.train import train
+from edgeflow.config import REPO_ROOT, Config
+from edgeflow.graph import Graph
+from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow.redis_client import connect
+from edgeflow.server import channel
+from edgeflow.v1 import gateway_pb2_grpc
 
 FACEBOOK = REPO_ROOT.parent / "shared" / "data" / "facebook_combined.txt"
 
@@ -34,3 +50,59 @@ def facebook_edges() -> Path:
     if not FACEBOOK.exists():
         pytest.fail(f"the Facebook graph is expected at {FACEBOOK}")
     return FACEBOOK
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    """Every span the test process finishes (installed once, before any suite starts)."""
+    exporter = InMemorySpanExporter()
+    tracing.setup("tests", processor=SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def _slow_variant(workflows: Path) -> None:
+    """A surface whose Redis-reading sources have short deadlines and whose merge a long one."""
+    doc: dict[str, Any] = yaml.safe_load((workflows / "pymk.yaml").read_text())
+    doc["metadata"]["name"] = doc["spec"]["surface"] = "pymk-slow"
+    doc["spec"]["budgetMs"] = 5000
+    for node in doc["spec"]["nodes"]:
+        node["timeoutMs"] = {"features": 100, "precomputed": 100}.get(node["name"], 4000)
+    (workflows / "pymk-slow.yaml").write_text(yaml.safe_dump(doc))
+
+
+def _missing_model_variant(workflows: Path) -> None:
+    """A surface whose scoring node names a model the registry does not have."""
+    doc: dict[str, Any] = yaml.safe_load((workflows / "pymk.yaml").read_text())
+    doc["metadata"]["name"] = doc["spec"]["surface"] = "pymk-nomodel"
+    next(n for n in doc["spec"]["nodes"] if n["name"] == "rank")["params"]["model"] = (
+        "no-such-model"
+    )
+    (workflows / "pymk-nomodel.yaml").write_text(yaml.safe_dump(doc))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def suite(
+    tmp_path_factory: pytest.TempPathFactory, spans: InMemorySpanExporter
+) -> AsyncIterator[Suite]:
+    """The five services on real grpc.aio servers over a 400-member graph, one per module."""
+    home = tmp_path_factory.mktemp("suite")
+    redis = start_redis(home / "redis")
+    edges = social_graph(members=400, communities=8, seed=3)
+    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
+    save_graph(connect(redis.url), graph)
+    workflows = home / "workflows"
+    workflows.mkdir()
+    relaxed_copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
+    _slow_variant(workflows)
+    _missing_model_variant(workflows)
+    cfg = dataclasses.replace(
+        Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
+    )
+    train(cfg, seed=0)
+    cfg, servers = await start_backends(cfg)
+    port = await start_gateway(cfg, servers)
+    ch = channel(f"127.0.0.1:{port}")
+    yield Suite(graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers, port)
+    await ch.close()
+    await stop_all(servers)
+    redis.stop()

@@ -10,17 +10,45 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import yaml
 
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import Config
 from edgeflow.features.service import FeaturesService
 from edgeflow.gateway.service import GatewayService
+from edgeflow.graph import Graph
+from edgeflow.local.redis_server import RedisProcess
 from edgeflow.merging.service import MergingService
 from edgeflow.scoring.service import ScoringService
 from edgeflow.server import Service, start_server
+from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 Servers = dict[str, tuple[Service, grpc.aio.Server, int]]
+
+
+@dataclasses.dataclass
+class Suite:
+    """A running suite (the `suite` fixture in conftest.py) and its gateway's address."""
+
+    graph: Graph
+    redis: RedisProcess
+    cfg: Config
+    stub: gateway_pb2_grpc.RecommenderStub
+    servers: Servers
+    gateway_port: int
+
+    async def recommend(self, member: int, k: int = 10, surface: str = "pymk",
+                        debug: bool = False, explain: bool = False,
+                        ) -> gateway_pb2.RecommendResponse:  # fmt: skip
+        req = gateway_pb2.RecommendRequest(
+            surface=surface, member=member, k=k, debug=debug, explain=explain
+        )
+        return await self.stub.Recommend(req, timeout=10)
+
+
+def members_with_degree(graph: Graph, lo: int) -> list[int]:
+    return [int(graph.ids[i]) for i in np.flatnonzero(graph.degree >= lo)]
 
 
 async def start_backends(cfg: Config) -> tuple[Config, Servers]:

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
+from edgeflow_operator.children import Owner, desired_children
 from edgeflow_operator.config import OperatorConfig
 from edgeflow_operator.kube import KINDS
 from kube_emulator import EmulatorThread
 
 from edgeflow.config import REPO_ROOT
+from edgeflow.workflow.validate import parse_document
 
 CHART = REPO_ROOT / "charts" / "edgeflow"
 TOOLS = REPO_ROOT / ".cache" / "k8s-tools"
@@ -33,6 +35,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "qdrant.enabled=false", "--set", "qdrant.externalUrl=http://qdrant.data:6333",
         "--set", "operator.clusterWide=true", "--set", "networkPolicies.enabled=true",
         "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4317",
+        "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
     ],
     "ephemeral-autoscaled-multi-namespace": [
         "--set", "redis.persistence.enabled=false", "--set", "qdrant.persistence.enabled=false",
@@ -43,6 +47,7 @@ VALUE_SETS: dict[str, list[str]] = {
     "services-only": [
         "--set", "operator.enabled=false", "--set", "services.merging.replicas=3",
         "--set", "models.existingClaim=shared-models", "--set", "image.tag=v9",
+        "--set", "metrics.enabled=false",
     ],
 }  # fmt: skip
 
@@ -77,10 +82,16 @@ def test_helm_lint_strict() -> None:
         assert "1 chart(s) linted, 0 chart(s) failed" in out
 
 
+# Custom resources of other projects' CRDs: kubernetes-validate knows only built-in kinds.
+FOREIGN_KINDS = {"ServiceMonitor"}
+
+
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_rendered_manifests_pass_kubernetes_validate(name: str, tmp_path: Path) -> None:
     out = tmp_path / "manifests.yaml"
-    out.write_text(helm("template", "demo", str(CHART), "--include-crds", *VALUE_SETS[name]))
+    text = helm("template", "demo", str(CHART), "--include-crds", *VALUE_SETS[name])
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    out.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] not in FOREIGN_KINDS]))
     done = subprocess.run(
         [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
          "-k", K8S_VERSION, str(out)],
@@ -152,11 +163,96 @@ def test_in_cluster_or_external_stores() -> None:
         (["--set", "operator.watchNamespaces={Bad_NS}"], "operator.watchNamespaces"),
         (["--set", "services.features.resources.requests.cpu=lots"], "cpu"),
         (["--set", "securityContext.allowPrivilegeEscalation=true"], "allowPrivilegeEscalation"),
+        (["--set", "metrics.port=50062"], "metrics.port 50062 is also services.features.port"),
+        (["--set", "metrics.port=50065"], "metrics.port 50065 is also nearline.port"),
+        (["--set", "metrics.serviceMonitor.interval=soon"], "metrics.serviceMonitor.interval"),
+        (["--set", "metrics.port=0"], "metrics.port"),
     ],
 )
 def test_bad_values_fail_with_the_key(values: list[str], problem: str) -> None:
     out = helm("template", "demo", str(CHART), *values, check=False)
     assert "Error" in out and problem in out, out
+
+
+SCRAPE = {"prometheus.io/scrape": "true", "prometheus.io/port": "9090",
+          "prometheus.io/path": "/metrics"}  # fmt: skip
+
+
+def _scraped(template: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any], dict[str, str]]:
+    """A pod template's prometheus.io annotations, its metrics port and its env."""
+    annotations = template["metadata"].get("annotations") or {}
+    (c,) = template["spec"]["containers"]
+    ports = {p["name"]: p for p in c.get("ports", [])}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    scrape = {k: v for k, v in annotations.items() if k.startswith("prometheus.io/")}
+    return scrape, ports.get("metrics", {}), env
+
+
+def test_every_edgeflow_pod_is_scraped_on_a_port_named_metrics() -> None:
+    docs = render()
+    for svc in ("candidates", "features", "scoring", "merging"):
+        scrape, port, env = _scraped(
+            find(docs, "Deployment", f"demo-edgeflow-{svc}")["spec"]["template"]
+        )
+        assert scrape == SCRAPE, svc
+        assert port == {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}, svc
+        assert env["METRICS_PORT"] == "9090", svc
+        service_ports = {p["name"]: p for p in find(docs, "Service", f"demo-edgeflow-{svc}")[
+            "spec"]["ports"]}  # fmt: skip
+        assert service_ports["metrics"]["targetPort"] == "metrics", svc
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]  # off unless asked for
+    # The gateway and nearline worker of a workflow are the operator's: it reads the port
+    # from the chart's config and writes the same annotations, port and env.
+    raw = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    cfg = OperatorConfig.model_validate(raw)
+    assert cfg.metrics_port == 9090
+    wf = parse_document(yaml.safe_load((REPO_ROOT / "examples" / "pymk.yaml").read_text()), "pymk")
+    children, _ = desired_children(Owner("pymk", "surfaces", "uid-1", {}), wf, cfg)
+    made = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    for name in ("pymk-gateway", "pymk-nearline"):
+        scrape, port, env = _scraped(made["Deployment", name]["spec"]["template"])
+        assert scrape == SCRAPE and port["containerPort"] == 9090, name
+        assert env["METRICS_PORT"] == "9090", name
+    gateway_ports = {p["name"] for p in made["Service", "pymk-gateway"]["spec"]["ports"]}
+    assert gateway_ports == {"grpc", "metrics"}
+    (cron,) = [c for c in children if c["kind"] == "CronJob"]  # a batch job serves no metrics
+    assert "METRICS_PORT" not in _scraped(cron["spec"]["jobTemplate"]["spec"]["template"])[2]
+
+
+def test_service_monitor_when_enabled_and_nothing_when_metrics_are_off() -> None:
+    docs = render(*VALUE_SETS["external-stores-cluster-wide"])
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/part-of": "edgeflow"}}
+    assert spec["namespaceSelector"] == {"any": True}  # the operator serves every namespace
+    assert spec["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
+    ]
+    # Each Service the monitor selects carries the port it names.
+    for svc in ("candidates", "features", "scoring", "merging"):
+        service = find(docs, "Service", f"demo-edgeflow-{svc}")
+        assert service["metadata"]["labels"]["app.kubernetes.io/part-of"] == "edgeflow"
+        assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+        # With network policies on, Prometheus may still reach the metrics port.
+        rules = find(docs, "NetworkPolicy", f"demo-edgeflow-{svc}")["spec"]["ingress"]
+        assert {"ports": [{"port": 9090, "protocol": "TCP"}]} in rules, svc
+    scoped = render("--set", "metrics.serviceMonitor.enabled=true",
+                    "--set", "operator.watchNamespaces={surfaces}")  # fmt: skip
+    (monitor,) = [d for d in scoped if d["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["edgeflow", "surfaces"]}
+
+    off = render(*VALUE_SETS["services-only"], "--set", "metrics.serviceMonitor.enabled=true")
+    assert not [d for d in off if d["kind"] == "ServiceMonitor"]
+    for where, pod in _pods(off):
+        for c in pod["containers"]:
+            assert "metrics" not in {p["name"] for p in c.get("ports", [])}, where
+            assert "METRICS_PORT" not in {e["name"] for e in c.get("env", [])}, where
+    for d in off:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            annotations = d["spec"]["template"]["metadata"].get("annotations") or {}
+            assert not any(k.startswith("prometheus.io/") for k in annotations)
 
 
 def test_operator_config_in_the_chart_is_what_the_operator_reads() -> None:

@@ -24,9 +24,11 @@ from edgeflow.build.feast_features import (
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.compute import member_features
 from edgeflow.features.online import (
+    USUAL_REPLY,
     OnlineReader,
     OnlineRows,
     OnlineValueError,
+    decode_usual,
     decode_value,
     entity_keys,
     field_key,
@@ -296,3 +298,46 @@ async def test_pipelined_reader_equals_feast_sdk(
         assert (await reader.read_pipelined(pipe, [])).missing.size == 0
     finally:
         await pipe.close()
+
+
+async def test_usual_replies_read_as_a_matrix_equal_feast_sdk(
+    published: Published, store: Any, redis_proc: RedisProcess, client: redis.Redis
+) -> None:
+    """Members published in Feast's usual layouts read as one byte matrix of replies; an
+    absent member or a value in another 5-byte layout, first or last, reads through the
+    parser, and every read equals Feast's SDK."""
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    from edgeflow.resp import RawPipeline
+
+    odd = 900_004
+    client.hset(
+        entity_keys(np.array([odd]))[0],
+        mapping={
+            **{field_key(FEATURE_VIEW, f): Value(float_val=0.5).SerializeToString()
+               for f in SCALAR_FEATURES},
+            # A 5-byte value like a Float32's, with another tag (int64, 4-byte varint).
+            field_key(FEATURE_VIEW, "clustering"): Value(int64_val=2**22).SerializeToString(),
+            field_key(FEATURE_VIEW, EMBEDDING_FEATURE): Value(
+                float_list_val=FloatList(val=[0.25] * EMBEDDING_DIM)
+            ).SerializeToString(),
+        },
+    )  # fmt: skip
+    pipe = RawPipeline(redis_proc.url)
+    reader = OnlineReader()
+    try:
+        ids = np.resize(published.graph.ids, 3000)  # many socket reads
+        replies = await pipe.execute_fixed(reader.payload(ids), ids.size, USUAL_REPLY)
+        assert isinstance(replies, np.ndarray)
+        assert_rows_equal(decode_usual(replies), sdk_rows(store, ids))
+        assert_rows_equal(await reader.read_pipelined(pipe, ids), sdk_rows(store, ids))
+        some = published.graph.ids[:40].tolist()
+        for unusual in ([ABSENT[0], *some], [*some, ABSENT[0]], [odd, *some], [*some, odd]):
+            got = np.array(unusual, dtype=np.int64)
+            replies = await pipe.execute_fixed(reader.payload(got), got.size, USUAL_REPLY)
+            assert isinstance(replies, list)
+            assert_rows_equal(await reader.read_pipelined(pipe, got), sdk_rows(store, got))
+        assert (await reader.read_pipelined(pipe, [odd])).scalars[0, 1] == 2**22
+    finally:
+        await pipe.close()
+        client.delete(entity_keys(np.array([odd]))[0])

@@ -1,99 +1,20 @@
 """The whole online path in one process: the five services on real grpc.aio servers, a real
-Redis, a real Feast repo, Qdrant local mode and a trained ONNX ranker."""
+Redis, a real Feast repo, Qdrant local mode and a trained ONNX ranker (the `suite` fixture in
+conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import pytest_asyncio
-import yaml
-from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from inprocess import Suite, members_with_degree
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from edgeflow import keys, lists, tracing
-from edgeflow.build.synthetic import social_graph
-from edgeflow.build.train import train
-from edgeflow.config import REPO_ROOT, Config
-from edgeflow.graph import Graph
-from edgeflow.graph_store import save_graph
-from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow import keys, lists
 from edgeflow.redis_client import connect
-from edgeflow.server import Service, channel, start_server
-from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
-
-SPANS = InMemorySpanExporter()
-
-
-@dataclasses.dataclass
-class Suite:
-    graph: Graph
-    redis: RedisProcess
-    cfg: Config
-    stub: gateway_pb2_grpc.RecommenderStub
-    servers: dict[str, tuple[Service, grpc.aio.Server, int]]
-
-    async def recommend(self, member: int, k: int = 10, surface: str = "pymk",
-                        debug: bool = False) -> gateway_pb2.RecommendResponse:  # fmt: skip
-        req = gateway_pb2.RecommendRequest(surface=surface, member=member, k=k, debug=debug)
-        return await self.stub.Recommend(req, timeout=10)
-
-
-def _slow_variant(workflows: Path) -> None:
-    """A surface whose Redis-reading sources have short deadlines and whose merge a long one."""
-    doc: dict[str, Any] = yaml.safe_load((workflows / "pymk.yaml").read_text())
-    doc["metadata"]["name"] = doc["spec"]["surface"] = "pymk-slow"
-    doc["spec"]["budgetMs"] = 5000
-    for node in doc["spec"]["nodes"]:
-        node["timeoutMs"] = {"features": 100, "precomputed": 100}.get(node["name"], 4000)
-    (workflows / "pymk-slow.yaml").write_text(yaml.safe_dump(doc))
-
-
-def _missing_model_variant(workflows: Path) -> None:
-    """A surface whose scoring node names a model the registry does not have."""
-    doc: dict[str, Any] = yaml.safe_load((workflows / "pymk.yaml").read_text())
-    doc["metadata"]["name"] = doc["spec"]["surface"] = "pymk-nomodel"
-    next(n for n in doc["spec"]["nodes"] if n["name"] == "rank")["params"]["model"] = (
-        "no-such-model"
-    )
-    (workflows / "pymk-nomodel.yaml").write_text(yaml.safe_dump(doc))
-
-
-@pytest_asyncio.fixture(scope="module")
-async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
-    tracing.setup("tests", processor=SimpleSpanProcessor(SPANS))
-    home = tmp_path_factory.mktemp("suite")
-    redis = start_redis(home / "redis")
-    edges = social_graph(members=400, communities=8, seed=3)
-    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
-    save_graph(connect(redis.url), graph)
-    workflows = home / "workflows"
-    workflows.mkdir()
-    relaxed_copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
-    _slow_variant(workflows)
-    _missing_model_variant(workflows)
-    cfg = dataclasses.replace(
-        Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
-    )
-    train(cfg, seed=0)
-    cfg, servers = await start_backends(cfg)
-    port = await start_gateway(cfg, servers)
-    ch = channel(f"127.0.0.1:{port}")
-    yield Suite(graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers)
-    await ch.close()
-    await stop_all(servers)
-    redis.stop()
-
-
-def members_with_degree(graph: Graph, lo: int) -> list[int]:
-    return [int(graph.ids[i]) for i in np.flatnonzero(graph.degree >= lo)]
+from edgeflow.server import start_server
 
 
 async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None:
@@ -174,13 +95,13 @@ async def test_precomputed_list_is_served_and_blocks_apply_at_once(suite: Suite)
     rds.delete(keys.blocked(member))
 
 
-async def test_one_trace_spans_every_service(suite: Suite) -> None:
-    SPANS.clear()
+async def test_one_trace_spans_every_service(suite: Suite, spans: InMemorySpanExporter) -> None:
+    spans.clear()
     member = members_with_degree(suite.graph, 8)[3]
     await suite.recommend(member, k=5)
-    spans = SPANS.get_finished_spans()
-    root = next(s for s in spans if s.name == "edgeflow.v1.Recommender/Recommend")
-    tree = [s for s in spans if s.context.trace_id == root.context.trace_id]
+    finished = spans.get_finished_spans()
+    root = next(s for s in finished if s.name == "edgeflow.v1.Recommender/Recommend")
+    tree = [s for s in finished if s.context.trace_id == root.context.trace_id]
     names = [s.name for s in tree]
     for rpc in ("CandidateService/Generate", "FeatureService/GetFeatures",
                 "ScoringService/Score", "MergingService/Merge"):  # fmt: skip

@@ -175,6 +175,26 @@ def test_quota_counts_each_item_against_its_primary_source() -> None:
     assert targets(zero.edges) == [10, 11, 12, 14]  # 11 counts against fof, so it stays
 
 
+def test_explain_lists_duplicates_and_quota_drops_by_source() -> None:
+    cols = ("score", "source:fof", "source:ebr")
+    rows = [[0.9, 5, NAN], [0.8, 4, NAN], [0.7, NAN, 0.5], [0.6, NAN, 0.4], [0.5, 3, NAN]]
+    lists = [scored("ranked", [10, 11, 12, 13, 14], rows, columns=cols),
+             scored("pre", [11, 11, 20], [1.0, 0.9, 0.8])]  # fmt: skip
+    pool = blend.blend(lists)
+    sel = blend.select(pool, k=2, quotas={"fof": 1, "ebr": 1}, explain=True)
+    out = blend.response(pool, sel)
+    blend.explain(out.dropped_items, lists, pool, [], sel)
+    items = [(d.target, d.reason, d.node) for d in out.dropped_items]
+    # Ranked 11, 10, 12, 13, 14, 20. 11 came in three rows (two merged into one); fof keeps 11,
+    # so 10 and 14 go; ebr keeps 12, so 13 goes; 20 is merely below the top 2, so not listed.
+    assert items == [
+        (11, "duplicate", ""), (11, "duplicate", ""),
+        (10, "quota:fof", ""), (14, "quota:fof", ""), (13, "quota:ebr", ""),
+    ]  # fmt: skip
+    assert drops(out) == {"duplicate": 2, "quota": 3, "top_k": 1}
+    assert blend.select(pool, k=2, quotas={"fof": 1}).over_quota == ()  # not without explain
+
+
 def test_top_k_ties_break_by_lower_id() -> None:
     out = blend.merge([scored("a", [9, 3, 5, 1], [0.5, 0.5, 1.0, 0.0])], k=3)
     assert targets(out.edges) == [5, 3, 9]
@@ -260,6 +280,11 @@ async def test_filters_against_real_redis(
         assert dropped == {"blocked": 2, "connected": 1}
         keep, dropped = await filters.visible(client, 99, ids, names)  # no sets at all
         assert keep.all() and dropped == {}
+        why: list[tuple[str, np.ndarray]] = []
+        await filters.visible(client, 7, ids, names, why)
+        assert [(name, ids[rows].tolist()) for name, rows in why] == [
+            ("self", [7]), ("connected", [1, 3]), ("blocked", [4]), ("dismissed", [5]),
+        ]  # fmt: skip
     finally:
         await client.aclose()
 
@@ -369,6 +394,50 @@ async def test_merge_rpc(merging: Running, redis_client: redis.Redis) -> None:
     assert [e.score for e in response.edges] == sorted(
         (e.score for e in response.edges), reverse=True
     )
+
+
+async def test_merge_and_filter_rpcs_explain_every_drop(
+    merging: Running, redis_client: redis.Redis
+) -> None:
+    write_sets(redis_client, 7)
+    cols = ("score", "source:fof", "source:ebr")
+    ranked = wire(
+        "ranked", [1, 7, 6, 8, 9, 10, 11],
+        [[0.9, 9, NAN], [0.8, 8, NAN], [0.7, 7, 0.4], [0.6, NAN, 0.3], [0.5, 5, NAN],
+         [0.4, 4, NAN], [0.3, 3, NAN]],
+        cols,
+    )  # fmt: skip
+    pre = wire("precomputed", [5, 8, 4], [1.0, 0.5, 0.2], weight=0.5, mode="offline")
+    request = merging_pb2.MergeRequest(
+        member=7, lists=[ranked, pre], k=2, quotas=[merging_pb2.Quota(source="fof", max=1)],
+        filters=["self", "connected", "blocked", "dismissed"], explain=True,
+    )  # fmt: skip
+    response = await merging.stub.Merge(request, timeout=5)
+    assert targets(response.edges) == [8, 6]
+    items = [(d.target, d.reason) for d in response.dropped_items]
+    # 8 is in both lists; 6 takes fof's one place (8 counts against ebr), so 9, 10 and 11 go;
+    # nothing is left below the top 2.
+    assert items == [
+        (8, "duplicate"), (7, "self"), (1, "connected"), (4, "blocked"), (5, "dismissed"),
+        (9, "quota:fof"), (10, "quota:fof"), (11, "quota:fof"),
+    ]  # fmt: skip
+    assert all(d.node == "" for d in response.dropped_items)  # the gateway names the node
+    assert drops(response) == {
+        "duplicate": 1, "self": 1, "connected": 1, "blocked": 1, "dismissed": 1, "quota": 3,
+    }  # fmt: skip
+    request.explain = False
+    plain = await merging.stub.Merge(request, timeout=5)
+    assert not plain.dropped_items and list(plain.edges) == list(response.edges)
+
+    filtered = await merging.stub.Filter(
+        merging_pb2.FilterRequest(member=7, ids=[8, 3, 7, 5], filters=["blocked", "dismissed"],
+                                  explain=True),
+        timeout=5,
+    )  # fmt: skip
+    assert list(filtered.keep) == [0, 2]
+    assert [(d.target, d.reason) for d in filtered.dropped_items] == [
+        (3, "blocked"), (5, "dismissed"),
+    ]  # fmt: skip
 
 
 async def test_filter_rpc_keeps_order(merging: Running, redis_client: redis.Redis) -> None:

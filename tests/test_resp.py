@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.resp import RawPipeline, RespError, RespReplyError, encode
+from edgeflow.resp import FixedReply, RawPipeline, RespError, RespReplyError, encode
 
 
 async def test_pipeline_replies_in_order(redis_proc: RedisProcess, redis_client: object) -> None:
@@ -25,6 +26,34 @@ async def test_pipeline_replies_in_order(redis_proc: RedisProcess, redis_client:
         await pipe.close()
 
 
+def _gets(*keys: bytes) -> bytes:
+    return b"".join(encode(b"GET", k) for k in keys)
+
+
+async def test_usual_replies_come_back_as_one_matrix(
+    redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    """GETs of 3-byte values: a byte matrix, across many socket reads; a longer value or a
+    nil anywhere (first, last: a reply shorter than the usual one) gives hiredis' replies."""
+    redis_client.mset({"a": b"xyz", "b": b"uvw", "long": b"abcd"})
+    framing = np.ones(9, dtype=bool)
+    framing[4:7] = False
+    shape = FixedReply(b"$3\r\n...\r\n", framing)
+    pipe = RawPipeline(redis_proc.url)
+    try:
+        out = await pipe.execute_fixed(_gets(b"a", b"b"), 2, shape)
+        assert isinstance(out, np.ndarray) and out.shape == (2, 9)
+        assert out[:, 4:7].tobytes() == b"xyzuvw"
+        many = await pipe.execute_fixed(_gets(*[b"b"] * 20_000), 20_000, shape)
+        assert isinstance(many, np.ndarray) and many[:, 4:7].tobytes() == b"uvw" * 20_000
+        for keys in ([b"a", b"long"], [b"nope", b"a"], [b"a"] * 5000 + [b"nope"], [b"nope"]):
+            want = await pipe.execute(_gets(*keys), len(keys))
+            assert await pipe.execute_fixed(_gets(*keys), len(keys), shape) == want
+        assert (await pipe.execute_fixed(b"", 0, shape)).shape == (0, 9)
+    finally:
+        await pipe.close()
+
+
 async def test_error_reply_is_named(redis_proc: RedisProcess, redis_client: object) -> None:
     pipe = RawPipeline(redis_proc.url)
     try:
@@ -32,6 +61,10 @@ async def test_error_reply_is_named(redis_proc: RedisProcess, redis_client: obje
         with pytest.raises(RespReplyError, match="WRONGTYPE"):
             await pipe.execute(encode(b"HMGET", b"s", b"f"), 1)
         assert await pipe.execute(encode(b"GET", b"s"), 1) == [b"1"]  # still usable
+        usual = FixedReply(b"*1\r\n$-1\r\n", np.ones(9, dtype=bool))
+        with pytest.raises(RespReplyError, match="WRONGTYPE"):
+            await pipe.execute_fixed(encode(b"HMGET", b"s", b"f"), 1, usual)
+        assert await pipe.execute(encode(b"GET", b"s"), 1) == [b"1"]
     finally:
         await pipe.close()
 

@@ -177,7 +177,12 @@ def _meta(owner: Owner, wf: Workflow, name: str, component: str) -> dict[str, An
 
 
 def _container(
-    cfg: OperatorConfig, name: str, args: list[str], port: int | None, resources: dict[str, Any]
+    cfg: OperatorConfig,
+    name: str,
+    args: list[str],
+    port: int | None,
+    resources: dict[str, Any],
+    metrics_port: int = 0,
 ) -> dict[str, Any]:
     env = {
         **cfg.env,
@@ -187,6 +192,8 @@ def _container(
     }
     if port is not None:
         env["PORT"] = str(port)
+    if metrics_port:
+        env["METRICS_PORT"] = str(metrics_port)
     container: dict[str, Any] = {
         "name": name,
         "image": cfg.image,
@@ -203,7 +210,21 @@ def _container(
     }
     if port is not None:
         container["ports"] = [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+    if metrics_port:
+        metrics = {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}
+        container.setdefault("ports", []).append(metrics)
     return container
+
+
+def _scrape_annotations(metrics_port: int) -> dict[str, str]:
+    """Where annotation-based Prometheus discovery finds the pod's /metrics."""
+    if not metrics_port:
+        return {}
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
 
 
 def _pod_spec(cfg: OperatorConfig, config_map: str, container: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +267,9 @@ def _deployment(
     config_map: str,
     digest: str,
 ) -> Manifest:
-    container = _container(cfg, component, ["serve", component], comp.port, comp.resources)
+    container = _container(
+        cfg, component, ["serve", component], comp.port, comp.resources, cfg.metrics_port
+    )
     if comp.grpc_probes:
         container.update(_grpc_probes(comp.port))
     spec: dict[str, Any] = {
@@ -259,7 +282,11 @@ def _deployment(
         "template": {
             "metadata": {
                 "labels": {**cfg.pod_labels, **_labels(owner, wf, component)},
-                "annotations": {**cfg.pod_annotations, HASH_ANNOTATION: digest},
+                "annotations": {
+                    **cfg.pod_annotations,
+                    **_scrape_annotations(cfg.metrics_port),
+                    HASH_ANNOTATION: digest,
+                },
             },
             "spec": _pod_spec(cfg, config_map, container),
         },
@@ -300,7 +327,15 @@ def _hpa(owner: Owner, wf: Workflow, component: str, hpa: Autoscaling) -> Manife
     }
 
 
-def _service(owner: Owner, wf: Workflow, port: int) -> Manifest:
+def _service(owner: Owner, wf: Workflow, port: int, metrics_port: int) -> Manifest:
+    ports: list[dict[str, Any]] = [
+        {"name": "grpc", "port": port, "targetPort": "grpc", "protocol": "TCP",
+         "appProtocol": "grpc"},
+    ]  # fmt: skip
+    if metrics_port:  # what a ServiceMonitor selects
+        ports.append(
+            {"name": "metrics", "port": metrics_port, "targetPort": "metrics", "protocol": "TCP"}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -308,15 +343,7 @@ def _service(owner: Owner, wf: Workflow, port: int) -> Manifest:
         "spec": {
             "type": "ClusterIP",
             "selector": _selector(owner, "gateway"),
-            "ports": [
-                {
-                    "name": "grpc",
-                    "port": port,
-                    "targetPort": "grpc",
-                    "protocol": "TCP",
-                    "appProtocol": "grpc",
-                }
-            ],
+            "ports": ports,
         },
     }
 
@@ -388,7 +415,7 @@ def desired_children(owner: Owner, wf: Workflow, cfg: OperatorConfig) -> tuple[l
     if modes.online.enabled:
         scale = scaling(owner, "gateway", cfg.gateway)
         children.append(_deployment(owner, wf, cfg, "gateway", cfg.gateway, scale, cm_name, digest))
-        children.append(_service(owner, wf, cfg.gateway.port))
+        children.append(_service(owner, wf, cfg.gateway.port, cfg.metrics_port))
         if scale.autoscaling is not None:
             children.append(_hpa(owner, wf, "gateway", scale.autoscaling))
     if modes.nearline is not None:

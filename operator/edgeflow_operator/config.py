@@ -109,6 +109,13 @@ class OperatorConfig(_Model):
             "capabilities": {"drop": ["ALL"]},
         }
     )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port of the gateway and nearline containers "
+        "(METRICS_PORT, a port named metrics, prometheus.io/* pod annotations); 0: none.",
+    )
     pod_labels: dict[str, str] = Field(default_factory=dict)
     pod_annotations: dict[str, str] = Field(default_factory=dict)
     node_selector: dict[str, str] = Field(default_factory=dict)

@@ -2,20 +2,26 @@
 
 redis-py spends most of a 500-command pipeline packing arguments and awaiting one reply at a
 time. The hot paths know their commands' exact shape, so they encode them with numpy and
-read every reply from one buffer here.
+read every reply from one buffer here. When they also know the exact bytes of their usual
+replies (`FixedReply`), the replies come back as one byte matrix, with no Python object per
+value; anything else is parsed by hiredis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import hiredis
+import numpy as np
 
 from edgeflow.redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
 
 _READ_CHUNK = 1 << 16
+T = TypeVar("T")
 
 
 class RespError(ConnectionError):
@@ -24,6 +30,30 @@ class RespError(ConnectionError):
 
 class RespReplyError(RuntimeError):
     """Redis answered a command with an error (WRONGTYPE, NOAUTH, ...)."""
+
+
+class FixedReply:
+    """The usual bytes of every reply of a pipeline: `template`, where `mask` marks the bytes
+    that must match it (RESP framing, value tags); the other bytes are values."""
+
+    def __init__(self, template: bytes, mask: np.ndarray) -> None:
+        if len(template) != mask.size:
+            raise ValueError(f"template is {len(template)} bytes but the mask {mask.size}")
+        self.size = len(template)
+        self._template = np.frombuffer(template, dtype=np.uint8)
+        self._fixed = np.flatnonzero(mask)
+        self._expected = self._template[self._fixed]
+
+    def matches(self, data: np.ndarray, first_row: int = 0) -> bool:
+        """Whether `data` (replies from row 0, the last one maybe partial) has the usual bytes
+        from `first_row` on. Matching framing proves a whole reply: RESP is self-delimiting."""
+        full = data.size // self.size
+        rows = data[first_row * self.size : full * self.size].reshape(-1, self.size)
+        if not (rows[:, self._fixed] == self._expected).all():
+            return False
+        tail = data[full * self.size :]
+        fixed = self._fixed[self._fixed < tail.size]
+        return bool((tail[fixed] == self._template[fixed]).all())
 
 
 class RawPipeline:
@@ -63,13 +93,35 @@ class RawPipeline:
         self, payload: bytes, replies: int, timeout_s: float = SOCKET_TIMEOUT_S
     ) -> list:
         """Send encoded commands and return their `replies` replies, in order."""
+        out = await self._exchange(
+            payload, lambda reader: _read(reader, hiredis.Reader(), replies), timeout_s
+        )
+        return self._checked(out)
+
+    async def execute_fixed(
+        self, payload: bytes, replies: int, shape: FixedReply, timeout_s: float = SOCKET_TIMEOUT_S
+    ) -> np.ndarray | list:
+        """Like `execute`, but when every reply has `shape`'s usual bytes, the replies as one
+        (replies, shape.size) uint8 matrix."""
+        out = await self._exchange(
+            payload, lambda reader: _read_fixed(reader, replies, shape), timeout_s
+        )
+        return out if isinstance(out, np.ndarray) else self._checked(out)
+
+    async def _exchange(
+        self,
+        payload: bytes,
+        read: Callable[[asyncio.StreamReader], Awaitable[T]],
+        timeout_s: float,
+    ) -> T:
         conn = self._idle.pop() if self._idle else None
         try:
             if conn is None:
                 conn = await self._connect()
             reader, writer = conn
             writer.write(payload)
-            out = await asyncio.wait_for(_read(reader, hiredis.Reader(), replies), timeout_s)
+            async with asyncio.timeout(timeout_s):  # unlike wait_for, no task per call
+                out = await read(reader)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, hiredis.ProtocolError) as exc:
             if conn is not None:
                 conn[1].close()  # replies may be left unread: never reuse this connection
@@ -84,10 +136,13 @@ class RawPipeline:
             self._idle.append(conn)
         else:
             writer.close()
-        for rep in out:
+        return out
+
+    def _checked(self, replies: list) -> list:
+        for rep in replies:
             if isinstance(rep, hiredis.ReplyError):
                 raise RespReplyError(f"Redis at {self._host}:{self._port} answered: {rep}")
-        return out
+        return replies
 
     async def close(self) -> None:
         while self._idle:
@@ -98,18 +153,44 @@ class RawPipeline:
 
 
 async def _read(reader: asyncio.StreamReader, parser: hiredis.Reader, count: int) -> list:
+    """`count` replies, starting with any the parser already holds."""
     out: list = []
-    while len(out) < count:
-        chunk = await reader.read(_READ_CHUNK)
-        if not chunk:
-            raise asyncio.IncompleteReadError(b"", None)
-        parser.feed(chunk)
+    while True:
         while len(out) < count:
             reply = parser.gets()
             if reply is False:
                 break
             out.append(reply)
-    return out
+        if len(out) == count:
+            return out
+        chunk = await reader.read(_READ_CHUNK)
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", None)
+        parser.feed(chunk)
+
+
+async def _read_fixed(
+    reader: asyncio.StreamReader, count: int, shape: FixedReply
+) -> np.ndarray | list:
+    """`count` replies as a byte matrix while every byte so far is as usual; from the first
+    unusual one, hiredis parses them all."""
+    size = count * shape.size
+    buf = bytearray()
+    checked = 0  # rows already found usual
+    while len(buf) < size:
+        chunk = await reader.read(_READ_CHUNK)
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", None)
+        buf += chunk
+        data = np.frombuffer(buf, dtype=np.uint8)
+        if data.size > size or not shape.matches(data, checked):
+            del data  # a bytearray with a live view cannot grow
+            parser = hiredis.Reader()
+            parser.feed(bytes(buf))
+            return await _read(reader, parser, count)
+        checked = data.size // shape.size
+        del data
+    return np.frombuffer(buf, dtype=np.uint8).reshape(count, shape.size)
 
 
 def encode(*parts: bytes) -> bytes:

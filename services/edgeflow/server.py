@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgeflow import tracing
+from edgeflow import metrics, tracing
 from edgeflow.config import Config
 
 log = logging.getLogger("edgeflow")
@@ -131,6 +131,11 @@ async def drain(
 async def serve(service: Service, cfg: Config) -> None:
     """Run a service until SIGTERM or SIGINT, then drain."""
     tracing.setup(service.name, cfg.otlp_endpoint)
+    # Bound before the (slow) load, so a taken port fails at once and names itself.
+    endpoint = None
+    if cfg.metrics_port:
+        endpoint = metrics.Endpoint(service.name, cfg.metrics_port, cfg.metrics_host)
+        log.info("%s metrics on %s:%d/metrics", service.name, cfg.metrics_host, endpoint.port)
     server, _, health_servicer = await start_server(service, f"0.0.0.0:{cfg.port}")
     # What start-up loaded lives for the whole process: keep it out of the cyclic GC's
     # generations so collections on the request path stay short.
@@ -143,6 +148,8 @@ async def serve(service: Service, cfg: Config) -> None:
     await stop.wait()
     log.info("%s draining", service.name)
     await drain(service, server, health_servicer)
+    if endpoint is not None:
+        endpoint.close()
     log.info("%s stopped", service.name)
 
 

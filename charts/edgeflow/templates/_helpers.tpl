@@ -67,6 +67,14 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- toJson $env -}}
 {{- end -}}
 
+{{/* Pod annotations for annotation-based Prometheus discovery (the operator writes the same
+     on the gateways and nearline workers it creates). */}}
+{{- define "edgeflow.scrapeAnnotations" -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.metrics.port | quote }}
+prometheus.io/path: /metrics
+{{- end -}}
+
 {{/* The operator's RBAC rules. Least privilege: exactly the verbs and resources it uses. */}}
 {{- define "edgeflow.operatorRules" }}
 rules:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from qdrant_client import QdrantClient
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from edgeflow import keys, lists
+from edgeflow import keys, lists, metrics
 from edgeflow.graph import Graph, friends_of_friends
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 
@@ -336,6 +336,7 @@ class PrecomputedSource:
         stored = await lists.read_list(self._rds, name, member)
         if stored is None:
             return Generated(_EMPTY_IDS, _EMPTY_SCORES, "list_score", mode="offline")
+        metrics.list_age(name).observe(stored.age_seconds)
         try:
             # Connections made since the list was computed are dropped too.
             excluded = _excluded(self._store.graph, member)

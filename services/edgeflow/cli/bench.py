@@ -7,8 +7,11 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -18,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgeflow import tensor
+from edgeflow import config, tensor
 from edgeflow.cli import CliError
 from edgeflow.cli.harness import Harness, running_suite
 from edgeflow.cli.quickstart import FACEBOOK_CANDIDATES
@@ -148,6 +151,9 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     result["recommend_candidates_scored_mean"] = round(float(np.mean(scored)), 1)
     result["recommend_partial_responses"] = partial
 
+    # Shadow traffic: the same requests with and without a shadow variant running.
+    result.update(await shadow_overhead(stub, members.tolist()))
+
     # End to end under concurrent load.
     for conc in (4, 16):
         result.update(await load(stub, np.resize(members, requests).tolist(), conc))
@@ -204,6 +210,59 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     result["rss_mb"] = {name: peak_rss_mb(h.suite.pids[name]) for name in SERVICES}
     await gw.close()
     return result
+
+
+SHADOW_SURFACES = {"pymk-shadow-10": 0.1, "pymk-shadow-100": 1.0}
+
+
+def write_shadow_workflows(src: Path, dst: Path) -> None:
+    """Copy the workflows and add pymk with a shadow (twice the EBR candidates, a wider
+    friends-of-friends) run on 10% and on 100% of requests."""
+    import yaml
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    doc = yaml.safe_load((src / "pymk.yaml").read_text())
+    for surface, share in SHADOW_SURFACES.items():
+        doc["metadata"]["name"] = doc["spec"]["surface"] = surface
+        doc["spec"]["modes"] = {"online": {"enabled": True}}
+        doc["spec"]["shadows"] = [
+            {
+                "name": "wider",
+                "share": share,
+                "overrides": {"params": {"ebr": {"limit": 400}, "fof": {"limit": 700}}},
+            }
+        ]
+        (dst / f"{surface}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+async def shadow_overhead(
+    stub: gateway_pb2_grpc.RecommenderStub, members: list[int], rounds: int = 4, block: int = 75
+) -> dict[str, Any]:
+    """Served latency with a shadow on 10% and 100% of requests, against none, in blocks that
+    alternate on the same members, so drift on a shared machine hits all alike."""
+    lat: dict[str, list[float]] = {"pymk": [], **{s: [] for s in SHADOW_SURFACES}}
+    ring = np.resize(np.asarray(members), block).tolist()
+    for _ in range(rounds):
+        for surface in lat:
+            it = iter(ring)
+
+            async def call(surface: str = surface, it: Any = it) -> None:
+                req = gateway_pb2.RecommendRequest(surface=surface, member=next(it), k=50)
+                await stub.Recommend(req, timeout=5)
+
+            lat[surface] += await timed(call, block, warmup=0)
+            await asyncio.sleep(0.2)  # let the block's last shadows finish
+    base = pct(lat["pymk"], 50)
+    out: dict[str, Any] = {"shadow_baseline_p50_ms": base}
+    for surface, share in SHADOW_SURFACES.items():
+        tag = f"{round(share * 100)}pct"
+        p50, p99 = pct(lat[surface], 50), pct(lat[surface], 99)
+        out[f"shadow_{tag}_p50_ms"] = p50
+        out[f"shadow_{tag}_p99_ms"] = p99
+        out[f"shadow_{tag}_latency_overhead_pct"] = round((p50 / base - 1) * 100, 1)
+    out["shadow_baseline_p99_ms"] = pct(lat["pymk"], 99)
+    out["shadow_latency_overhead_pct"] = out["shadow_10pct_latency_overhead_pct"]
+    return out
 
 
 async def load(
@@ -405,8 +464,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     src, dst = read_edge_file(edges)
     graph = Graph.from_edges(src, dst)
-    with running_suite(graph, seed=0, log=not args.json) as h:
-        result = asyncio.run(bench(h, graph, args.requests))
+    with tempfile.TemporaryDirectory(prefix="edgeflow-bench-") as tmp:
+        # The services read the workflows from here: the repository's, plus shadowed pymk.
+        write_shadow_workflows(config.load().workflows_dir, Path(tmp))
+        os.environ["EDGEFLOW_WORKFLOWS"] = tmp
+        with running_suite(graph, seed=0, log=not args.json) as h:
+            result = asyncio.run(bench(h, graph, args.requests))
     result["edges"] = str(Path(edges).name)
     result["members"] = graph.n
     result["requests"] = args.requests

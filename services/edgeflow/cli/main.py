@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--addr", help="gateway address (default: GATEWAY_ADDR)")
     s.set_defaults(func=_command("recommend"))
 
+    s = sub.add_parser("explain", help="one request's funnel, top items, drops and DAG picture")
+    s.add_argument("--member", type=int, required=True)
+    s.add_argument("--surface", default="pymk")
+    s.add_argument("--top", type=int, default=10, help="top items to show with their features")
+    s.add_argument("--k", type=int, help="edges to ask for (default: --top)")
+    s.add_argument("--gateway", help="gateway address (default: GATEWAY_ADDR)")
+    s.add_argument("--out", type=Path, help="SVG path (default: explain-SURFACE-MEMBER.svg)")
+    s.set_defaults(func=_command("explain"))
+
     s = sub.add_parser("validate", help="check workflow files")
     s.add_argument("files", type=Path, nargs="+")
     s.add_argument("--model-dir", type=Path,
@@ -91,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("operator", help="run the Kubernetes operator for EdgeWorkflow resources")
     importlib.import_module("edgeflow_operator.main").add_arguments(s)
+
+    s = sub.add_parser("experiments", help="A/B experiment reports and shadow comparisons")
+    importlib.import_module("edgeflow.cli.experiments").add_arguments(s)
 
     s = sub.add_parser("offline", help="the offline job: a workflow's lists for every member")
     off = s.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -53,4 +53,9 @@ def _print_status(suite: local.Suite) -> None:
         if name != "redis" and alive:
             health = "SERVING" if local._serving(suite.addr(name)) else "NOT_SERVING"
         state = "running" if alive else ("external" if name == "redis" and not pid else "stopped")
-        print(f"  {name:<11} {state:<8} pid {pid or '-':<8} port {suite.ports[name]:<6} {health}")
+        mport = suite.metrics_ports.get(name)
+        metrics = f"metrics http://127.0.0.1:{mport}/metrics" if mport and alive else ""
+        print(
+            f"  {name:<11} {state:<8} pid {pid or '-':<8} port {suite.ports[name]:<6} "
+            f"{health:<11} {metrics}".rstrip()
+        )

@@ -26,4 +26,13 @@ def run(args: argparse.Namespace) -> int:
             continue
         ops = ", ".join(f"{n.node.name} ({n.node.op})" for n in wf.nodes)
         print(f"{path}: valid workflow {wf.name!r} for surface {wf.surface!r}: {ops}")
+        for exp in wf.spec.experiments:
+            split = ", ".join(f"{v.name} {v.weight:g}%" for v in exp.variants)
+            target = exp.targeting
+            who = f"{target.share:.0%} of members" if target.share < 1 else "all members"
+            if target.allow_list:
+                who += f" in an allow-list of {len(target.allow_list)}"
+            print(f"  experiment {exp.name}: {who}; {split}; control {exp.control_variant}")
+        for shadow in wf.spec.shadows:
+            print(f"  shadow {shadow.name}: {shadow.share:.0%} of requests, not served")
     return 1 if failed else 0

@@ -44,10 +44,15 @@ def member_features(graph: Graph) -> np.ndarray:
     return out
 
 
+def _zero_nan(x: np.ndarray) -> np.ndarray:
+    """np.nan_to_num, but free when every value is finite (nearly every request)."""
+    return x if np.isfinite(x).all() else np.nan_to_num(x)
+
+
 def cosine(member_emb: np.ndarray, cand_emb: np.ndarray) -> np.ndarray:
     """Cosine similarity of one vector with each row; 0 where a vector is zero or missing."""
-    a = np.nan_to_num(np.asarray(member_emb, dtype=np.float32))
-    b = np.nan_to_num(np.asarray(cand_emb, dtype=np.float32))
+    a = _zero_nan(np.asarray(member_emb, dtype=np.float32))
+    b = _zero_nan(np.asarray(cand_emb, dtype=np.float32))
     norms = np.linalg.norm(b, axis=1) * float(np.linalg.norm(a))
     dots = b @ a
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0).astype(np.float32)
@@ -62,17 +67,21 @@ def model_matrix(
     cand_scalars: np.ndarray,
     member_embedding: np.ndarray,
     cand_embeddings: np.ndarray,
+    pairs: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ranker's input, (len(cands), len(MODEL_COLUMNS)) float32, in MODEL_COLUMNS order.
 
     Scalars are rows of SCALAR_FEATURES (NaN where the online store has no row); indices
-    are dense graph indices (-1 for members unknown to the graph).
+    are dense graph indices (-1 for members unknown to the graph). `pairs` is
+    pair_measures(graph, member_index, cand_indices, inv_log_degree), when already computed.
     """
     m = cand_indices.size
     out = np.empty((m, len(MODEL_COLUMNS)), dtype=np.float32)
     out[:, 0] = member_scalars[0]
     out[:, 1] = member_scalars[1]
     out[:, 2:6] = cand_scalars[:, 0:4]
-    out[:, 6:11] = pair_measures(graph, member_index, cand_indices, inv_log_degree)
+    if pairs is None:
+        pairs = pair_measures(graph, member_index, cand_indices, inv_log_degree)
+    out[:, 6:11] = pairs
     out[:, 11] = cosine(member_embedding, cand_embeddings)
     return out

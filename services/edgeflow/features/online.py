@@ -4,10 +4,12 @@ Feast's layout (Redis online store, entity key serialisation v3): one HASH per e
 keyed by the serialised entity key followed by the project name; each field is the
 murmur3-32 (little-endian) of "<view>:<feature>" and holds a serialised ValueProto.
 
-One Lua call reads every requested entity (HMGET each) and returns one flat list of
-values (b"" where absent), so a request is one round trip however many entities it has.
-Decoding joins the values into one buffer and is vectorised for the layouts Feast writes
-for Float32 and Array(Float32), with a protobuf wire decoder for anything else.
+The request path sends one HMGET per entity in one hand-encoded pipeline (batch jobs use
+one Lua call), so a request is one round trip however many entities it has. When every
+entity has every feature in the layouts Feast writes for Float32 and Array(Float32), each
+reply has the same bytes around the values, and the replies are read as one byte matrix
+(`USUAL_REPLY`). Otherwise the values are joined into one buffer and decoded vectorised for
+those layouts, with a protobuf wire decoder for anything else.
 Nothing here imports Feast (that takes seconds).
 """
 
@@ -31,7 +33,7 @@ from edgeflow.features.schema import (
     JOIN_KEY,
     SCALAR_FEATURES,
 )
-from edgeflow.resp import RawPipeline
+from edgeflow.resp import FixedReply, RawPipeline
 
 _LUA = """
 local out, m = {}, 0
@@ -76,20 +78,25 @@ def field_key(view: str, feature: str) -> bytes:
     return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
 
 
-def entity_keys(members: np.ndarray, project: str = FEAST_PROJECT) -> list[bytes]:
-    """Feast's Redis keys (entity key v3 + project) of int64 member ids, vectorised."""
+def _key_matrix(members: np.ndarray, project: str) -> np.ndarray:
+    """Feast's Redis keys (entity key v3 + project) of int64 member ids, one row each."""
     join = JOIN_KEY.encode()
     # v3: key count, then (STRING=2, len, name) per join key, then (INT64=4, 8, value).
     head = struct.pack("<III", 1, 2, len(join)) + join + struct.pack("<II", 4, 8)
     tail = project.encode()
     ids = np.ascontiguousarray(members, dtype="<i8")
-    width = len(head) + 8 + len(tail)
-    buf = np.empty((ids.size, width), dtype=np.uint8)
+    buf = np.empty((ids.size, len(head) + 8 + len(tail)), dtype=np.uint8)
     buf[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
     buf[:, len(head) : len(head) + 8] = ids.view(np.uint8).reshape(-1, 8)
     buf[:, len(head) + 8 :] = np.frombuffer(tail, dtype=np.uint8)
+    return buf
+
+
+def entity_keys(members: np.ndarray, project: str = FEAST_PROJECT) -> list[bytes]:
+    """Feast's Redis keys (entity key v3 + project) of int64 member ids, vectorised."""
+    buf = _key_matrix(members, project)
     # Fixed-width bytes drop trailing NULs, but every key ends with the project name.
-    keys: list[bytes] = buf.view(f"S{width}").ravel().tolist()
+    keys: list[bytes] = buf.view(f"S{buf.shape[1]}").ravel().tolist()
     return keys
 
 
@@ -155,6 +162,42 @@ def decode(values: Sequence[bytes], members: np.ndarray) -> OnlineRows:
                 f"{where}: embedding has {numbers.size} values, expected {EMBEDDING_DIM}"
             )
     return OnlineRows(scalars=scalars, embeddings=embeddings, missing=(lens == 0).all(axis=1))
+
+
+# The reply to HMGET of an entity that has every feature in those layouts: the same bytes
+# around the values for every entity, so a pipeline of them reads as one byte matrix.
+def _usual_reply(scalars: int) -> tuple[FixedReply, np.ndarray, int]:
+    """The reply's bytes, the columns of its Float32s' bytes, where the embedding's start."""
+    parts = [b"*%d\r\n" % (scalars + 1)]
+    float_starts = []
+    for _ in range(scalars):
+        parts.append(b"$%d\r\n%c" % (_SCALAR_LEN, _FLOAT_TAG))
+        float_starts.append(len(b"".join(parts)))
+        parts.append(bytes(4) + b"\r\n")
+    parts.append(b"$%d\r\n" % _EMB_LEN + _EMB_PREFIX.tobytes())
+    emb_start = len(b"".join(parts))
+    parts.append(bytes(_EMB_BYTES) + b"\r\n")
+    template = b"".join(parts)
+    float_cols = (np.asarray(float_starts)[:, None] + np.arange(4)).ravel()
+    framing = np.ones(len(template), dtype=bool)
+    framing[float_cols] = False
+    framing[emb_start : emb_start + _EMB_BYTES] = False
+    return FixedReply(template, framing), float_cols, emb_start
+
+
+USUAL_REPLY, _FLOAT_COLS, _EMB_START = _usual_reply(len(SCALAR_FEATURES))
+
+
+def decode_usual(replies: np.ndarray) -> OnlineRows:
+    """Rows from a (m, USUAL_REPLY.size) byte matrix of usual replies: the values `decode`
+    gives for the same replies."""
+    m = replies.shape[0]
+    scalars = np.empty((m, len(SCALAR_FEATURES)), dtype=np.float32)
+    scalars[:] = np.ascontiguousarray(replies[:, _FLOAT_COLS]).view("<f4")
+    embeddings = np.empty((m, EMBEDDING_DIM), dtype=np.float32)
+    raw = np.ascontiguousarray(replies[:, _EMB_START : _EMB_START + _EMB_BYTES])
+    embeddings[:] = raw.view("<f4")
+    return OnlineRows(scalars=scalars, embeddings=embeddings, missing=np.zeros(m, dtype=bool))
 
 
 # ---- protobuf wire fallback -------------------------------------------------------------------
@@ -248,6 +291,17 @@ class OnlineReader:
         # Everything an HMGET command carries after its key.
         self._tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in self.fields)
 
+    def payload(self, ids: np.ndarray) -> bytes:
+        """One HMGET per member in RESP: every command is as long, so numpy writes them."""
+        keys = _key_matrix(ids, self.project)
+        head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(self.fields), keys.shape[1])
+        h, k = len(head), keys.shape[1]
+        buf = np.empty((ids.size, h + k + len(self._tail)), dtype=np.uint8)
+        buf[:, :h] = np.frombuffer(head, dtype=np.uint8)
+        buf[:, h : h + k] = keys
+        buf[:, h + k :] = np.frombuffer(self._tail, dtype=np.uint8)
+        return buf.tobytes()
+
     async def read_pipelined(
         self, pipe: RawPipeline, members: Sequence[int] | np.ndarray
     ) -> OnlineRows:
@@ -256,10 +310,9 @@ class OnlineReader:
         ids = np.asarray(members, dtype=np.int64)
         if ids.size == 0:
             return decode([], ids)
-        keys = entity_keys(ids, self.project)
-        head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(self.fields), len(keys[0]))
-        payload = b"".join([head + key + self._tail for key in keys])
-        replies = await pipe.execute(payload, ids.size)
+        replies = await pipe.execute_fixed(self.payload(ids), ids.size, USUAL_REPLY)
+        if isinstance(replies, np.ndarray):
+            return decode_usual(replies)
         return decode([v or b"" for rep in replies for v in rep], ids)
 
     def read_sync(self, client: redis.Redis, members: Sequence[int] | np.ndarray) -> OnlineRows:

@@ -18,7 +18,7 @@ import numpy as np
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import tensor
+from edgeflow import metrics, tensor
 from edgeflow.config import Config
 from edgeflow.features.compute import model_matrix
 from edgeflow.features.online import OnlineReader, OnlineRows, OnlineValueError
@@ -31,6 +31,7 @@ from edgeflow.features.schema import (
     PUSH_SOURCE,
     SCALAR_FEATURES,
 )
+from edgeflow.graph import pair_measures
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.redis_client import connect_async
 from edgeflow.resp import RawPipeline, RespError, RespReplyError
@@ -116,6 +117,7 @@ class FeaturesService(Service):
         n = len(request.entities)
         if n > MAX_ENTITIES:
             raise _invalid(f"entities: {n} requested, at most {MAX_ENTITIES} per request")
+        metrics.FEATURES_ENTITIES.observe(n)
         with_member = request.HasField("member")
         names, select = select_columns(list(request.columns), with_member)
         entities = np.asarray(request.entities, dtype=np.int64)
@@ -140,8 +142,17 @@ class FeaturesService(Service):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"features: {exc} (pair features need the member graph)",
             ) from exc
-        rows = await self._read(np.concatenate(([member], entities)))
-        member_index = graph.index_of(member)
+        read = asyncio.ensure_future(self._read(np.concatenate(([member], entities))))
+        try:
+            # The read sends its commands at once; the pair features are computed while
+            # Redis answers.
+            await asyncio.sleep(0)
+            member_index = graph.index_of(member)
+            cand_indices = graph.indices_of(entities)
+            pairs = pair_measures(graph, member_index, cand_indices, inv_log_degree)
+            rows = await read
+        finally:
+            read.cancel()  # a no-op once done; a cancelled request leaves no read behind
         if member_index < 0 and rows.missing[0]:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
@@ -152,11 +163,12 @@ class FeaturesService(Service):
             graph,
             inv_log_degree,
             member_index,
-            graph.indices_of(entities),
+            cand_indices,
             rows.scalars[0],
             rows.scalars[1:],
             rows.embeddings[0],
             rows.embeddings[1:],
+            pairs,
         )
         return matrix, rows.missing[1:]
 

@@ -1,5 +1,8 @@
 """Runs one request's workflow DAG: parallel fan-out/fan-in, per-node deadlines from the
-request's budget, fallbacks and a funnel of what each node did."""
+request's budget, fallbacks and a funnel of what each node did.
+
+An explain run also collects every item the filters and quotas dropped (with the node that
+dropped it) and the feature rows each scoring node was given; a plain run does neither."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from edgeflow.v1 import (
     merging_pb2_grpc,
     scoring_pb2,
     scoring_pb2_grpc,
+    tensor_pb2,
 )
 from edgeflow.workflow.ops import BlendParams, FetchParams, Kind, OnnxParams, RemoteParams
 from edgeflow.workflow.validate import CompiledNode, Workflow
@@ -61,6 +65,15 @@ class Clients:
     merging: merging_pb2_grpc.MergingServiceStub
 
 
+@dataclass(frozen=True)
+class Scored:
+    """The rows a scoring node was given (explain runs): its candidates and their features."""
+
+    node: str
+    ids: np.ndarray
+    features: tensor_pb2.Tensor
+
+
 @dataclass
 class Outcome:
     frame: Frame
@@ -68,6 +81,9 @@ class Outcome:
     degraded: list[str] = field(default_factory=list)
     traces: list[gateway_pb2.NodeTrace] = field(default_factory=list)
     total_ms: float = 0.0
+    # Explain runs only, in workflow node order.
+    dropped_items: list[tensor_pb2.DroppedItem] = field(default_factory=list)
+    scored: list[Scored] = field(default_factory=list)
 
 
 _SOURCE_MODE = {"precomputed": "offline"}
@@ -82,14 +98,15 @@ class Engine:
             "features.fetch": self._fetch,
             "scoring.onnx": self._score,
             "scoring.remote": self._score_remote,
-            "merge.blend": self._blend,
         }
 
     async def close(self) -> None:
         """Close the channels the engine opened itself (those of remote model servers)."""
         await self._remote.close()
 
-    async def run(self, wf: Workflow, member: int, k: int, budget_s: float) -> Outcome:
+    async def run(
+        self, wf: Workflow, member: int, k: int, budget_s: float, explain: bool = False
+    ) -> Outcome:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         deadline = t0 + budget_s
@@ -98,7 +115,7 @@ class Engine:
         for cn in wf.nodes:  # topological order: inputs are scheduled first
             deps = [futures[d] for d in cn.node.inputs]
             futures[cn.node.name] = asyncio.ensure_future(
-                self._node(cn, deps, member, k, deadline, t0, outcome)
+                self._node(cn, deps, member, k, deadline, t0, outcome, explain)
             )
         try:
             await asyncio.gather(*futures.values())
@@ -110,6 +127,9 @@ class Engine:
         outcome.total_ms = (loop.time() - t0) * 1000
         order = {cn.node.name: i for i, cn in enumerate(wf.nodes)}
         outcome.traces.sort(key=lambda t: order[t.node])
+        if explain:
+            outcome.dropped_items.sort(key=lambda d: order[d.node])
+            outcome.scored.sort(key=lambda s: order[s.node])
         return outcome
 
     async def _node(
@@ -121,6 +141,7 @@ class Engine:
         deadline: float,
         t0: float,
         outcome: Outcome,
+        explain: bool,
     ) -> Frame:
         inputs = [await d for d in deps]
         loop = asyncio.get_running_loop()
@@ -128,8 +149,14 @@ class Engine:
         name, op = cn.node.name, cn.node.op
         trace = gateway_pb2.NodeTrace(
             node=name, op=op, status="ok", items_in=sum(len(f) for f in inputs),
-            start_ms=(start - t0) * 1000,
+            start_ms=(start - t0) * 1000, inputs=cn.node.inputs,
         )  # fmt: skip
+        dropped: list[tensor_pb2.DroppedItem] | None = None
+        if explain:
+            dropped = []
+            features = inputs[0].features if inputs else None
+            if cn.kind is Kind.SCORED and features is not None:
+                outcome.scored.append(Scored(name, inputs[0].ids, features))
         timeout = min(cn.node.timeout_ms / 1000.0, deadline - start)
         with _tracer.start_as_current_span(f"node {name}", attributes={"edgeflow.op": op}) as span:
             try:
@@ -137,7 +164,11 @@ class Engine:
                     raise NodeError(
                         "no time left in the request budget", grpc.StatusCode.DEADLINE_EXCEEDED
                     )
-                frame = await self._execute(cn, inputs, member, k, timeout)
+                frame = await self._execute(cn, inputs, member, k, timeout, dropped)
+                if dropped:
+                    for item in dropped:
+                        item.node = name
+                    outcome.dropped_items.extend(dropped)
             except MemberNotFound:
                 raise
             except (NodeError, grpc.aio.AioRpcError, ValueError) as exc:
@@ -157,13 +188,23 @@ class Engine:
         return frame
 
     async def _execute(
-        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+        self,
+        cn: CompiledNode,
+        inputs: list[Frame],
+        member: int,
+        k: int,
+        timeout: float,
+        dropped: list[tensor_pb2.DroppedItem] | None,
     ) -> Frame:
+        """Run the node's op; filters and blends append their dropped items to `dropped`
+        when it is a list (explain runs)."""
         op = cn.node.op
         if op.startswith("candidates."):
             return await self._generate(cn, member, timeout)
         if op.startswith("filter."):
-            return await self._filter(cn, inputs, member, timeout)
+            return await self._filter(cn, inputs, member, timeout, dropped)
+        if op == "merge.blend":
+            return await self._blend(cn, inputs, member, k, timeout, dropped)
         return await self._ops[op](cn, inputs, member, k, timeout)
 
     # ---- ops -----------------------------------------------------------------------------
@@ -249,24 +290,38 @@ class Engine:
             raise NodeError(str(exc), exc.code) from None
 
     async def _filter(
-        self, cn: CompiledNode, inputs: list[Frame], member: int, timeout: float
+        self,
+        cn: CompiledNode,
+        inputs: list[Frame],
+        member: int,
+        timeout: float,
+        dropped: list[tensor_pb2.DroppedItem] | None,
     ) -> Frame:
         frame = inputs[0]
         if not frame.ids.size:
             return frame
         resp = await self._c.merging.Filter(
             merging_pb2.FilterRequest(
-                member=member, ids=frame.ids.tolist(), filters=[cn.node.op.split(".", 1)[1]]
+                member=member, ids=frame.ids.tolist(), filters=[cn.node.op.split(".", 1)[1]],
+                explain=dropped is not None,
             ),
             timeout=timeout,
             metadata=tracing.outgoing_metadata(),
-        )
+        )  # fmt: skip
         out = frame.take(np.asarray(resp.keep, dtype=np.int64))
         out.dropped = {d.reason: d.count for d in resp.dropped}
+        if dropped is not None:
+            dropped.extend(resp.dropped_items)
         return out
 
     async def _blend(
-        self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
+        self,
+        cn: CompiledNode,
+        inputs: list[Frame],
+        member: int,
+        k: int,
+        timeout: float,
+        dropped: list[tensor_pb2.DroppedItem] | None,
     ) -> Frame:
         assert isinstance(cn.params, BlendParams)
         lists = [
@@ -277,6 +332,7 @@ class Engine:
             merging_pb2.MergeRequest(
                 member=member, lists=lists, k=k, filters=list(cn.params.filters),
                 quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
+                explain=dropped is not None,
             ),
             timeout=timeout,
             metadata=tracing.outgoing_metadata(),
@@ -284,6 +340,8 @@ class Engine:
         out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
         out.edges = list(resp.edges)
         out.dropped = {d.reason: d.count for d in resp.dropped}
+        if dropped is not None:
+            dropped.extend(resp.dropped_items)
         return out
 
 

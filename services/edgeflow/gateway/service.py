@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -12,8 +13,13 @@ import grpc
 import redis
 import redis.asyncio as aioredis
 
+from edgeflow import metrics
 from edgeflow.config import Config
+from edgeflow.experiments import records
+from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed
+from edgeflow.gateway.explain import explanation
+from edgeflow.gateway.shadow import ShadowRunner
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import connect_async
@@ -48,7 +54,10 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._rds: aioredis.Redis | None = None  # member events (Publish)
+        self._rds: aioredis.Redis | None = None  # member events (Publish), exposures
+        self.exposures: StreamLog | None = None
+        self._shadow_log: StreamLog | None = None
+        self._shadows: ShadowRunner | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_RecommenderServicer_to_server(self, server)
@@ -70,13 +79,29 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             )
         )
         self._watch = asyncio.create_task(self._watch_workflows())
-        self._rds = connect_async(cfg.redis_url)  # connects on the first Publish
+        self._rds = connect_async(cfg.redis_url)  # connects on first use
+        self.exposures = StreamLog(
+            self._rds,
+            records.EXPOSURES,
+            records.STREAM_MAXLEN,
+            on_written=metrics.EXPOSURES_LOGGED.inc,
+            on_dropped=lambda reason, n: metrics.EXPOSURES_DROPPED.labels(reason).inc(n),
+        )
+        self._shadow_log = StreamLog(self._rds, records.SHADOW, records.STREAM_MAXLEN)
+        self.exposures.start()
+        self._shadow_log.start()
+        self._shadows = ShadowRunner(self._engine, self._shadow_log)
 
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        if self._shadows is not None:
+            await self._shadows.close()
+        for stream_log in (self.exposures, self._shadow_log):
+            if stream_log is not None:
+                await stream_log.close()
         closing = [ch.close() for ch in self._channels]
         if self._engine is not None:
             closing.append(self._engine.close())
@@ -118,8 +143,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
-        wf = self.workflows.get(request.surface)
-        if wf is None:
+        base = self.workflows.get(request.surface)
+        if base is None:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"surface: unknown surface {request.surface!r}; known: {sorted(self.workflows)}",
@@ -133,13 +158,16 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"member: must be >= 0, got {request.member}"
             )
-        assert self._engine is not None and wf is not None
+        assert self._engine is not None and base is not None
+        wf, assignments = base.for_member(request.member)
         budget = wf.spec.budget_ms / 1000.0
         remaining = context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining - _RESPONSE_MARGIN_S)
         try:
-            outcome = await self._engine.run(wf, request.member, request.k, budget)
+            outcome = await self._engine.run(
+                wf, request.member, request.k, budget, explain=request.explain
+            )
         except MemberNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except NodeFailed as exc:
@@ -147,20 +175,75 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 code = grpc.StatusCode.INTERNAL  # our own graph's call was wrong, not the caller's
             await context.abort(code, f"surface {wf.surface!r}: {exc}")
+        variant = records.encode_assignments(assignments) or "none"
+        metrics.observe_recommend(
+            wf.surface, variant, outcome.total_ms / 1000, outcome.partial, outcome.traces
+        )
+        request_id = request.request_id or uuid.uuid4().hex
         resp = gateway_pb2.RecommendResponse(
             edges=outcome.frame.edges,
             partial=outcome.partial,
             degraded=outcome.degraded,
             surface=wf.surface,
             workflow=wf.name,
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request_id,
+            assignments=[gateway_pb2.Assignment(experiment=e, variant=v) for e, v in assignments],
         )
-        if request.debug:
+        if request.debug or request.explain:
             resp.funnel.nodes.extend(outcome.traces)
             resp.funnel.total_ms = outcome.total_ms
             for reason, count in outcome.frame.dropped.items():
                 resp.funnel.dropped[reason] = count
+        if request.explain:
+            resp.explanation.CopyFrom(explanation(outcome))
+        served = tuple(int(e.target) for e in outcome.frame.edges)
+        self._log_exposure(request, request_id, wf, assignments, served, outcome.partial)
+        self._start_shadows(base, request, request_id, served, outcome.total_ms, context)
         return resp
+
+    def _log_exposure(
+        self,
+        request: gateway_pb2.RecommendRequest,
+        request_id: str,
+        wf: Workflow,
+        assignments: records.Assignments,
+        served: tuple[int, ...],
+        partial: bool,
+    ) -> None:
+        if self.exposures is None:
+            return
+        exposure = records.Exposure(
+            request_id=request_id,
+            time=time.time(),
+            member=request.member,
+            surface=wf.surface,
+            workflow=wf.name,
+            assignments=assignments,
+            items=served,
+            partial=partial,
+        )
+        self.exposures.put(exposure.encode())
+
+    def _start_shadows(
+        self,
+        base: Workflow,
+        request: gateway_pb2.RecommendRequest,
+        request_id: str,
+        served: tuple[int, ...],
+        served_ms: float,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Shadows start once the served response is sent, so they never delay it."""
+        runner = self._shadows
+        if runner is None or not base.shadows:
+            return
+        chosen = runner.chosen(base)
+        if chosen:
+            context.add_done_callback(
+                lambda _: runner.start(
+                    chosen, request.member, request.k, request_id, served, served_ms
+                )
+            )
 
     async def Publish(
         self, request: gateway_pb2.PublishRequest, context: grpc.aio.ServicerContext

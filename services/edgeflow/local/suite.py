@@ -24,6 +24,8 @@ SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline
 # The nearline worker serves health only; its port is not a peer address in Config.
 NEARLINE_ADDR = "127.0.0.1:50065"
 PROCESSES = ("redis", *SERVICES)
+# With fixed ports, each service's /metrics listens this far above its gRPC port.
+METRICS_OFFSET = 1000
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Suite:
     redis_started: bool = False
     # A suite of `edgeflow up` keeps its data across down/up; a throwaway one does not.
     persist: bool = False
+    # Each service's Prometheus /metrics port (on loopback).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -77,13 +81,18 @@ class Suite:
             pids=data["pids"],
             redis_started=data["redis_started"],
             persist=data.get("persist", False),
+            metrics_ports=data.get("metrics_ports", {}),
         )
 
 
 def new_suite(home: Path, free_ports: bool) -> Suite:
     """A suite on free ports, or on the ports the configuration names (REDIS_URL, *_ADDR)."""
     if free_ports:
-        return Suite(home=home.resolve(), ports={k: free_port() for k in PROCESSES})
+        return Suite(
+            home=home.resolve(),
+            ports={k: free_port() for k in PROCESSES},
+            metrics_ports={k: free_port() for k in SERVICES},
+        )
     from urllib.parse import urlparse
 
     from edgeflow import config
@@ -96,7 +105,14 @@ def new_suite(home: Path, free_ports: bool) -> Suite:
     addrs["nearline"] = os.environ.get("NEARLINE_ADDR", "").strip() or NEARLINE_ADDR
     ports = {name: int(addr.rsplit(":", 1)[1]) for name, addr in addrs.items()}
     ports["redis"] = urlparse(cfg.redis_url).port or 6379
-    return Suite(home=home.resolve(), ports=ports, persist=True)
+    metrics_ports = {name: metrics_port(ports[name]) for name in SERVICES}
+    return Suite(home=home.resolve(), ports=ports, persist=True, metrics_ports=metrics_ports)
+
+
+def metrics_port(grpc_port: int) -> int:
+    """The /metrics port of a service on a fixed gRPC port: METRICS_OFFSET above it."""
+    above = grpc_port + METRICS_OFFSET
+    return above if above <= 65535 else grpc_port - METRICS_OFFSET
 
 
 def ensure_redis(suite: Suite) -> None:
@@ -120,18 +136,29 @@ def start_services(suite: Suite, timeout_s: float = 120.0) -> None:
     busy = [
         f"{name} port {suite.ports[name]}" for name in SERVICES if not port_free(suite.ports[name])
     ]
+    busy += [
+        f"{name} metrics port {port}"
+        for name, port in suite.metrics_ports.items()
+        if not port_free(port)
+    ]
     if busy:
         # Otherwise a health check could reach whatever already listens there.
         raise RuntimeError(
             f"in use: {', '.join(busy)}. Another edgeflow suite may be up: run `edgeflow down` "
             "where it was started, or choose other ports with GATEWAY_ADDR, CANDIDATES_ADDR, "
-            "FEATURES_ADDR, SCORING_ADDR, MERGING_ADDR and NEARLINE_ADDR"
+            "FEATURES_ADDR, SCORING_ADDR, MERGING_ADDR and NEARLINE_ADDR (each service's "
+            f"metrics port is {METRICS_OFFSET} above its own)"
         )
     log_dir = suite.home / "run"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = suite.env()
     for name in SERVICES:
-        env_one = dict(env, PORT=str(suite.ports[name]))
+        env_one = dict(
+            env,
+            PORT=str(suite.ports[name]),
+            METRICS_PORT=str(suite.metrics_ports.get(name, 0)),
+            METRICS_HOST="127.0.0.1",
+        )
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgeflow.cli.main", "serve", name],

@@ -21,6 +21,11 @@ Selection. Visibility filters (a keep mask) run first, then items are ranked by 
 (higher first, then lower id), per-source quotas drop items past a source's cap in rank order,
 and the first K remain. Drop counts use the reasons "duplicate", the filter names, "quota" and
 "top_k"; only non-zero counts are reported.
+
+Explain. On request, every removed item is also listed as a DroppedItem: one per merged
+input row ("duplicate": the item itself lives on in the pool), then the filtered ones under
+the filter they are counted under, then the ones past a quota ("quota:<source>", its primary
+source). Items merely below the top K are not listed.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class Blended:
 class Selection:
     index: np.ndarray  # positions into Blended, best first
     dropped: dict[str, int]
+    # Explain only: (source, positions into Blended) of the items each quota dropped.
+    over_quota: tuple[tuple[str, np.ndarray], ...] = ()
 
 
 # (source index, the source's score per row, where the source produced the row)
@@ -248,11 +255,12 @@ def select(
     quotas: Mapping[str, int] | None = None,
     keep: np.ndarray | None = None,
     dropped: Mapping[str, int] | None = None,
+    explain: bool = False,
 ) -> Selection:
     """Rank the visible items, apply per-source quotas, cut to the top k.
 
     `keep` is the visibility mask from the filters (None keeps all) and `dropped` their counts
-    by reason, carried into the result.
+    by reason, carried into the result. With `explain`, the items each quota dropped are kept.
     """
     if not 1 <= k <= MAX_K:
         raise BlendError(f"k must be in 1..{MAX_K}, got {k}")
@@ -262,6 +270,7 @@ def select(
     counts.update(dropped or {})
     idx = np.flatnonzero(keep) if keep is not None else np.arange(pool.ids.size)
     order = idx[np.lexsort((pool.ids[idx], -pool.score[idx]))]
+    over_quota: list[tuple[str, np.ndarray]] = []
     if quotas and order.size:
         primary = pool.primary[order]
         over = np.zeros(order.size, dtype=bool)
@@ -269,11 +278,18 @@ def select(
             if source not in pool.sources:
                 continue
             mine = primary == pool.sources.index(source)
-            over |= mine & (np.cumsum(mine) > cap)
+            past = mine & (np.cumsum(mine) > cap)
+            over |= past
+            if explain and past.any():
+                over_quota.append((source, order[past]))
         counts["quota"] = int(over.sum())
         order = order[~over]
     counts["top_k"] = max(0, order.size - k)
-    return Selection(index=order[:k], dropped={r: c for r, c in counts.items() if c})
+    return Selection(
+        index=order[:k],
+        dropped={r: c for r, c in counts.items() if c},
+        over_quota=tuple(over_quota),
+    )
 
 
 def add_edges(
@@ -298,6 +314,39 @@ def add_edges(
     for r, c, s, li in zip(rows.tolist(), cols.tolist(), scores, lists, strict=True):
         mode, age = infos[li].get(names[c]) or (modes[li], ages[li])
         added[r].provenance.add(source=names[c], score=s, mode=mode, age_seconds=age)
+
+
+def duplicate_ids(lists: Sequence[ScoredList]) -> np.ndarray:
+    """The id of every input row merged into another row, one per "duplicate" drop."""
+    if not lists:
+        return np.zeros(0, np.int64)
+    uniq, counts = np.unique(np.concatenate([lst.ids for lst in lists]), return_counts=True)
+    return np.repeat(uniq, counts - 1).astype(np.int64, copy=False)
+
+
+def add_dropped(
+    out: RepeatedCompositeFieldContainer[tensor_pb2.DroppedItem], ids: np.ndarray, reason: str
+) -> None:
+    """Append one DroppedItem per id, all with `reason` (the node is the gateway's to fill)."""
+    add = out.add
+    for target in ids.tolist():
+        add(target=target, reason=reason)
+
+
+def explain(
+    out: RepeatedCompositeFieldContainer[tensor_pb2.DroppedItem],
+    lists: Sequence[ScoredList],
+    pool: Blended,
+    filtered: Sequence[tuple[str, np.ndarray]],
+    sel: Selection,
+) -> None:
+    """Every dropped item with its reason, in the order of the module docstring; `filtered`
+    is the filters' (name, positions into the pool)."""
+    add_dropped(out, duplicate_ids(lists), "duplicate")
+    for name, rows in filtered:
+        add_dropped(out, pool.ids[rows], name)
+    for source, rows in sel.over_quota:
+        add_dropped(out, pool.ids[rows], f"quota:{source}")
 
 
 def drop_counts(dropped: Mapping[str, int]) -> list[merging_pb2.DropCount]:

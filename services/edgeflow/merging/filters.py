@@ -44,9 +44,17 @@ def check(names: Iterable[str], where: str = "filters") -> tuple[str, ...]:
 
 
 async def visible(
-    client: aioredis.Redis, member: int, ids: np.ndarray, names: Sequence[str]
+    client: aioredis.Redis,
+    member: int,
+    ids: np.ndarray,
+    names: Sequence[str],
+    why: list[tuple[str, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Keep mask over `ids` and drop counts by filter; `names` must have passed `check`."""
+    """Keep mask over `ids` and drop counts by filter; `names` must have passed `check`.
+
+    When `why` is a list (explain requests), each filter that hid items appends its name and
+    their positions in `ids`, so the items are listed under the filter they are counted under.
+    """
     keep = np.ones(ids.size, dtype=bool)
     dropped: dict[str, int] = {}
     if ids.size == 0 or not names:
@@ -61,6 +69,8 @@ async def visible(
         if count:
             dropped[name] = count
             keep &= ~newly
+            if why is not None:
+                why.append((name, np.flatnonzero(newly)))
     return keep, dropped
 
 

@@ -98,11 +98,17 @@ class MergingService(Service):
                 raise BlendError(f"k must be in 1..{MAX_K}, got {request.k}")
             names = filters.check(request.filters)
             quotas = to_quotas(request.quotas)
-            pool = blend.blend([to_list(i, m) for i, m in enumerate(request.lists)])
+            lists = [to_list(i, m) for i, m in enumerate(request.lists)]
+            pool = blend.blend(lists)
         except (BlendError, FilterError) as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        keep, dropped = await self.visible(request.member, pool.ids, names, deadline_s)
-        return blend.response(pool, blend.select(pool, request.k, quotas, keep, dropped))
+        why: list[tuple[str, np.ndarray]] | None = [] if request.explain else None
+        keep, dropped = await self.visible(request.member, pool.ids, names, deadline_s, why)
+        sel = blend.select(pool, request.k, quotas, keep, dropped, explain=request.explain)
+        out = blend.response(pool, sel)
+        if why is not None:
+            blend.explain(out.dropped_items, lists, pool, why, sel)
+        return out
 
     async def filter(
         self, request: merging_pb2.FilterRequest, deadline_s: float | None
@@ -112,21 +118,31 @@ class MergingService(Service):
         except FilterError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         ids = tensor.ids(request.ids)
-        keep, dropped = await self.visible(request.member, ids, names, deadline_s)
-        return merging_pb2.FilterResponse(
+        why: list[tuple[str, np.ndarray]] | None = [] if request.explain else None
+        keep, dropped = await self.visible(request.member, ids, names, deadline_s, why)
+        out = merging_pb2.FilterResponse(
             keep=np.flatnonzero(keep).tolist(), dropped=blend.drop_counts(dropped)
         )
+        for name, rows in why or ():
+            blend.add_dropped(out.dropped_items, ids[rows], name)
+        return out
 
     async def visible(
-        self, member: int, ids: np.ndarray, names: Sequence[str], deadline_s: float | None
+        self,
+        member: int,
+        ids: np.ndarray,
+        names: Sequence[str],
+        deadline_s: float | None,
+        why: list[tuple[str, np.ndarray]] | None = None,
     ) -> tuple[np.ndarray, dict[str, int]]:
-        """Apply the filters, mapping Redis failures to UNAVAILABLE or FAILED_PRECONDITION."""
+        """Apply the filters (see filters.visible for `why`), mapping Redis failures to
+        UNAVAILABLE or FAILED_PRECONDITION."""
         if self._redis is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "merging: service is not started")
         budget = REDIS_BUDGET_S if deadline_s is None else min(REDIS_BUDGET_S, deadline_s)
         try:
             async with asyncio.timeout(budget):
-                return await filters.visible(self._redis, member, ids, names)
+                return await filters.visible(self._redis, member, ids, names, why)
         except rexc.ResponseError as exc:
             msg = f"merging: redis at {self._redis_at} refused the filters {list(names)}: {exc}"
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, msg) from exc

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 import redis
 
-from edgeflow import keys, lists, tensor
+from edgeflow import keys, lists, metrics, tensor
 from edgeflow.config import Config
 from edgeflow.features.schema import SCALAR_FEATURES
 from edgeflow.graph import Graph
@@ -60,6 +60,7 @@ COMPACT_DELTAS = 10_000
 DONE_TTL_S = 7 * 24 * 3600
 PUSH_TIMEOUT_S = 10.0
 _RETRY_S = 1.0
+BACKLOG_EVERY_S = 1.0
 _GRAPH_FEATURES = ("degree", "clustering", "avg_neighbor_degree")
 # Push failures that will not heal by retrying the same event.
 _PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
@@ -227,6 +228,7 @@ class Processor:
         acks += [(eid, ev.id) for eid, ev in todo if ev in outcome.applied]
         acks += [(eid, "") for eid, _ in outcome.dead]
         self._finish(acks, outcome)
+        _observe(outcome, duplicates=len(parsed) - len(todo))
         return outcome
 
     def _apply(self, todo: list[tuple[bytes, Event]], outcome: BatchOutcome) -> BatchOutcome:
@@ -370,6 +372,27 @@ class Processor:
         self.client.register_script(_FINISH_LUA)(keys=[keys.EVENTS, keys.NEARLINE_STATS], args=args)
 
 
+def _observe(outcome: BatchOutcome, duplicates: int) -> None:
+    """Lag from each applied event's time to now (its changes are stored), and outcomes."""
+    now = time.time()
+    for ev in outcome.applied:
+        metrics.NEARLINE_LAG.observe(max(0.0, now - ev.time))
+    for outcome_name, n in (("applied", len(outcome.applied)), ("duplicate", duplicates),
+                            ("dead", len(outcome.dead))):  # fmt: skip
+        if n:
+            metrics.NEARLINE_EVENTS.labels(outcome_name).inc(n)
+
+
+def backlog(client: redis.Redis) -> int | None:
+    """Entries of the event stream the group has not acknowledged: pending, plus those not
+    yet delivered where Redis (7+) reports the group's lag."""
+    for group in cast(list[dict[str, Any]], client.xinfo_groups(keys.EVENTS)):
+        name = group.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == keys.NEARLINE_GROUP:
+            return int(group.get("pending") or 0) + int(group.get("lag") or 0)
+    return None
+
+
 def ensure_group(client: redis.Redis) -> None:
     """The consumer group, created at the start of the stream (so no event is skipped)."""
     try:
@@ -425,9 +448,14 @@ class NearlineWorker(Service):
 
     # ---- the consumer loop ---------------------------------------------------------------
     def _run(self) -> None:
-        last_claim = 0.0
+        last_claim = last_backlog = 0.0
         while not self._stop.is_set():
             try:
+                if time.monotonic() - last_backlog >= BACKLOG_EVERY_S:
+                    last_backlog = time.monotonic()
+                    pending = backlog(self.client)
+                    if pending is not None:
+                        metrics.NEARLINE_BACKLOG.set(pending)
                 if time.monotonic() - last_claim >= min(self.claim_idle_s, 5.0):
                     last_claim = time.monotonic()
                     self._claim()

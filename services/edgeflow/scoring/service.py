@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 from opentelemetry import trace
 
-from edgeflow import tensor
+from edgeflow import metrics, tensor
 from edgeflow.config import Config
 from edgeflow.scoring import oip
 from edgeflow.scoring.registry import ModelNotFoundError, ModelRegistry
@@ -47,10 +48,12 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
             if not features.columns:
                 raise ValueError(f"it has no column names; the model needs {list(model.features)}")
             matrix = tensor.unpack(features)
+            started = time.perf_counter()
             if matrix.shape[0] > THREAD_ROWS:
                 scores = await asyncio.to_thread(model.score, matrix, features.columns)
             else:
                 scores = model.score(matrix, features.columns)
+            inference_s = time.perf_counter() - started
         except ValueError as exc:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,6 +65,7 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
                 grpc.StatusCode.INTERNAL,
                 f"model {model.name} {model.version} failed on {features.rows} rows: {exc}",
             )
+        metrics.scoring_inference(model.name, model.version).observe(inference_s)
         trace.get_current_span().set_attributes(
             {"model": model.name, "model.version": model.version, "rows": int(features.rows)}
         )

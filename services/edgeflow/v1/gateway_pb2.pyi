@@ -9,21 +9,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("surface", "member", "k", "debug", "request_id")
+    __slots__ = ("surface", "member", "k", "debug", "request_id", "explain")
     SURFACE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     surface: str
     member: int
     k: int
     debug: bool
     request_id: str
-    def __init__(self, surface: _Optional[str] = ..., member: _Optional[int] = ..., k: _Optional[int] = ..., debug: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, surface: _Optional[str] = ..., member: _Optional[int] = ..., k: _Optional[int] = ..., debug: _Optional[bool] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class NodeTrace(_message.Message):
-    __slots__ = ("node", "op", "status", "items_in", "items_out", "start_ms", "duration_ms", "fallback", "error")
+    __slots__ = ("node", "op", "status", "items_in", "items_out", "start_ms", "duration_ms", "fallback", "error", "inputs")
     NODE_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +35,7 @@ class NodeTrace(_message.Message):
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     node: str
     op: str
     status: str
@@ -42,7 +45,8 @@ class NodeTrace(_message.Message):
     duration_ms: float
     fallback: str
     error: str
-    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., status: _Optional[str] = ..., items_in: _Optional[int] = ..., items_out: _Optional[int] = ..., start_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., fallback: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., status: _Optional[str] = ..., items_in: _Optional[int] = ..., items_out: _Optional[int] = ..., start_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., fallback: _Optional[str] = ..., error: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Funnel(_message.Message):
     __slots__ = ("nodes", "total_ms", "dropped")
@@ -62,7 +66,7 @@ class Funnel(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeTrace, _Mapping]]] = ..., total_ms: _Optional[float] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("edges", "partial", "degraded", "surface", "workflow", "request_id", "funnel")
+    __slots__ = ("edges", "partial", "degraded", "surface", "workflow", "request_id", "funnel", "assignments", "explanation")
     EDGES_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +74,8 @@ class RecommendResponse(_message.Message):
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FUNNEL_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     edges: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Edge]
     partial: bool
     degraded: _containers.RepeatedScalarFieldContainer[str]
@@ -77,7 +83,25 @@ class RecommendResponse(_message.Message):
     workflow: str
     request_id: str
     funnel: Funnel
-    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., partial: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., surface: _Optional[str] = ..., workflow: _Optional[str] = ..., request_id: _Optional[str] = ..., funnel: _Optional[_Union[Funnel, _Mapping]] = ...) -> None: ...
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    explanation: Explanation
+    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., partial: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., surface: _Optional[str] = ..., workflow: _Optional[str] = ..., request_id: _Optional[str] = ..., funnel: _Optional[_Union[Funnel, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("experiment", "variant")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    variant: str
+    def __init__(self, experiment: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("features", "dropped")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    features: _tensor_pb2.Tensor
+    dropped: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.DroppedItem]
+    def __init__(self, features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., dropped: _Optional[_Iterable[_Union[_tensor_pb2.DroppedItem, _Mapping]]] = ...) -> None: ...
 
 class ListSurfacesRequest(_message.Message):
     __slots__ = ()

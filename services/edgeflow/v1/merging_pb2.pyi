@@ -46,18 +46,20 @@ class Quota(_message.Message):
     def __init__(self, source: _Optional[str] = ..., max: _Optional[int] = ...) -> None: ...
 
 class MergeRequest(_message.Message):
-    __slots__ = ("member", "lists", "k", "filters", "quotas")
+    __slots__ = ("member", "lists", "k", "filters", "quotas", "explain")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     member: int
     lists: _containers.RepeatedCompositeFieldContainer[ScoredList]
     k: int
     filters: _containers.RepeatedScalarFieldContainer[str]
     quotas: _containers.RepeatedCompositeFieldContainer[Quota]
-    def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class DropCount(_message.Message):
     __slots__ = ("reason", "count")
@@ -68,27 +70,33 @@ class DropCount(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class MergeResponse(_message.Message):
-    __slots__ = ("edges", "dropped")
+    __slots__ = ("edges", "dropped", "dropped_items")
     EDGES_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     edges: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Edge]
     dropped: _containers.RepeatedCompositeFieldContainer[DropCount]
-    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DropCount, _Mapping]]] = ...) -> None: ...
+    dropped_items: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.DroppedItem]
+    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DropCount, _Mapping]]] = ..., dropped_items: _Optional[_Iterable[_Union[_tensor_pb2.DroppedItem, _Mapping]]] = ...) -> None: ...
 
 class FilterRequest(_message.Message):
-    __slots__ = ("member", "ids", "filters")
+    __slots__ = ("member", "ids", "filters", "explain")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     member: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     filters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, member: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., filters: _Optional[_Iterable[str]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, member: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., filters: _Optional[_Iterable[str]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class FilterResponse(_message.Message):
-    __slots__ = ("keep", "dropped")
+    __slots__ = ("keep", "dropped", "dropped_items")
     KEEP_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     keep: _containers.RepeatedScalarFieldContainer[int]
     dropped: _containers.RepeatedCompositeFieldContainer[DropCount]
-    def __init__(self, keep: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[_Union[DropCount, _Mapping]]] = ...) -> None: ...
+    dropped_items: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.DroppedItem]
+    def __init__(self, keep: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[_Union[DropCount, _Mapping]]] = ..., dropped_items: _Optional[_Iterable[_Union[_tensor_pb2.DroppedItem, _Mapping]]] = ...) -> None: ...

@@ -41,3 +41,13 @@ class Edge(_message.Message):
     model_score: float
     provenance: _containers.RepeatedCompositeFieldContainer[Provenance]
     def __init__(self, target: _Optional[int] = ..., score: _Optional[float] = ..., model_score: _Optional[float] = ..., provenance: _Optional[_Iterable[_Union[Provenance, _Mapping]]] = ...) -> None: ...
+
+class DroppedItem(_message.Message):
+    __slots__ = ("target", "reason", "node")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    reason: str
+    node: str
+    def __init__(self, target: _Optional[int] = ..., reason: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...

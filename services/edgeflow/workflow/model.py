@@ -106,6 +106,90 @@ class Modes(_Model):
     )
 
 
+class Overrides(_Model):
+    """How a variant's graph differs from the workflow's own graph."""
+
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description='Model version per scoring node, e.g. {rank: "2"}.',
+    )
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Params merged into a node's own, per node name.",
+    )
+    nodes: list[Node] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Nodes that replace the node of the same name, or are added to the graph.",
+    )
+    output: str | None = Field(None, description="Another output node for the variant.")
+
+
+class Variant(_Model):
+    name: str = Field(..., pattern=NAME_PATTERN, description="Variant name, e.g. control.")
+    weight: float = Field(
+        ..., ge=0, le=100, description="Percent of the experiment's members it serves."
+    )
+    overrides: Overrides = Field(
+        default_factory=Overrides, description="Changes to the graph; none for a control."
+    )
+
+
+class Targeting(_Model):
+    """Which members of the surface enter the experiment."""
+
+    share: float = Field(
+        1.0, ge=0, le=1, description="Fraction of the surface's members in the experiment."
+    )
+    allow_list: list[int] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="When set, only these members can enter (the share applies among them).",
+    )
+
+
+class Experiment(_Model):
+    """An A/B test: members are bucketed by a salted hash, so assignment is sticky."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Experiment name.")
+    description: str = Field("", max_length=1000, description="What it tests, for people.")
+    salt: str = Field(
+        "", max_length=128, description="Hash salt; defaults to the name. A new salt reshuffles."
+    )
+    control: str = Field("", description="The control variant; defaults to the first variant.")
+    targeting: Targeting = Field(default_factory=Targeting, description="Who is eligible.")
+    variants: list[Variant] = Field(
+        ..., min_length=1, max_length=16, description="Variants; weights sum to 100."
+    )
+
+    @model_validator(mode="after")
+    def _variants(self) -> Experiment:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variants: duplicate variant names {dupes}")
+        total = sum(v.weight for v in self.variants)
+        if abs(total - 100.0) > 1e-6:
+            raise ValueError(f"variants: weights must sum to 100, got {total:g}")
+        if self.control and self.control not in names:
+            raise ValueError(f"control: {self.control!r} is not a variant; variants: {names}")
+        return self
+
+    @property
+    def control_variant(self) -> str:
+        return self.control or self.variants[0].name
+
+
+class Shadow(_Model):
+    """A variant of the graph run on a share of requests, compared with and never served."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Shadow name.")
+    share: float = Field(
+        ..., gt=0, le=1, description="Fraction of requests that also run the shadow."
+    )
+    overrides: Overrides = Field(..., description="How the shadow's graph differs.")
+
+
 class WorkflowSpec(_Model):
     """A surface's workflow graph."""
 
@@ -119,6 +203,14 @@ class WorkflowSpec(_Model):
         ..., min_length=1, max_length=64, description="The graph's nodes, each naming its inputs."
     )
     output: str = Field(..., description="Name of the node whose ranked list is served.")
+    experiments: list[Experiment] = Field(
+        default_factory=list,
+        max_length=8,
+        description="A/B experiments; a member can be in several, each bucketed on its own.",
+    )
+    shadows: list[Shadow] = Field(
+        default_factory=list, max_length=4, description="Variants run in shadow, never served."
+    )
 
     @model_validator(mode="after")
     def _remote_endpoints(self) -> WorkflowSpec:

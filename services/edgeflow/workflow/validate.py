@@ -7,14 +7,16 @@ graph is accepted or rejected the same way everywhere.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, WorkflowSpec
+from edgeflow.experiments.assign import Bucketing, assign
+from edgeflow.workflow import variants as variants_mod
+from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, Shadow, WorkflowSpec
 from edgeflow.workflow.ops import OPS, Kind, OpSpec, Params
 
 DEFAULT_FALLBACK = {"candidates": "empty", "features": "passthrough", "scoring": "passthrough"}
@@ -45,10 +47,31 @@ class Workflow:
     name: str
     spec: WorkflowSpec
     nodes: tuple[CompiledNode, ...]
+    # The graph of each combination of experiment variants, and of each shadow.
+    variants: Mapping[variants_mod.Assignments, Workflow] = field(default_factory=dict)
+    shadows: tuple[tuple[Shadow, Workflow], ...] = ()
+    bucketing: tuple[Bucketing, ...] = ()
 
     @property
     def surface(self) -> str:
         return self.spec.surface
+
+    def for_member(self, member: int) -> tuple[Workflow, variants_mod.Assignments]:
+        """The graph that serves the member, and the variants it is assigned."""
+        if not self.bucketing:
+            return self, ()
+        assignments = assign(self.bucketing, member)
+        return self.variants.get(assignments, self), assignments
+
+    def all_graphs(self) -> list[tuple[str, Workflow]]:
+        """The workflow's own graph, every variant's and every shadow's, each with a label
+        for messages ("" for the workflow's own)."""
+        out: list[tuple[str, Workflow]] = [("", self)]
+        for assignments, graph in self.variants.items():
+            label = " + ".join(f"experiment {e!r} variant {v!r}" for e, v in assignments)
+            out.append((label, graph))
+        out.extend((f"shadow {s.name!r}", graph) for s, graph in self.shadows)
+        return out
 
     def node(self, name: str) -> CompiledNode:
         return next(n for n in self.nodes if n.node.name == name)
@@ -62,14 +85,42 @@ def _message(err: Any) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
-def _problems(exc: ValidationError, where: str) -> list[str]:
+def _problems(exc: ValidationError, where: str, doc: Mapping[str, Any] | None = None) -> list[str]:
     out = []
     for err in exc.errors():
-        field = ".".join(str(x) for x in err["loc"])
+        loc = err["loc"]
+        named = _named_item(doc, loc)
+        if named is not None:  # "experiment 'x' field variants" reads better than an index
+            where_item, loc = named
+            field = ".".join(str(x) for x in loc)
+            out.append(f"{where_item} field {field}: {_message(err)}" if field else
+                       f"{where_item}: {_message(err)}")  # fmt: skip
+            continue
+        field = ".".join(str(x) for x in loc)
         out.append(
             f"{where} field {field}: {_message(err)}" if field else f"{where}: {_message(err)}"
         )
     return out
+
+
+_ITEM_LISTS = {"experiments": "experiment", "shadows": "shadow"}
+
+
+def _named_item(
+    doc: Mapping[str, Any] | None, loc: tuple[Any, ...]
+) -> tuple[str, tuple[Any, ...]] | None:
+    """For an error inside spec.experiments[i] or spec.shadows[i], the item's name and the
+    rest of the location."""
+    if doc is None or len(loc) < 2 or loc[0] not in _ITEM_LISTS or not isinstance(loc[1], int):
+        return None
+    items = doc.get(loc[0])
+    if not isinstance(items, list) or loc[1] >= len(items):
+        return None
+    if not isinstance(items[loc[1]], Mapping):
+        return None
+    name = items[loc[1]].get("name")
+    label = f"{_ITEM_LISTS[loc[0]]} {name!r}" if name else f"{_ITEM_LISTS[loc[0]]} #{loc[1] + 1}"
+    return label, loc[2:]
 
 
 def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>") -> Workflow:
@@ -92,7 +143,9 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
         )
     except ValidationError as exc:
         spec_problems = [
-            p for p in _problems(exc, "spec") if not (problems and p.startswith("spec field nodes"))
+            p
+            for p in _problems(exc, "spec", spec_doc)
+            if not (problems and p.startswith("spec field nodes"))
         ]
         raise WorkflowError(source, problems + spec_problems) from None
     names: dict[str, Node] = {}
@@ -170,7 +223,22 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
         )
     if problems:
         raise WorkflowError(source, problems)
-    return Workflow(name=workflow_name or spec.surface, spec=spec, nodes=tuple(result))
+    wf = Workflow(name=workflow_name or spec.surface, spec=spec, nodes=tuple(result))
+    if not spec.experiments and not spec.shadows:
+        return wf
+    compiled_variants, shadows, problems = variants_mod.compile_variants(
+        spec, lambda doc, where: check(doc, name=wf.name, source=source)
+    )
+    if problems:
+        raise WorkflowError(source, problems)
+    return Workflow(
+        name=wf.name,
+        spec=spec,
+        nodes=wf.nodes,
+        variants=compiled_variants,
+        shadows=tuple(zip(spec.shadows, shadows, strict=True)),
+        bucketing=tuple(Bucketing.of(e) for e in spec.experiments),
+    )
 
 
 def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str]:
@@ -195,6 +263,15 @@ def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str
 
 def check_models(wf: Workflow, available: Mapping[str, list[str]]) -> list[str]:
     """Problems with the scoring nodes' model references against a registry's contents."""
+
+    problems: dict[str, str] = {}  # problem -> the first graph that has it
+    for label, graph in wf.all_graphs():
+        for problem in _model_problems(graph, available):
+            problems.setdefault(problem, label)
+    return [f"{label}: {p}" if label else p for p, label in problems.items()]
+
+
+def _model_problems(wf: Workflow, available: Mapping[str, list[str]]) -> list[str]:
     from edgeflow.workflow.ops import OnnxParams
 
     problems = []

@@ -1,0 +1,94 @@
+"""A Redis Stream log that never slows or fails the request that writes to it.
+
+`put` only appends to a bounded in-memory queue; a background task writes batches with one
+pipelined round trip. When the queue is full or Redis is unavailable, records are dropped
+and counted, never retried on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+log = logging.getLogger("edgeflow.experiments")
+
+MAX_QUEUE = 10_000
+MAX_BATCH = 500
+# After a failed write, wait this long before the next one, so a Redis that is down is not
+# hammered (records arriving meanwhile fill the queue, then are dropped and counted).
+RETRY_AFTER_S = 0.5
+
+
+class StreamLog:
+    def __init__(
+        self,
+        rds: aioredis.Redis,
+        stream: str,
+        maxlen: int,
+        on_written: Callable[[int], None] = lambda n: None,
+        on_dropped: Callable[[str, int], None] = lambda reason, n: None,
+        max_queue: int = MAX_QUEUE,
+    ) -> None:
+        self._rds = rds
+        self._stream = stream
+        self._maxlen = maxlen
+        self._on_written = on_written
+        self._on_dropped = on_dropped
+        self._queue: asyncio.Queue[dict[str, str]] = asyncio.Queue(max_queue)
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"stream-log {self._stream}")
+
+    def put(self, fields: dict[str, str]) -> None:
+        """Queue one record; drops it (counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(fields)
+        except asyncio.QueueFull:
+            self._drop("queue_full", 1)
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued (within the timeout), then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped += n
+        self._on_dropped(reason, n)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            except (rexc.RedisError, OSError) as exc:
+                self._drop("redis_unavailable", len(batch))
+                log.warning("dropped %d records for %s: %s", len(batch), self._stream, exc)
+                await asyncio.sleep(RETRY_AFTER_S)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[dict[str, str]]) -> None:
+        pipe = self._rds.pipeline(transaction=False)
+        for fields in batch:
+            pipe.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+        await pipe.execute()
+        self.written += len(batch)
+        self._on_written(len(batch))
