@@ -393,3 +393,57 @@ def test_local_index_equals_query_points_on_random_vectors(tmp_path: Path) -> No
         assert index.nearest(-5, 10, np.zeros(0, np.int64))[0].size == 0
     finally:
         client.close()
+
+
+async def test_generate_many_answers_each_source_on_its_own(
+    tmp_path: Path, redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    """One call for a workflow's sources: the same answers as Generate, and a source that
+    fails or runs out of time fails alone."""
+    cfg = _config(tmp_path, redis_proc.url)
+    _seed(redis_client, cfg.qdrant_path)
+    running = await _run(cfg)
+    try:
+        req = candidates_pb2.GenerateManyRequest(
+            requests=[
+                candidates_pb2.GenerateRequest(member=1, source="graph", limit=10),
+                candidates_pb2.GenerateRequest(member=1, source="nope", limit=10),
+                candidates_pb2.GenerateRequest(
+                    member=1, source="precomputed", limit=10, params={"list": "pymk"}
+                ),
+                candidates_pb2.GenerateRequest(member=1, source="ebr", limit=2),
+                candidates_pb2.GenerateRequest(member=999, source="graph", limit=10),
+            ]
+        )
+        many = await running.stub.GenerateMany(req, timeout=10)
+        graph, nope, pre, ebr, unknown = many.results
+        assert graph.code == 0 and graph.response == await running.generate(1, "graph")
+        assert nope.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "unknown candidate source 'nope'" in nope.message
+        assert pre.code == 0 and list(pre.response.ids) == [9, 4]
+        assert ebr.code == 0 and list(ebr.response.ids) == [7, 4]
+        assert unknown.code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert "member 999 is not in the graph" in unknown.message
+
+        # A paused Redis holds the list read past its own timeout; the graph still answers.
+        redis_client.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        slow = candidates_pb2.GenerateManyRequest(
+            requests=[
+                candidates_pb2.GenerateRequest(
+                    member=1, source="precomputed", limit=10, params={"list": "pymk"},
+                    timeout_ms=100,
+                ),
+                candidates_pb2.GenerateRequest(member=1, source="graph", limit=10),
+            ]
+        )  # fmt: skip
+        pre, graph = (await running.stub.GenerateMany(slow, timeout=10)).results
+        assert pre.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert "precomputed: no answer within 100 ms" in pre.message
+        assert graph.code == 0 and list(graph.response.ids)[:1] == [4]
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await running.stub.GenerateMany(candidates_pb2.GenerateManyRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await running.close()

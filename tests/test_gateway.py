@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from edgeflow import keys, lists
 from edgeflow.redis_client import connect
-from edgeflow.server import start_server
+from edgeflow.server import channel, start_server
 
 
 async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None:
@@ -103,7 +103,7 @@ async def test_one_trace_spans_every_service(suite: Suite, spans: InMemorySpanEx
     root = next(s for s in finished if s.name == "edgeflow.v1.Recommender/Recommend")
     tree = [s for s in finished if s.context.trace_id == root.context.trace_id]
     names = [s.name for s in tree]
-    for rpc in ("CandidateService/Generate", "FeatureService/GetFeatures",
+    for rpc in ("CandidateService/GenerateMany", "FeatureService/GetFeatures",
                 "ScoringService/Score", "MergingService/Merge"):  # fmt: skip
         assert f"edgeflow.v1.{rpc}" in names, names
     by_id = {s.context.span_id: s for s in tree}
@@ -168,3 +168,58 @@ async def test_redis_down_is_unavailable_not_a_hang(suite: Suite) -> None:
         await suite.recommend(member, k=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "blend" in (err.value.details() or "")
+
+
+async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
+    suite: Suite,
+) -> None:
+    """A candidates service without GenerateMany (mid-upgrade) still serves every source."""
+    from edgeflow.candidates.service import CandidatesService
+    from edgeflow.gateway.engine import Clients, Engine
+    from edgeflow.server import answer
+    from edgeflow.v1 import (
+        candidates_pb2,
+        candidates_pb2_grpc,
+        features_pb2_grpc,
+        merging_pb2_grpc,
+        scoring_pb2_grpc,
+    )
+    from edgeflow.workflow.validate import load_workflow
+
+    current = suite.servers["candidates"][0]
+    assert isinstance(current, CandidatesService)
+
+    class OnlyGenerate(candidates_pb2_grpc.CandidateServiceServicer):
+        async def Generate(
+            self, request: candidates_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        ) -> candidates_pb2.GenerateResponse:
+            return await answer(context, current.generate(request))
+
+    server = grpc.aio.server()
+    candidates_pb2_grpc.add_CandidateServiceServicer_to_server(OnlyGenerate(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    chans = [channel(a) for a in (f"127.0.0.1:{port}", suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
+    engine = Engine(
+        Clients(
+            candidates=candidates_pb2_grpc.CandidateServiceStub(chans[0]),
+            features=features_pb2_grpc.FeatureServiceStub(chans[1]),
+            scoring=scoring_pb2_grpc.ScoringServiceStub(chans[2]),
+            merging=merging_pb2_grpc.MergingServiceStub(chans[3]),
+        )
+    )
+    try:
+        wf = load_workflow(suite.cfg.workflows_dir / "pymk.yaml")
+        member = members_with_degree(suite.graph, 8)[9]
+        outcome = await engine.run(wf, member, 10, 5.0)
+        assert not outcome.partial, outcome.degraded
+        served = await suite.recommend(member, k=10)
+        assert [e.target for e in outcome.frame.edges] == [e.target for e in served.edges]
+        assert {t.node: t.items_out for t in outcome.traces}["fof"] > 0
+        assert not engine._many  # it stopped asking for GenerateMany
+    finally:
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+        await server.stop(None)

@@ -1,4 +1,7 @@
-"""Precomputed lists on a real Redis: round trip, atomic swap, half-written batches, nearline."""
+"""Precomputed lists on a real Redis: round trip, atomic swap, half-written batches, nearline.
+
+Every read test runs with both readers the services use: redis-py and the RawPipeline.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import cast, overload
 
 import numpy as np
@@ -14,14 +18,27 @@ import redis
 import redis.asyncio as aioredis
 
 from edgeflow import keys, lists
-from edgeflow.local.redis_server import RedisProcess
+from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow.resp import RawPipeline
+
+Reader = aioredis.Redis | RawPipeline
 
 
-@pytest.fixture
-async def areader(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_proc.url)
-    yield client
-    await client.aclose()
+def _reader(url: str, kind: str) -> Reader:
+    return aioredis.Redis.from_url(url) if kind == "redis-py" else RawPipeline(url)
+
+
+async def _close(reader: Reader) -> None:
+    await (reader.aclose() if isinstance(reader, aioredis.Redis) else reader.close())
+
+
+@pytest.fixture(params=["redis-py", "raw"])
+async def areader(
+    redis_proc: RedisProcess, request: pytest.FixtureRequest
+) -> AsyncIterator[Reader]:
+    reader = _reader(redis_proc.url, request.param)
+    yield reader
+    await _close(reader)
 
 
 def _batch(
@@ -34,9 +51,7 @@ def _batch(
     ]
 
 
-async def test_round_trip_version_and_meta(
-    redis_client: redis.Redis, areader: aioredis.Redis
-) -> None:
+async def test_round_trip_version_and_meta(redis_client: redis.Redis, areader: Reader) -> None:
     members = np.asarray([10, 20, 30])
     version = lists.write_lists(redis_client, "pymk", members, _batch(members, 0.5))
     assert lists.current_version(redis_client, "pymk") == version
@@ -57,7 +72,7 @@ async def test_round_trip_version_and_meta(
     assert await lists.read_list(areader, "other", 20) is None  # list never written
 
 
-async def test_age_comes_from_the_entry(redis_client: redis.Redis, areader: aioredis.Redis) -> None:
+async def test_age_comes_from_the_entry(redis_client: redis.Redis, areader: Reader) -> None:
     version = lists.write_lists(redis_client, "pymk", np.asarray([1]), _batch([1], 0))
     old = lists.encode_entry(np.asarray([5, 6]), np.asarray([0.9, 0.1]), time.time() - 100)
     redis_client.set(keys.list_entry("pymk", version, 2), old)
@@ -67,7 +82,7 @@ async def test_age_comes_from_the_entry(redis_client: redis.Redis, areader: aior
 
 
 async def test_swap_expires_the_previous_version(
-    redis_client: redis.Redis, areader: aioredis.Redis
+    redis_client: redis.Redis, areader: Reader
 ) -> None:
     members = np.asarray([1, 2])
     v1 = lists.write_lists(redis_client, "pymk", members, _batch(members, 0), version="v1")
@@ -111,7 +126,7 @@ class _Pausing(Sequence[tuple[np.ndarray, np.ndarray]]):
 
 
 async def test_readers_never_see_a_half_written_batch(
-    redis_client: redis.Redis, areader: aioredis.Redis
+    redis_client: redis.Redis, areader: Reader
 ) -> None:
     members = np.arange(3000)
     v1 = lists.write_lists(redis_client, "pymk", members, _batch(members, 0), version="v1")
@@ -132,7 +147,7 @@ async def test_readers_never_see_a_half_written_batch(
 
 
 async def test_a_writer_that_dies_leaves_the_old_batch_live(
-    redis_client: redis.Redis, areader: aioredis.Redis
+    redis_client: redis.Redis, areader: Reader
 ) -> None:
     members = np.arange(2500)
     lists.write_lists(redis_client, "pymk", members, _batch(members, 0), version="v1")
@@ -165,7 +180,7 @@ def test_bad_batches_are_rejected_with_what_and_where(redis_client: redis.Redis)
 
 
 async def test_nearline_update_writes_into_the_live_version(
-    redis_client: redis.Redis, areader: aioredis.Redis
+    redis_client: redis.Redis, areader: Reader
 ) -> None:
     new = [(np.asarray([42]), np.asarray([0.7]))]
     assert lists.update_lists(redis_client, "pymk", np.asarray([1]), new) is None
@@ -177,8 +192,51 @@ async def test_nearline_update_writes_into_the_live_version(
     assert other is not None and other.ids.tolist() == [2, 3, 4]
 
 
-async def test_corrupt_entry_is_named(redis_client: redis.Redis, areader: aioredis.Redis) -> None:
+async def test_corrupt_entry_is_named(redis_client: redis.Redis, areader: Reader) -> None:
     version = lists.write_lists(redis_client, "pymk", np.asarray([1]), _batch([1], 0))
     redis_client.set(keys.list_entry("pymk", version, 3), b"garbage")
     with pytest.raises(lists.ListError, match=f"list 'pymk' version {version} .*member 3"):
         await lists.read_list(areader, "pymk", 3)
+
+
+async def test_reads_survive_a_script_flush(redis_client: redis.Redis, areader: Reader) -> None:
+    version = lists.write_lists(redis_client, "pymk", np.asarray([1]), _batch([1], 0))
+    redis_client.script_flush()  # the writer's scripts: only the reader's is counted below
+    before = await lists.read_list(areader, "pymk", 1)
+    assert _cached_scripts(redis_client) == 1
+    redis_client.script_flush()  # the next EVALSHA answers NOSCRIPT
+    assert _cached_scripts(redis_client) == 0
+    got = await lists.read_list(areader, "pymk", 1)
+    assert got is not None and before is not None and got.version == version
+    assert got.ids.tolist() == before.ids.tolist() == [2, 3, 4]
+    assert got.scores.tolist() == before.scores.tolist()
+    assert _cached_scripts(redis_client) == 1  # loaded again, for the reads after this one
+    again = await lists.read_list(areader, "pymk", 1)
+    assert again is not None and again.ids.tolist() == [2, 3, 4]
+
+
+def _cached_scripts(client: redis.Redis) -> int:
+    return int(cast(dict[str, int], client.info("memory"))["number_of_cached_scripts"])
+
+
+@pytest.mark.parametrize("kind", ["redis-py", "raw"])
+async def test_reads_recover_after_a_redis_restart(tmp_path: Path, kind: str) -> None:
+    proc = start_redis(tmp_path, persist=True)
+    try:
+        client = redis.Redis.from_url(proc.url)
+        version = lists.write_lists(client, "pymk", np.asarray([1]), _batch([1], 0))
+        client.close()
+        reader = _reader(proc.url, kind)
+        try:
+            assert (await lists.read_list(reader, "pymk", 1)) is not None
+            proc.stop()
+            proc = start_redis(tmp_path, port=proc.port, persist=True)  # no scripts cached
+            try:
+                got = await lists.read_list(reader, "pymk", 1)
+            except (ConnectionError, redis.ConnectionError):
+                got = await lists.read_list(reader, "pymk", 1)  # its connection was pre-restart
+            assert got is not None and got.version == version and got.ids.tolist() == [2, 3, 4]
+        finally:
+            await _close(reader)
+    finally:
+        proc.stop()

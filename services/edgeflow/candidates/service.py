@@ -38,6 +38,10 @@ from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
 
 log = logging.getLogger("edgeflow.candidates")
 
+# Requests of one GenerateMany (a workflow's candidate nodes).
+MAX_BATCH = 64
+_WAITS_ON_REDIS = frozenset({"precomputed"})
+
 
 class CandidatesService(Service):
     name = "candidates"
@@ -96,11 +100,50 @@ class CandidatesService(Service):
                 await self._watch
         if self._store is not None:
             await self._store.close()
+        precomputed = self._sources.get("precomputed")
+        if isinstance(precomputed, PrecomputedSource):
+            await precomputed.close()
         if self._emb.client is not None:
             self._emb.client.close()  # releases the local storage lock
             self._emb.client = None
         if self._rds is not None:
             await self._rds.aclose()
+
+    async def generate_many(
+        self, request: candidates_pb2.GenerateManyRequest
+    ) -> candidates_pb2.GenerateManyResponse:
+        """Each request under its own timeout; a failure is that request's result only."""
+        if not request.requests:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "requests: empty")
+        if len(request.requests) > MAX_BATCH:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"requests: at most {MAX_BATCH}, got {len(request.requests)}",
+            )
+        results = [candidates_pb2.GenerateResult() for _ in request.requests]
+        # Sources that wait on Redis start first, so their round trip overlaps the CPU work
+        # of the in-memory ones (which run one after another on this event loop anyway).
+        order = sorted(
+            range(len(request.requests)),
+            key=lambda i: request.requests[i].source not in _WAITS_ON_REDIS,
+        )
+        await asyncio.gather(*(self._one(request.requests[i], results[i]) for i in order))
+        return candidates_pb2.GenerateManyResponse(results=results)
+
+    async def _one(
+        self, request: candidates_pb2.GenerateRequest, result: candidates_pb2.GenerateResult
+    ) -> None:
+        try:
+            if request.timeout_ms:
+                async with asyncio.timeout(request.timeout_ms / 1000):
+                    result.response.CopyFrom(await self.generate(request))
+            else:
+                result.response.CopyFrom(await self.generate(request))
+        except RequestError as exc:
+            result.code, result.message = exc.code.value[0], exc.message
+        except TimeoutError:
+            result.code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+            result.message = f"{request.source}: no answer within {request.timeout_ms} ms"
 
     async def generate(
         self, request: candidates_pb2.GenerateRequest
@@ -169,6 +212,11 @@ class _Servicer(candidates_pb2_grpc.CandidateServiceServicer):
         self, request: candidates_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> candidates_pb2.GenerateResponse:
         return await answer(context, self._service.generate(request))
+
+    async def GenerateMany(
+        self, request: candidates_pb2.GenerateManyRequest, context: grpc.aio.ServicerContext
+    ) -> candidates_pb2.GenerateManyResponse:
+        return await answer(context, self._service.generate_many(request))
 
 
 def create(cfg: Config) -> Service:

@@ -87,12 +87,36 @@ class Outcome:
 
 
 _SOURCE_MODE = {"precomputed": "offline"}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The request's GenerateMany in flight, and each candidate node's index in it."""
+
+    task: asyncio.Future[candidates_pb2.GenerateManyResponse]
+    index: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every node of one request shares."""
+
+    member: int
+    k: int
+    deadline: float
+    t0: float
+    outcome: Outcome
+    explain: bool
+    batch: _Batch | None
 
 
 class Engine:
     def __init__(self, clients: Clients) -> None:
         self._c = clients
         self._templates: dict[int, tuple[CompiledNode, candidates_pb2.GenerateRequest]] = {}
+        # Whether the candidates service answers GenerateMany (an older one does not).
+        self._many = True
         self._remote = RemoteScorer()
         self._ops: dict[str, Callable[..., Coroutine[Any, Any, Frame]]] = {
             "features.fetch": self._fetch,
@@ -111,18 +135,21 @@ class Engine:
         t0 = loop.time()
         deadline = t0 + budget_s
         outcome = Outcome(frame=Frame.empty(), partial=False)
+        batch = self._start_batch(wf, member, budget_s)
+        run = _Run(member, k, deadline, t0, outcome, explain, batch)
         futures: dict[str, asyncio.Future[Frame]] = {}
         for cn in wf.nodes:  # topological order: inputs are scheduled first
             deps = [futures[d] for d in cn.node.inputs]
-            futures[cn.node.name] = asyncio.ensure_future(
-                self._node(cn, deps, member, k, deadline, t0, outcome, explain)
-            )
+            futures[cn.node.name] = asyncio.ensure_future(self._node(cn, deps, run))
         try:
             await asyncio.gather(*futures.values())
         except BaseException:
             for fut in futures.values():
                 fut.cancel()
             raise
+        finally:
+            if run.batch is not None:  # every node waiting on it may have timed out
+                run.batch.task.cancel()
         outcome.frame = futures[wf.spec.output].result()
         outcome.total_ms = (loop.time() - t0) * 1000
         order = {cn.node.name: i for i, cn in enumerate(wf.nodes)}
@@ -132,39 +159,52 @@ class Engine:
             outcome.scored.sort(key=lambda s: order[s.node])
         return outcome
 
-    async def _node(
-        self,
-        cn: CompiledNode,
-        deps: list[asyncio.Future[Frame]],
-        member: int,
-        k: int,
-        deadline: float,
-        t0: float,
-        outcome: Outcome,
-        explain: bool,
-    ) -> Frame:
+    def _start_batch(self, wf: Workflow, member: int, budget_s: float) -> _Batch | None:
+        """One GenerateMany for the graph's candidate sources, started at once: one hop
+        instead of one per source. Each node still waits only its own timeout."""
+        roots = [cn for cn in wf.nodes if cn.kind is Kind.CANDIDATES and not cn.node.inputs]
+        if len(roots) < 2 or not self._many:
+            return None
+        req = candidates_pb2.GenerateManyRequest()
+        for cn in roots:
+            item = req.requests.add()
+            item.CopyFrom(self._generate_template(cn))
+            item.member = member
+            item.timeout_ms = cn.node.timeout_ms
+        timeout = min(budget_s, max(cn.node.timeout_ms for cn in roots) / 1000.0)
+        if timeout <= 0:
+            return None
+        task = asyncio.ensure_future(
+            self._c.candidates.GenerateMany(
+                req, timeout=timeout, metadata=tracing.outgoing_metadata()
+            )
+        )
+        return _Batch(task, {cn.node.name: i for i, cn in enumerate(roots)})
+
+    async def _node(self, cn: CompiledNode, deps: list[asyncio.Future[Frame]], run: _Run) -> Frame:
         inputs = [await d for d in deps]
+        outcome = run.outcome
         loop = asyncio.get_running_loop()
         start = loop.time()
         name, op = cn.node.name, cn.node.op
         trace = gateway_pb2.NodeTrace(
             node=name, op=op, status="ok", items_in=sum(len(f) for f in inputs),
-            start_ms=(start - t0) * 1000, inputs=cn.node.inputs,
+            start_ms=(start - run.t0) * 1000, inputs=cn.node.inputs,
         )  # fmt: skip
         dropped: list[tensor_pb2.DroppedItem] | None = None
-        if explain:
+        if run.explain:
             dropped = []
             features = inputs[0].features if inputs else None
             if cn.kind is Kind.SCORED and features is not None:
                 outcome.scored.append(Scored(name, inputs[0].ids, features))
-        timeout = min(cn.node.timeout_ms / 1000.0, deadline - start)
+        timeout = min(cn.node.timeout_ms / 1000.0, run.deadline - start)
         with _tracer.start_as_current_span(f"node {name}", attributes={"edgeflow.op": op}) as span:
             try:
                 if timeout <= 0:
                     raise NodeError(
                         "no time left in the request budget", grpc.StatusCode.DEADLINE_EXCEEDED
                     )
-                frame = await self._execute(cn, inputs, member, k, timeout, dropped)
+                frame = await self._execute(cn, inputs, run, timeout, dropped)
                 if dropped:
                     for item in dropped:
                         item.node = name
@@ -191,15 +231,18 @@ class Engine:
         self,
         cn: CompiledNode,
         inputs: list[Frame],
-        member: int,
-        k: int,
+        run: _Run,
         timeout: float,
         dropped: list[tensor_pb2.DroppedItem] | None,
     ) -> Frame:
         """Run the node's op; filters and blends append their dropped items to `dropped`
         when it is a list (explain runs)."""
-        op = cn.node.op
+        op, member, k = cn.node.op, run.member, run.k
         if op.startswith("candidates."):
+            if run.batch is not None and cn.node.name in run.batch.index:
+                resp = await self._batched(cn, run.batch, member, timeout)
+                if resp is not None:
+                    return _candidates(cn, resp)
             return await self._generate(cn, member, timeout)
         if op.startswith("filter."):
             return await self._filter(cn, inputs, member, timeout, dropped)
@@ -222,8 +265,33 @@ class Engine:
         self._templates[id(cn)] = (cn, template)
         return template
 
+    async def _batched(
+        self, cn: CompiledNode, batch: _Batch, member: int, timeout: float
+    ) -> candidates_pb2.GenerateResponse | None:
+        """This node's answer from the request's GenerateMany; None when the candidates
+        service does not have GenerateMany (the node then calls Generate itself)."""
+        try:
+            many = await asyncio.wait_for(asyncio.shield(batch.task), timeout)
+        except TimeoutError:
+            raise NodeError(
+                f"timed out after {math.floor(timeout * 1000)} ms "
+                f"(node timeout {cn.node.timeout_ms} ms)",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self._many = False
+            return None
+        result = many.results[batch.index[cn.node.name]]
+        if result.code == grpc.StatusCode.NOT_FOUND.value[0]:
+            raise MemberNotFound(result.message or f"member {member} not found")
+        if result.code:
+            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            raise NodeError(f"{code.name}: {result.message}", code)
+        return result.response
+
     async def _generate(self, cn: CompiledNode, member: int, timeout: float) -> Frame:
-        source = cn.node.op.split(".", 1)[1]
         req = candidates_pb2.GenerateRequest()
         req.CopyFrom(self._generate_template(cn))
         req.member = member
@@ -235,11 +303,7 @@ class Engine:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise MemberNotFound(exc.details() or f"member {member} not found") from None
             raise
-        ids = tensor.ids(resp.ids)
-        scores = tensor.unpack(resp.scores)[:, 0] if resp.scores.rows else np.zeros(0, np.float32)
-        mode = resp.mode or _SOURCE_MODE.get(source, "online")  # the list entry's own mode
-        info = SourceInfo(mode=mode, age_seconds=resp.age_seconds)
-        return Frame(ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info})
+        return _candidates(cn, resp)
 
     async def _fetch(
         self, cn: CompiledNode, inputs: list[Frame], member: int, k: int, timeout: float
@@ -343,6 +407,15 @@ class Engine:
         if dropped is not None:
             dropped.extend(resp.dropped_items)
         return out
+
+
+def _candidates(cn: CompiledNode, resp: candidates_pb2.GenerateResponse) -> Frame:
+    source = cn.node.op.split(".", 1)[1]
+    ids = tensor.ids(resp.ids)
+    scores = tensor.unpack(resp.scores)[:, 0] if resp.scores.rows else np.zeros(0, np.float32)
+    mode = resp.mode or _SOURCE_MODE.get(source, "online")  # the list entry's own mode
+    info = SourceInfo(mode=mode, age_seconds=resp.age_seconds)
+    return Frame(ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info})
 
 
 def _scored_list(name: str, frame: Frame, weight: float) -> merging_pb2.ScoredList:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("member", "source", "limit", "params")
+    __slots__ = ("member", "source", "limit", "params", "timeout_ms")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -20,11 +20,13 @@ class GenerateRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     member: int
     source: str
     limit: int
     params: _containers.ScalarMap[str, str]
-    def __init__(self, member: _Optional[int] = ..., source: _Optional[str] = ..., limit: _Optional[int] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, member: _Optional[int] = ..., source: _Optional[str] = ..., limit: _Optional[int] = ..., params: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("ids", "scores", "age_seconds", "version", "mode")
@@ -39,3 +41,25 @@ class GenerateResponse(_message.Message):
     version: str
     mode: str
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., age_seconds: _Optional[float] = ..., version: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class GenerateManyRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ...) -> None: ...
+
+class GenerateResult(_message.Message):
+    __slots__ = ("response", "code", "message")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    response: GenerateResponse
+    code: int
+    message: str
+    def __init__(self, response: _Optional[_Union[GenerateResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GenerateManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GenerateResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[GenerateResult, _Mapping]]] = ...) -> None: ...

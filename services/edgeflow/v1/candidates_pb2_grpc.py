@@ -40,6 +40,11 @@ class CandidateServiceStub:
                 request_serializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.unary_unary(
+                '/edgeflow.v1.CandidateService/GenerateMany',
+                request_serializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
 
 
 class CandidateServiceServicer:
@@ -52,6 +57,14 @@ class CandidateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request, context):
+        """Several sources for one request in one call (a workflow's candidate fan-out). Each
+        runs under its own timeout and succeeds or fails on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CandidateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_CandidateServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateRequest.FromString,
                     response_serializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateManyRequest.FromString,
+                    response_serializer=edgeflow_dot_v1_dot_candidates__pb2.GenerateManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class CandidateService:
             '/edgeflow.v1.CandidateService/Generate',
             edgeflow_dot_v1_dot_candidates__pb2.GenerateRequest.SerializeToString,
             edgeflow_dot_v1_dot_candidates__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeflow.v1.CandidateService/GenerateMany',
+            edgeflow_dot_v1_dot_candidates__pb2.GenerateManyRequest.SerializeToString,
+            edgeflow_dot_v1_dot_candidates__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
