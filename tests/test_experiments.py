@@ -19,7 +19,7 @@ from edgeflow.experiments import records
 from edgeflow.experiments.assign import BUCKETS, Bucketing, assign, bucket
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.local.redis_server import RedisProcess
-from edgeflow.redis_client import connect_async
+from edgeflow.resp import RawPipeline
 from edgeflow.workflow.model import Experiment
 from edgeflow.workflow.validate import WorkflowError, check, check_models, load_workflow
 
@@ -221,13 +221,13 @@ def _exposure(i: int) -> dict[str, str]:
 async def test_stream_log_writes_batches(
     redis_proc: RedisProcess, redis_client: redis.Redis
 ) -> None:
-    rds = connect_async(redis_proc.url)
-    log = StreamLog(rds, records.EXPOSURES, records.STREAM_MAXLEN)
+    pipe = RawPipeline(redis_proc.url)
+    log = StreamLog(pipe, records.EXPOSURES, records.STREAM_MAXLEN)
     log.start()
     for i in range(1200):
         log.put(_exposure(i))
     await log.close()
-    await rds.aclose()
+    await pipe.close()
     assert log.written == 1200 and log.dropped == 0
     entries = redis_client.xrange(records.EXPOSURES)
     assert len(entries) == 1200
@@ -237,10 +237,10 @@ async def test_stream_log_writes_batches(
 
 
 async def test_stream_log_drops_and_counts_when_redis_is_away() -> None:
-    rds = connect_async("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    pipe = RawPipeline("redis://127.0.0.1:1/0")  # nothing listens on port 1
     dropped: Counter[str] = Counter()
     log = StreamLog(
-        rds, records.EXPOSURES, 100, on_dropped=lambda r, n: dropped.update({r: n}), max_queue=50
+        pipe, records.EXPOSURES, 100, on_dropped=lambda r, n: dropped.update({r: n}), max_queue=50
     )
     log.start()
     for i in range(80):  # never blocks: the queue takes 50, the rest is dropped at once
@@ -248,9 +248,23 @@ async def test_stream_log_drops_and_counts_when_redis_is_away() -> None:
     assert dropped["queue_full"] == 30
     await asyncio.sleep(0.2)
     await log.close(timeout_s=0.5)
-    await rds.aclose()
+    await pipe.close()
     assert dropped["redis_unavailable"] >= 1
     assert log.written == 0 and log.dropped == sum(dropped.values())
+
+
+async def test_stream_log_drops_a_batch_redis_refuses(
+    redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    redis_client.set("ef:not-a-stream", "x")  # XADD answers WRONGTYPE
+    pipe = RawPipeline(redis_proc.url)
+    dropped: Counter[str] = Counter()
+    log = StreamLog(pipe, "ef:not-a-stream", 100, on_dropped=lambda r, n: dropped.update({r: n}))
+    log.start()
+    log.put(_exposure(0))
+    await log.close(timeout_s=2.0)
+    await pipe.close()
+    assert dropped == {"redis_unavailable": 1} and log.written == 0
 
 
 def test_example_is_in_the_crd_examples() -> None:

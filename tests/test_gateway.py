@@ -161,15 +161,6 @@ async def test_scoring_down_falls_back_to_source_scores(suite: Suite) -> None:
     assert not resp.partial, resp.degraded
 
 
-async def test_redis_down_is_unavailable_not_a_hang(suite: Suite) -> None:
-    member = members_with_degree(suite.graph, 8)[6]
-    suite.redis.stop()
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await suite.recommend(member, k=10)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "blend" in (err.value.details() or "")
-
-
 async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
     suite: Suite,
 ) -> None:
@@ -223,3 +214,13 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
         for ch in chans:
             await ch.close()
         await server.stop(None)
+
+
+async def test_redis_down_is_unavailable_not_a_hang(suite: Suite) -> None:
+    # Last in the module: it leaves the module's Redis stopped.
+    member = members_with_degree(suite.graph, 8)[6]
+    suite.redis.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await suite.recommend(member, k=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "blend" in (err.value.details() or "")

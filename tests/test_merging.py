@@ -21,7 +21,7 @@ from edgeflow.merging import service as merging_service
 from edgeflow.merging.blend import BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.merging.service import MergingService, create
-from edgeflow.redis_client import connect_async
+from edgeflow.resp import RawPipeline
 from edgeflow.server import channel, start_server
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc, tensor_pb2
 
@@ -138,6 +138,46 @@ def test_dedup_unions_provenance_and_keeps_model_score() -> None:
     # Item 2 is in both lists: 0.5 (min-max of 0.1..0.9) + 1.0 (top of the offline list).
     assert by_id[2].score == pytest.approx(1.5)
     assert targets(out.edges)[0] == 2
+
+
+def reference_response(pool: blend.Blended, sel: blend.Selection) -> merging_pb2.MergeResponse:
+    """The response built field by field through the protobuf API."""
+    out = merging_pb2.MergeResponse(dropped=blend.drop_counts(sel.dropped))
+    for i in sel.index.tolist():
+        model = np.nan_to_num(pool.model[i : i + 1], nan=0.0)[0]
+        edge = out.edges.add(target=int(pool.ids[i]), score=pool.score[i], model_score=model)
+        for c in np.flatnonzero(pool.source_list[i] >= 0).tolist():
+            li, name = int(pool.source_list[i, c]), pool.sources[c]
+            mode, age = pool.infos[li].get(name) or (pool.modes[li], pool.ages[li])
+            edge.provenance.add(source=name, score=pool.source_score[i, c], mode=mode,
+                                age_seconds=age)  # fmt: skip
+    return out
+
+
+def test_response_wire_bytes_equal_a_field_by_field_response() -> None:
+    rng = np.random.default_rng(11)
+    extremes = [0, -1, 127, 128, 16383, 16384, -(2**63), 2**63 - 1, 10**15]
+    ids = np.concatenate([extremes, rng.integers(-(2**40), 2**40, 300)]).astype(np.int64)
+    long_name = "é" * 80  # a name over 127 bytes: two-byte lengths
+    cols = ("score", "source:fof", f"source:{long_name}", "model")
+    mat = rng.normal(size=(ids.size, 4)).astype(np.float32)
+    mat[rng.random(ids.size) < 0.4, 1] = NAN
+    mat[rng.random(ids.size) < 0.4, 2] = NAN
+    mat[:5, 3] = [NAN, np.inf, -np.inf, -0.0, 0.0]
+    online = scored("ranked", ids, mat, columns=cols, model_column=3)
+    online = ScoredList(**{**online.__dict__, "source_info": {"fof": ("nearline", 2.5)}})
+    offline = scored("precomputed", ids[::3], rng.random(ids[::3].size), mode="offline", age=9.0)
+    pool = blend.blend([online, offline])
+    for k, quotas in ((1000, {}), (40, {"fof": 10}), (1, {})):
+        sel = blend.select(pool, k, quotas)
+        got, want = blend.response(pool, sel), reference_response(pool, sel)
+        assert got == want
+        assert got.SerializeToString(deterministic=True) == want.SerializeToString(
+            deterministic=True
+        )
+    assert blend.response(pool, blend.select(pool, 5, keep=np.zeros(pool.ids.size, bool))) == (
+        merging_pb2.MergeResponse(dropped=[merging_pb2.DropCount(reason="duplicate", count=103)])
+    )
 
 
 def test_rows_without_a_source_are_credited_to_the_list() -> None:
@@ -267,7 +307,7 @@ async def test_filters_against_real_redis(
     redis_client: redis.Redis, redis_proc: RedisProcess
 ) -> None:
     write_sets(redis_client, 7)
-    client = connect_async(redis_proc.url)
+    client = RawPipeline(redis_proc.url)
     try:
         ids = np.array([1, 7, 3, 4, 5, 6, 8], dtype=np.int64)
         names = filters.check(["self", "connected", "blocked", "dismissed"])
@@ -286,7 +326,33 @@ async def test_filters_against_real_redis(
             ("self", [7]), ("connected", [1, 3]), ("blocked", [4]), ("dismissed", [5]),
         ]  # fmt: skip
     finally:
-        await client.aclose()
+        await client.close()
+
+
+async def test_filters_match_set_membership_on_many_ids(
+    redis_client: redis.Redis, redis_proc: RedisProcess
+) -> None:
+    # Enough ids that the replies arrive over several reads, with a repeat and a negative id.
+    rng = np.random.default_rng(3)
+    ids = np.concatenate([rng.integers(-50, 40_000, 30_000), [12, 12, -7]]).astype(np.int64)
+    hidden = {name: set(rng.choice(ids, 2_000).tolist()) for name in ("connected", "blocked")}
+    redis_client.sadd(keys.adjacency(7), *hidden["connected"])
+    redis_client.sadd(keys.blocked(7), *hidden["blocked"], -7)
+    client = RawPipeline(redis_proc.url)
+    try:
+        masks = await filters.smismember(client, [keys.adjacency(7), keys.blocked(7)], ids)
+    finally:
+        await client.close()
+    assert masks[0].tolist() == [i in hidden["connected"] for i in ids.tolist()]
+    assert masks[1].tolist() == [i in hidden["blocked"] or i == -7 for i in ids.tolist()]
+
+
+def test_smismember_reply_shape_accepts_only_flags() -> None:
+    shape = filters._reply_shape(3)
+    usual = np.frombuffer(b"*3\r\n:0\r\n:1\r\n:1\r\n" * 2, dtype=np.uint8)
+    assert shape.matches(usual) and shape.matches(usual[:23]) and shape.matches(usual, 1)
+    for bad in (b"*3\r\n:2\r\n", b"*3\r\n;0\r\n", b"-ERR x\r\n"):
+        assert not shape.matches(np.frombuffer(bad, dtype=np.uint8))
 
 
 def test_unknown_filter_is_named() -> None:
@@ -310,12 +376,12 @@ def test_bulk_strings_match_resp_encoding() -> None:
 
 
 async def test_self_filter_needs_no_redis() -> None:
-    client = connect_async(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    client = RawPipeline(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
         keep, dropped = await filters.visible(client, 2, np.array([1, 2, 3]), ("self",))
         assert keep.tolist() == [True, False, True] and dropped == {"self": 1}
     finally:
-        await client.aclose()
+        await client.close()
 
 
 # --- the service over real gRPC -----------------------------------------------------------

@@ -56,6 +56,25 @@ class FixedReply:
         return bool((tail[fixed] == self._template[fixed]).all())
 
 
+class BitsReply(FixedReply):
+    """A FixedReply whose value bytes may differ from the template only in the bits set in
+    `free` (one uint8 per byte, 0 for framing), such as the b"0"/b"1" of an integer flag
+    (free bit 0x01): checked with one XOR over the bytes instead of a gather."""
+
+    def __init__(self, template: bytes, free: np.ndarray) -> None:
+        super().__init__(template, free == 0)
+        self._keep = ~np.asarray(free, dtype=np.uint8)
+
+    def matches(self, data: np.ndarray, first_row: int = 0) -> bool:
+        part = data[first_row * self.size :]
+        full = part.size // self.size
+        rows = part[: full * self.size].reshape(full, self.size)
+        if ((rows ^ self._template) & self._keep).any():
+            return False
+        tail = part[full * self.size :]
+        return not ((tail ^ self._template[: tail.size]) & self._keep[: tail.size]).any()
+
+
 class RawPipeline:
     """A small pool of dedicated connections, one pipeline in flight on each."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,8 +132,8 @@ class Engine:
     async def run(
         self, wf: Workflow, member: int, k: int, budget_s: float, explain: bool = False
     ) -> Outcome:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+        t0 = time.perf_counter()
         deadline = t0 + budget_s
         outcome = Outcome(frame=Frame.empty(), partial=False)
         batch = self._start_batch(wf, member, budget_s)
@@ -151,7 +152,7 @@ class Engine:
             if run.batch is not None:  # every node waiting on it may have timed out
                 run.batch.task.cancel()
         outcome.frame = futures[wf.spec.output].result()
-        outcome.total_ms = (loop.time() - t0) * 1000
+        outcome.total_ms = (time.perf_counter() - t0) * 1000
         order = {cn.node.name: i for i, cn in enumerate(wf.nodes)}
         outcome.traces.sort(key=lambda t: order[t.node])
         if explain:
@@ -184,8 +185,7 @@ class Engine:
     async def _node(self, cn: CompiledNode, deps: list[asyncio.Future[Frame]], run: _Run) -> Frame:
         inputs = [await d for d in deps]
         outcome = run.outcome
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = time.perf_counter()
         name, op = cn.node.name, cn.node.op
         trace = gateway_pb2.NodeTrace(
             node=name, op=op, status="ok", items_in=sum(len(f) for f in inputs),
@@ -198,7 +198,7 @@ class Engine:
             if cn.kind is Kind.SCORED and features is not None:
                 outcome.scored.append(Scored(name, inputs[0].ids, features))
         timeout = min(cn.node.timeout_ms / 1000.0, run.deadline - start)
-        with _tracer.start_as_current_span(f"node {name}", attributes={"edgeflow.op": op}) as span:
+        with tracing.span(_tracer, f"node {name}", {"edgeflow.op": op}) as span:
             try:
                 if timeout <= 0:
                     raise NodeError(
@@ -223,7 +223,7 @@ class Engine:
                 outcome.degraded.append(f"{name}: {msg} (fallback: {cn.fallback})")
             span.set_attribute("edgeflow.items_out", len(frame))
         trace.items_out = len(frame)
-        trace.duration_ms = (loop.time() - start) * 1000
+        trace.duration_ms = (time.perf_counter() - start) * 1000
         outcome.traces.append(trace)
         return frame
 
@@ -388,19 +388,17 @@ class Engine:
         dropped: list[tensor_pb2.DroppedItem] | None,
     ) -> Frame:
         assert isinstance(cn.params, BlendParams)
-        lists = [
-            _scored_list(name, frame, cn.params.weights.get(name, 1.0))
-            for name, frame in zip(cn.node.inputs, inputs, strict=True)
-        ]
-        resp = await self._c.merging.Merge(
-            merging_pb2.MergeRequest(
-                member=member, lists=lists, k=k, filters=list(cn.params.filters),
-                quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
-                explain=dropped is not None,
-            ),
-            timeout=timeout,
-            metadata=tracing.outgoing_metadata(),
+        req = merging_pb2.MergeRequest(
+            member=member, k=k, filters=cn.params.filters,
+            quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
+            explain=dropped is not None,
         )  # fmt: skip
+        for name, frame in zip(cn.node.inputs, inputs, strict=True):
+            # Filled in place: a ScoredList passed to the constructor would be copied.
+            _fill_scored_list(req.lists.add(), name, frame, cn.params.weights.get(name, 1.0))
+        resp = await self._c.merging.Merge(
+            req, timeout=timeout, metadata=tracing.outgoing_metadata()
+        )
         out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
         out.edges = list(resp.edges)
         out.dropped = {d.reason: d.count for d in resp.dropped}
@@ -418,44 +416,42 @@ def _candidates(cn: CompiledNode, resp: candidates_pb2.GenerateResponse) -> Fram
     return Frame(ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info})
 
 
-def _scored_list(name: str, frame: Frame, weight: float) -> merging_pb2.ScoredList:
+def _fill_scored_list(out: merging_pb2.ScoredList, name: str, frame: Frame, weight: float) -> None:
     """Column 0 is the list's score (model score, or the first source's as a stand-in)."""
     src_names = list(frame.sources)
     src_cols = [frame.sources[s] for s in src_names]
+    n = frame.ids.size
+    matrix = np.empty((n, 1 + len(src_names)), dtype="<f4")
     if frame.score is not None:
-        primary, model_column = frame.score, 0
+        matrix[:, 0], out.model_column = frame.score, 0
     else:
-        primary, model_column = _first_present(src_cols, frame.ids.size), -1
-    matrix = (
-        np.column_stack([primary, *src_cols])
-        if frame.ids.size
-        else np.zeros((0, 1 + len(src_names)), np.float32)
-    )
-    infos = [
-        merging_pb2.SourceInfo(
-            name=s, mode=frame.info[s].mode, age_seconds=frame.info[s].age_seconds
-        )
-        for s in src_names
-        if s in frame.info
-    ]
-    modes = {i.mode for i in infos}
-    return merging_pb2.ScoredList(
-        name=name,
-        ids=frame.ids.tolist(),
-        scores=tensor.pack(matrix, ["score", *(f"source:{s}" for s in src_names)]),
-        weight=weight,
-        mode=modes.pop() if len(modes) == 1 else ("mixed" if modes else "online"),
-        age_seconds=max((i.age_seconds for i in infos), default=0.0),
-        model_column=model_column,
-        sources=infos,
-    )
+        matrix[:, 0], out.model_column = _first_present(src_cols, n), -1
+    for j, col in enumerate(src_cols, 1):
+        matrix[:, j] = col
+    out.name = name
+    out.ids.extend(frame.ids.tolist())
+    scores = out.scores
+    scores.rows, scores.cols = n, matrix.shape[1]
+    scores.columns.extend(["score", *(f"source:{s}" for s in src_names)])
+    scores.data = matrix.tobytes()  # row-major little-endian: the wire layout
+    out.weight = weight
+    infos = [(s, frame.info[s]) for s in src_names if s in frame.info]
+    for s, info in infos:
+        out.sources.add(name=s, mode=info.mode, age_seconds=info.age_seconds)
+    modes = {info.mode for _, info in infos}
+    out.mode = modes.pop() if len(modes) == 1 else ("mixed" if modes else "online")
+    out.age_seconds = max((info.age_seconds for _, info in infos), default=0.0)
 
 
 def _first_present(cols: list[np.ndarray], n: int) -> np.ndarray:
-    out = np.full(n, np.nan, dtype=np.float32)
-    for col in cols:
-        out = np.where(np.isnan(out), col, out)
-    return np.nan_to_num(out, nan=0.0)
+    """Per row, the first source score that is present; 0 where none is."""
+    if not cols:
+        return np.zeros(n, dtype=np.float32)
+    out = np.array(cols[0], dtype=np.float32)
+    for col in cols[1:]:
+        missing = np.isnan(out)
+        out[missing] = col[missing]
+    return np.nan_to_num(out, copy=False, nan=0.0)
 
 
 def _fallback(cn: CompiledNode, inputs: list[Frame]) -> Frame:

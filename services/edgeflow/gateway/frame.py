@@ -57,18 +57,24 @@ def union(frames: list[Frame]) -> Frame:
     if len(frames) == 1:
         return frames[0]
     all_ids = np.concatenate([f.ids for f in frames])
-    uniq, first = np.unique(all_ids, return_index=True)
-    order = np.sort(first)
-    ids = all_ids[order]
-    pos = np.searchsorted(uniq, ids)  # row of each output id in uniq
-    inverse_rows = np.empty(uniq.size, dtype=np.int64)
-    inverse_rows[pos] = np.arange(ids.size)
+    uniq, first, inverse = np.unique(all_ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # unique ids by first appearance
+    ids = uniq[order]
+    out_row = np.empty(order.size, dtype=np.intp)
+    out_row[order] = np.arange(order.size)
+    rows_of_all = out_row[inverse.reshape(-1)]  # output row of each input row
     sources: dict[str, np.ndarray] = {}
     info: dict[str, SourceInfo] = {}
+    start = 0
     for f in frames:
-        rows = inverse_rows[np.searchsorted(uniq, f.ids)]
+        rows = rows_of_all[start : start + f.ids.size]
+        start += f.ids.size
         for name, vals in f.sources.items():
-            col = sources.setdefault(name, np.full(ids.size, np.nan, dtype=np.float32))
-            col[rows] = np.where(np.isnan(col[rows]), vals, col[rows])
+            col = sources.get(name)
+            if col is None:  # a new source: every row of it is still absent
+                col = sources[name] = np.full(ids.size, np.nan, dtype=np.float32)
+                col[rows] = vals
+            else:  # a source seen in an earlier frame keeps its first value
+                col[rows] = np.where(np.isnan(col[rows]), vals, col[rows])
         info.update(f.info)
     return Frame(ids=ids, sources=sources, info=info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import Mapping
 
 import grpc
@@ -97,11 +98,10 @@ class RemoteScorer:
         timeout: float,
         where: str,
     ) -> pb.ModelInferResponse:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = time.monotonic() + timeout
         attempts = 1 + params.retries
         for attempt in range(1, attempts + 1):
-            left = deadline - loop.time()
+            left = deadline - time.monotonic()
             try:
                 resp: pb.ModelInferResponse = await stub.ModelInfer(
                     request, timeout=left, metadata=tracing.outgoing_metadata()
@@ -123,7 +123,7 @@ class RemoteScorer:
                     ) from None
             # Exponential backoff with jitter, so callers that failed together spread out.
             wait = params.backoff_ms / 1000 * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-            if loop.time() + wait >= deadline:
+            if time.monotonic() + wait >= deadline:
                 raise RemoteError(
                     f"{failure} (attempt {attempt} of {attempts}; no time left in the node "
                     f"timeout of {timeout_ms} ms for another)",

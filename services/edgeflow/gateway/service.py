@@ -17,12 +17,13 @@ from edgeflow import metrics
 from edgeflow.config import Config
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
-from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed
+from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed, Outcome
 from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.shadow import ShadowRunner
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import connect_async
+from edgeflow.resp import RawPipeline
 from edgeflow.server import Service, channel
 from edgeflow.v1 import (
     candidates_pb2_grpc,
@@ -54,7 +55,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._rds: aioredis.Redis | None = None  # member events (Publish), exposures
+        self._rds: aioredis.Redis | None = None  # member events (Publish)
+        self._logs_redis: RawPipeline | None = None  # exposure and shadow streams
         self.exposures: StreamLog | None = None
         self._shadow_log: StreamLog | None = None
         self._shadows: ShadowRunner | None = None
@@ -80,14 +82,16 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         )
         self._watch = asyncio.create_task(self._watch_workflows())
         self._rds = connect_async(cfg.redis_url)  # connects on first use
+        # One writer per stream, each with one batch in flight: two connections at most.
+        self._logs_redis = RawPipeline(cfg.redis_url, size=2)
         self.exposures = StreamLog(
-            self._rds,
+            self._logs_redis,
             records.EXPOSURES,
             records.STREAM_MAXLEN,
             on_written=metrics.EXPOSURES_LOGGED.inc,
             on_dropped=lambda reason, n: metrics.EXPOSURES_DROPPED.labels(reason).inc(n),
         )
-        self._shadow_log = StreamLog(self._rds, records.SHADOW, records.STREAM_MAXLEN)
+        self._shadow_log = StreamLog(self._logs_redis, records.SHADOW, records.STREAM_MAXLEN)
         self.exposures.start()
         self._shadow_log.start()
         self._shadows = ShadowRunner(self._engine, self._shadow_log)
@@ -111,6 +115,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             log.warning("peer channels did not close within %.0f s", _CLOSE_TIMEOUT_S)
         if self._rds is not None:
             await self._rds.aclose()
+        if self._logs_redis is not None:
+            await self._logs_redis.close()
 
     # ---- workflows -----------------------------------------------------------------------
     def _files_stamp(self) -> tuple[tuple[str, float], ...]:
@@ -175,10 +181,6 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 code = grpc.StatusCode.INTERNAL  # our own graph's call was wrong, not the caller's
             await context.abort(code, f"surface {wf.surface!r}: {exc}")
-        variant = records.encode_assignments(assignments) or "none"
-        metrics.observe_recommend(
-            wf.surface, variant, outcome.total_ms / 1000, outcome.partial, outcome.traces
-        )
         request_id = request.request_id or uuid.uuid4().hex
         resp = gateway_pb2.RecommendResponse(
             edges=outcome.frame.edges,
@@ -197,9 +199,27 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         if request.explain:
             resp.explanation.CopyFrom(explanation(outcome))
         served = tuple(int(e.target) for e in outcome.frame.edges)
-        self._log_exposure(request, request_id, wf, assignments, served, outcome.partial)
+        # Metrics and the exposure record are written once the response is on its way.
+        asyncio.get_running_loop().call_soon(
+            self._record, request, request_id, wf, assignments, served, outcome
+        )
         self._start_shadows(base, request, request_id, served, outcome.total_ms, context)
         return resp
+
+    def _record(
+        self,
+        request: gateway_pb2.RecommendRequest,
+        request_id: str,
+        wf: Workflow,
+        assignments: records.Assignments,
+        served: tuple[int, ...],
+        outcome: Outcome,
+    ) -> None:
+        variant = records.encode_assignments(assignments) or "none"
+        metrics.observe_recommend(
+            wf.surface, variant, outcome.total_ms / 1000, outcome.partial, outcome.traces
+        )
+        self._log_exposure(request, request_id, wf, assignments, served, outcome.partial)
 
     def _log_exposure(
         self,

@@ -1,7 +1,7 @@
 """Blending of scored lists: normalise, weight, dedup with provenance, quotas, top-K.
 
 Pure numpy over whole lists; the only Python loops run over lists and source columns (a
-handful), and over the K returned edges when their messages are built.
+handful), and over the K returned edges when their wire bytes are assembled (merging/wire.py).
 
 Scores. Column 0 of each list is min-max normalised within that list to [0, 1] (NaN and -inf
 count as the minimum, +inf as the maximum, a constant list is all 1), so lists on different
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+from edgeflow.merging import wire
 from edgeflow.v1 import merging_pb2, tensor_pb2
 
 SOURCE_PREFIX = "source:"
@@ -292,28 +293,26 @@ def select(
     )
 
 
-def add_edges(
-    pool: Blended, sel: Selection, out: RepeatedCompositeFieldContainer[tensor_pb2.Edge]
-) -> None:
-    """Append the selected items, best first, as Edges with provenance to a repeated Edge field
-    (MergeResponse.edges, RecommendResponse.edges): added in place, never copied."""
+def _edges_wire(pool: Blended, sel: Selection) -> bytes:
+    """The selected items, best first, as MergeResponse.edges wire bytes with provenance."""
     idx = sel.index
     if idx.size == 0:
-        return
-    present = pool.source_list[idx] >= 0
-    rows, cols = np.nonzero(present)  # row-major: grouped per edge, in source order
-    lists = pool.source_list[idx][rows, cols].tolist()
-    scores = pool.source_score[idx][rows, cols].tolist()
-    model = np.nan_to_num(pool.model[idx], nan=0.0).tolist()
-    add = out.add
-    added = [
-        add(target=t, score=s, model_score=m)
-        for t, s, m in zip(pool.ids[idx].tolist(), pool.score[idx].tolist(), model, strict=True)
-    ]
+        return b""
+    source_list = pool.source_list[idx]
+    rows, cols = np.nonzero(source_list >= 0)  # row-major: grouped per edge, in source order
     names, modes, ages, infos = pool.sources, pool.modes, pool.ages, pool.infos
-    for r, c, s, li in zip(rows.tolist(), cols.tolist(), scores, lists, strict=True):
-        mode, age = infos[li].get(names[c]) or (modes[li], ages[li])
-        added[r].provenance.add(source=names[c], score=s, mode=mode, age_seconds=age)
+    heads: dict[tuple[int, int], bytes] = {}
+    prov_head = []
+    for li, c in zip(source_list[rows, cols].tolist(), cols.tolist(), strict=True):
+        head = heads.get((li, c))
+        if head is None:
+            mode, age = infos[li].get(names[c]) or (modes[li], ages[li])
+            head = heads[li, c] = wire.provenance_head(names[c], mode, age)
+        prov_head.append(head)
+    return wire.edges(
+        pool.ids[idx], pool.score[idx], pool.model[idx], rows, prov_head,
+        pool.source_score[idx][rows, cols],
+    )  # fmt: skip
 
 
 def duplicate_ids(lists: Sequence[ScoredList]) -> np.ndarray:
@@ -355,9 +354,9 @@ def drop_counts(dropped: Mapping[str, int]) -> list[merging_pb2.DropCount]:
 
 def response(pool: Blended, sel: Selection) -> merging_pb2.MergeResponse:
     """The MergeResponse for a selection: edges with provenance and drop counts by reason."""
-    out = merging_pb2.MergeResponse(dropped=drop_counts(sel.dropped))
-    add_edges(pool, sel, out.edges)
-    return out
+    return merging_pb2.MergeResponse.FromString(
+        _edges_wire(pool, sel) + wire.drop_counts(sel.dropped)
+    )
 
 
 def merge(

@@ -14,15 +14,13 @@ from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
-import redis.asyncio as aioredis
-import redis.exceptions as rexc
 
 from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.merging import blend, filters
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
-from edgeflow.redis_client import connect_async
+from edgeflow.resp import RawPipeline, RespError, RespReplyError
 from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
@@ -75,7 +73,7 @@ class MergingService(Service):
         self._cfg = cfg
         url = urlsplit(cfg.redis_url)
         self._redis_at = f"{url.hostname}:{url.port or 6379}"  # never the credentials
-        self._redis: aioredis.Redis | None = None
+        self._redis: RawPipeline | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         merging_pb2_grpc.add_MergingServiceServicer_to_server(_Servicer(self), server)
@@ -83,11 +81,11 @@ class MergingService(Service):
     async def start(self) -> None:
         # Nothing to load; the client connects on first use, so Merge works without Redis
         # whenever no Redis-backed filter is asked for.
-        self._redis = connect_async(self._cfg.redis_url)
+        self._redis = RawPipeline(self._cfg.redis_url)
 
     async def stop(self) -> None:
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.close()
             self._redis = None
 
     async def merge(
@@ -143,10 +141,10 @@ class MergingService(Service):
         try:
             async with asyncio.timeout(budget):
                 return await filters.visible(self._redis, member, ids, names, why)
-        except rexc.ResponseError as exc:
+        except RespReplyError as exc:
             msg = f"merging: redis at {self._redis_at} refused the filters {list(names)}: {exc}"
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, msg) from exc
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError) as exc:
+        except (RespError, OSError, TimeoutError) as exc:
             reason = str(exc) or f"no reply within {budget:.2f}s"
             msg = f"merging: redis at {self._redis_at} unavailable for filters {list(names)}: "
             log.warning("%s%s", msg, reason)
