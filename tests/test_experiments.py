@@ -7,7 +7,6 @@ import copy
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -267,8 +266,22 @@ async def test_stream_log_drops_a_batch_redis_refuses(
     assert dropped == {"redis_unavailable": 1} and log.written == 0
 
 
-def test_example_is_in_the_crd_examples() -> None:
-    assert EXAMPLE in sorted(Path(REPO_ROOT / "examples").glob("*.yaml"))
+def test_the_crd_schema_checks_experiments_at_apply_time() -> None:
+    """kubectl apply refuses what the schema can catch, before the operator sees it."""
+    from crd_schema import CrdValidator
+
+    crd_file = REPO_ROOT / "charts" / "edgeflow" / "crds" / "edgeworkflows.edgeflow.dev.yaml"
+    validator = CrdValidator(yaml.safe_load(crd_file.read_text()))
+    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    assert validator.errors(doc) == []
+    bad = copy.deepcopy(doc)
+    bad["spec"]["experiments"][0]["variants"][0]["weight"] = 150
+    bad["spec"]["shadows"][0]["share"] = 0
+    bad["spec"]["experiments"][1]["targeting"]["tipo"] = 1
+    errors = "\n".join(validator.errors(bad))
+    assert "spec.experiments.0.variants.0.weight" in errors
+    assert "spec.shadows.0.share" in errors
+    assert "tipo" in errors
 
 
 def test_operator_configmap_keeps_experiments_and_shadows() -> None:

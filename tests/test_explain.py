@@ -25,12 +25,9 @@ from edgeflow.gateway.service import GatewayService
 from edgeflow.local.redis_server import free_port
 from edgeflow.server import channel
 from edgeflow.v1 import (
-    candidates_pb2_grpc,
     features_pb2,
     features_pb2_grpc,
     gateway_pb2,
-    merging_pb2_grpc,
-    scoring_pb2_grpc,
     tensor_pb2,
 )
 
@@ -138,14 +135,7 @@ async def test_engine_collects_explain_data_only_when_asked(suite: Suite) -> Non
     cfg = suite.cfg
     chans = [channel(a) for a in (cfg.candidates_addr, cfg.features_addr, cfg.scoring_addr,
                                   cfg.merging_addr)]  # fmt: skip
-    engine = Engine(
-        Clients(
-            candidates=candidates_pb2_grpc.CandidateServiceStub(chans[0]),
-            features=features_pb2_grpc.FeatureServiceStub(chans[1]),
-            scoring=scoring_pb2_grpc.ScoringServiceStub(chans[2]),
-            merging=merging_pb2_grpc.MergingServiceStub(chans[3]),
-        )
-    )
+    engine = Engine(Clients.over(*chans))
     gateway = suite.servers["gateway"][0]
     assert isinstance(gateway, GatewayService)
     wf = gateway.workflows["pymk"]

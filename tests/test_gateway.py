@@ -171,9 +171,6 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
     from edgeflow.v1 import (
         candidates_pb2,
         candidates_pb2_grpc,
-        features_pb2_grpc,
-        merging_pb2_grpc,
-        scoring_pb2_grpc,
     )
     from edgeflow.workflow.validate import load_workflow
 
@@ -192,14 +189,7 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
     await server.start()
     chans = [channel(a) for a in (f"127.0.0.1:{port}", suite.cfg.features_addr,
                                   suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
-    engine = Engine(
-        Clients(
-            candidates=candidates_pb2_grpc.CandidateServiceStub(chans[0]),
-            features=features_pb2_grpc.FeatureServiceStub(chans[1]),
-            scoring=scoring_pb2_grpc.ScoringServiceStub(chans[2]),
-            merging=merging_pb2_grpc.MergingServiceStub(chans[3]),
-        )
-    )
+    engine = Engine(Clients.over(*chans))
     try:
         wf = load_workflow(suite.cfg.workflows_dir / "pymk.yaml")
         member = members_with_degree(suite.graph, 8)[9]

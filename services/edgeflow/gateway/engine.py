@@ -65,6 +65,22 @@ class Clients:
     scoring: scoring_pb2_grpc.ScoringServiceStub
     merging: merging_pb2_grpc.MergingServiceStub
 
+    @classmethod
+    def over(
+        cls,
+        candidates: grpc.aio.Channel,
+        features: grpc.aio.Channel,
+        scoring: grpc.aio.Channel,
+        merging: grpc.aio.Channel,
+    ) -> Clients:
+        """Stubs of the four backends over their channels."""
+        return cls(
+            candidates=candidates_pb2_grpc.CandidateServiceStub(candidates),
+            features=features_pb2_grpc.FeatureServiceStub(features),
+            scoring=scoring_pb2_grpc.ScoringServiceStub(scoring),
+            merging=merging_pb2_grpc.MergingServiceStub(merging),
+        )
+
 
 @dataclass(frozen=True)
 class Scored:

@@ -26,12 +26,8 @@ from edgeflow.redis_client import connect_async
 from edgeflow.resp import RawPipeline
 from edgeflow.server import Service, channel
 from edgeflow.v1 import (
-    candidates_pb2_grpc,
-    features_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
-    merging_pb2_grpc,
-    scoring_pb2_grpc,
 )
 from edgeflow.workflow.validate import Workflow, load_directory
 
@@ -72,14 +68,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         chans = [channel(a) for a in (cfg.candidates_addr, cfg.features_addr,
                                       cfg.scoring_addr, cfg.merging_addr)]  # fmt: skip
         self._channels = chans
-        self._engine = Engine(
-            Clients(
-                candidates=candidates_pb2_grpc.CandidateServiceStub(chans[0]),
-                features=features_pb2_grpc.FeatureServiceStub(chans[1]),
-                scoring=scoring_pb2_grpc.ScoringServiceStub(chans[2]),
-                merging=merging_pb2_grpc.MergingServiceStub(chans[3]),
-            )
-        )
+        self._engine = Engine(Clients.over(*chans))
         self._watch = asyncio.create_task(self._watch_workflows())
         self._rds = connect_async(cfg.redis_url)  # connects on first use
         # One writer per stream, each with one batch in flight: two connections at most.
@@ -219,17 +208,6 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         metrics.observe_recommend(
             wf.surface, variant, outcome.total_ms / 1000, outcome.partial, outcome.traces
         )
-        self._log_exposure(request, request_id, wf, assignments, served, outcome.partial)
-
-    def _log_exposure(
-        self,
-        request: gateway_pb2.RecommendRequest,
-        request_id: str,
-        wf: Workflow,
-        assignments: records.Assignments,
-        served: tuple[int, ...],
-        partial: bool,
-    ) -> None:
         if self.exposures is None:
             return
         exposure = records.Exposure(
@@ -240,7 +218,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             workflow=wf.name,
             assignments=assignments,
             items=served,
-            partial=partial,
+            partial=outcome.partial,
         )
         self.exposures.put(exposure.encode())
 
