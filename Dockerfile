@@ -8,16 +8,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, so a code change reuses the cached dependency layer.
+# Dependencies first, exactly as locked (versions and hashes), so a code change reuses the
+# cached dependency layer.
+COPY requirements/runtime.lock ./requirements/
+RUN pip install --require-hashes --no-deps -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
-RUN python - <<'PY' > /tmp/requirements.txt
-import tomllib
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-PY
-RUN pip install -r /tmp/requirements.txt
 COPY services ./services
 COPY operator ./operator
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
  && find /opt/venv -depth -name '__pycache__' -exec rm -rf {} + \
  && find /opt/venv -name '*.pyc' -delete
 

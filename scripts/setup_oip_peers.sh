@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent: a separate virtual environment with the real Open Inference Protocol peers the
 # tests run against: MLServer (+ its scikit-learn runtime) as a remote model server and
-# Triton's Python client. They pin protobuf below the release line edgeflow's generated code
-# needs, so they cannot share .venv. Reinstalled only when the pins below change.
+# Triton's Python client, installed exactly as requirements/oip-peers.lock says. They pin
+# protobuf below the release line edgeflow's generated code needs, so they cannot share .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,17 +10,15 @@ PEERS=.cache/oip-peers
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-# Models are trained in .venv and loaded by MLServer with joblib: same scikit-learn line.
-sklearn=$(grep -o '"scikit-learn==[^"]*"' pyproject.toml | tr -d '"')
-requirements=("mlserver==1.7.*" "mlserver-sklearn==1.7.*" "tritonclient[grpc]==2.*" "$sklearn")
-want="$(printf '%s\n' "${requirements[@]}" | sort)"
+source scripts/uv.sh
+want="$(sha256sum requirements/oip-peers.lock | cut -d' ' -f1)"
 stamp="$PEERS/.edgeflow-installed"
 if [ -x "$PEERS/bin/mlserver" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "installing the OIP test peers (MLServer, tritonclient) into $PEERS (about a minute)"
+echo "installing the OIP test peers (MLServer, tritonclient) into $PEERS (requirements/oip-peers.lock)"
 rm -rf "$PEERS"
-mkdir -p .cache
-"$PYTHON" -m venv "$PEERS"
-timeout 900 "$PEERS/bin/python" -m pip install -q --disable-pip-version-check "${requirements[@]}"
-printf '%s\n' "$want" >"$stamp"
+"$UV" venv --quiet --python "$PYTHON" "$PEERS"
+timeout 900 "$UV" pip sync --quiet --python "$PEERS/bin/python" --require-hashes \
+  requirements/oip-peers.lock
+echo "$want" >"$stamp"

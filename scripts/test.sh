@@ -6,4 +6,4 @@ scripts/setup.sh
 # Test-only peers and tools, kept out of the runtime environment (into .cache/):
 .venv/bin/python scripts/install_k8s_tools.py  # helm for the chart tests
 scripts/setup_oip_peers.sh  # MLServer and tritonclient for the OIP tests
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"

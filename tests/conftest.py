@@ -15,15 +15,13 @@ import yaml
 from inprocess import Suite, relaxed_copy, start_backends, start_gateway, stop_all
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from world import World, clone, train_world
 
 from edgeflow import tracing
 from edgeflow.build.synthetic import social_graph
-from edgeflow.build.train import train
-from edgeflow.config import REPO_ROOT, Config
+from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph
-from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.redis_client import connect
 from edgeflow.server import channel
 from edgeflow.v1 import gateway_pb2_grpc
 
@@ -80,29 +78,33 @@ def _missing_model_variant(workflows: Path) -> None:
     (workflows / "pymk-nomodel.yaml").write_text(yaml.safe_dump(doc))
 
 
-@pytest_asyncio.fixture(scope="module")
-async def suite(
-    tmp_path_factory: pytest.TempPathFactory, spans: InMemorySpanExporter
-) -> AsyncIterator[Suite]:
-    """The five services on real grpc.aio servers over a 400-member graph, one per module."""
-    home = tmp_path_factory.mktemp("suite")
-    redis = start_redis(home / "redis")
+@pytest.fixture(scope="session")
+def suite_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The `suite` fixture's trained 400-member world, trained once per session."""
+    home = tmp_path_factory.mktemp("suite-world")
     edges = social_graph(members=400, communities=8, seed=3)
     graph = Graph.from_edges(edges[:, 0], edges[:, 1])
-    save_graph(connect(redis.url), graph)
     workflows = home / "workflows"
     workflows.mkdir()
     relaxed_copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
     _slow_variant(workflows)
     _missing_model_variant(workflows)
-    cfg = dataclasses.replace(
-        Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
-    )
-    train(cfg, seed=0)
+    return train_world(home, graph, workflows)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def suite(
+    tmp_path_factory: pytest.TempPathFactory, spans: InMemorySpanExporter, suite_world: World
+) -> AsyncIterator[Suite]:
+    """The five services on real grpc.aio servers over a 400-member graph, one per module
+    (each on its own clone of the session's trained world)."""
+    cfg, redis = clone(suite_world, tmp_path_factory.mktemp("suite"))
+    cfg = dataclasses.replace(cfg, reload_interval_s=0.3)
     cfg, servers = await start_backends(cfg)
     port = await start_gateway(cfg, servers)
     ch = channel(f"127.0.0.1:{port}")
-    yield Suite(graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers, port)
+    yield Suite(suite_world.graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers,
+                port)  # fmt: skip
     await ch.close()
     await stop_all(servers)
     redis.stop()

@@ -3,13 +3,17 @@ mode, Feast's own CLI and onnxruntime."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import redis
+from rich.console import Console
 
 from edgeflow import keys, vectors
 from edgeflow.build import ranker as rk
@@ -21,6 +25,7 @@ from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS, SCALAR_FEATUR
 from edgeflow.graph import Graph, read_edge_file, split_edges
 from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess
+from edgeflow.offline.progress import Stages
 
 
 def community_graph(n: int = 400, groups: int = 8, seed: int = 0, isolated: int = 3) -> Graph:
@@ -240,7 +245,31 @@ def test_train_publishes_embeddings_features_and_model(
 ) -> None:
     graph = community_graph(n=300)
     save_graph(redis_client, graph)
-    report = train(cfg, seed=0)
+    out = io.StringIO()
+    report = train(cfg, seed=0, stages=Stages(Console(file=out, width=80)))
+
+    # Not a terminal: one plain line per stage, naming it, with its duration; no bars.
+    lines = out.getvalue().splitlines()
+    for stage in (
+        "reading the member graph from Redis",
+        "embeddings (spectral",
+        "member features",
+        "ranker: candidates and features",
+        "ranker: gradient boosting",
+        "ranker: ONNX export",
+        "ranker: permutation importances",
+        "Qdrant upsert",
+        "Feast apply",
+        "Feast materialize",
+        "model registry",
+    ):
+        assert [ln for ln in lines if ln.startswith(stage) and re.search(r"\(\d+\.\ds\)$", ln)], (
+            stage,
+            lines,
+        )
+    assert f"Qdrant upsert: {graph.n:,} points" in out.getvalue()
+    assert "100/100 trees" in out.getvalue()
+    assert "\x1b[" not in out.getvalue() and "━" not in out.getvalue()
 
     assert (report.members, report.edges) == (graph.n, graph.edge_count)
     assert report.model_version == "v1" and report.feature_rows == graph.n
@@ -304,3 +333,80 @@ def test_train_with_qdrant_locked_fails_before_learning(
     finally:
         holder.close()
     assert not cfg.model_dir.exists()
+
+
+# ---- `edgeflow ingest` ---------------------------------------------------------------------
+def test_ingest_says_what_the_graph_does_not_keep(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from edgeflow.build.ingest import current_version, ingest_file
+
+    path = tmp_path / "edges.txt"
+    path.write_text("1 2 0.5\n2 3\n3 3\n2 1\n4 1\n")
+    notes: list[str] = []
+    graph = ingest_file(redis_client, path, on_note=notes.append)
+    assert (graph.n, graph.edge_count) == (4, 3)
+    assert current_version(redis_client) == graph.version
+    assert [n.split(" (")[0] for n in notes] == [
+        "dropped 1 self loop",
+        "dropped 1 duplicate edge",
+        "ignored the columns after the first two on 1 line",
+    ]
+    assert "(first on line 3)" in notes[0] and "(first on line 4)" in notes[1]
+    assert "(first on line 1)" in notes[2]
+
+
+def test_ingest_refuses_a_file_of_self_loops_and_keeps_the_old_graph(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from edgeflow.build.ingest import current_version, ingest_file
+    from edgeflow.graph import EdgeFileError
+
+    assert current_version(redis_client) is None
+    good = tmp_path / "good.txt"
+    good.write_text("1 2\n")
+    kept = ingest_file(redis_client, good).version
+    loop = tmp_path / "loop.txt"
+    loop.write_text("7 7\n")
+    with pytest.raises(EdgeFileError, match=rf"^{loop}: no edges: its 1 edge line is a self loop"):
+        ingest_file(redis_client, loop)
+    assert current_version(redis_client) == kept
+
+
+def test_ingest_knows_when_a_running_local_suite_serves_the_graph(tmp_path: Path) -> None:
+    import os
+
+    from edgeflow.build.ingest import live_graph, rebuild_steps
+    from edgeflow.local import suite as local
+
+    home = tmp_path / "home"
+    cfg = Config(home=home, redis_url="redis://127.0.0.1:16390/0", qdrant_url="")
+    edges = tmp_path / "new.txt"
+    assert live_graph(cfg, edges) == ""  # no suite
+    ports = {name: 0 for name in local.PROCESSES} | {"redis": 16390}
+    suite = local.Suite(home=home, ports=ports, pids={"gateway": os.getpid()}, persist=True)
+    suite.save()
+    why = live_graph(cfg, edges)
+    assert why.startswith(f"the suite under {home} is up (gateway) and serves the graph")
+    assert f"`edgeflow quickstart --edges {edges}`" in why and "--replace-live" in why
+    elsewhere = dataclasses.replace(cfg, redis_url="redis://127.0.0.1:16391/0")
+    assert live_graph(elsewhere, edges) == ""  # another Redis: not the suite's graph
+    suite.pids = {"gateway": 0}  # services stopped: nothing is served
+    suite.save()
+    assert live_graph(cfg, edges) == ""
+
+    live = rebuild_steps(cfg, edges, live=True)
+    stale = (
+        "the embeddings (Qdrant), member features (Feast), the ranker and the precomputed lists "
+        "(follows, pymk) were built from the previous graph: rebuild them with "
+    )
+    runs = (
+        "`edgeflow train`, then `edgeflow offline run --workflow follows`, "
+        "`edgeflow offline run --workflow pymk`"
+    )
+    # Beside a running suite, `train` cannot open the local Qdrant store the suite holds.
+    assert live == stale + (
+        f"`edgeflow quickstart --edges {edges}` (it stops the suite, trains, computes the lists "
+        f"and starts it again), or with QDRANT_URL set: {runs}"
+    )
+    assert rebuild_steps(cfg, edges, live=False) == stale + runs

@@ -175,6 +175,21 @@ async def test_precomputed_reads_the_live_list_and_drops_connections(
     assert (await source.generate(1, 1, {"list": "pymk"})).ids.tolist() == [9]
     empty = await source.generate(999, 10, {"list": "pymk"})  # no list: empty, not an error
     assert empty.ids.size == 0
+    # An empty answer says why: the member has no entry, or the list was never written.
+    assert out.note == "" and empty.version == version
+    assert empty.note == f"list 'pymk' has no entry for member 999 (live version {version})"
+    never = await source.generate(1, 10, {"list": "other"})
+    assert never.ids.size == 0 and never.version == ""
+    assert never.note == "list 'other' has never been written (no offline run has published it)"
+    # An entry left with only connections (and the member itself) after the drop.
+    connected_only = (np.asarray([2, 1]), np.asarray([0.5, 0.4]))
+    lists.update_lists(redis_client, "pymk", np.asarray([1]), [connected_only])
+    stale = await source.generate(1, 10, {"list": "pymk"})
+    assert stale.ids.size == 0
+    assert stale.note == (
+        f"the entry of member 1 in list 'pymk' (version {version}) holds only members it is "
+        "now connected to"
+    )
     with pytest.raises(InvalidParam, match=r"params\.list: is required"):
         await source.generate(1, 10, {})
     with pytest.raises(InvalidParam, match=r"params\.list: list name 'a:b' is invalid"):
@@ -203,13 +218,16 @@ def _config(home: Path, redis_url: str) -> Config:
     return Config(home=home, redis_url=redis_url, qdrant_url="", reload_interval_s=0.1)
 
 
-def _seed(client: redis.Redis, qdrant_path: Path) -> None:
-    save_graph(client, small_graph())
+def _seed(client: redis.Redis, qdrant_path: Path) -> str:
+    """Store the small graph, its embeddings and a list; returns the graph's version."""
+    graph = small_graph()
+    save_graph(client, graph)
     qclient = QdrantClient(path=str(qdrant_path))
     vectors.write_embeddings(qclient, client, *embed(ANGLES), "v1")
     qclient.close()  # the service owns the local storage from here
     entry = (np.asarray([9, 4, 2]), np.asarray([0.9, 0.8, 0.7]))
     lists.write_lists(client, "pymk", np.asarray([1]), [entry], version="nightly")
+    return graph.version
 
 
 class Running:
@@ -251,7 +269,7 @@ async def test_service_generates_from_every_source(
     tmp_path: Path, redis_proc: RedisProcess, redis_client: redis.Redis
 ) -> None:
     cfg = _config(tmp_path, redis_proc.url)
-    _seed(redis_client, cfg.qdrant_path)
+    graph_version = _seed(redis_client, cfg.qdrant_path)
     running = await _run(cfg)
     try:
         health = health_pb2_grpc.HealthStub(running.channel)
@@ -264,7 +282,7 @@ async def test_service_generates_from_every_source(
         assert list(graph.ids) == [4, 9, 5, 10, 11]
         assert list(graph.scores.columns) == ["common_neighbors"]
         assert tensor.unpack(graph.scores)[:, 0].tolist() == [2, 1, 1, 1, 1]
-        assert graph.version == small_graph().version
+        assert graph.version == graph_version
 
         ebr = await running.generate(1, "ebr", limit=2)
         assert list(ebr.ids) == [7, 4] and list(ebr.scores.columns) == ["cosine"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,6 +49,37 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
     assert "ingested 300 members" in run.stdout
     assert "pymk for member" in run.stdout and "provenance" in run.stdout
     assert "edgeflow down" in run.stdout
+    # Not a terminal: one plain line per stage with its duration (no bars), then the time
+    # of each step, training's own steps, and the total, rather than one "suite up in 99s".
+    took = r"(\d+\.\ds|\d+m \d\ds|\d+h \d\dm)"
+    for stage in (
+        "ingested 300 members",
+        "  reading the member graph from Redis",
+        "  ranker: gradient boosting",
+        "  Qdrant upsert",
+        "  Feast apply",
+        "  Feast materialize",
+        "starting the services",
+    ):
+        assert re.search(rf"^{re.escape(stage)}.* \({took}\)$", run.stdout, re.M), stage
+    for step in ("Redis", "ingest", "training", "services", "total"):
+        assert re.search(rf"^  {step} +{took}", run.stdout, re.M), (step, run.stdout)
+    assert re.search(rf"^  training +{took}  \(load_graph ", run.stdout, re.M)
+    assert "suite up in" not in run.stdout
+    before_tables = run.stdout.split("pymk for member")[0]
+    assert "\x1b[" not in before_tables and "\u2501" not in before_tables  # no ANSI, no bar
+    # The lists its surfaces read are computed, so follows serves at once.
+    assert "offline list 'pymk' (workflow pymk): 300 members" in run.stdout
+    assert "offline list 'follows' (workflow follows): 300 members" in run.stdout
+    assert run.stdout.count("what the rows are ranked by") == 1  # the legend, once
+
+    follows = edgeflow("recommend", "--member", "7", "--surface", "follows", "--k", "5", env=env)
+    assert follows.returncode == 0, follows.stderr
+    rows = [line for line in follows.stdout.splitlines() if line.startswith("│ ")]
+    assert len(rows) == 5, follows.stdout
+    # No model scores follows at request time: an en dash, never a made-up 0.0000.
+    assert all(line.split("│")[4].strip() == "\u2013" for line in rows), follows.stdout
+    assert "0.0000" not in follows.stdout and "what the rows are ranked by" in follows.stdout
 
     rec = edgeflow("recommend", "--member", "7", "--k", "5", "--json", "--debug", env=env)
     assert rec.returncode == 0, rec.stderr
@@ -64,6 +96,17 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
 
     status = edgeflow("status", env=env)
     assert status.stdout.count(" SERVING") == 6, status.stdout  # five services, the worker
+
+    # The suite serves the graph in its Redis: ingest refuses to swap it under the suite.
+    refused = edgeflow("ingest", "--edges", str(edges), env=env)
+    assert refused.returncode == 2, refused.stdout
+    assert "is up (candidates, features, scoring, merging, gateway, nearline)" in refused.stderr
+    assert f"`edgeflow quickstart --edges {edges}`" in refused.stderr
+    assert "--replace-live" in refused.stderr and "ingested" not in refused.stdout
+    forced = edgeflow("ingest", "--edges", str(edges), "--replace-live", env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert "ingested" in forced.stdout and "replaced graph version " in forced.stdout
+    assert "were built from the previous graph: rebuild them with" in forced.stdout
 
     pids = json.loads((Path(env["EDGEFLOW_HOME"]) / "run" / "suite.json").read_text())["pids"]
     down = edgeflow("down", env=env)
@@ -89,6 +132,22 @@ def test_ingest_names_the_bad_line(env: dict[str, str], tmp_path: Path) -> None:
         ok.write_text("1 2\n2 3\n")
         run = edgeflow("ingest", "--edges", str(ok), env=env)
         assert run.returncode == 0 and "3 members, 2 edges" in run.stdout
+        assert "dropped" not in run.stdout and "replaced" not in run.stdout
+        # What the graph does not keep is said, with the first line of each kind.
+        odd = tmp_path / "odd.txt"
+        odd.write_text("1 2 0.5\n2 2\n2 1\n3 4\n")
+        run = edgeflow("ingest", "--edges", str(odd), env=env)
+        assert run.returncode == 0 and "4 members, 2 edges" in run.stdout, run.stderr
+        assert "dropped 1 self loop (first on line 2)" in run.stdout
+        assert "dropped 1 duplicate edge (first on line 3)" in run.stdout
+        assert "ignored the columns after the first two on 1 line (first on line 1)" in run.stdout
+        assert "replaced graph version " in run.stdout and "`edgeflow train`" in run.stdout
+        # A file whose only line is a self loop is not a graph.
+        loop = tmp_path / "loop.txt"
+        loop.write_text("5 5\n")
+        run = edgeflow("ingest", "--edges", str(loop), env=env)
+        assert run.returncode == 2 and "ingested" not in run.stdout
+        assert f"{loop}: no edges: its 1 edge line is a self loop (first on line 1)" in run.stderr
     finally:
         proc.stop()
 

@@ -20,7 +20,13 @@ from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.resp import RawPipeline
 from edgeflow.workflow.model import Experiment
-from edgeflow.workflow.validate import WorkflowError, check, check_models, load_workflow
+from edgeflow.workflow.validate import (
+    WorkflowError,
+    check,
+    check_models,
+    load_workflow,
+    locate_model_problems,
+)
 
 EXAMPLE = REPO_ROOT / "examples" / "pymk-ab.yaml"
 N_MEMBERS = 100_000
@@ -197,6 +203,73 @@ def test_variant_model_versions_are_checked_against_the_registry(spec: dict[str,
         "'pymk-ranker' has no version 'v2' (it has ['v1'])"
     ]
     assert check_models(wf, {"pymk-ranker": ["v1", "v2"]}) == []
+
+
+def test_model_problems_are_blamed_on_the_variant_or_shadow_that_has_them(
+    spec: dict[str, Any],
+) -> None:
+    spec["shadows"][0]["overrides"]["models"] = {"rank": "v3"}
+    wf = check(spec)
+    found = locate_model_problems(wf, {"pymk-ranker": ["v1"]})
+    missing = "node 'rank' field params.version: model 'pymk-ranker' has no version"
+    # Only ranker-v2's v2 overrides rank: the popular-source variants it is combined with
+    # are not to blame.
+    assert found.workflow == ()
+    assert found.variants == {("ranker-v2", "v2"): (f"{missing} 'v2' (it has ['v1'])",)}
+    assert found.shadows == {"ebr-wide": (f"{missing} 'v3' (it has ['v1'])",)}
+    assert found.messages() == [
+        f"experiment 'ranker-v2' variant 'v2': {missing} 'v2' (it has ['v1'])",
+        f"shadow 'ebr-wide': {missing} 'v3' (it has ['v1'])",
+    ]
+    assert locate_model_problems(wf, {"pymk-ranker": ["v1", "v2", "v3"]}).messages() == []
+    unknown = locate_model_problems(wf, {"other": ["v1"]})
+    no_model = "node 'rank' field params.model: no model 'pymk-ranker' in the registry"
+    assert unknown.workflow == (f"{no_model} (it has ['other'])",)
+
+
+def test_a_broken_variant_is_served_its_control(spec: dict[str, Any]) -> None:
+    from edgeflow.gateway.models import check_surface
+
+    wf = check(spec)
+    result = check_surface(wf, {"pymk-ranker": ["v1"]})
+    assert result.reroutes == {("ranker-v2", "v2"): "v1"}
+    assert len(result.problems) == 1
+    members = range(400)
+    moved = 0
+    for member in members:
+        _, assigned = wf.for_member(member)
+        route = result.routes.get(assigned)
+        if dict(assigned)["ranker-v2"] != "v2":
+            assert route is None  # everyone else is served as assigned
+            continue
+        assert route is not None
+        served_graph, served, moves = route
+        assert dict(served) == {**dict(assigned), "ranker-v2": "v1"}  # other experiments kept
+        assert served_graph is wf.variants[served]
+        assert served_graph.node("rank").params.model_dump()["version"] == "v1"
+        assert moves == (("ranker-v2", "v2", "v1"),)
+        moved += 1
+    assert 0.4 < moved / len(members) < 0.6
+    # Published later: nothing is rerouted any more.
+    healed = check_surface(wf, {"pymk-ranker": ["v1", "v2"]})
+    assert healed.problems == () and healed.reroutes == {} and healed.routes == {}
+
+
+def test_a_variant_is_not_rerouted_where_that_would_not_help(spec: dict[str, Any]) -> None:
+    from edgeflow.gateway.models import check_surface
+
+    # The workflow's own graph lacks its model too: nothing better to serve; only reported.
+    wf = check(spec)
+    result = check_surface(wf, {"other": ["v1"]})
+    assert len(result.problems) == 2 and result.reroutes == {} and result.routes == {}
+    # A broken control: members of a targeted experiment get the workflow's own graph.
+    spec["experiments"][0]["targeting"] = {"share": 0.5}
+    spec["experiments"][0]["variants"][0]["overrides"] = {"models": {"rank": "v7"}}
+    wf = check(spec)
+    result = check_surface(wf, {"pymk-ranker": ["v1"]})
+    assert result.reroutes == {("ranker-v2", "v1"): "", ("ranker-v2", "v2"): ""}
+    graph, served, moves = result.routes[(("ranker-v2", "v2"),)]
+    assert graph is wf and served == () and moves == (("ranker-v2", "v2", ""),)
 
 
 def test_cli_validate_summarises_experiments() -> None:

@@ -4,7 +4,9 @@ the in-process suite (the `suite` fixture in conftest.py), the DAG picture and t
 from __future__ import annotations
 
 import asyncio
+import io
 import math
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -218,6 +220,106 @@ def test_dag_picture_layers_by_depth_and_colours_by_status() -> None:
     assert "pymk for member 7" in texts and "5 \u2192 3 items \u00b7 1.5 ms" in texts
 
 
+def test_dag_picture_boxes_fit_long_names() -> None:
+    long_node = "candidates_from_friends_of_friends_weighted_by_adamic_adar"
+    long_op = "candidates.precomputed_lists_written_by_the_offline_job"
+    traces = [_trace(long_node, []), _trace("rank", [long_node])]
+    traces[0].op = long_op
+    title = "pymk-with-a-rather-long-surface-name for member 123456789  \u00b7  12.3 ms"
+    text = dag_picture.svg(traces, title, "workflow pymk  \u00b7  variants: " + "x=y, " * 30)
+    root, nodes, _ = parse_svg(text)
+    texts = [t.text or "" for t in root.iter(f"{SVG}text")]
+    assert long_node in texts and long_op in texts  # whole, never clipped
+    assert not any("\u2026" in t for t in texts)
+    widths = set()
+    for g in nodes:
+        rect = g.find(f"{SVG}rect")
+        assert rect is not None
+        x, width = float(rect.get("x", "nan")), float(rect.get("width", "nan"))
+        widths.add(width)
+        assert x > 0 and x + width < float(root.get("width", "nan"))
+    [width] = widths  # every box as wide as the widest name needs
+    assert width >= len(long_op) * 0.6 * 11 and width >= len(long_node) * 0.6 * 14
+    assert float(root.get("width", "nan")) >= len(title) * 0.6 * 16  # the title fits too
+    assert root.get("class") == dag_picture.ROOT_CLASS and dag_picture.is_picture(text)
+    assert not dag_picture.is_picture("<svg><g/></svg>") and not dag_picture.is_picture("hello")
+
+
+LONG_NODE = "candidates_from_friends_of_friends_weighted_by_adamic_adar"
+LONG_OP = "candidates.precomputed"
+LONG_FEATURES = ["embedding_cosine_similarity_of_member_and_candidate", "preferential_attach",
+                 "f3", "f4", "f5", "f6", "f7"]  # fmt: skip
+LONG_REASON = "dismissed_by_the_member_a_while_ago"
+
+
+def _long_names_response() -> gateway_pb2.RecommendResponse:
+    resp = gateway_pb2.RecommendResponse(surface="pymk", workflow="pymk", request_id="r1")
+    resp.funnel.nodes.add(
+        node=LONG_NODE, op=LONG_OP, status="fallback", fallback="passthrough",
+        error="NOT_FOUND: model 'pymk-ranker' has no loaded version 'v2' in the registry",
+    )  # fmt: skip
+    for target in (11, 12):
+        edge = resp.edges.add(target=target, score=0.5, model_score=0.4)
+        edge.provenance.add(source=LONG_NODE, score=0.3, mode="offline", age_seconds=30)
+    rows = np.ones((2, len(LONG_FEATURES)), np.float32)
+    resp.explanation.features.CopyFrom(tensor.pack(rows, LONG_FEATURES))
+    resp.explanation.dropped.add(target=5, reason=LONG_REASON, node=LONG_NODE)
+    return resp
+
+
+def test_explain_tables_never_cut_names_in_a_pipe() -> None:
+    """Not a terminal (a pipe, a file): rich would assume 80 columns and cut the names."""
+    from rich.console import Console
+
+    from edgeflow.cli.explain import render
+
+    out = io.StringIO()
+    console = Console(file=out, width=80)  # what rich picks when stdout is not a tty
+    assert not console.is_terminal
+    render(_long_names_response(), 3, 10, console)
+    text = out.getvalue()
+    assert "\u2026" not in text
+    for name in (LONG_NODE, LONG_OP, *LONG_FEATURES, LONG_REASON):
+        assert re.search(rf"[ │]{re.escape(name)}[ │]", text), name  # whole, on one line
+    assert "has no loaded version 'v2' in the registry" in text
+
+
+def test_explain_header_says_when_a_variant_was_rerouted() -> None:
+    from rich.console import Console
+
+    from edgeflow.cli.explain import render
+
+    resp = _long_names_response()
+    resp.assignments.add(experiment="ranker-v2", variant="v1")
+    resp.rerouted.add(experiment="ranker-v2", variant="v2", served="v1")
+    out = io.StringIO()
+    render(resp, 3, 10, Console(file=out, width=80))
+    assert "variants    ranker-v2=v1" in out.getvalue()
+    assert "rerouted    assigned ranker-v2=v2, served ranker-v2=v1: a model it names is not " in (
+        out.getvalue()
+    )
+
+
+def test_explain_tables_fold_names_in_a_narrow_terminal() -> None:
+    """A terminal too narrow for the table: names wrap onto the next line, never cut."""
+    from rich.console import Console
+
+    from edgeflow.cli.explain import render
+
+    out = io.StringIO()
+    console = Console(file=out, width=60, force_terminal=True, color_system=None)
+    render(_long_names_response(), 3, 10, console)
+    text = out.getvalue()
+    assert "\u2026" not in text and max(len(line) for line in text.splitlines()) <= 60
+    lines = text.splitlines()
+    # The funnel's body rows, between its header rule and its bottom border.
+    start = next(i for i, line in enumerate(lines) if line.startswith("\u2521"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("\u2514"))
+    cells = [line.split("\u2502") for line in lines[start + 1 : end]]
+    assert "".join(c[1].strip() for c in cells) == LONG_NODE
+    assert "".join(c[2].strip() for c in cells) == LONG_OP
+
+
 async def _cli(*args: str) -> int:
     return await asyncio.to_thread(main, ["explain", *args])
 
@@ -228,7 +330,7 @@ async def test_cli_prints_the_funnel_and_writes_the_picture(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "240")
+    monkeypatch.delenv("COLUMNS", raising=False)  # captured stdout: not a terminal
     member = members_with_degree(suite.graph, 8)[3]
     before = await suite.recommend(member, k=10)
     await publish(suite, gateway_pb2.MemberEvent.BLOCK, member, before.edges[0].target)
@@ -238,8 +340,12 @@ async def test_cli_prints_the_funnel_and_writes_the_picture(
                       "--top", "5", "--out", str(out)) == 0  # fmt: skip
     printed = capsys.readouterr().out
     for text in ("request id", "variants", "funnel", "top 5 of 5", "features of the top 5",
-                 "embedding_cosine", "dropped", "blocked", f"DAG picture: {out}"):  # fmt: skip
+                 "embedding_cosine", "dropped", "blocked",
+                 f"DAG picture: {out} (a new file)"):  # fmt: skip
         assert text in printed, text
+    assert "\u2026" not in printed  # nothing cut, though stdout is not a terminal
+    for op in ("candidates.graph", "candidates.precomputed", "features.fetch", "merge.blend"):
+        assert f" {op} " in printed, op
     for node in NODES:
         assert node in printed
     root, nodes, edges = parse_svg(out.read_text())
@@ -247,9 +353,32 @@ async def test_cli_prints_the_funnel_and_writes_the_picture(
     assert len(edges) == 6  # fof, ebr, precomputed -> features -> rank; rank, precomputed -> blend
     assert f"pymk for member {member}" in " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
 
+    # --out names the file: it is replaced, whatever it was, and the output says so.
+    out.write_text("my notes")
+    assert await _cli("--member", str(member), "--gateway", gateway, "--out", str(out)) == 0
+    assert f"DAG picture: {out} (replaced the file that was there)" in capsys.readouterr().out
+    assert dag_picture.is_picture(out.read_text())
+
     monkeypatch.chdir(tmp_path)  # the default picture path is in the current directory
+    default = tmp_path / f"explain-pymk-{member}.svg"
     assert await _cli("--member", str(member), "--gateway", gateway) == 0
-    assert (tmp_path / f"explain-pymk-{member}.svg").is_file()
+    assert f"DAG picture: {default.name} (a new file)" in capsys.readouterr().out
+    assert default.is_file()
+    # Run again: it replaces its own earlier picture, and says so.
+    assert await _cli("--member", str(member), "--gateway", gateway) == 0
+    assert f"DAG picture: {default.name} (replaced the file that was there)" in (
+        capsys.readouterr().out
+    )
+    # Something else at the default path is left alone, unless --force.
+    default.write_text("not a picture")
+    assert await _cli("--member", str(member), "--gateway", gateway) == 2
+    err = capsys.readouterr().err
+    assert f"{default.name} exists and is not a picture `edgeflow explain` wrote" in err
+    assert "--out FILE" in err and "--force" in err
+    assert default.read_text() == "not a picture"
+    assert await _cli("--member", str(member), "--gateway", gateway, "--force") == 0
+    assert "(replaced the file that was there)" in capsys.readouterr().out
+    assert dag_picture.is_picture(default.read_text())
 
 
 @pytest.mark.parametrize(

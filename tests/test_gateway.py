@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from inprocess import Suite, members_with_degree
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
 from edgeflow import keys, lists
 from edgeflow.redis_client import connect
 from edgeflow.server import channel, start_server
+from edgeflow.v1 import gateway_pb2
 
 
 async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None:
@@ -125,6 +127,60 @@ async def test_missing_model_is_named_and_candidates_still_served(suite: Suite) 
     assert all(e.model_score == 0.0 for e in resp.edges)
 
 
+async def _statuses(
+    suite: Suite,
+) -> tuple[gateway_pb2.ListSurfacesResponse, dict[str, gateway_pb2.SurfaceStatus]]:
+    listed = await suite.stub.ListSurfaces(gateway_pb2.ListSurfacesRequest(), timeout=5)
+    return listed, {s.surface: s for s in listed.statuses}
+
+
+async def test_status_names_a_surface_whose_model_is_not_loaded(
+    suite: Suite, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgeflow.cli.suite_cmd import print_workflows
+
+    listed, statuses = await _statuses(suite)
+    assert [s.surface for s in listed.statuses] == list(listed.surfaces)
+    assert statuses["pymk"].models_checked and not statuses["pymk"].problems
+    nomodel = statuses["pymk-nomodel"]
+    problem = (
+        "node 'rank' field params.model: no model 'no-such-model' in the registry "
+        "(it has ['pymk-ranker'])"
+    )
+    assert nomodel.models_checked and list(nomodel.problems) == [problem]
+    assert not nomodel.reroutes  # nothing better to serve: its rank node falls back
+    problems = "edgeflow_gateway_model_problems"
+    assert REGISTRY.get_sample_value(problems, {"surface": "pymk-nomodel"}) == 1
+    assert REGISTRY.get_sample_value(problems, {"surface": "pymk"}) == 0
+
+    # A workflow file the gateway refuses is listed too, until it is gone.
+    bad = suite.cfg.workflows_dir / "zz-bad.yaml"
+    bad.write_text("spec: {surface: zz-bad, nodes: [], output: nope}\n")
+    try:
+        for _ in range(100):
+            listed, _ = await _statuses(suite)
+            if listed.rejected:
+                break
+            await asyncio.sleep(0.1)
+        [rejected] = listed.rejected
+        assert rejected.startswith(f"{bad}: invalid workflow") and "metadata.name" in rejected
+        assert "pymk" in listed.surfaces  # the others keep serving
+        await asyncio.to_thread(print_workflows, f"127.0.0.1:{suite.gateway_port}")
+    finally:
+        bad.unlink()
+    out = capsys.readouterr().out.splitlines()
+    line = next(i for i, text in enumerate(out) if text.strip().startswith("pymk-nomodel"))
+    assert " ".join(out[line].split()[1:]) == "PROBLEM: 1 model reference not loaded by scoring"
+    assert out[line + 1].strip() == f"- {problem}"
+    assert any(text.startswith(f"  REJECTED {bad}: invalid workflow") for text in out), out
+    for _ in range(100):
+        listed, _ = await _statuses(suite)
+        if not listed.rejected:
+            break
+        await asyncio.sleep(0.1)
+    assert not listed.rejected
+
+
 async def test_node_timeout_gives_marked_partial_response(suite: Suite) -> None:
     member = members_with_degree(suite.graph, 8)[4]
     rds = connect(suite.cfg.redis_url)
@@ -150,6 +206,14 @@ async def test_scoring_down_falls_back_to_source_scores(suite: Suite) -> None:
         resp = await suite.recommend(member, k=10)
         assert resp.partial and len(resp.edges) == 10
         assert any(d.startswith("rank: UNAVAILABLE") for d in resp.degraded), resp.degraded
+        for _ in range(100):  # the model check cannot ask it either: its last result stands
+            _, statuses = await _statuses(suite)
+            if statuses["pymk-nomodel"].check_error:
+                break
+            await asyncio.sleep(0.1)
+        nomodel = statuses["pymk-nomodel"]
+        assert "UNAVAILABLE" in nomodel.check_error and f":{port}" in nomodel.check_error
+        assert nomodel.models_checked and len(nomodel.problems) == 1
     finally:
         server, _, _ = await start_server(svc, f"127.0.0.1:{port}")
         suite.servers["scoring"] = (svc, server, port)
@@ -159,6 +223,12 @@ async def test_scoring_down_falls_back_to_source_scores(suite: Suite) -> None:
             break
         await asyncio.sleep(0.1)
     assert not resp.partial, resp.degraded
+    for _ in range(50):
+        _, statuses = await _statuses(suite)
+        if not statuses["pymk-nomodel"].check_error:
+            break
+        await asyncio.sleep(0.1)
+    assert statuses["pymk-nomodel"].check_error == ""
 
 
 async def test_engine_falls_back_to_generate_on_an_older_candidates_service(

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import yaml
 from inprocess import Suite, members_with_degree
+from prometheus_client import REGISTRY
 from sklearn.linear_model import LogisticRegression
 
 from edgeflow import metrics
 from edgeflow.build.ranker import export_onnx
+from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import records
 from edgeflow.redis_client import connect
 from edgeflow.scoring.registry import publish_model, published_versions
@@ -209,3 +214,200 @@ async def test_outcomes_published_after_exposures_reach_the_report(
         assert by_variant[name].accepted == accepted[name]
         assert by_variant[name].dismissed == dismissed[name]
     assert by_variant["v1"].is_control and by_variant["v1"].lift == 0
+
+
+# ---- a variant that names a model version the scoring service has not loaded ---------------
+async def test_model_watch_trusts_only_a_scoring_service_that_has_loaded_its_models(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before it is SERVING, the scoring service answers ListModels with what it has loaded
+    so far: nothing. That is not a problem to report; the check waits for it."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from edgeflow.gateway.models import SCORING_SERVICE, ModelWatch
+    from edgeflow.server import channel
+    from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
+    from edgeflow.workflow.validate import parse_document
+
+    class Scoring(scoring_pb2_grpc.ScoringServiceServicer):
+        versions: list[str] = []
+
+        async def ListModels(
+            self, request: scoring_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        ) -> scoring_pb2.ListModelsResponse:
+            models = [scoring_pb2.ModelInfo(name="pymk-ranker", version=v) for v in self.versions]
+            return scoring_pb2.ListModelsResponse(models=models)
+
+    caplog.set_level(logging.INFO, logger="edgeflow.gateway")
+    scoring, health_servicer = Scoring(), health.aio.HealthServicer()
+    server = grpc.aio.server()
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(scoring, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    addr = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    await health_servicer.set(SCORING_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    doc = yaml.safe_load((REPO_ROOT / "examples" / "pymk-ab.yaml").read_text())
+    doc["spec"]["surface"] = surface = "pymk-ab-watch"
+    workflows = {surface: parse_document(doc, "pymk-ab.yaml")}
+    ch = channel(addr)
+    watch = ModelWatch(ch, addr)
+    try:
+        await watch.refresh()
+        watch.update(workflows)
+        assert watch.available is None and watch.checks == {}
+        assert "is not serving yet" in watch.error
+        assert not watch.status(surface, workflows[surface]).models_checked
+
+        await health_servicer.set(SCORING_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        scoring.versions = ["v1"]
+        for _ in range(3):  # the same answer again and again: logged once
+            await watch.refresh()
+            watch.update(workflows)
+        assert watch.error == "" and watch.checks[surface].reroutes == {("ranker-v2", "v2"): "v1"}
+        status = watch.status(surface, workflows[surface])
+        assert status.models_checked and len(status.problems) == 1
+        labels = {"surface": surface, "experiment": "ranker-v2", "variant": "v2"}
+        assert _sample("edgeflow_gateway_variant_rerouted", **labels) == 1
+
+        scoring.versions = ["v1", "v2"]  # published later
+        await watch.refresh()
+        watch.update(workflows)
+        assert watch.checks[surface].problems == () and not watch.checks[surface].routes
+        assert _sample("edgeflow_gateway_variant_rerouted", **labels) is None
+        assert _sample("edgeflow_gateway_model_problems", surface=surface) == 0
+
+        watch.update({})  # the workflow is gone: so are its series
+        assert _sample("edgeflow_gateway_model_problems", surface=surface) is None
+    finally:
+        await ch.close()
+        await server.stop(None)
+    mine = [(r.levelname, r.getMessage()) for r in caplog.records if surface in r.getMessage()]
+    assert [level for level, _ in mine] == ["ERROR", "INFO"], mine
+    assert "variant 'v2': node 'rank' field params.version" in mine[0][1]
+    assert "every model reference is loaded now" in mine[1][1]
+    waits = [r for r in caplog.records if "is not serving yet" in r.getMessage()]
+    assert len(waits) == 1 and waits[0].levelname == "WARNING"
+
+
+async def _status(
+    suite: Suite, surface: str, ready: Callable[[gateway_pb2.SurfaceStatus], bool]
+) -> gateway_pb2.SurfaceStatus:
+    for _ in range(100):
+        listed = await suite.stub.ListSurfaces(gateway_pb2.ListSurfacesRequest(), timeout=5)
+        status = {s.surface: s for s in listed.statuses}.get(surface)
+        if status is not None and status.models_checked and ready(status):
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the gateway's status of {surface} never got there: {status}")
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_a_variant_naming_an_unloaded_model_is_served_control_loudly(
+    suite: Suite, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Last in the module: it publishes a new ranker version (the newest, and constant)."""
+    from edgeflow.cli.suite_cmd import print_workflows
+
+    caplog.set_level(logging.INFO, logger="edgeflow.gateway")
+    loaded = published_versions(suite.cfg.model_dir)["pymk-ranker"]
+    missing = f"v{max(int(v[1:]) for v in loaded) + 1}"  # the version published next
+
+    def edit(spec: dict[str, Any]) -> None:
+        next(n for n in spec["nodes"] if n["name"] == "rank")["params"]["version"] = "v1"
+        spec["experiments"] = [
+            {
+                "name": "ranker-next",
+                "control": "v1",
+                "variants": [
+                    {"name": "v1", "weight": 50},
+                    {"name": "next", "weight": 50, "overrides": {"models": {"rank": missing}}},
+                ],
+            }
+        ]
+
+    surface = "pymk-next"
+    path = _write_surface(suite, surface, edit)
+    status = await _status(suite, surface, lambda s: bool(s.problems))
+    problem = (
+        f"experiment 'ranker-next' variant 'next': node 'rank' field params.version: model "
+        f"'pymk-ranker' has no version {missing!r} (it has {loaded})"
+    )
+    assert list(status.problems) == [problem] and status.check_error == ""
+    assert [(r.experiment, r.variant, r.served) for r in status.reroutes] == [
+        ("ranker-next", "next", "v1")
+    ]
+    assert _sample("edgeflow_gateway_model_problems", surface=surface) == 1
+    labels = {"surface": surface, "experiment": "ranker-next", "variant": "next"}
+    assert _sample("edgeflow_gateway_variant_rerouted", **labels) == 1
+    counted = _sample("edgeflow_gateway_rerouted_requests_total", **labels) or 0.0
+
+    # Members of `next` are served control, whole, and their responses say so.
+    wf = load_workflow(path)
+    members = members_with_degree(suite.graph, 8)[:30]
+    moved = [m for m in members if wf.for_member(m)[1] == (("ranker-next", "next"),)]
+    assert 0 < len(moved) < len(members)
+    for member in members:
+        resp = await suite.recommend(member, k=10, surface=surface, debug=True)
+        assert not resp.partial, resp.degraded
+        assert [(a.experiment, a.variant) for a in resp.assignments] == [("ranker-next", "v1")]
+        assert {n.node: n.status for n in resp.funnel.nodes}["rank"] == "ok"
+        assert len({round(e.model_score, 4) for e in resp.edges}) > 5  # the trained v1
+        reroutes = [(r.experiment, r.variant, r.served) for r in resp.rerouted]
+        assert reroutes == ([("ranker-next", "next", "v1")] if member in moved else [])
+    # ... and their exposures record the variant that served them.
+    req = gateway_pb2.RecommendRequest(surface=surface, member=moved[0], k=5, request_id="moved")
+    await suite.stub.Recommend(req, timeout=10)
+    rds = connect(suite.cfg.redis_url)
+    found: list[records.Exposure] = []
+    for _ in range(50):
+        found = [records.Exposure.decode(f) for _, f in rds.xrange(records.EXPOSURES)
+                 if f[b"request_id"] == b"moved"]  # fmt: skip
+        if found:
+            break
+        await asyncio.sleep(0.05)
+    assert [e.assignments for e in found] == [(("ranker-next", "v1"),)]
+    after = _sample("edgeflow_gateway_rerouted_requests_total", **labels)
+    assert after == counted + len(moved) + 1
+
+    # Logged once: not per request, nor per reload of the (unchanged) workflows.
+    path.write_text(path.read_text())
+    await asyncio.sleep(1.0)  # a few reload intervals
+    logged = [r.getMessage() for r in caplog.records if surface in r.getMessage()]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and surface in r.getMessage()]
+    assert len(errors) == 1, logged
+    assert problem in errors[0].getMessage()
+    assert "members of experiment 'ranker-next' variant 'next' are served variant 'v1'" in (
+        errors[0].getMessage()
+    )
+
+    # edgeflow status lists it under the surface.
+    await asyncio.to_thread(print_workflows, f"127.0.0.1:{suite.gateway_port}")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    line = next(i for i, text in enumerate(lines) if text.strip().startswith(surface))
+    assert "PROBLEM: 1 model reference not loaded by scoring" in lines[line]
+    assert lines[line + 1].strip() == f"- {problem}"
+    assert "members of ranker-next=next are served ranker-next=v1 (its control)" in lines[line + 2]
+    assert any(text.split() == ["pymk", "ok"] for text in lines), out
+
+    # Published later: the problem clears and `next` serves the new version.
+    card = json.loads((suite.cfg.model_dir / "pymk-ranker" / "v1" / "card.json").read_text())
+    version = publish_model(
+        suite.cfg.model_dir, "pymk-ranker", _constant_model(card["features"]), card
+    )
+    assert version == missing
+    status = await _status(suite, surface, lambda s: not s.problems)
+    assert not status.reroutes
+    assert _sample("edgeflow_gateway_model_problems", surface=surface) == 0
+    assert _sample("edgeflow_gateway_variant_rerouted", **labels) is None
+    assert any(
+        r.levelno == logging.INFO and surface in r.getMessage() and "loaded now" in r.getMessage()
+        for r in caplog.records
+    )
+    resp = await suite.recommend(moved[0], k=10, surface=surface)
+    assert not resp.partial and not resp.rerouted
+    assert [(a.experiment, a.variant) for a in resp.assignments] == [("ranker-next", "next")]
+    assert {round(e.model_score, 4) for e in resp.edges} == {CONSTANT_SCORE}

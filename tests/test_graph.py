@@ -18,7 +18,9 @@ from edgeflow.graph import (
     inverse_log_degree,
     pair_measures,
     parse_edge_lines,
+    parse_edge_list,
     read_edge_file,
+    read_edge_list,
     split_edges,
 )
 
@@ -55,6 +57,75 @@ def test_parse_accepts_comments_blank_lines_and_extra_columns() -> None:
 def test_parse_errors_name_the_line(lines: list[str], message: str) -> None:
     with pytest.raises(EdgeFileError, match=message):
         parse_edge_lines(lines)
+
+
+def test_parse_counts_what_the_graph_does_not_keep_with_first_lines() -> None:
+    lines = [
+        "# members",  # 1
+        "1 2",  # 2
+        "2 3 0.5",  # 3: a weight, not read
+        "4 4",  # 4: self loop
+        "",  # 5
+        "3 2",  # 6: 2-3 again, reversed
+        "1 2 7 9",  # 7: 1-2 again, and extra columns
+        "5 5",  # 8: self loop
+        "6 1",  # 9
+    ]
+    parsed = parse_edge_list(lines, source="f.txt")
+    assert parsed.edge_lines == 7 and parsed.edges == 3
+    assert (parsed.self_loops, parsed.first_self_loop, parsed.loop_only_members) == (2, 4, 2)
+    assert (parsed.duplicates, parsed.first_duplicate) == (2, 6)
+    assert (parsed.extra_columns, parsed.first_extra_columns) == (2, 3)
+    assert Graph.from_edges(parsed.src, parsed.dst).edge_count == parsed.edges
+    assert parsed.notes() == [
+        "dropped 2 self loops (first on line 4): a member is not a connection of itself; "
+        "2 members named only in self loops are kept, without an edge",
+        "dropped 2 duplicate edges (first on line 6): the graph is undirected, so a pair "
+        "listed again, in either order, is the same edge",
+        "ignored the columns after the first two on 2 lines (first on line 3): only the two "
+        "member ids are read; weights, times and other columns are not used",
+    ]
+
+
+def test_a_clean_edge_list_has_no_notes() -> None:
+    parsed = parse_edge_list(["1 2", "2 3", "# 2 1"])
+    assert parsed.notes() == [] and parsed.edges == 2
+    parsed.require_edges()
+
+
+def test_a_self_loop_of_a_connected_member_adds_no_member() -> None:
+    parsed = parse_edge_list(["1 2", "2 2", "3 3"])
+    assert (parsed.self_loops, parsed.loop_only_members) == (2, 1)
+    kept = "; 1 member named only in self loops is kept, without an edge"
+    assert parsed.notes()[0].endswith(kept)
+    assert Graph.from_edges(parsed.src, parsed.dst).n == 3  # 3 is kept, isolated
+
+
+def test_duplicates_count_every_repeat_after_the_first() -> None:
+    parsed = parse_edge_list(["9 8", "8 9", "9 8", "1 2"])
+    assert (parsed.duplicates, parsed.first_duplicate, parsed.edges) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("7 7\n", "its 1 edge line is a self loop (first on line 1), which the graph drops"),
+        ("# only\n\n3 3\n4 4 1\n", "its 2 edge lines are all self loops (first on line 3)"),
+        ("# nothing but comments\n", "it has no edge lines"),
+        ("", "it has no edge lines"),
+    ],
+)
+def test_an_edge_file_without_an_edge_is_refused_by_name(
+    tmp_path: Path, text: str, why: str
+) -> None:
+    path = tmp_path / "loops.txt"
+    path.write_text(text)
+    with pytest.raises(EdgeFileError) as err:
+        read_edge_list(path)
+    assert str(err.value).startswith(f"{path}: no edges: ")
+    assert why in str(err.value)
+    with pytest.raises(EdgeFileError, match="no edges"):
+        read_edge_file(path)
 
 
 def test_read_edge_file_errors(tmp_path: Path) -> None:

@@ -133,7 +133,8 @@ def test_dedup_unions_provenance_and_keeps_model_score() -> None:
     assert prov(by_id[3]) == [("ebr", 0.6, "online", 0.0)]
     assert prov(by_id[4]) == [("precomputed", 0.3, "offline", 3600.0)]
     assert by_id[2].model_score == pytest.approx(0.5)
-    assert by_id[4].model_score == 0.0  # never scored by a model
+    assert by_id[2].HasField("model_score")
+    assert not by_id[4].HasField("model_score")  # never scored by a model: absent, not 0
     assert drops(out) == {"duplicate": 1}
     # Item 2 is in both lists: 0.5 (min-max of 0.1..0.9) + 1.0 (top of the offline list).
     assert by_id[2].score == pytest.approx(1.5)
@@ -144,8 +145,9 @@ def reference_response(pool: blend.Blended, sel: blend.Selection) -> merging_pb2
     """The response built field by field through the protobuf API."""
     out = merging_pb2.MergeResponse(dropped=blend.drop_counts(sel.dropped))
     for i in sel.index.tolist():
-        model = np.nan_to_num(pool.model[i : i + 1], nan=0.0)[0]
-        edge = out.edges.add(target=int(pool.ids[i]), score=pool.score[i], model_score=model)
+        edge = out.edges.add(target=int(pool.ids[i]), score=pool.score[i])
+        if not np.isnan(pool.model[i]):  # unscored: model_score absent
+            edge.model_score = np.nan_to_num(pool.model[i : i + 1])[0]
         for c in np.flatnonzero(pool.source_list[i] >= 0).tolist():
             li, name = int(pool.source_list[i, c]), pool.sources[c]
             mode, age = pool.infos[li].get(name) or (pool.modes[li], pool.ages[li])

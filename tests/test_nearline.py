@@ -27,6 +27,7 @@ from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
 from edgeflow import keys, lists
 from edgeflow.build.synthetic import social_graph
 from edgeflow.build.train import train
+from edgeflow.cli.recommend import empty_reasons
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.online import OnlineReader
 from edgeflow.graph import Graph
@@ -215,6 +216,43 @@ async def test_a_repeated_event_id_is_stored_once(suite: Suite) -> None:
     suite.client.delete(keys.follows(1))
 
 
+async def test_follows_has_no_model_scores_and_an_empty_answer_says_why(suite: Suite) -> None:
+    member = members_with_degree(suite.graph, 4)[2]
+    follows = await suite.recommend(member, "follows")
+    assert follows.edges and not follows.partial
+    # No model scores a follows edge at request time: its list is served as written.
+    assert not any(e.HasField("model_score") for e in follows.edges)
+    assert all(e.model_score == 0.0 for e in follows.edges)  # what a client reading 0 sees
+    pymk = await suite.recommend(member, "pymk")
+    assert not pymk.partial, pymk.degraded
+    assert pymk.edges and all(e.HasField("model_score") for e in pymk.edges)
+
+    pointer = keys.list_current("follows")
+    suite.client.rename(pointer, pointer + ":away")  # as before the first offline run
+    try:
+        never = await suite.recommend(member, "follows")
+    finally:
+        suite.client.rename(pointer + ":away", pointer)
+    assert not never.edges and not never.partial
+    [node] = [n for n in never.funnel.nodes if n.op == "candidates.precomputed"]
+    assert (node.status, node.items_out) == ("ok", 0)
+    assert node.note == "list 'follows' has never been written (no offline run has published it)"
+    assert all(not n.note for n in never.funnel.nodes if n is not node)
+    # The command line turns the funnel into the reason and what to run.
+    assert empty_reasons(never) == [
+        f"node 'precomputed' (candidates.precomputed): {node.note}",
+        "list 'follows' is computed by the offline job: run "
+        "`edgeflow offline run --workflow follows`",
+    ]
+
+    newcomer = int(suite.graph.ids.max()) + 1  # joined after the run: no entry
+    fresh = await suite.recommend(newcomer, "follows")
+    [node] = [n for n in fresh.funnel.nodes if n.op == "candidates.precomputed"]
+    version = lists.current_version(suite.client, "follows")
+    want = f"list 'follows' has no entry for member {newcomer} (live version {version})"
+    assert node.note == want
+
+
 async def test_pymk_still_serves_its_offline_list_when_scoring_fails(suite: Suite) -> None:
     member = members_with_degree(suite.graph, 6)[1]
     [stored] = lists.read_lists(suite.client, "pymk", [member])
@@ -230,7 +268,7 @@ async def test_pymk_still_serves_its_offline_list_when_scoring_fails(suite: Suit
     assert len(resp.edges) == 20
     offline = {int(t): float(s) for t, s in zip(stored.ids, stored.scores, strict=True)}
     for edge in resp.edges:
-        assert edge.model_score == 0.0  # nothing was scored online
+        assert not edge.HasField("model_score")  # nothing was scored online: absent, not 0
         prov = {p.source: p for p in edge.provenance}
         assert prov["precomputed"].mode == "offline" and prov["precomputed"].age_seconds > 0
         assert prov["precomputed"].score == pytest.approx(offline[edge.target])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -408,3 +409,76 @@ def test_cli_names_bad_arguments(built: Built) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "JOB_COMPLETION_INDEX 5 is outside 0..1" in out.stderr
+
+
+# ---- what the command line shows ----------------------------------------------------------
+TOOK = r"\((\d+\.\ds|\d+m \d\ds|\d+h \d\dm)\)"
+WHEN = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \((just now|\d+ s ago)\)"
+
+
+def _offline(built: Built, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeflow.cli.main", "offline", *args],
+        env=built.env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_status_prints_times_and_ages_people_read(built: Built) -> None:
+    client, name, ids = built.client, "pymk", built.graph.ids
+    _clear_runs(client, name)
+    run = job.begin(client, name, 2, "pymk")
+    job.set_stage(client, run, 0, job.STAGE_LOADING)
+    job.set_stage(client, run, 1, job.STAGE_SCORING)
+    pending = _offline(built, "status", "--workflow", "pymk")
+    assert pending.returncode == 0, pending.stderr
+    assert re.search(
+        rf"^run in progress: version {run.version}, started {WHEN}, ", pending.stdout, re.M
+    )
+    assert f"  shard 0: {job.STAGE_LOADING}\n  shard 1: scoring\n" in pending.stdout
+
+    runner = built.runner()
+    for s in range(2):
+        job.run_shard(client, runner, run, s, job.shard_members(ids, s, 2), batch_size=64)
+    status = _offline(built, "status", "--workflow", "pymk")
+    assert status.returncode == 0, status.stderr
+    out = status.stdout
+    assert re.search(rf"^  created_at: +{WHEN}$", out, re.M), out
+    assert re.search(rf"^  published_at: +{WHEN}$", out, re.M), out
+    assert re.search(rf"^  members: +{ids.size:,}$", out, re.M), out
+    assert not re.search(r"\d{9,}\.\d", out), out  # no unix seconds as floats
+    assert "no run in progress" in out
+
+
+def test_offline_run_says_what_it_does_from_the_start(built: Built) -> None:
+    client, name, n = built.client, "pymk", built.graph.ids.size
+    _clear_runs(client, name)
+    local = _offline(built, "run", "--workflow", "pymk", "--local", "--shards", "2", "--json")
+    assert local.returncode == 0, local.stderr
+    version = json.loads(local.stdout)["version"]
+    # Not a terminal: one line per stage with its duration, in order, no bars.
+    stages = [
+        r"loading workflow pymk: writes list 'pymk'",
+        rf"counting the members: {n:,} members in 2 shards",
+        r"starting 2 shard processes: 2/2 ready",
+        rf"pymk {version}: {n:,}/{n:,} members, [\d,]+ members/s",
+    ]
+    lines = local.stderr.splitlines()
+    assert len(lines) == len(stages), lines
+    for pattern, line in zip(stages, lines, strict=True):
+        assert re.fullmatch(rf"{pattern} {TOOK}", line), (pattern, line)
+    assert "\x1b[" not in local.stderr and "\u2501" not in local.stderr
+    # Each shard process said what it was doing, which is what the parent's bar read.
+    done = job.Run(name, version, 2, 0.0, "pymk")
+    assert job.stages(client, done) == {0: job.STAGE_SCORING, 1: job.STAGE_SCORING}
+
+    _clear_runs(client, name)
+    one = _offline(built, "run", "--workflow", "pymk", "--shards", "2", "--json")
+    assert one.returncode == 0, one.stderr
+    lines = one.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert re.fullmatch(rf"loading workflow pymk: writes list 'pymk' {TOOK}", lines[0]), lines
+    loading = rf"{job.STAGE_LOADING}: {n:,} members, [\d,]+ edges {TOOK}"
+    assert re.fullmatch(loading, lines[1]), lines
+    for s, line in enumerate(lines[2:]):
+        shard = rf"pymk shard {s}/2: (\d+)/\1 members, [\d,]+ members/s, [\d,]+ pairs/s {TOOK}"
+        assert re.fullmatch(shard, line), lines

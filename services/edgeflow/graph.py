@@ -178,19 +178,95 @@ class Graph:
 
 def _stamp(ids: np.ndarray, indices: np.ndarray) -> str:
     digest = hashlib.sha256(ids.tobytes() + indices.tobytes()).hexdigest()[:12]
-    return f"{int(time.time())}-{digest}"
+    return f"{time.time_ns() // 1_000_000}-{digest}"  # unique per ingest: deltas key on it
 
 
 # ---- edge lists ---------------------------------------------------------------------------
-def parse_edge_lines(
-    lines: Iterable[str], source: str = "<edges>"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a whitespace-separated edge list: `u v [ignored...]`, `#` comments, blank lines.
+@dataclass(frozen=True)
+class EdgeList:
+    """A parsed edge list: every edge line's pair in file order, and what the graph sets
+    aside. `Graph.from_edges` drops self loops and repeated pairs; this says how many there
+    were and where the first of each is, so nothing is dropped without a word."""
 
-    Member ids must be non-negative integers that fit int64. Errors name the line.
+    source: str
+    src: np.ndarray  # int64, one per edge line
+    dst: np.ndarray  # int64
+    edge_lines: int = 0
+    self_loops: int = 0  # lines `u u`
+    first_self_loop: int = 0  # line number, 0 when there is none
+    loop_only_members: int = 0  # members named only in self loops: kept, without an edge
+    duplicates: int = 0  # lines repeating an earlier pair, in either order
+    first_duplicate: int = 0
+    extra_columns: int = 0  # lines with more than two columns (the rest is not read)
+    first_extra_columns: int = 0
+
+    @property
+    def edges(self) -> int:
+        """Distinct edges between two different members: what the graph keeps."""
+        return self.edge_lines - self.self_loops - self.duplicates
+
+    def notes(self) -> list[str]:
+        """One sentence per kind of line that was dropped or only partly read."""
+        out = []
+        if self.self_loops:
+            alone = self.loop_only_members
+            out.append(
+                f"dropped {_count(self.self_loops, 'self loop')} (first on line "
+                f"{self.first_self_loop}): a member is not a connection of itself"
+                + (
+                    f"; {_count(alone, 'member')} named only in self loops "
+                    f"{'is' if alone == 1 else 'are'} kept, without an edge"
+                    if alone
+                    else ""
+                )
+            )
+        if self.duplicates:
+            out.append(
+                f"dropped {_count(self.duplicates, 'duplicate edge')} (first on line "
+                f"{self.first_duplicate}): the graph is undirected, so a pair listed again, "
+                "in either order, is the same edge"
+            )
+        if self.extra_columns:
+            out.append(
+                f"ignored the columns after the first two on {_count(self.extra_columns, 'line')} "
+                f"(first on line {self.first_extra_columns}): only the two member ids are read; "
+                "weights, times and other columns are not used"
+            )
+        return out
+
+    def require_edges(self) -> None:
+        """Raise EdgeFileError, naming the file, when no edge between two members is left."""
+        if self.edges > 0:
+            return
+        if not self.edge_lines:
+            why = "it has no edge lines (only comments and blank lines, or nothing)"
+        else:
+            why = (
+                f"its {_count(self.edge_lines, 'edge line')} "
+                f"{'is a self loop' if self.edge_lines == 1 else 'are all self loops'} "
+                f"(first on line {self.first_self_loop}), which the graph drops"
+            )
+        raise EdgeFileError(
+            f"{self.source}: no edges: {why}; a graph needs at least one `member member` "
+            "line with two different members"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def parse_edge_list(lines: Iterable[str], source: str = "<edges>") -> EdgeList:
+    """Parse a whitespace-separated edge list: `u v`, `#` comments, blank lines.
+
+    Member ids must be non-negative integers that fit int64; errors name the line. Columns
+    after the first two are not read, and the result counts the lines that had them, the self
+    loops and the repeated pairs, each with its first line number.
     """
     src: list[int] = []
     dst: list[int] = []
+    at: list[int] = []
+    extra, first_extra = 0, 0
     for lineno, raw in enumerate(lines, start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -211,19 +287,64 @@ def parse_edge_lines(
             raise EdgeFileError(
                 f"{source}:{lineno}: member ids must be non-negative 64-bit integers, got {u} {v}"
             )
+        if len(parts) > 2:
+            extra += 1
+            first_extra = first_extra or lineno
         src.append(u)
         dst.append(v)
-    return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        at.append(lineno)
+    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    line_of = np.asarray(at, dtype=np.int64)
+    loop = s == d
+    pair_line = line_of[~loop]
+    lo, hi = np.minimum(s, d)[~loop], np.maximum(s, d)[~loop]
+    order = np.lexsort((pair_line, hi, lo))  # by pair, then line: a pair's first line leads
+    repeat = np.zeros(order.size, dtype=bool)
+    repeat[1:] = (lo[order][1:] == lo[order][:-1]) & (hi[order][1:] == hi[order][:-1])
+    repeat_lines = pair_line[order][repeat]
+    linked = np.concatenate([s[~loop], d[~loop]])
+    loop_only = np.setdiff1d(s[loop], linked).size
+    return EdgeList(
+        source=source,
+        src=s,
+        dst=d,
+        edge_lines=int(s.size),
+        self_loops=int(loop.sum()),
+        first_self_loop=int(line_of[loop].min()) if loop.any() else 0,
+        loop_only_members=int(loop_only),
+        duplicates=int(repeat_lines.size),
+        first_duplicate=int(repeat_lines.min()) if repeat_lines.size else 0,
+        extra_columns=extra,
+        first_extra_columns=first_extra,
+    )
 
 
-def read_edge_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def parse_edge_lines(
+    lines: Iterable[str], source: str = "<edges>"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (src, dst) pairs of `parse_edge_list`, self loops and repeats included."""
+    parsed = parse_edge_list(lines, source)
+    return parsed.src, parsed.dst
+
+
+def read_edge_list(path: Path) -> EdgeList:
+    """Parse an edge file; EdgeFileError names the file (and the line) when it is missing,
+    not text, malformed, or has no edge between two different members."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return parse_edge_lines(fh, source=str(path))
+            parsed = parse_edge_list(fh, source=str(path))
     except FileNotFoundError:
         raise EdgeFileError(f"{path}: edge file not found") from None
     except UnicodeDecodeError as exc:
         raise EdgeFileError(f"{path}: not a text edge list ({exc.reason})") from None
+    parsed.require_edges()
+    return parsed
+
+
+def read_edge_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The (src, dst) pairs of `read_edge_list`."""
+    parsed = read_edge_list(path)
+    return parsed.src, parsed.dst
 
 
 def split_edges(

@@ -346,6 +346,14 @@ async def read_list(
 
     The request path passes a RawPipeline: the same EVALSHA costs a fraction of redis-py's.
     """
+    return (await read_list_entry(client, name, member))[1]
+
+
+async def read_list_entry(
+    client: RawPipeline | aioredis.Redis, name: str, member: int
+) -> tuple[str | None, StoredList | None]:
+    """The list's live version (None when it was never published) and the member's entry in
+    it (None when it has none), in the same one round trip as `read_list`."""
     before, after = _entry_parts(validate_name(name), member)
     args = (keys.list_current(name), before, after)
     try:
@@ -355,13 +363,15 @@ async def read_list(
             reply = await _eval_redis(client, *args)
     except (RespReplyError, redis.ResponseError) as exc:
         raise ListError(f"list {name!r} could not be read for member {member}: {exc}") from exc
-    if not reply or len(reply) < 2 or reply[1] is None:
-        return None
+    if not reply:
+        return None, None
     version = reply[0].decode()
+    if len(reply) < 2 or reply[1] is None:
+        return version, None
     ids, scores, created_at, mode = decode_entry(
         reply[1], f"list {name!r} version {version} entry for member {member}"
     )
-    return StoredList(
+    return version, StoredList(
         ids=ids,
         scores=scores,
         version=version,

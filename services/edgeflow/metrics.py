@@ -92,6 +92,27 @@ PARTIAL_RESPONSES = Counter(
     ["surface", "variant"],
 )
 
+# ---- gateway: the workflows' model references (gateway/models.py) ------------------------
+MODEL_PROBLEMS = Gauge(
+    "edgeflow_gateway_model_problems",
+    "Model references of a surface's workflow (its own graph, experiment variants, shadows) "
+    "that the scoring service has no loaded model or version for, as of the last check.",
+    ["surface"],
+)
+VARIANT_REROUTED = Gauge(
+    "edgeflow_gateway_variant_rerouted",
+    "1 while the members of an experiment variant are served another variant (its "
+    "experiment's control) because the variant names a model the scoring service lacks.",
+    ["surface", "experiment", "variant"],
+)
+REROUTED_REQUESTS = Counter(
+    "edgeflow_gateway_rerouted_requests_total",
+    "Recommend requests whose member's variant was served by another variant (see "
+    "edgeflow_gateway_variant_rerouted).",
+    ["surface", "experiment", "variant"],
+)
+rerouted_requests = Children(REROUTED_REQUESTS)
+
 # ---- experiments ------------------------------------------------------------------------
 EXPOSURES_LOGGED = Counter(
     "edgeflow_exposures_logged_total", "Exposure records written to the exposure stream."

@@ -8,6 +8,7 @@ Local mode allows one process per path: the candidates service owns it while ser
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import cast
 
 import numpy as np
@@ -39,9 +40,15 @@ def collection_name(version: str) -> str:
 
 
 def write_embeddings(
-    client: QdrantClient, rds: redis.Redis, ids: np.ndarray, vectors: np.ndarray, version: str
+    client: QdrantClient,
+    rds: redis.Redis,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    version: str,
+    on_batch: Callable[[int], object] | None = None,
 ) -> str:
-    """Upsert one vector per member into a fresh collection, then make it current."""
+    """Upsert one vector per member into a fresh collection, then make it current.
+    `on_batch(points)` is called after each upserted batch."""
     name = collection_name(version)
     if client.collection_exists(name):
         client.delete_collection(name)
@@ -59,6 +66,8 @@ def write_embeddings(
             ),
             wait=True,
         )
+        if on_batch is not None:
+            on_batch(min(stop, ids.size) - start)
     previous = cast(bytes | None, rds.getset(keys.EMBEDDINGS_CURRENT, name))
     if (
         previous is not None

@@ -25,6 +25,8 @@ from edgeflow.graph import Graph
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from edgeflow.offline.progress import Stages
+
 PARQUET = Path("data") / "member_features.parquet"
 _REDIS_TOKEN = "${EDGEFLOW_FEAST_REDIS}"
 _TEMPLATE_FILES = ("feature_store.yaml", "definitions.py", ".feastignore", "README.md")
@@ -137,21 +139,34 @@ def run_feast(repo: Path, *args: str) -> str:
 
 
 def publish_member_features(
-    cfg: Config, graph: Graph, scalars: np.ndarray, embeddings: np.ndarray
+    cfg: Config,
+    graph: Graph,
+    scalars: np.ndarray,
+    embeddings: np.ndarray,
+    stages: Stages | None = None,
 ) -> Path:
     """Render the repo, write every member's features, `feast apply`, `feast materialize`.
 
     `scalars` is (graph.n, len(SCALAR_FEATURES)) and `embeddings` (graph.n, EMBEDDING_DIM),
     rows in graph.ids order. Returns the rendered repo path.
     """
-    repo = render_repo(cfg)
-    now = datetime.now(UTC).replace(microsecond=0)
-    write_parquet(repo / PARQUET, graph.ids, scalars, embeddings, now)
-    run_feast(repo, "apply")
+    from edgeflow.offline.progress import Stages
+
+    stages = stages if stages is not None else Stages(enabled=False)
+    with stages.stage("Feast: member features to parquet") as st:
+        repo = render_repo(cfg)
+        now = datetime.now(UTC).replace(microsecond=0)
+        write_parquet(repo / PARQUET, graph.ids, scalars, embeddings, now)
+        st.note = f"{graph.n:,} rows in {repo / PARQUET}"
+    with stages.stage("Feast apply (registers the feature views)") as st:
+        run_feast(repo, "apply")
+        st.note = str(repo)
     # An explicit window around this publish: every row of the new parquet, and nothing
     # depends on the previous materialisation's bookmark.
     start, end = now - timedelta(days=1), now + timedelta(minutes=1)
-    run_feast(repo, "materialize", start.isoformat(), end.isoformat())
+    with stages.stage("Feast materialize into the Redis online store") as st:
+        run_feast(repo, "materialize", start.isoformat(), end.isoformat())
+        st.note = f"{graph.n:,} members"
     return repo
 
 

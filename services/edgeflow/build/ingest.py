@@ -2,21 +2,84 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import redis
 
-from edgeflow.graph import Graph, read_edge_file
+from edgeflow import keys
+from edgeflow.config import Config
+from edgeflow.graph import Graph, read_edge_list
 from edgeflow.graph_store import save_graph
 
 
-def ingest_file(client: redis.Redis, path: Path) -> Graph:
-    """Parse, build and store the graph; raises EdgeFileError naming the bad line."""
-    src, dst = read_edge_file(path)
-    if src.size == 0:
-        from edgeflow.graph import EdgeFileError
-
-        raise EdgeFileError(f"{path}: no edges found")
-    graph = Graph.from_edges(src, dst)
+def ingest_file(
+    client: redis.Redis, path: Path, on_note: Callable[[str], object] | None = None
+) -> Graph:
+    """Parse, build and store the graph; raises EdgeFileError naming the file (and the bad
+    line), also when no edge between two different members is left. `on_note` hears what
+    was dropped or not read (self loops, duplicate edges, extra columns), one sentence each.
+    """
+    edges = read_edge_list(path)
+    if on_note is not None:
+        for note in edges.notes():
+            on_note(note)
+    graph = Graph.from_edges(edges.src, edges.dst)
     save_graph(client, graph)
     return graph
+
+
+def current_version(client: redis.Redis) -> str | None:
+    """The version of the graph in Redis, or None when none was ingested."""
+    raw = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
+    return raw.decode() if raw is not None else None
+
+
+def live_graph(cfg: Config, edges: Path) -> str:
+    """Why ingesting into cfg.redis_url would replace a live graph: a local suite under
+    cfg.home is up on that Redis, and everything built from its graph would keep serving
+    beside the new one. "" when no suite serves it."""
+    from edgeflow.local import suite as local
+
+    suite = local.Suite.load(cfg.home)
+    if suite is None or not local.uses_redis(suite, cfg.redis_url):
+        return ""
+    up = local.running_services(suite)
+    if not up:
+        return ""
+    return (
+        f"the suite under {suite.home} is up ({', '.join(up)}) and serves the graph in Redis "
+        f"at {cfg.redis_url}. Ingesting {edges} would replace that graph under it, while its "
+        "embeddings, member features, ranker and precomputed lists stay those of the old one. "
+        f"To serve the new graph, run `edgeflow quickstart --edges {edges}` (it stops the suite, "
+        "ingests, trains, computes the lists and starts it again), or stop the suite first "
+        "with `edgeflow down`. To replace the live graph anyway, add --replace-live."
+    )
+
+
+def rebuild_steps(cfg: Config, edges: Path, live: bool) -> str:
+    """What to run after replacing a graph: everything trained or computed from the old one."""
+    from edgeflow.offline.serving import list_name
+    from edgeflow.workflow.validate import load_directory
+
+    try:
+        workflows, _ = load_directory(cfg.workflows_dir)
+    except OSError:
+        workflows = {}
+    offline = [wf for wf in workflows.values() if wf.spec.modes.offline is not None]
+    names = ", ".join(list_name(wf) for wf in offline)
+    stale = "the embeddings (Qdrant), member features (Feast), the ranker" + (
+        f" and the precomputed lists ({names})" if offline else ""
+    )
+    runs = ", ".join(f"`edgeflow offline run --workflow {wf.surface}`" for wf in offline)
+    train_then_lists = "`edgeflow train`" + (f", then {runs}" if runs else "")
+    if live and not cfg.qdrant_url:
+        # The running candidates service holds local Qdrant, so `train` cannot run beside it.
+        how = (
+            f"`edgeflow quickstart --edges {edges}` (it stops the suite, trains, computes "
+            f"the lists and starts it again), or with QDRANT_URL set: {train_then_lists}"
+        )
+    else:
+        how = train_then_lists
+    return f"{stale} were built from the previous graph: rebuild them with {how}"

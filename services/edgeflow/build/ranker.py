@@ -11,6 +11,7 @@ describe the exact model that is shipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from edgeflow.build.embeddings import member_embeddings, normalized
 from edgeflow.features.compute import member_features, model_matrix
 from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree, split_edges
+from edgeflow.offline.progress import Stages
 
 FOF_LIMIT = 400  # friends-of-friends candidates per member, best Adamic-Adar weight first
 EBR_LIMIT = 100  # embedding-retrieval candidates per member, best cosine first
@@ -117,10 +119,12 @@ def build_examples(
     embeddings: np.ndarray,
     fof_limit: int = FOF_LIMIT,
     ebr_limit: int = EBR_LIMIT,
+    on_member: Callable[[], object] | None = None,
 ) -> Examples:
     """Candidates and model matrices for `members` of `graph`; labels from `hidden` edges.
 
     `hidden` must share `graph`'s dense indices (built with members=graph.ids).
+    `on_member()` is called after each member.
     """
     inv = inverse_log_degree(graph)
     unit = normalized(embeddings)
@@ -135,6 +139,8 @@ def build_examples(
         ys.append(np.isin(cands, hidden.neighbors(i)).astype(np.int8))
         groups.append(np.full(cands.size, pos, dtype=np.int64))
         cand_lists.append(cands)
+        if on_member is not None:
+            on_member()
     width = len(MODEL_COLUMNS)
     return Examples(
         x=np.concatenate(xs) if xs else np.zeros((0, width), np.float32),
@@ -178,29 +184,43 @@ def train_ranker(
     name: str = "pymk-ranker",
     fof_limit: int = FOF_LIMIT,
     ebr_limit: int = EBR_LIMIT,
+    stages: Stages | None = None,
 ) -> TrainedRanker:
-    """Train, export to ONNX, verify the export and describe it in a model card."""
+    """Train, export to ONNX, verify the export and describe it in a model card.
+
+    `stages` shows each step while it runs (see edgeflow.offline.progress); silent if None."""
     import skl2onnx
     import sklearn
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    stages = stages if stages is not None else Stages(enabled=False)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if graph.edge_count < 10:
         raise TrainingError(
             f"the graph has {graph.edge_count} edges: at least 10 are needed to train a ranker"
         )
-    inner, hidden = inner_split(graph, seed)
-    scalars = member_features(inner)
-    embeddings = member_embeddings(inner, EMBEDDING_DIM, seed)
+    with stages.stage("ranker: hiding edges, inner features and embeddings") as st:
+        inner, hidden = inner_split(graph, seed)
+        scalars = member_features(inner)
+        embeddings = member_embeddings(inner, EMBEDDING_DIM, seed)
+        st.note = f"{hidden.edge_count:,} of {graph.edge_count:,} edges hidden"
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(hidden.degree > 0)
     sample = np.sort(rng.choice(pool, size=min(max_members, pool.size), replace=False))
     shuffled = rng.permutation(sample)
     n_val = min(round(shuffled.size * VALIDATION_SHARE), max(shuffled.size - 1, 0))
     val_members, fit_members = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
-    fit = build_examples(inner, hidden, fit_members, scalars, embeddings, fof_limit, ebr_limit)
-    val = build_examples(inner, hidden, val_members, scalars, embeddings, fof_limit, ebr_limit)
+    with stages.stage(
+        "ranker: candidates and features of sampled members", sample.size, unit="members"
+    ) as st:
+        fit = build_examples(
+            inner, hidden, fit_members, scalars, embeddings, fof_limit, ebr_limit, st.advance
+        )
+        val = build_examples(
+            inner, hidden, val_members, scalars, embeddings, fof_limit, ebr_limit, st.advance
+        )
+        st.note = f"{sample.size:,} members, {fit.y.size + val.y.size:,} candidate rows"
     seconds["examples"] = time.perf_counter() - t0
 
     positives = int(fit.y.sum())
@@ -215,17 +235,30 @@ def train_ranker(
     rows = np.sort(np.concatenate([np.flatnonzero(fit.y == 1), rng.choice(neg, keep_neg, False)]))
     t1 = time.perf_counter()
     model = HistGradientBoostingClassifier(random_state=seed, **GBM_PARAMS)
-    model.fit(fit.x[rows], fit.y[rows])
+    trees = int(GBM_PARAMS["max_iter"])
+    with stages.stage(
+        f"ranker: gradient boosting on {rows.size:,} rows", trees, unit="trees"
+    ) as st:
+        # fit() reports nothing while it runs; the trees it has grown so far are its count.
+        st.watch(lambda: len(getattr(model, "_predictors", None) or ()))
+        model.fit(fit.x[rows], fit.y[rows])
+        st.update(model.n_iter_)
     seconds["fit"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    onnx_bytes = export_onnx(model, len(MODEL_COLUMNS))
-    check = val.x if val.x.shape[0] else fit.x[rows]
-    verify_onnx(onnx_bytes, check, model.predict_proba(check)[:, OUTPUT_INDEX])
+    with stages.stage("ranker: ONNX export, checked against scikit-learn") as st:
+        onnx_bytes = export_onnx(model, len(MODEL_COLUMNS))
+        check = val.x if val.x.shape[0] else fit.x[rows]
+        diff = verify_onnx(onnx_bytes, check, model.predict_proba(check)[:, OUTPUT_INDEX])
+        st.note = f"{len(onnx_bytes):,} bytes, max difference {diff:.1e} on {check.shape[0]:,} rows"
     seconds["export"] = time.perf_counter() - t2
 
-    metrics = _metrics(model, val)
-    importances = permutation_importances(model, val, seed)
+    with stages.stage(f"ranker: metrics on {val_members.size:,} validation members") as st:
+        metrics = _metrics(model, val)
+        if f"recall_at_{RECALL_K}" in metrics:
+            st.note = f"recall@{RECALL_K} {metrics[f'recall_at_{RECALL_K}']:.4f}"
+    with stages.stage("ranker: permutation importances", len(MODEL_COLUMNS), unit="features") as st:
+        importances = permutation_importances(model, val, seed, st.advance)
     card: dict[str, Any] = {
         "name": name,
         "features": list(MODEL_COLUMNS),
@@ -284,8 +317,11 @@ def _metrics(model: Any, val: Examples) -> dict[str, float]:
     }
 
 
-def permutation_importances(model: Any, val: Examples, seed: int) -> dict[str, float]:
-    """Drop in validation recall@k when one column is shuffled: what the ranking relies on."""
+def permutation_importances(
+    model: Any, val: Examples, seed: int, on_column: Callable[[], object] | None = None
+) -> dict[str, float]:
+    """Drop in validation recall@k when one column is shuffled: what the ranking relies on.
+    `on_column()` is called after each column."""
     if val.y.size == 0:
         return {}
     val = val.first(IMPORTANCE_MEMBERS)
@@ -296,6 +332,8 @@ def permutation_importances(model: Any, val: Examples, seed: int) -> dict[str, f
         x = val.x.copy()
         x[:, j] = rng.permutation(x[:, j])
         out[column] = round(base - recall_at_k(val, model.predict_proba(x)[:, OUTPUT_INDEX]), 4)
+        if on_column is not None:
+            on_column()
     return out
 
 

@@ -21,6 +21,7 @@ from edgeflow.config import Config
 from edgeflow.features.compute import member_features
 from edgeflow.features.schema import EMBEDDING_DIM
 from edgeflow.graph_store import GraphNotLoaded, load_graph
+from edgeflow.offline.progress import Stages, duration
 
 
 class TrainError(RuntimeError):
@@ -45,19 +46,20 @@ class TrainReport:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
-    def summary(self) -> str:
+    def summary(self, times: bool = True) -> str:
+        """What was trained and published; with `times`, each step's duration."""
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
-        steps = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
-        return (
+        steps = ", ".join(f"{k} {duration(v)}" for k, v in self.seconds.items())
+        text = (
             f"trained on graph {self.graph_version} ({self.members:,} members, "
             f"{self.edges:,} edges)\n"
             f"  embeddings: {self.members:,} x {self.embedding_dim} in Qdrant collection "
             f"{self.embedding_collection}\n"
             f"  features:   {self.feature_rows:,} members materialised into Feast "
             f"({self.feature_repo})\n"
-            f"  model:      {self.model_name} {self.model_version} ({metrics})\n"
-            f"  time:       {steps}"
+            f"  model:      {self.model_name} {self.model_version} ({metrics})"
         )
+        return text + f"\n  time:       {steps}" if times else text
 
 
 class _Clock:
@@ -94,47 +96,76 @@ def candidate_limits(workflows_dir: Path, model_name: str) -> tuple[int, int]:
     return fof or FOF_LIMIT, ebr or EBR_LIMIT
 
 
-def train(cfg: Config, *, seed: int = 0, model_name: str = "pymk-ranker") -> TrainReport:
-    """Embeddings -> Qdrant, member features -> Feast, ranker -> the model registry."""
+def train(
+    cfg: Config,
+    *,
+    seed: int = 0,
+    model_name: str = "pymk-ranker",
+    stages: Stages | None = None,
+) -> TrainReport:
+    """Embeddings -> Qdrant, member features -> Feast, ranker -> the model registry.
+
+    `stages` shows each step while it runs (see edgeflow.offline.progress); silent if None.
+    """
     from edgeflow.build.feast_features import publish_member_features
     from edgeflow.scoring.registry import publish_model
 
+    stages = stages if stages is not None else Stages(enabled=False)
     clock = _Clock()
     rds = redis_client.connect(cfg.redis_url)
     try:
-        try:
-            graph = load_graph(rds)
-        except GraphNotLoaded as exc:
-            raise TrainError(f"Redis at {cfg.redis_url}: {exc}") from exc
-        except redis.RedisError as exc:
-            raise TrainError(
-                f"cannot read the member graph from Redis at {cfg.redis_url}: {exc}"
-            ) from exc
+        with stages.stage("reading the member graph from Redis") as st:
+            try:
+                graph = load_graph(rds)
+            except GraphNotLoaded as exc:
+                raise TrainError(f"Redis at {cfg.redis_url}: {exc}") from exc
+            except redis.RedisError as exc:
+                raise TrainError(
+                    f"cannot read the member graph from Redis at {cfg.redis_url}: {exc}"
+                ) from exc
+            st.note = f"{graph.n:,} members, {graph.edge_count:,} edges"
         if graph.edge_count == 0:
             raise TrainError(f"the member graph {graph.version} has no edges: nothing to learn")
         clock.lap("load_graph")
 
-        qdrant = vectors.open_client(cfg)
+        with stages.stage("opening Qdrant") as st:
+            qdrant = vectors.open_client(cfg)
+            st.note = cfg.qdrant_url or f"local mode, {cfg.qdrant_path}"
         try:
-            embeddings = member_embeddings(graph, EMBEDDING_DIM, seed)
+            with stages.stage(f"embeddings (spectral, {EMBEDDING_DIM} dimensions)") as st:
+                embeddings = member_embeddings(graph, EMBEDDING_DIM, seed)
+                st.note = f"{graph.n:,} members"
             clock.lap("embeddings")
-            scalars = member_features(graph)
+            with stages.stage("member features") as st:
+                scalars = member_features(graph)
+                st.note = f"{graph.n:,} members"
             clock.lap("member_features")
             fof_limit, ebr_limit = candidate_limits(cfg.workflows_dir, model_name)
             ranker = train_ranker(
-                graph, seed=seed, name=model_name, fof_limit=fof_limit, ebr_limit=ebr_limit
+                graph,
+                seed=seed,
+                name=model_name,
+                fof_limit=fof_limit,
+                ebr_limit=ebr_limit,
+                stages=stages,
             )
             clock.lap("ranker")
-            collection = vectors.write_embeddings(qdrant, rds, graph.ids, embeddings, graph.version)
+            with stages.stage("Qdrant upsert", graph.n, unit="points") as st:
+                collection = vectors.write_embeddings(
+                    qdrant, rds, graph.ids, embeddings, graph.version, on_batch=st.advance
+                )
+                st.note = f"{graph.n:,} points into collection {collection}"
             clock.lap("qdrant")
         finally:
             qdrant.close()
     finally:
         rds.close()
 
-    repo = publish_member_features(cfg, graph, scalars, embeddings)
+    repo = publish_member_features(cfg, graph, scalars, embeddings, stages)
     clock.lap("feast")
-    version = publish_model(cfg.model_dir, model_name, ranker.onnx_bytes, ranker.card)
+    with stages.stage("model registry") as st:
+        version = publish_model(cfg.model_dir, model_name, ranker.onnx_bytes, ranker.card)
+        st.note = f"{model_name} {version} in {cfg.model_dir}"
     clock.lap("registry")
     return TrainReport(
         graph_version=graph.version,

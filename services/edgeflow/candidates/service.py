@@ -191,6 +191,7 @@ class CandidatesService(Service):
             age_seconds=out.age_seconds,
             version=out.version,
             mode=out.mode,
+            note=out.note,
         )
 
 

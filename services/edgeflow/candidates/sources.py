@@ -63,6 +63,7 @@ class Generated:
     age_seconds: float = 0.0
     version: str = ""
     mode: str = "online"  # a precomputed list's entry says "offline" or "nearline"
+    note: str = ""  # why there are no candidates, when the source knows
 
 
 class Source(Protocol):
@@ -340,9 +341,17 @@ class PrecomputedSource:
             lists.validate_name(name)
         except lists.ListError as exc:
             raise InvalidParam("params.list", str(exc)) from None
-        stored = await lists.read_list(self._reader, name, member)
+        live, stored = await lists.read_list_entry(self._reader, name, member)
         if stored is None:
-            return Generated(_EMPTY_IDS, _EMPTY_SCORES, "list_score", mode="offline")
+            note = (
+                f"list {name!r} has no entry for member {member} (live version {live})"
+                if live
+                else f"list {name!r} has never been written (no offline run has published it)"
+            )
+            return Generated(
+                _EMPTY_IDS, _EMPTY_SCORES, "list_score", version=live or "", mode="offline",
+                note=note,
+            )  # fmt: skip
         metrics.list_age(name).observe(stored.age_seconds)
         try:
             # Connections made since the list was computed are dropped too.
@@ -350,6 +359,13 @@ class PrecomputedSource:
         except GraphNotLoaded:
             excluded = np.asarray([member], dtype=np.int64)
         keep = _drop(stored.ids, excluded)
+        note = ""
+        if not keep.any():
+            note = (
+                f"the entry of member {member} in list {name!r} (version {stored.version}) "
+                + ("is empty" if not stored.ids.size else
+                   "holds only members it is now connected to")
+            )  # fmt: skip
         return Generated(
             stored.ids[keep][:limit],
             stored.scores[keep][:limit],
@@ -357,6 +373,7 @@ class PrecomputedSource:
             stored.age_seconds,
             stored.version,
             stored.mode,
+            note,
         )
 
 

@@ -8,6 +8,7 @@ import time
 from edgeflow import config
 from edgeflow.cli import CliError
 from edgeflow.graph import EdgeFileError
+from edgeflow.offline.progress import Stages, duration
 from edgeflow.redis_client import connect
 
 
@@ -21,24 +22,38 @@ def run(args: argparse.Namespace) -> int:
             f"cannot reach Redis at {cfg.redis_url} ({exc}); start the suite with `edgeflow up` "
             "or set REDIS_URL"
         ) from None
+    stages = Stages()
     if args.action == "ingest":
-        from edgeflow.build.ingest import ingest_file
+        from edgeflow.build.ingest import current_version, ingest_file, live_graph, rebuild_steps
 
+        live = live_graph(cfg, args.edges)
+        if live and not args.replace_live:
+            raise CliError(live)
+        previous = current_version(client)
+        notes: list[str] = []  # what the edge list had that the graph does not keep
         t0 = time.perf_counter()
         try:
-            graph = ingest_file(client, args.edges)
+            with stages.stage(f"ingesting {args.edges}") as st:
+                graph = ingest_file(client, args.edges, on_note=notes.append)
+                st.note = f"{graph.n:,} members, {graph.edge_count:,} edges"
         except EdgeFileError as exc:
             raise CliError(str(exc)) from None
         print(
             f"ingested {args.edges}: {graph.n:,} members, {graph.edge_count:,} edges "
-            f"(graph version {graph.version}, {time.perf_counter() - t0:.1f}s)"
+            f"(graph version {graph.version}, {duration(time.perf_counter() - t0)})"
         )
+        for note in notes:
+            print(f"  {note}")
+        if previous is not None:
+            steps = rebuild_steps(cfg, args.edges, live=bool(live))
+            print(f"replaced graph version {previous}: {steps}")
         return 0
-    from edgeflow.build.train import train
-    from edgeflow.graph_store import GraphNotLoaded
+    with stages.stage("loading scikit-learn, ONNX and Qdrant"):
+        from edgeflow.build.train import train
+        from edgeflow.graph_store import GraphNotLoaded
 
     try:
-        report = train(cfg, seed=args.seed, model_name=args.model)
+        report = train(cfg, seed=args.seed, model_name=args.model, stages=stages)
     except (GraphNotLoaded, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     print(report.summary())

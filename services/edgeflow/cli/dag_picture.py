@@ -4,7 +4,8 @@ Nodes are laid out in layers by topological depth (a node sits one layer below i
 input), ordered within a layer by where their inputs sit so that arrows cross less; an arrow
 that skips layers passes through a slot reserved for it in each, never through a box. Each box
 shows the node's name, op, items in -> out and duration, coloured by status; each arrow is
-labelled with the items that flowed along it.
+labelled with the items that flowed along it. Boxes are as wide as their longest text needs:
+names are never cut.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from xml.sax.saxutils import escape, quoteattr
 
 from edgeflow.v1 import gateway_pb2
 
-BOX_W, BOX_H = 220, 78
+BOX_W, BOX_H = 220, 78  # BOX_W: the narrowest box; wider when a name needs it
+BOX_PAD = 10  # text inset from a box's left and right edges
+# Width of a character in em, by font weight: generous, so that a box is wide enough for
+# its text in Helvetica or Arial (about 0.5 em on average) and in the usual fallback,
+# DejaVu Sans (about 0.6 em, bold 0.68).
+CHAR_EM = {"normal": 0.62, "bold": 0.7}
 DUMMY_W = 16  # the slot an arrow takes in a layer it passes through
 PORT_GAP = 24  # between arrows at one box
 GAP_X, GAP_Y = 40, 64
 MARGIN, TITLE_H = 24, 56
+# The root element's class: how `edgeflow explain` recognises a picture it wrote.
+ROOT_CLASS = "edgeflow-explain-dag"
 
 # status -> (fill, stroke)
 COLOURS = {
@@ -45,6 +53,7 @@ class Layout:
     routes: dict[tuple[str, str], list[tuple[float, float]]]
     width: float
     height: float
+    box_w: float = BOX_W
 
 
 def depths(nodes: Sequence[gateway_pb2.NodeTrace]) -> dict[str, int]:
@@ -65,19 +74,22 @@ def depths(nodes: Sequence[gateway_pb2.NodeTrace]) -> dict[str, int]:
     return out
 
 
-def layout(nodes: Sequence[gateway_pb2.NodeTrace]) -> Layout:
+def layout(nodes: Sequence[gateway_pb2.NodeTrace], min_width: float = 0.0) -> Layout:
     """Layers by depth; an arrow that skips layers gets a narrow slot in each (a Sugiyama
-    dummy), and each layer is ordered by the mean x of what feeds it."""
+    dummy), and each layer is ordered by the mean x of what feeds it. The picture is at
+    least `min_width` wide (say, for its title), the layers centred in it."""
     by_name = {n.node: n for n in nodes}
     level = depths(nodes)
     count = max(level.values(), default=-1) + 1
+    texts = [(text, size, weight) for n in nodes for _, size, weight, text in _lines(n)]
+    box_w = max([float(BOX_W), *(_text_width(*t) + 2 * BOX_PAD for t in texts)])
     layers: list[list[str]] = [[] for _ in range(count)]
     width_of: dict[str, float] = {}
     feeds: dict[str, list[str]] = {}
     chains: dict[tuple[str, str], list[str]] = {}
     for n in nodes:  # funnel order within a layer, to start with
         layers[level[n.node]].append(n.node)
-        width_of[n.node] = BOX_W
+        width_of[n.node] = box_w
         feeds.setdefault(n.node, [])
     for n in nodes:
         for src in (i for i in n.inputs if i in by_name):
@@ -94,6 +106,7 @@ def layout(nodes: Sequence[gateway_pb2.NodeTrace]) -> Layout:
     width = 2 * MARGIN + max(
         [480.0, *(sum(width_of[k] for k in layer) + GAP_X * (len(layer) - 1) for layer in layers)]
     )
+    width = max(width, min_width)
     for layer in layers:
         layer.sort(key=lambda k: _mean([centre[f] for f in feeds[k] if f in centre]))
         x = (width - sum(width_of[k] for k in layer) - GAP_X * (len(layer) - 1)) / 2
@@ -103,11 +116,11 @@ def layout(nodes: Sequence[gateway_pb2.NodeTrace]) -> Layout:
     top = {
         k: float(MARGIN + TITLE_H + d * (BOX_H + GAP_Y)) for d, ks in enumerate(layers) for k in ks
     }
-    boxes = {name: Box(by_name[name], centre[name] - BOX_W / 2, top[name]) for name in by_name}
+    boxes = {name: Box(by_name[name], centre[name] - box_w / 2, top[name]) for name in by_name}
     # Arrows leave and enter a box at ports spread along its edge, ordered by where the other
     # end is, so that several arrows at one box stay apart.
-    out_port = _ports({e: centre[c[1]] for e, c in chains.items()}, 0, centre)
-    in_port = _ports({e: centre[c[-2]] for e, c in chains.items()}, 1, centre)
+    out_port = _ports({e: centre[c[1]] for e, c in chains.items()}, 0, centre, box_w)
+    in_port = _ports({e: centre[c[-2]] for e, c in chains.items()}, 1, centre, box_w)
     routes: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for edge, chain in chains.items():
         points = [(out_port[edge], top[chain[0]] + BOX_H)]
@@ -115,11 +128,11 @@ def layout(nodes: Sequence[gateway_pb2.NodeTrace]) -> Layout:
             points += [(centre[slot], top[slot]), (centre[slot], top[slot] + BOX_H)]
         routes[edge] = [*points, (in_port[edge], top[chain[-1]])]
     height = MARGIN + TITLE_H + count * (BOX_H + GAP_Y) - GAP_Y + MARGIN
-    return Layout(boxes, routes, width, height)
+    return Layout(boxes, routes, width, height, box_w)
 
 
 def _ports(
-    other_end: dict[tuple[str, str], float], side: int, centre: dict[str, float]
+    other_end: dict[tuple[str, str], float], side: int, centre: dict[str, float], box_w: float
 ) -> dict[tuple[str, str], float]:
     """x of each edge's port on its box (`side` 0: the source's bottom, 1: the target's top)."""
     at: dict[str, list[tuple[str, str]]] = {}
@@ -128,7 +141,7 @@ def _ports(
     out = {}
     for name, edges in at.items():
         edges.sort(key=lambda e: other_end[e])
-        step = min(PORT_GAP, BOX_W / (len(edges) + 1))
+        step = min(PORT_GAP, box_w / (len(edges) + 1))
         for i, e in enumerate(edges):
             out[e] = centre[name] + (i - (len(edges) - 1) / 2) * step
     return out
@@ -140,11 +153,13 @@ def _mean(values: list[float]) -> float:
 
 def svg(nodes: Sequence[gateway_pb2.NodeTrace], title: str, subtitle: str = "") -> str:
     """The DAG of `nodes` (a funnel's NodeTraces, with their inputs) as an SVG document."""
-    lay = layout(nodes)
+    heading = max(_text_width(title, 16, "bold"), _text_width(subtitle, 12, "normal"))
+    lay = layout(nodes, min_width=heading + 2 * MARGIN)
     width, height = lay.width, lay.height
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="{ROOT_CLASS}" width="{width:.0f}" '
+        f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
+        'font-family="Helvetica, Arial, sans-serif">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" '
         'markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
         '<path d="M 0 0 L 10 5 L 0 10 z" fill="#5f6368"/></marker></defs>',
@@ -160,7 +175,7 @@ def svg(nodes: Sequence[gateway_pb2.NodeTrace], title: str, subtitle: str = "") 
     for (src, dst), points in lay.routes.items():
         parts.append(_edge(lay.boxes[src].node, lay.boxes[dst].node, points))
     for box in lay.boxes.values():
-        parts.append(_box(box))
+        parts.append(_box(box, lay.box_w))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -188,34 +203,47 @@ def _edge(
     )
 
 
-def _box(box: Box) -> str:
-    n = box.node
-    fill, stroke = COLOURS.get(n.status, _OTHER)
-    x, y = box.x, box.y
+def _lines(n: gateway_pb2.NodeTrace) -> list[tuple[int, int, str, str]]:
+    """(y offset, font size, weight, text) of each line of a node's box."""
     counts = f"{n.items_in} \u2192 {n.items_out} items \u00b7 {n.duration_ms:.1f} ms"
     lines = [(18, 14, "bold", n.node), (36, 11, "normal", n.op), (54, 12, "normal", counts)]
     if n.status != "ok":
         lines.append((70, 10, "normal", n.status + (f": {n.fallback}" if n.fallback else "")))
+    return lines
+
+
+def _box(box: Box, box_w: float) -> str:
+    n = box.node
+    fill, stroke = COLOURS.get(n.status, _OTHER)
+    x, y = box.x, box.y
     tip = f"{n.node} ({n.op}): {n.status}" + (f" \u2014 {n.error}" if n.error else "")
     out = [
         f'<g class="node" data-node={quoteattr(n.node)} data-status={quoteattr(n.status)}>',
         f"<title>{escape(tip)}</title>",
-        f'<rect x="{x:.1f}" y="{y:.1f}" width="{BOX_W}" height="{BOX_H}" rx="8" '
+        f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w:.0f}" height="{BOX_H}" rx="8" '
         f'fill="{fill}" stroke="{stroke}" stroke-width="2"/>',
     ]
-    for dy, size, weight, text in lines:
+    for dy, size, weight, text in _lines(n):
         out.append(
-            f'<text x="{x + 10:.1f}" y="{y + dy:.1f}" font-size="{size}" '
-            f'font-weight="{weight}">{escape(_clip(text, BOX_W - 20, size))}</text>'
+            f'<text x="{x + BOX_PAD:.1f}" y="{y + dy:.1f}" font-size="{size}" '
+            f'font-weight="{weight}">{escape(text)}</text>'
         )
     out.append("</g>")
     return "".join(out)
 
 
-def _clip(text: str, width_px: float, size: int) -> str:
-    """Shorten text that would overflow its box (about 0.6 em per character)."""
-    most = max(4, int(width_px / (0.6 * size)))
-    return text if len(text) <= most else text[: most - 1] + "\u2026"
+def _text_width(text: str, size: int, weight: str) -> float:
+    """A generous estimate of the width of `text` in pixels at font size `size`."""
+    return len(text) * CHAR_EM[weight] * size
+
+
+def is_picture(text: str) -> bool:
+    """Whether an SVG document is a DAG picture `edgeflow explain` wrote (also one written
+    before the root carried ROOT_CLASS: it has node groups with data-node)."""
+    head = text.lstrip()[:4096]
+    if not head.startswith("<svg"):
+        return False
+    return f'class="{ROOT_CLASS}"' in head or '<g class="node" data-node=' in text
 
 
 def render(resp: gateway_pb2.RecommendResponse, member: int) -> str:

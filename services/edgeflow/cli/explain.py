@@ -4,6 +4,15 @@ It asks the running suite's gateway for one Recommend with explain (and debug) o
 who was asked for and which variants served them, what each node did, the top items with
 their scores, sources and features, and why the filtered items were dropped. The workflow DAG
 with counts and timings on its nodes is written as SVG next to the terminal output.
+
+Names (nodes, ops, features, reasons) are never cut: when the output is not a terminal the
+tables are as wide as they need, and in a terminal too narrow for them a name wraps onto the
+next line of its cell rather than ending in an ellipsis.
+
+The picture goes to `--out`, else `explain-SURFACE-MEMBER.svg` in the current directory. A
+file at `--out` is replaced (you named it); at the default path, only an earlier picture of
+`edgeflow explain` is replaced, and anything else is left alone unless `--force` is given.
+The last line says which file was written and whether it replaced one.
 """
 
 from __future__ import annotations
@@ -15,18 +24,32 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from rich.console import Console
+from rich.console import Console, JustifyMethod, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from edgeflow import config, tensor
 from edgeflow.cli import CliError, dag_picture
+from edgeflow.cli.recommend import model_cell
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 # More feature columns than this go in their own table, one column per item.
 INLINE_FEATURES = 6
 EXAMPLES = 5
 _STATUS_STYLE = {"ok": "green", "fallback": "yellow", "skipped": "dim"}
+_UNBOUNDED = 100_000  # columns: as wide as the widest line needs
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left")
+
+
+def _column(table: Table, header: str, justify: JustifyMethod = "left") -> None:
+    """A column whose text wraps between words when the console is too narrow for the
+    table, and folds a word too long for it onto the next line: never cut with an
+    ellipsis (rich's default) or cropped (what `no_wrap` would do)."""
+    table.add_column(header, justify=justify, overflow="fold")
 
 
 def fetch(addr: str, surface: str, member: int, k: int) -> gateway_pb2.RecommendResponse:
@@ -46,14 +69,21 @@ def fetch(addr: str, surface: str, member: int, k: int) -> gateway_pb2.Recommend
 
 def header(resp: gateway_pb2.RecommendResponse, member: int) -> Table:
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(style="bold", overflow="fold")
+    grid.add_column(overflow="fold")
     variants = ", ".join(f"{a.experiment}={a.variant}" for a in resp.assignments)
     grid.add_row("member", str(member))
     grid.add_row("surface", resp.surface)
     grid.add_row("workflow", resp.workflow)
     grid.add_row("request id", resp.request_id)
     grid.add_row("variants", variants or "none (in no experiment)")
+    for r in resp.rerouted:
+        instead = f"{r.experiment}={r.served}" if r.served else "the workflow's own graph"
+        grid.add_row(
+            "[yellow]rerouted[/]",
+            Text(f"assigned {r.experiment}={r.variant}, served {instead}: a model it names "
+                 "is not loaded by the scoring service (see `edgeflow status`)"),
+        )  # fmt: skip
     grid.add_row("total", f"{resp.funnel.total_ms:.1f} ms, {len(resp.edges)} edges served")
     if resp.partial:
         grid.add_row("[yellow]partial[/]", Text("\n".join(resp.degraded) or "yes"))
@@ -61,10 +91,10 @@ def header(resp: gateway_pb2.RecommendResponse, member: int) -> Table:
 
 
 def funnel_table(resp: gateway_pb2.RecommendResponse) -> Table:
-    table = Table(title="funnel", title_justify="left")
+    table = _table("funnel")
     for col in ("node", "op", "status", "in", "out", "start ms", "ms"):
-        table.add_column(col, justify="right" if col in ("in", "out", "start ms", "ms") else "left")
-    table.add_column("fallback / error")
+        _column(table, col, "right" if col in ("in", "out", "start ms", "ms") else "left")
+    _column(table, "fallback / error")
     for n in resp.funnel.nodes:
         style = _STATUS_STYLE.get(n.status, "red")
         why = f"{n.fallback}: {n.error}" if n.fallback else n.error
@@ -101,22 +131,22 @@ def top_tables(resp: gateway_pb2.RecommendResponse, top: int) -> list[Table]:
     columns, rows = features(resp)
     inline = len(columns) <= INLINE_FEATURES
     edges = resp.edges[:top]
-    table = Table(title=f"top {len(edges)} of {len(resp.edges)}", title_justify="left")
+    table = _table(f"top {len(edges)} of {len(resp.edges)}")
     for col in ("#", "member", "score", "model"):
-        table.add_column(col, justify="right")
-    table.add_column("sources (own score)")
+        _column(table, col, "right")
+    _column(table, "sources (own score)")
     for col in columns if inline else ():
-        table.add_column(col, justify="right")
+        _column(table, col, "right")
     for i, e in enumerate(edges):
         feats = [_num(float(v)) for v in rows[i]] if inline else []
-        table.add_row(str(i + 1), str(e.target), f"{e.score:.4f}", f"{e.model_score:.4f}",
+        table.add_row(str(i + 1), str(e.target), f"{e.score:.4f}", model_cell(e),
                       Text(_sources(e)), *feats)  # fmt: skip
     if inline or not edges:
         return [table]
-    sub = Table(title=f"features of the top {len(edges)}", title_justify="left")
-    sub.add_column("feature")
+    sub = _table(f"features of the top {len(edges)}")
+    _column(sub, "feature")
     for i, e in enumerate(edges):
-        sub.add_column(f"#{i + 1}\n{e.target}", justify="right")
+        _column(sub, f"#{i + 1}\n{e.target}", "right")
     for j, col in enumerate(columns):
         sub.add_row(col, *(_num(float(rows[i, j])) for i in range(len(edges))))
     return [table, sub]
@@ -129,11 +159,11 @@ def dropped_table(resp: gateway_pb2.RecommendResponse) -> Table | None:
     if not groups:
         return None
     total = len(resp.explanation.dropped)
-    table = Table(title=f"dropped ({total} items)", title_justify="left")
-    table.add_column("node")
-    table.add_column("reason")
-    table.add_column("count", justify="right")
-    table.add_column("examples")
+    table = _table(f"dropped ({total} items)")
+    _column(table, "node")
+    _column(table, "reason")
+    _column(table, "count", "right")
+    _column(table, "examples")
     for (node, reason), ids in groups.items():
         more = ", ..." if len(ids) > EXAMPLES else ""
         examples = ", ".join(map(str, ids[:EXAMPLES])) + more
@@ -142,29 +172,63 @@ def dropped_table(resp: gateway_pb2.RecommendResponse) -> Table | None:
 
 
 def render(resp: gateway_pb2.RecommendResponse, member: int, top: int, console: Console) -> None:
-    console.print(header(resp, member))
-    console.print(funnel_table(resp))
-    for table in top_tables(resp, top):
-        console.print(table)
+    parts: list[RenderableType] = [header(resp, member), funnel_table(resp)]
+    parts.extend(top_tables(resp, top))
     if not resp.HasField("explanation"):
-        console.print("[yellow]the gateway returned no explanation: no features or drops[/]")
+        parts.append("[yellow]the gateway returned no explanation: no features or drops[/]")
     elif (drops := dropped_table(resp)) is not None:
-        console.print(drops)
+        parts.append(drops)
     else:
-        console.print("no item was dropped by a filter or a quota")
+        parts.append("no item was dropped by a filter or a quota")
+    if not console.is_terminal:
+        # A pipe or a file has no width: rich would assume 80 columns and squeeze the tables.
+        # Give them what they need instead, so that every line is whole.
+        unbounded = console.options.update_width(_UNBOUNDED)
+        needed = (Measurement.get(console, unbounded, p).maximum for p in parts)
+        console.width = max(console.width, *needed)
+    for part in parts:
+        console.print(part)
+
+
+def picture_path(args: argparse.Namespace) -> tuple[Path, bool]:
+    """Where the DAG picture goes, and whether a file is there already (which may be
+    replaced: see the module's docstring). Checked before the gateway is asked."""
+    if args.out is not None:
+        out: Path = args.out
+        if out.is_dir():
+            raise CliError(f"--out {out} is a directory; name the SVG file to write")
+        return out, out.exists()
+    out = Path(f"explain-{args.surface}-{args.member}.svg")
+    if not out.exists():
+        return out, False
+    if args.force or (out.is_file() and dag_picture.is_picture(_head(out))):
+        return out, True
+    raise CliError(
+        f"{out} exists and is not a picture `edgeflow explain` wrote; pass --out FILE to "
+        "write the picture elsewhere, or --force to replace it"
+    )
+
+
+def _head(path: Path) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
 
 
 def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise CliError(f"--top must be at least 1, got {args.top}")
+    out, replacing = picture_path(args)
     addr = args.gateway or config.load().gateway_addr
     resp = fetch(addr, args.surface, args.member, args.k or args.top)
-    out: Path = args.out or Path(f"explain-{args.surface}-{args.member}.svg")
     try:
         out.write_text(dag_picture.render(resp, args.member))
     except OSError as exc:
         raise CliError(f"cannot write the DAG picture to {out}: {exc.strerror or exc}") from None
     console = Console()
     render(resp, args.member, args.top, console)
-    console.print(f"DAG picture: {out}")
+    what = "replaced the file that was there" if replacing else "a new file"
+    console.print(f"DAG picture: {out} ({what})", soft_wrap=True, highlight=False)
     return 0

@@ -7,20 +7,30 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeflow import config
 from edgeflow.graph import Graph
 from edgeflow.local import suite as local
 from edgeflow.redis_client import connect
 
+if TYPE_CHECKING:
+    from edgeflow.build.train import TrainReport
+    from edgeflow.offline.progress import Stages
+
 
 @dataclasses.dataclass
 class Harness:
     suite: local.Suite
     cfg: config.Config
+    graph: Graph | None = None
+    # Seconds of each set-up step: ingest (or store), train, services.
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_report: TrainReport | None = None
 
 
 def suite_config(suite: local.Suite) -> config.Config:
@@ -37,26 +47,74 @@ def suite_config(suite: local.Suite) -> config.Config:
 
 
 @contextmanager
-def running_suite(graph: Graph, seed: int, log: bool = True) -> Iterator[Harness]:
-    """Store the graph, train on it, start the services; stop and clean up afterwards."""
+def running_suite(
+    graph: Graph | None,
+    seed: int,
+    log: bool = True,
+    *,
+    edges: Path | None = None,
+    stages: Stages | None = None,
+    home_root: Path | None = None,
+) -> Iterator[Harness]:
+    """Store the graph, train on it, start the services; stop and clean up afterwards.
+
+    With `edges` (and no `graph`) the edge file is ingested as `edgeflow ingest` does. `stages`
+    sees the training steps; the suite's home is made under `home_root` (default: the
+    temporary directory), where its `run/suite.json` names its processes while it runs.
+    """
     from edgeflow.build.train import train
     from edgeflow.graph_store import save_graph
 
-    home = Path(tempfile.mkdtemp(prefix="edgeflow-"))
+    if (graph is None) == (edges is None):
+        raise ValueError("running_suite needs a graph or an edge file, not both")
+    home = Path(tempfile.mkdtemp(prefix="edgeflow-", dir=home_root))
     suite = local.new_suite(home, free_ports=True)
     try:
         local.ensure_redis(suite)
         cfg = suite_config(suite)
-        save_graph(connect(cfg.redis_url), graph)
+        h = Harness(suite=suite, cfg=cfg)
+        t = time.perf_counter()
+        client = connect(cfg.redis_url)
+        try:
+            if edges is not None:
+                from edgeflow.build.ingest import ingest_file
+
+                _note(log, f"ingesting {edges} ...")
+                graph = ingest_file(client, edges)
+                h.seconds["ingest"] = round(time.perf_counter() - t, 3)
+            else:
+                assert graph is not None
+                save_graph(client, graph)
+                h.seconds["store_graph"] = round(time.perf_counter() - t, 3)
+        finally:
+            client.close()
+        h.graph = graph
         _note(log, f"training on {graph.n:,} members / {graph.edge_count:,} edges ...")
-        report = train(cfg, seed=seed)
+        t = time.perf_counter()
+        report = train(cfg, seed=seed, stages=stages)
+        h.seconds["train"] = round(time.perf_counter() - t, 3)
+        h.train_report = report
         _note(log, report.summary())
         _note(log, "starting the services ...")
+        t = time.perf_counter()
         local.start_services(suite)
-        yield Harness(suite=suite, cfg=cfg)
+        h.seconds["services"] = round(time.perf_counter() - t, 3)
+        yield h
     finally:
         local.stop_suite(suite)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def stop_leftovers(home_root: Path) -> list[str]:
+    """Stop what suites under `home_root` still run (a run killed before its clean-up):
+    the processes their `run/suite.json` name. Returns what was stopped."""
+    stopped = []
+    for state in sorted(home_root.glob("*/run/suite.json")):
+        suite = local.Suite.load(state.parent.parent)
+        if suite is not None:
+            stopped += [f"{state.parent.parent.name}: {name}" for name in local.stop_suite(suite)]
+        shutil.rmtree(state.parent.parent, ignore_errors=True)
+    return stopped
 
 
 def _note(enabled: bool, msg: str) -> None:

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="load an edge list into the member graph in Redis")
     s.add_argument("--edges", type=Path, required=True, help="whitespace-separated edge list")
+    s.add_argument("--replace-live", action="store_true",
+                   help="replace the graph even while the local suite serves it")  # fmt: skip
     s.set_defaults(func=_command("build"), action="ingest")
 
     s = sub.add_parser("train", help="embeddings, Feast features and the ranker from the graph")
@@ -97,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=10, help="top items to show with their features")
     s.add_argument("--k", type=int, help="edges to ask for (default: --top)")
     s.add_argument("--gateway", help="gateway address (default: GATEWAY_ADDR)")
-    s.add_argument("--out", type=Path, help="SVG path (default: explain-SURFACE-MEMBER.svg)")
-    s.set_defaults(func=_command("explain"))
+    s.add_argument("--out", type=Path,
+                   help="SVG path, replaced if it exists (default: explain-SURFACE-MEMBER.svg "
+                        "in the current directory, which replaces only an earlier picture)")
+    s.add_argument("--force", action="store_true",
+                   help="replace whatever file is at the default SVG path")
+    s.set_defaults(func=_command("explain"))  # fmt: skip
 
     s = sub.add_parser("validate", help="check workflow files")
     s.add_argument("files", type=Path, nargs="+")
@@ -124,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--threads", type=int, default=2, help="batches computed at once per shard")
     o.add_argument("--restart", action="store_true", help="abandon a run in progress first")
     o.add_argument("--json", action="store_true", help="print one JSON object")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
-    o.add_argument("--progress", action="store_true", help="a progress bar even when not a tty")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    o.add_argument("--progress", action="store_true",
+                   help="when not a terminal, also a count line every 10 s")  # fmt: skip
     o.set_defaults(func=_command("offline"))
     o = off.add_parser("status", help="the live version and the run in progress")
     o.add_argument("--workflow", required=True, help="surface name or workflow YAML file")

@@ -19,7 +19,11 @@ from threadpoolctl import threadpool_limits
 
 from edgeflow import config, lists
 from edgeflow.cli import CliError
+from edgeflow.offline.progress import Stages, timestamp
 from edgeflow.redis_client import connect
+
+# With --progress and no terminal, a count line at most this often (Kubernetes logs, CI).
+PROGRESS_EVERY_S = 10.0
 
 
 def _client(cfg: config.Config) -> redis.Redis:
@@ -51,25 +55,31 @@ def _shard(args: argparse.Namespace, shards: int) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeflow.graph_store import GraphNotLoaded
-    from edgeflow.offline import job
-    from edgeflow.offline.context import find_workflow, load_inputs
-    from edgeflow.offline.executor import BatchRunner, OfflineError
-    from edgeflow.offline.local import ShardFailed, run_local, workflow_argument
-    from edgeflow.offline.progress import Bar
-    from edgeflow.offline.serving import list_name
-    from edgeflow.workflow.validate import WorkflowError
+    running = args.action == "run"
+    stages = Stages(
+        enabled=running and not args.quiet,
+        every=PROGRESS_EVERY_S if running and args.progress else None,
+    )
+    with stages.stage(f"loading workflow {args.workflow}") as st:
+        from edgeflow.graph_store import GraphNotLoaded
+        from edgeflow.offline import job
+        from edgeflow.offline.context import find_workflow, load_inputs
+        from edgeflow.offline.executor import BatchRunner, OfflineError
+        from edgeflow.offline.local import ShardFailed, run_local, workflow_argument
+        from edgeflow.offline.serving import list_name
+        from edgeflow.workflow.validate import WorkflowError
 
-    # The batches' matrix products are small: BLAS threads would only spin against the
-    # batch threads and the model.
-    threadpool_limits(limits=1, user_api="blas")
-    cfg = config.load()
-    try:
-        wf = find_workflow(cfg, args.workflow)
-    except WorkflowError as exc:
-        raise CliError(str(exc)) from None
-    name = list_name(wf)
-    client = _client(cfg)
+        # The batches' matrix products are small: BLAS threads would only spin against the
+        # batch threads and the model.
+        threadpool_limits(limits=1, user_api="blas")
+        cfg = config.load()
+        try:
+            wf = find_workflow(cfg, args.workflow)
+        except WorkflowError as exc:
+            raise CliError(str(exc)) from None
+        name = list_name(wf)
+        client = _client(cfg)
+        st.note = f"writes list {name!r}"
     if args.action == "status":
         return _status(client, name)
     offline = wf.spec.modes.offline
@@ -92,31 +102,41 @@ def run(args: argparse.Namespace) -> int:
         run_ = job.begin(client, name, shards, wf.name)
     except (job.RunConflict, lists.ListError) as exc:
         raise CliError(str(exc)) from None
-    show = (not args.quiet and sys.stderr.isatty()) or args.progress
     try:
         if args.local:
             from edgeflow.graph_store import load_graph
 
-            total = load_graph(client, deltas=False).n
+            with stages.stage("counting the members") as st:
+                total = load_graph(client, deltas=False).n
+                st.note = f"{total:,} members in {shards} shards"
             reports = run_local(
                 client,
                 run_,
                 workflow_argument(args.workflow),
                 total,
                 args.batch_size,
-                show,
+                stages,
                 threads=args.threads,
             )
         else:
-            inputs = load_inputs(cfg, client, wf)
-            runner = BatchRunner(wf, inputs)
+            if shard is not None:
+                job.set_stage(client, run_, shard, job.STAGE_LOADING)
+            with stages.stage(job.STAGE_LOADING) as st:
+                inputs = load_inputs(cfg, client, wf)
+                _ = inputs.pairs  # the two-hop index, built once before the first batch
+                runner = BatchRunner(wf, inputs)
+                st.note = f"{inputs.graph.n:,} members, {inputs.graph.edge_count:,} edges"
+            if shard is not None:
+                job.set_stage(client, run_, shard, job.STAGE_SCORING)
             ids = inputs.graph.ids
             reports = []
             for s in range(shards) if shard is None else [shard]:
                 members = job.shard_members(ids, s, shards)
                 _, done, _ = job.checkpoint(client, run_, s)
                 label = f"{name} shard {s}/{shards}" if shards > 1 else name
-                with Bar(label, int(members.size), done, enabled=show) as bar:
+                with stages.stage(
+                    label, int(members.size), done=done, unit="members", rates=("pairs",)
+                ) as bar:
                     report = job.run_shard(
                         client,
                         runner,
@@ -124,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                         s,
                         members,
                         args.batch_size,
-                        bar.advance,
+                        lambda n, pairs: bar.advance(n, pairs=pairs),
                         args.threads,
                     )
                 reports.append(report.as_dict())
@@ -165,18 +185,35 @@ def _status(client: redis.Redis, name: str) -> int:
     from edgeflow import keys
     from edgeflow.offline import job
 
+    now = time.time()
     live = lists.current_version(client, name)
     meta = cast(dict[bytes, bytes], client.hgetall(keys.list_meta(name, live))) if live else {}
     print(f"list {name!r}: live version {live or '(none)'}")
-    for k, v in sorted(meta.items()):
-        print(f"  {k.decode()}: {v.decode()}")
+    fields = {k.decode(): _meta_value(k.decode(), v.decode(), now) for k, v in meta.items()}
+    width = max((len(k) for k in fields), default=0) + 1
+    for k, v in sorted(fields.items()):
+        print(f"  {k + ':':<{width}} {v}")
     run = job.pending(client, name)
     if run is None:
         print("no run in progress")
         return 0
     done, finished = job.progress(client, run)
     print(
-        f"run in progress: version {run.version}, {finished}/{run.shards} shards finished, "
-        f"{done:,} members done"
+        f"run in progress: version {run.version}, started {timestamp(run.started_at, now)}, "
+        f"{finished}/{run.shards} shards finished, {done:,} members done"
     )
+    for shard, stage in sorted(job.stages(client, run).items()):
+        print(f"  shard {shard}: {stage}")
     return 0
+
+
+def _meta_value(key: str, value: str, now: float) -> str:
+    """A list's meta value for people: times (`*_at`, unix seconds) as local time and age,
+    counts with thousands separators, anything else as stored."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if key.endswith("_at"):
+        return timestamp(number, now)
+    return f"{int(number):,}" if number.is_integer() else value

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import grpc
+
 from edgeflow import config
 from edgeflow.cli import CliError
 from edgeflow.local import suite as local
+from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def up(cfg: config.Config) -> local.Suite:
@@ -46,12 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_status(suite: local.Suite) -> None:
+    gateway_serving = False
     for name in ("redis", *local.SERVICES):
         pid = suite.pids.get(name, 0)
         alive = local._alive(pid)
         health = ""
         if name != "redis" and alive:
             health = "SERVING" if local._serving(suite.addr(name)) else "NOT_SERVING"
+            gateway_serving |= name == "gateway" and health == "SERVING"
         state = "running" if alive else ("external" if name == "redis" and not pid else "stopped")
         mport = suite.metrics_ports.get(name)
         metrics = f"metrics http://127.0.0.1:{mport}/metrics" if mport and alive else ""
@@ -59,3 +64,58 @@ def _print_status(suite: local.Suite) -> None:
             f"  {name:<11} {state:<8} pid {pid or '-':<8} port {suite.ports[name]:<6} "
             f"{health:<11} {metrics}".rstrip()
         )
+    if gateway_serving:
+        print_workflows(suite.addr("gateway"))
+
+
+def print_workflows(addr: str) -> None:
+    """The gateway's surfaces and what is wrong with each (ListSurfaces)."""
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            resp = gateway_pb2_grpc.RecommenderStub(ch).ListSurfaces(
+                gateway_pb2.ListSurfacesRequest(), timeout=5
+            )
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        details = " ".join((exc.details() or "").split())
+        print(f"workflows: the gateway at {addr} did not list them: {code.name}: {details}")
+        return
+    for line in workflow_lines(resp, addr):
+        print(line)
+
+
+def workflow_lines(resp: gateway_pb2.ListSurfacesResponse, addr: str) -> list[str]:
+    """One line per surface (ok, or its problems and which variants serve whom instead),
+    then the workflow files the gateway refused."""
+    lines = [f"workflows (gateway {addr}):"]
+    statuses = {s.surface: s for s in resp.statuses}
+    width = max((len(s) for s in resp.surfaces), default=0)
+    for surface in resp.surfaces:
+        st = statuses.get(surface)
+        if st is None:  # a gateway older than the status field
+            lines.append(f"  {surface:<{width}}  served")
+            continue
+        if st.problems:
+            n = len(st.problems)
+            state = f"PROBLEM: {n} model reference{'s' if n > 1 else ''} not loaded by scoring"
+        elif not st.models_checked:
+            state = f"models not checked yet ({st.check_error})"
+        else:
+            state = "ok"
+        name = surface if st.workflow == surface else f"{surface} ({st.workflow})"
+        lines.append(f"  {name:<{width}}  {state}")
+        lines.extend(f"      - {p}" for p in st.problems)
+        for r in st.reroutes:
+            instead = (f"{r.experiment}={r.served} (its control)" if r.served
+                       else "the workflow's own graph")  # fmt: skip
+            lines.append(
+                f"      members of {r.experiment}={r.variant} are served {instead} "
+                "until the model is loaded"
+            )
+        if st.models_checked and st.check_error:
+            lines.append(f"      (as of the last check; now {st.check_error})")
+    for rejected in resp.rejected:
+        first, *rest = rejected.splitlines()
+        lines.append(f"  REJECTED {first}")
+        lines.extend(f"    {line}" for line in rest)
+    return lines

@@ -239,6 +239,7 @@ class Engine:
                 outcome.degraded.append(f"{name}: {msg} (fallback: {cn.fallback})")
             span.set_attribute("edgeflow.items_out", len(frame))
         trace.items_out = len(frame)
+        trace.note = frame.note
         trace.duration_ms = (time.perf_counter() - start) * 1000
         outcome.traces.append(trace)
         return frame
@@ -429,7 +430,10 @@ def _candidates(cn: CompiledNode, resp: candidates_pb2.GenerateResponse) -> Fram
     scores = tensor.unpack(resp.scores)[:, 0] if resp.scores.rows else np.zeros(0, np.float32)
     mode = resp.mode or _SOURCE_MODE.get(source, "online")  # the list entry's own mode
     info = SourceInfo(mode=mode, age_seconds=resp.age_seconds)
-    return Frame(ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info})
+    return Frame(
+        ids=ids, sources={cn.node.name: scores.copy()}, info={cn.node.name: info},
+        note=resp.note,
+    )  # fmt: skip
 
 
 def _fill_scored_list(out: merging_pb2.ScoredList, name: str, frame: Frame, weight: float) -> None:

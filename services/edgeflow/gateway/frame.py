@@ -27,6 +27,8 @@ class Frame:
     score: np.ndarray | None = None  # model score per row
     edges: list = field(default_factory=list)  # ranked output: edgeflow.v1.Edge messages
     dropped: dict[str, int] = field(default_factory=dict)
+    # Why the node that made this frame served nothing, when it knows (NodeTrace.note).
+    note: str = ""
 
     def __len__(self) -> int:
         return len(self.edges) if self.edges else int(self.ids.size)

@@ -19,6 +19,7 @@ from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed, Outcome
 from edgeflow.gateway.explain import explanation
+from edgeflow.gateway.models import ModelWatch, Move
 from edgeflow.gateway.shadow import ShadowRunner
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
@@ -47,6 +48,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._cfg = cfg
         self._dir = workflows_dir or cfg.workflows_dir
         self.workflows: dict[str, Workflow] = {}
+        self.rejected: list[str] = []  # workflow files refused at the last load
+        self.models: ModelWatch | None = None  # the workflows' model references
         self._stamp: tuple[tuple[str, float], ...] = ()
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
@@ -69,6 +72,11 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
                                       cfg.scoring_addr, cfg.merging_addr)]  # fmt: skip
         self._channels = chans
         self._engine = Engine(Clients.over(*chans))
+        self.models = ModelWatch(chans[2], cfg.scoring_addr)
+        # One quick look before serving, so that the first requests are already routed
+        # around a broken variant; a scoring service that is not up yet is asked again later.
+        await self.models.refresh(timeout_s=1.0)
+        self.models.update(self.workflows)
         self._watch = asyncio.create_task(self._watch_workflows())
         self._rds = connect_async(cfg.redis_url)  # connects on first use
         # One writer per stream, each with one batch in flight: two connections at most.
@@ -119,20 +127,33 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         workflows, errors = load_directory(self._dir)
         for err in errors:
             log.error("workflow rejected: %s", err)
+        self.rejected = [str(err) for err in errors]
         if errors and self.workflows:
             log.error("keeping the %d workflows already loaded", len(self.workflows))
             workflows = {**self.workflows, **workflows}
         self.workflows = served_workflows(workflows)
         self._stamp = stamp
         log.info("serving surfaces %s", sorted(self.workflows))
+        if self.models is not None:  # with the models as last listed, until the next look
+            self.models.update(self.workflows)
 
     async def _watch_workflows(self) -> None:
+        """Reload changed workflow files, and re-check every workflow's model references
+        against what the scoring service has loaded now (a model published later clears
+        its problem)."""
         while True:
             await asyncio.sleep(self._cfg.reload_interval_s)
             try:
                 self._load_workflows()
             except OSError as exc:
                 log.warning("workflow reload failed: %s", exc)
+            if self.models is None:
+                continue
+            try:
+                await self.models.refresh()
+                self.models.update(self.workflows)
+            except Exception:  # a failed check must not end workflow reloading
+                log.exception("checking the workflows' model references failed")
 
     # ---- RPCs ----------------------------------------------------------------------------
     async def Recommend(
@@ -155,6 +176,13 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             )
         assert self._engine is not None and base is not None
         wf, assignments = base.for_member(request.member)
+        rerouted: tuple[Move, ...] = ()
+        if assignments and self.models is not None:
+            check = self.models.checks.get(base.surface)
+            if check is not None and check.routes:
+                routed = check.routes.get(assignments)
+                if routed is not None:  # an assigned variant names a model not loaded
+                    wf, assignments, rerouted = routed
         budget = wf.spec.budget_ms / 1000.0
         remaining = context.time_remaining()
         if remaining is not None:
@@ -179,7 +207,9 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             workflow=wf.name,
             request_id=request_id,
             assignments=[gateway_pb2.Assignment(experiment=e, variant=v) for e, v in assignments],
-        )
+            rerouted=[gateway_pb2.Reroute(experiment=e, variant=v, served=s)
+                      for e, v, s in rerouted],
+        )  # fmt: skip
         if request.debug or request.explain:
             resp.funnel.nodes.extend(outcome.traces)
             resp.funnel.total_ms = outcome.total_ms
@@ -190,7 +220,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         served = tuple(int(e.target) for e in outcome.frame.edges)
         # Metrics and the exposure record are written once the response is on its way.
         asyncio.get_running_loop().call_soon(
-            self._record, request, request_id, wf, assignments, served, outcome
+            self._record, request, request_id, wf, assignments, served, outcome, rerouted
         )
         self._start_shadows(base, request, request_id, served, outcome.total_ms, context)
         return resp
@@ -203,11 +233,14 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         assignments: records.Assignments,
         served: tuple[int, ...],
         outcome: Outcome,
+        rerouted: tuple[Move, ...] = (),
     ) -> None:
         variant = records.encode_assignments(assignments) or "none"
         metrics.observe_recommend(
             wf.surface, variant, outcome.total_ms / 1000, outcome.partial, outcome.traces
         )
+        for exp, assigned, _ in rerouted:
+            metrics.rerouted_requests(wf.surface, exp, assigned).inc()
         if self.exposures is None:
             return
         exposure = records.Exposure(
@@ -271,7 +304,13 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     async def ListSurfaces(
         self, request: gateway_pb2.ListSurfacesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListSurfacesResponse:
-        return gateway_pb2.ListSurfacesResponse(surfaces=sorted(self.workflows))
+        """The served surfaces, what is wrong with each (model references the scoring
+        service has not loaded) and the workflow files that were refused."""
+        surfaces = sorted(self.workflows)
+        resp = gateway_pb2.ListSurfacesResponse(surfaces=surfaces, rejected=self.rejected)
+        if self.models is not None:
+            resp.statuses.extend(self.models.status(s, self.workflows[s]) for s in surfaces)
+        return resp
 
 
 def create(cfg: Config) -> Service:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,8 +132,11 @@ def ensure_redis(suite: Suite) -> None:
     suite.save()
 
 
-def start_services(suite: Suite, timeout_s: float = 120.0) -> None:
-    """Spawn each service as `edgeflow serve NAME` and wait until all report SERVING."""
+def start_services(
+    suite: Suite, timeout_s: float = 120.0, on_ready: Callable[[str], object] | None = None
+) -> None:
+    """Spawn each service as `edgeflow serve NAME` and wait until all report SERVING;
+    `on_ready(name)` is called as each one does."""
     busy = [
         f"{name} port {suite.ports[name]}" for name in SERVICES if not port_free(suite.ports[name])
     ]
@@ -168,7 +172,7 @@ def start_services(suite: Suite, timeout_s: float = 120.0) -> None:
         log.close()
         suite.pids[name] = proc.pid
     suite.save()
-    wait_serving(suite, timeout_s)
+    wait_serving(suite, timeout_s, on_ready)
 
 
 def port_free(port: int) -> bool:
@@ -181,7 +185,9 @@ def port_free(port: int) -> bool:
     return True
 
 
-def wait_serving(suite: Suite, timeout_s: float) -> None:
+def wait_serving(
+    suite: Suite, timeout_s: float, on_ready: Callable[[str], object] | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(SERVICES)
     while pending:
@@ -190,6 +196,8 @@ def wait_serving(suite: Suite, timeout_s: float) -> None:
             raise RuntimeError(f"{name} exited during start-up:\n{log_tail(suite, name)}")
         if _serving(suite.addr(name)):
             pending.pop(0)
+            if on_ready is not None:
+                on_ready(name)
             continue
         if time.monotonic() > deadline:
             raise RuntimeError(
@@ -220,6 +228,20 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def running_services(suite: Suite) -> list[str]:
+    """The suite's services (and worker) whose processes are alive."""
+    return [name for name in SERVICES if _alive(suite.pids.get(name, 0))]
+
+
+def uses_redis(suite: Suite, redis_url: str) -> bool:
+    """Whether `redis_url` names the suite's own Redis (its port on this machine)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(redis_url)
+    local_host = (url.hostname or "127.0.0.1") in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+    return local_host and (url.port or 6379) == suite.ports["redis"]
 
 
 def log_tail(suite: Suite, name: str, lines: int = 25) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 _F32_MAX = float(np.finfo(np.float32).max)
-# Edge.score (field 2, fixed32) and Edge.model_score (field 3, fixed32), per edge.
+# Edge.score (field 2, fixed32) and Edge.model_score (field 3, fixed32, optional), per edge.
 _EDGE_FLOATS = np.dtype([("t2", "u1"), ("score", "<f4"), ("t3", "u1"), ("model", "<f4")])
 _VARINTS = [bytes((v,)) if v < 0x80 else bytes((v & 0x7F | 0x80, v >> 7)) for v in range(1 << 14)]
 _F64 = struct.Struct("<d")
@@ -57,8 +57,9 @@ def edges(
 ) -> bytes:
     """Repeated MergeResponse.edges (field 1) for edges in order.
 
-    `model` is NaN where unscored (sent as 0, ±inf as ±float32 max, as numpy's nan_to_num);
-    each provenance entry p belongs to edge `prov_edge[p]` (ascending), with `prov_head[p]`
+    `model` is NaN where unscored: Edge.model_score is then left out (absent, so a reader
+    can tell it from a score of 0); ±inf is sent as ±float32 max, as numpy's nan_to_num.
+    Each provenance entry p belongs to edge `prov_edge[p]` (ascending), with `prov_head[p]`
     from provenance_head and the float32 score `prov_score[p]`.
     """
     n = ids.size
@@ -68,14 +69,17 @@ def edges(
     floats["t2"], floats["t3"] = 0x15, 0x1D
     floats["score"] = score
     m = np.clip(model, -_F32_MAX, _F32_MAX)
-    floats["model"] = np.where(np.isnan(m), 0.0, m)
+    scored = ~np.isnan(m)
+    floats["model"] = np.where(scored, m, 0.0)
     fixed = floats.tobytes()
+    # Each edge's bytes of `fixed`: both floats (10), or the score alone (5) when unscored.
+    width = np.where(scored, 10, 5).tolist()
     scores = np.asarray(prov_score, dtype="<f4").tobytes()
     ends = np.searchsorted(prov_edge, np.arange(1, n + 1)).tolist()
     out: list[bytes] = []
     p = 0
     for e, target in enumerate(ids.tolist()):
-        parts = [b"\x08", varint(target), fixed[10 * e : 10 * e + 10]]
+        parts = [b"\x08", varint(target), fixed[10 * e : 10 * e + width[e]]]
         end = ends[e]
         while p < end:
             parts += (prov_head[p], scores[4 * p : 4 * p + 4])

@@ -174,6 +174,35 @@ def checkpoint(client: redis.Redis, run: Run, shard: int) -> tuple[int | None, i
     )
 
 
+# What a shard process is doing before its first batch, as `set_stage` records it.
+STAGE_LOADING = "loading the graph, features and models"
+STAGE_SCORING = "scoring"
+
+
+def set_stage(client: redis.Redis, run: Run, shard: int, text: str) -> None:
+    """Record what a shard is doing (its start-up steps), for the local runner and status."""
+    key = keys.offline_progress(run.list, run.version)
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(key, f"{shard}:stage", text)
+    pipe.expire(key, lists.PENDING_TTL_S)
+    pipe.execute()
+
+
+def clear_stages(client: redis.Redis, run: Run) -> None:
+    """Forget the shards' recorded stages (those of an earlier attempt of the run)."""
+    client.hdel(
+        keys.offline_progress(run.list, run.version), *[f"{s}:stage" for s in range(run.shards)]
+    )
+
+
+def stages(client: redis.Redis, run: Run) -> dict[int, str]:
+    """Each shard's recorded stage; shards that recorded none are missing."""
+    fields = cast(dict[bytes, bytes], client.hgetall(keys.offline_progress(run.list, run.version)))
+    return {
+        int(k[: -len(b":stage")]): v.decode() for k, v in fields.items() if k.endswith(b":stage")
+    }
+
+
 def progress(client: redis.Redis, run: Run) -> tuple[int, int]:
     """(members done over all shards, shards finished)."""
     fields = cast(dict[bytes, bytes], client.hgetall(keys.offline_progress(run.list, run.version)))

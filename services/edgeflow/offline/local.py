@@ -1,5 +1,6 @@
 """`edgeflow offline run --local --shards N`: one process per shard on this machine, with one
-progress bar for the whole run (read from the shards' checkpoints in Redis)."""
+progress bar for the whole run (read from the shards' checkpoints in Redis), after one for
+the shards' start-up (read from the stages they record in Redis)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
 import redis
 
 from edgeflow.offline import job
-from edgeflow.offline.progress import Bar
+from edgeflow.offline.progress import Stages
 
 _POLL_S = 0.2
+# A shard process that has recorded no stage yet is starting Python and importing.
+LOADING_CODE = "loading Python modules"
 
 
 class ShardFailed(RuntimeError):
@@ -29,46 +33,38 @@ def run_local(
     workflow: str,
     total: int,
     batch_size: int,
-    show: bool,
+    stages: Stages,
     env: dict[str, str] | None = None,
     threads: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run every shard of `run` as a child process; returns each shard's report."""
+    """Run every shard of `run` as a child process; returns each shard's report.
+
+    `stages` shows the start-up (each shard's own step, as it records it in Redis) and then
+    the members done over all shards."""
     logs: list[IO[bytes]] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for shard in range(run.shards):
-            logs.append(tempfile.TemporaryFile())  # noqa: SIM115 - closed below
-            cmd = [
-                sys.executable,
-                "-m",
-                "edgeflow.cli.main",
-                "offline",
-                "run",
-                "--workflow",
-                workflow,
-                "--shard",
-                str(shard),
-                "--shards",
-                str(run.shards),
-                "--batch-size",
-                str(batch_size),
-                "--threads",
-                str(threads),
-                "--json",
-                "--quiet",
-            ]
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=logs[-1], stdin=subprocess.DEVNULL, env=env
-                )
-            )
-        done, _ = job.progress(client, run)
-        with Bar(f"{run.list} {run.version}", total, done, enabled=show) as bar:
-            while any(p.poll() is None for p in procs):
-                bar.set(job.progress(client, run)[0])
+        job.clear_stages(client, run)
+        starting = f"starting {run.shards} shard processes"
+        with stages.stage(starting, run.shards, unit="ready") as st:
+            for shard in range(run.shards):
+                logs.append(tempfile.TemporaryFile())  # noqa: SIM115 - closed below
+                procs.append(_spawn(run, shard, workflow, batch_size, threads, logs[-1], env))
+            while True:
+                ready, doing = _start_up(client, run, procs)
+                st.update(ready, text=f"{starting} ({doing})" if doing else starting)
+                if ready >= run.shards:
+                    break
                 time.sleep(_POLL_S)
-            bar.set(job.progress(client, run)[0])
+            st.update(text=starting)
+        done, _ = job.progress(client, run)
+        with stages.stage(
+            f"{run.list} {run.version}", total, done=done, unit="members", rates=()
+        ) as bar:
+            while any(p.poll() is None for p in procs):
+                bar.update(job.progress(client, run)[0])
+                time.sleep(_POLL_S)
+            bar.update(job.progress(client, run)[0])
         reports = []
         for shard, (proc, err) in enumerate(zip(procs, logs, strict=True)):
             out = proc.stdout.read() if proc.stdout is not None else b""
@@ -87,6 +83,55 @@ def run_local(
                 proc.stdout.close()
         for err in logs:
             err.close()
+
+
+def _spawn(
+    run: job.Run,
+    shard: int,
+    workflow: str,
+    batch_size: int,
+    threads: int,
+    log: IO[bytes],
+    env: dict[str, str] | None,
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeflow.cli.main",
+        "offline",
+        "run",
+        "--workflow",
+        workflow,
+        "--shard",
+        str(shard),
+        "--shards",
+        str(run.shards),
+        "--batch-size",
+        str(batch_size),
+        "--threads",
+        str(threads),
+        "--json",
+        "--quiet",
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env
+    )
+
+
+def _start_up(
+    client: redis.Redis, run: job.Run, procs: list[subprocess.Popen[bytes]]
+) -> tuple[int, str]:
+    """(shards ready: scoring or exited, what the others are doing: '3 loading code')."""
+    recorded = job.stages(client, run)
+    ready = 0
+    doing: Counter[str] = Counter()
+    for shard, proc in enumerate(procs):
+        stage = recorded.get(shard, LOADING_CODE)
+        if proc.poll() is not None or stage == job.STAGE_SCORING:
+            ready += 1
+        else:
+            doing[stage] += 1
+    return ready, ", ".join(f"{n} {stage}" for stage, n in doing.items())
 
 
 def workflow_argument(value: str) -> str:

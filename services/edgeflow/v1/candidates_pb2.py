@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeflow.v1 import tensor_pb2 as edgeflow_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64geflow/v1/candidates.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"\xbd\x01\n\x0fGenerateRequest\x12\x0e\n\x06member\x18\x01 \x01(\x03\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x38\n\x06params\x18\x04 \x03(\x0b\x32(.edgeflow.v1.GenerateRequest.ParamsEntry\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x10GenerateResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12#\n\x06scores\x18\x02 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\"E\n\x13GenerateManyRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.edgeflow.v1.GenerateRequest\"`\n\x0eGenerateResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.edgeflow.v1.GenerateResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"D\n\x14GenerateManyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.edgeflow.v1.GenerateResult2\xb0\x01\n\x10\x43\x61ndidateService\x12G\n\x08Generate\x12\x1c.edgeflow.v1.GenerateRequest\x1a\x1d.edgeflow.v1.GenerateResponse\x12S\n\x0cGenerateMany\x12 .edgeflow.v1.GenerateManyRequest\x1a!.edgeflow.v1.GenerateManyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64geflow/v1/candidates.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"\xbd\x01\n\x0fGenerateRequest\x12\x0e\n\x06member\x18\x01 \x01(\x03\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x38\n\x06params\x18\x04 \x03(\x0b\x32(.edgeflow.v1.GenerateRequest.ParamsEntry\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\x10GenerateResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12#\n\x06scores\x18\x02 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\"E\n\x13GenerateManyRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.edgeflow.v1.GenerateRequest\"`\n\x0eGenerateResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.edgeflow.v1.GenerateResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"D\n\x14GenerateManyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.edgeflow.v1.GenerateResult2\xb0\x01\n\x10\x43\x61ndidateService\x12G\n\x08Generate\x12\x1c.edgeflow.v1.GenerateRequest\x1a\x1d.edgeflow.v1.GenerateResponse\x12S\n\x0cGenerateMany\x12 .edgeflow.v1.GenerateManyRequest\x1a!.edgeflow.v1.GenerateManyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=261
   _globals['_GENERATEREQUEST_PARAMSENTRY']._serialized_start=216
   _globals['_GENERATEREQUEST_PARAMSENTRY']._serialized_end=261
-  _globals['_GENERATERESPONSE']._serialized_start=263
-  _globals['_GENERATERESPONSE']._serialized_end=383
-  _globals['_GENERATEMANYREQUEST']._serialized_start=385
-  _globals['_GENERATEMANYREQUEST']._serialized_end=454
-  _globals['_GENERATERESULT']._serialized_start=456
-  _globals['_GENERATERESULT']._serialized_end=552
-  _globals['_GENERATEMANYRESPONSE']._serialized_start=554
-  _globals['_GENERATEMANYRESPONSE']._serialized_end=622
-  _globals['_CANDIDATESERVICE']._serialized_start=625
-  _globals['_CANDIDATESERVICE']._serialized_end=801
+  _globals['_GENERATERESPONSE']._serialized_start=264
+  _globals['_GENERATERESPONSE']._serialized_end=398
+  _globals['_GENERATEMANYREQUEST']._serialized_start=400
+  _globals['_GENERATEMANYREQUEST']._serialized_end=469
+  _globals['_GENERATERESULT']._serialized_start=471
+  _globals['_GENERATERESULT']._serialized_end=567
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=569
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=637
+  _globals['_CANDIDATESERVICE']._serialized_start=640
+  _globals['_CANDIDATESERVICE']._serialized_end=816
 # @@protoc_insertion_point(module_scope)

@@ -29,18 +29,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, member: _Optional[int] = ..., source: _Optional[str] = ..., limit: _Optional[int] = ..., params: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("ids", "scores", "age_seconds", "version", "mode")
+    __slots__ = ("ids", "scores", "age_seconds", "version", "mode", "note")
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     scores: _tensor_pb2.Tensor
     age_seconds: float
     version: str
     mode: str
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., age_seconds: _Optional[float] = ..., version: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    note: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., age_seconds: _Optional[float] = ..., version: _Optional[str] = ..., mode: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class GenerateManyRequest(_message.Message):
     __slots__ = ("requests",)

@@ -5,7 +5,7 @@ import warnings
 
 from edgeflow.v1 import candidates_pb2 as edgeflow_dot_v1_dot_candidates__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

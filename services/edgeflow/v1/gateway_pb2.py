@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeflow.v1 import tensor_pb2 as edgeflow_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geflow/v1/gateway.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"r\n\x10RecommendRequest\x12\x0f\n\x07surface\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\x03\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05\x64\x65\x62ug\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"\xb2\x01\n\tNodeTrace\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08items_in\x18\x04 \x01(\r\x12\x11\n\titems_out\x18\x05 \x01(\r\x12\x10\n\x08start_ms\x18\x06 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x07 \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06inputs\x18\n \x03(\t\"\xa4\x01\n\x06\x46unnel\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.edgeflow.v1.NodeTrace\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x31\n\x07\x64ropped\x18\x03 \x03(\x0b\x32 .edgeflow.v1.Funnel.DroppedEntry\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x91\x02\n\x11RecommendResponse\x12 \n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x11.edgeflow.v1.Edge\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x03 \x03(\t\x12\x0f\n\x07surface\x18\x04 \x01(\t\x12\x10\n\x08workflow\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12#\n\x06\x66unnel\x18\x07 \x01(\x0b\x32\x13.edgeflow.v1.Funnel\x12,\n\x0b\x61ssignments\x18\x08 \x03(\x0b\x32\x17.edgeflow.v1.Assignment\x12-\n\x0b\x65xplanation\x18\t \x01(\x0b\x32\x18.edgeflow.v1.Explanation\"1\n\nAssignment\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"_\n\x0b\x45xplanation\x12%\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12)\n\x07\x64ropped\x18\x02 \x03(\x0b\x32\x18.edgeflow.v1.DroppedItem\"\x15\n\x13ListSurfacesRequest\"(\n\x14ListSurfacesResponse\x12\x10\n\x08surfaces\x18\x01 \x03(\t\"\xd8\x02\n\x0bMemberEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.edgeflow.v1.MemberEvent.Type\x12\x0e\n\x06member\x18\x02 \x01(\x03\x12\x0e\n\x06target\x18\x03 \x01(\x03\x12\x38\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32&.edgeflow.v1.MemberEvent.FeaturesEntry\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x0c\n\x04time\x18\x06 \x01(\x01\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"q\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43ONNECT\x10\x01\x12\x0e\n\nDISCONNECT\x10\x02\x12\t\n\x05\x42LOCK\x10\x03\x12\x0b\n\x07\x44ISMISS\x10\x04\x12\n\n\x06\x46OLLOW\x10\x05\x12\x12\n\x0ePROFILE_CHANGE\x10\x06\":\n\x0ePublishRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.edgeflow.v1.MemberEvent\"^\n\x0fPublishResponse\x12\x11\n\tentry_ids\x18\x01 \x03(\t\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12\x11\n\tpublished\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r2\xf4\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.edgeflow.v1.RecommendRequest\x1a\x1e.edgeflow.v1.RecommendResponse\x12S\n\x0cListSurfaces\x12 .edgeflow.v1.ListSurfacesRequest\x1a!.edgeflow.v1.ListSurfacesResponse\x12\x44\n\x07Publish\x12\x1b.edgeflow.v1.PublishRequest\x1a\x1c.edgeflow.v1.PublishResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geflow/v1/gateway.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"r\n\x10RecommendRequest\x12\x0f\n\x07surface\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\x03\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05\x64\x65\x62ug\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"\xc0\x01\n\tNodeTrace\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08items_in\x18\x04 \x01(\r\x12\x11\n\titems_out\x18\x05 \x01(\r\x12\x10\n\x08start_ms\x18\x06 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x07 \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06inputs\x18\n \x03(\t\x12\x0c\n\x04note\x18\x0b \x01(\t\"\xa4\x01\n\x06\x46unnel\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.edgeflow.v1.NodeTrace\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x31\n\x07\x64ropped\x18\x03 \x03(\x0b\x32 .edgeflow.v1.Funnel.DroppedEntry\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xb9\x02\n\x11RecommendResponse\x12 \n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x11.edgeflow.v1.Edge\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x03 \x03(\t\x12\x0f\n\x07surface\x18\x04 \x01(\t\x12\x10\n\x08workflow\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12#\n\x06\x66unnel\x18\x07 \x01(\x0b\x32\x13.edgeflow.v1.Funnel\x12,\n\x0b\x61ssignments\x18\x08 \x03(\x0b\x32\x17.edgeflow.v1.Assignment\x12-\n\x0b\x65xplanation\x18\t \x01(\x0b\x32\x18.edgeflow.v1.Explanation\x12&\n\x08rerouted\x18\n \x03(\x0b\x32\x14.edgeflow.v1.Reroute\"1\n\nAssignment\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"_\n\x0b\x45xplanation\x12%\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12)\n\x07\x64ropped\x18\x02 \x03(\x0b\x32\x18.edgeflow.v1.DroppedItem\"\x15\n\x13ListSurfacesRequest\"h\n\x14ListSurfacesResponse\x12\x10\n\x08surfaces\x18\x01 \x03(\t\x12,\n\x08statuses\x18\x02 \x03(\x0b\x32\x1a.edgeflow.v1.SurfaceStatus\x12\x10\n\x08rejected\x18\x03 \x03(\t\"\x99\x01\n\rSurfaceStatus\x12\x0f\n\x07surface\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x16\n\x0emodels_checked\x18\x03 \x01(\x08\x12\x13\n\x0b\x63heck_error\x18\x04 \x01(\t\x12\x10\n\x08problems\x18\x05 \x03(\t\x12&\n\x08reroutes\x18\x06 \x03(\x0b\x32\x14.edgeflow.v1.Reroute\">\n\x07Reroute\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0e\n\x06served\x18\x03 \x01(\t\"\xd8\x02\n\x0bMemberEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.edgeflow.v1.MemberEvent.Type\x12\x0e\n\x06member\x18\x02 \x01(\x03\x12\x0e\n\x06target\x18\x03 \x01(\x03\x12\x38\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32&.edgeflow.v1.MemberEvent.FeaturesEntry\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x0c\n\x04time\x18\x06 \x01(\x01\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"q\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43ONNECT\x10\x01\x12\x0e\n\nDISCONNECT\x10\x02\x12\t\n\x05\x42LOCK\x10\x03\x12\x0b\n\x07\x44ISMISS\x10\x04\x12\n\n\x06\x46OLLOW\x10\x05\x12\x12\n\x0ePROFILE_CHANGE\x10\x06\":\n\x0ePublishRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.edgeflow.v1.MemberEvent\"^\n\x0fPublishResponse\x12\x11\n\tentry_ids\x18\x01 \x03(\t\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12\x11\n\tpublished\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r2\xf4\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.edgeflow.v1.RecommendRequest\x1a\x1e.edgeflow.v1.RecommendResponse\x12S\n\x0cListSurfaces\x12 .edgeflow.v1.ListSurfacesRequest\x1a!.edgeflow.v1.ListSurfacesResponse\x12\x44\n\x07Publish\x12\x1b.edgeflow.v1.PublishRequest\x1a\x1c.edgeflow.v1.PublishResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST']._serialized_start=68
   _globals['_RECOMMENDREQUEST']._serialized_end=182
   _globals['_NODETRACE']._serialized_start=185
-  _globals['_NODETRACE']._serialized_end=363
-  _globals['_FUNNEL']._serialized_start=366
-  _globals['_FUNNEL']._serialized_end=530
-  _globals['_FUNNEL_DROPPEDENTRY']._serialized_start=484
-  _globals['_FUNNEL_DROPPEDENTRY']._serialized_end=530
-  _globals['_RECOMMENDRESPONSE']._serialized_start=533
-  _globals['_RECOMMENDRESPONSE']._serialized_end=806
-  _globals['_ASSIGNMENT']._serialized_start=808
-  _globals['_ASSIGNMENT']._serialized_end=857
-  _globals['_EXPLANATION']._serialized_start=859
-  _globals['_EXPLANATION']._serialized_end=954
-  _globals['_LISTSURFACESREQUEST']._serialized_start=956
-  _globals['_LISTSURFACESREQUEST']._serialized_end=977
-  _globals['_LISTSURFACESRESPONSE']._serialized_start=979
-  _globals['_LISTSURFACESRESPONSE']._serialized_end=1019
-  _globals['_MEMBEREVENT']._serialized_start=1022
-  _globals['_MEMBEREVENT']._serialized_end=1366
-  _globals['_MEMBEREVENT_FEATURESENTRY']._serialized_start=1204
-  _globals['_MEMBEREVENT_FEATURESENTRY']._serialized_end=1251
-  _globals['_MEMBEREVENT_TYPE']._serialized_start=1253
-  _globals['_MEMBEREVENT_TYPE']._serialized_end=1366
-  _globals['_PUBLISHREQUEST']._serialized_start=1368
-  _globals['_PUBLISHREQUEST']._serialized_end=1426
-  _globals['_PUBLISHRESPONSE']._serialized_start=1428
-  _globals['_PUBLISHRESPONSE']._serialized_end=1522
-  _globals['_RECOMMENDER']._serialized_start=1525
-  _globals['_RECOMMENDER']._serialized_end=1769
+  _globals['_NODETRACE']._serialized_end=377
+  _globals['_FUNNEL']._serialized_start=380
+  _globals['_FUNNEL']._serialized_end=544
+  _globals['_FUNNEL_DROPPEDENTRY']._serialized_start=498
+  _globals['_FUNNEL_DROPPEDENTRY']._serialized_end=544
+  _globals['_RECOMMENDRESPONSE']._serialized_start=547
+  _globals['_RECOMMENDRESPONSE']._serialized_end=860
+  _globals['_ASSIGNMENT']._serialized_start=862
+  _globals['_ASSIGNMENT']._serialized_end=911
+  _globals['_EXPLANATION']._serialized_start=913
+  _globals['_EXPLANATION']._serialized_end=1008
+  _globals['_LISTSURFACESREQUEST']._serialized_start=1010
+  _globals['_LISTSURFACESREQUEST']._serialized_end=1031
+  _globals['_LISTSURFACESRESPONSE']._serialized_start=1033
+  _globals['_LISTSURFACESRESPONSE']._serialized_end=1137
+  _globals['_SURFACESTATUS']._serialized_start=1140
+  _globals['_SURFACESTATUS']._serialized_end=1293
+  _globals['_REROUTE']._serialized_start=1295
+  _globals['_REROUTE']._serialized_end=1357
+  _globals['_MEMBEREVENT']._serialized_start=1360
+  _globals['_MEMBEREVENT']._serialized_end=1704
+  _globals['_MEMBEREVENT_FEATURESENTRY']._serialized_start=1542
+  _globals['_MEMBEREVENT_FEATURESENTRY']._serialized_end=1589
+  _globals['_MEMBEREVENT_TYPE']._serialized_start=1591
+  _globals['_MEMBEREVENT_TYPE']._serialized_end=1704
+  _globals['_PUBLISHREQUEST']._serialized_start=1706
+  _globals['_PUBLISHREQUEST']._serialized_end=1764
+  _globals['_PUBLISHRESPONSE']._serialized_start=1766
+  _globals['_PUBLISHRESPONSE']._serialized_end=1860
+  _globals['_RECOMMENDER']._serialized_start=1863
+  _globals['_RECOMMENDER']._serialized_end=2107
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class RecommendRequest(_message.Message):
     def __init__(self, surface: _Optional[str] = ..., member: _Optional[int] = ..., k: _Optional[int] = ..., debug: _Optional[bool] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class NodeTrace(_message.Message):
-    __slots__ = ("node", "op", "status", "items_in", "items_out", "start_ms", "duration_ms", "fallback", "error", "inputs")
+    __slots__ = ("node", "op", "status", "items_in", "items_out", "start_ms", "duration_ms", "fallback", "error", "inputs", "note")
     NODE_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class NodeTrace(_message.Message):
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     node: str
     op: str
     status: str
@@ -46,7 +47,8 @@ class NodeTrace(_message.Message):
     fallback: str
     error: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., status: _Optional[str] = ..., items_in: _Optional[int] = ..., items_out: _Optional[int] = ..., start_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., fallback: _Optional[str] = ..., error: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    note: str
+    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., status: _Optional[str] = ..., items_in: _Optional[int] = ..., items_out: _Optional[int] = ..., start_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., fallback: _Optional[str] = ..., error: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Funnel(_message.Message):
     __slots__ = ("nodes", "total_ms", "dropped")
@@ -66,7 +68,7 @@ class Funnel(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeTrace, _Mapping]]] = ..., total_ms: _Optional[float] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("edges", "partial", "degraded", "surface", "workflow", "request_id", "funnel", "assignments", "explanation")
+    __slots__ = ("edges", "partial", "degraded", "surface", "workflow", "request_id", "funnel", "assignments", "explanation", "rerouted")
     EDGES_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class RecommendResponse(_message.Message):
     FUNNEL_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    REROUTED_FIELD_NUMBER: _ClassVar[int]
     edges: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Edge]
     partial: bool
     degraded: _containers.RepeatedScalarFieldContainer[str]
@@ -85,7 +88,8 @@ class RecommendResponse(_message.Message):
     funnel: Funnel
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
     explanation: Explanation
-    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., partial: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., surface: _Optional[str] = ..., workflow: _Optional[str] = ..., request_id: _Optional[str] = ..., funnel: _Optional[_Union[Funnel, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+    rerouted: _containers.RepeatedCompositeFieldContainer[Reroute]
+    def __init__(self, edges: _Optional[_Iterable[_Union[_tensor_pb2.Edge, _Mapping]]] = ..., partial: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., surface: _Optional[str] = ..., workflow: _Optional[str] = ..., request_id: _Optional[str] = ..., funnel: _Optional[_Union[Funnel, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., rerouted: _Optional[_Iterable[_Union[Reroute, _Mapping]]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("experiment", "variant")
@@ -108,10 +112,40 @@ class ListSurfacesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListSurfacesResponse(_message.Message):
-    __slots__ = ("surfaces",)
+    __slots__ = ("surfaces", "statuses", "rejected")
     SURFACES_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     surfaces: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, surfaces: _Optional[_Iterable[str]] = ...) -> None: ...
+    statuses: _containers.RepeatedCompositeFieldContainer[SurfaceStatus]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, surfaces: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[SurfaceStatus, _Mapping]]] = ..., rejected: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SurfaceStatus(_message.Message):
+    __slots__ = ("surface", "workflow", "models_checked", "check_error", "problems", "reroutes")
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    MODELS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    REROUTES_FIELD_NUMBER: _ClassVar[int]
+    surface: str
+    workflow: str
+    models_checked: bool
+    check_error: str
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    reroutes: _containers.RepeatedCompositeFieldContainer[Reroute]
+    def __init__(self, surface: _Optional[str] = ..., workflow: _Optional[str] = ..., models_checked: _Optional[bool] = ..., check_error: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ..., reroutes: _Optional[_Iterable[_Union[Reroute, _Mapping]]] = ...) -> None: ...
+
+class Reroute(_message.Message):
+    __slots__ = ("experiment", "variant", "served")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    variant: str
+    served: str
+    def __init__(self, experiment: _Optional[str] = ..., variant: _Optional[str] = ..., served: _Optional[str] = ...) -> None: ...
 
 class MemberEvent(_message.Message):
     __slots__ = ("type", "member", "target", "features", "event_id", "time")

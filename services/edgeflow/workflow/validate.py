@@ -272,6 +272,11 @@ def check_models(wf: Workflow, available: Mapping[str, list[str]]) -> list[str]:
 
 
 def _model_problems(wf: Workflow, available: Mapping[str, list[str]]) -> list[str]:
+    return [problem for _, problem in model_problems_at(wf, available)]
+
+
+def model_problems_at(wf: Workflow, available: Mapping[str, list[str]]) -> list[tuple[str, str]]:
+    """(node, problem) for each scoring node whose model or version is not available."""
     from edgeflow.workflow.ops import OnnxParams
 
     problems = []
@@ -282,16 +287,75 @@ def _model_problems(wf: Workflow, available: Mapping[str, list[str]]) -> list[st
         where = f"node {cn.node.name!r} field params"
         versions = available.get(params.model)
         if versions is None:
-            problems.append(
+            problem = (
                 f"{where}.model: no model {params.model!r} in the registry "
                 f"(it has {sorted(available) or 'no models'})"
             )
         elif params.version != "latest" and params.version not in versions:
-            problems.append(
+            problem = (
                 f"{where}.version: model {params.model!r} has no version {params.version!r} "
                 f"(it has {versions})"
             )
+        else:
+            continue
+        problems.append((cn.node.name, problem))
     return problems
+
+
+def uses_models(wf: Workflow) -> bool:
+    """Whether any graph of the workflow (its own, a variant's, a shadow's) has a
+    scoring.onnx node, i.e. needs models from the registry."""
+    from edgeflow.workflow.ops import OnnxParams
+
+    return any(isinstance(cn.params, OnnxParams) for _, g in wf.all_graphs() for cn in g.nodes)
+
+
+@dataclass(frozen=True)
+class ModelProblems:
+    """`check_models`' problems, each blamed on the graph that has it: the workflow's own
+    nodes, the nodes an experiment variant overrides, or the nodes a shadow overrides.
+
+    Experiments of a surface override different nodes, so a problem in a node a variant
+    overrides is that variant's, whatever other variants the member also has."""
+
+    workflow: tuple[str, ...] = ()
+    variants: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    shadows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def messages(self) -> list[str]:
+        """Every problem as 'where: what', in the words of `edgeflow validate --model-dir`."""
+        out = list(self.workflow)
+        for (exp, variant), problems in self.variants.items():
+            out += [f"experiment {exp!r} variant {variant!r}: {p}" for p in problems]
+        for shadow, problems in self.shadows.items():
+            out += [f"shadow {shadow!r}: {p}" for p in problems]
+        return out
+
+
+def locate_model_problems(wf: Workflow, available: Mapping[str, list[str]]) -> ModelProblems:
+    """The model references of every graph of `wf` that `available` (model -> versions)
+    lacks, blamed on the workflow itself, a variant or a shadow (see ModelProblems)."""
+    variants: dict[tuple[str, str], dict[str, None]] = {}
+    overrides = {(e.name, v.name): v.overrides for e in wf.spec.experiments for v in e.variants}
+    for assignments, graph in wf.variants.items():
+        found = model_problems_at(graph, available)
+        for key in assignments:
+            mine = variants_mod.touched(overrides[key])
+            for node, problem in found:
+                if node in mine:
+                    variants.setdefault(key, {})[problem] = None
+    shadows: dict[str, dict[str, None]] = {}
+    for shadow, graph in wf.shadows:
+        mine = variants_mod.touched(shadow.overrides)
+        for node, problem in model_problems_at(graph, available):
+            if node in mine:
+                shadows.setdefault(shadow.name, {})[problem] = None
+    order = list(overrides)  # spec order, whatever order the combinations came in
+    return ModelProblems(
+        workflow=tuple(_model_problems(wf, available)),
+        variants={k: tuple(variants[k]) for k in sorted(variants, key=order.index)},
+        shadows={s.name: tuple(shadows[s.name]) for s, _ in wf.shadows if s.name in shadows},
+    )
 
 
 def _topological(nodes: list[Node], problems: list[str]) -> list[str]:
