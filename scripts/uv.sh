@@ -8,6 +8,8 @@ if [ ! -x "$UV" ] || [ "$("$UV" --version 2>/dev/null | cut -d' ' -f2)" != "$UV_
   rm -rf .cache/uv
   mkdir -p .cache
   "$PYTHON" -m venv .cache/uv
-  .cache/uv/bin/python -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
+  # The machine's pip configuration (extra local indexes, caps) is not for this: ignore it.
+  PIP_CONFIG_FILE=/dev/null .cache/uv/bin/python -m pip install -q --disable-pip-version-check \
+    "uv==$UV_VERSION"
 fi
 export UV_NO_PROGRESS=1

@@ -1,5 +1,5 @@
-"""Embeddings, the ranker and `edgeflow train`, on real graphs, a real Redis, Qdrant local
-mode, Feast's own CLI and onnxruntime."""
+"""Embeddings, the ranker and `edgeflow train`, on real graphs, a real Redis, qdrant-edge in
+process, Feast's own CLI and onnxruntime."""
 
 from __future__ import annotations
 
@@ -259,6 +259,7 @@ def test_train_publishes_embeddings_features_and_model(
         "ranker: ONNX export",
         "ranker: permutation importances",
         "Qdrant upsert",
+        "Qdrant index",
         "Feast apply",
         "Feast materialize",
         "model registry",
@@ -267,7 +268,10 @@ def test_train_publishes_embeddings_features_and_model(
             stage,
             lines,
         )
-    assert f"Qdrant upsert: {graph.n:,} points" in out.getvalue()
+    expected = member_embeddings(graph, seed=0)
+    stored = vectors.storable(expected)  # members with an embedding (not the isolated ones)
+    assert 0 < stored < graph.n
+    assert f"Qdrant upsert: {stored:,} points into collection" in out.getvalue()
     assert "100/100 trees" in out.getvalue()
     assert "\x1b[" not in out.getvalue() and "━" not in out.getvalue()
 
@@ -279,22 +283,18 @@ def test_train_publishes_embeddings_features_and_model(
     assert card["metrics"] == report.metrics and "recall_at_50" in card["metrics"]
     assert (cfg.model_dir / "pymk-ranker" / "v1" / "model.onnx").stat().st_size > 1000
 
-    # Qdrant holds one vector per member, equal to the embedding of the graph.
+    # The sealed in-process shard holds one vector per member with an embedding, equal to
+    # the embedding of the graph (stored normalised: cosine is a dot product).
     assert redis_client.get(keys.EMBEDDINGS_CURRENT) == report.embedding_collection.encode()
-    expected = member_embeddings(graph, seed=0)
-    client = vectors.open_client(cfg)
+    replica = vectors.EdgeReplica.open(cfg.qdrant_path, report.embedding_collection)
     try:
-        assert client.count(report.embedding_collection).count == graph.n
-        probe = [int(graph.ids[5]), int(graph.ids[-1])]
-        got = {
-            p.id: p.vector
-            for p in client.retrieve(report.embedding_collection, probe, with_vectors=True)
-        }
+        assert replica.points == stored
+        isolated = int(graph.ids[-1])
+        assert not np.any(expected[-1]) and replica.vector(isolated) is None
+        got = np.asarray(replica.vector(int(graph.ids[5])))
     finally:
-        client.close()
-    assert not np.any(got[probe[1]])  # isolated member: a zero vector
-    stored = np.asarray(got[probe[0]])
-    cos = stored @ expected[5] / (np.linalg.norm(stored) * np.linalg.norm(expected[5]))
+        replica.close()
+    cos = got @ expected[5] / (np.linalg.norm(got) * np.linalg.norm(expected[5]))
     assert cos == pytest.approx(1.0, abs=1e-5)
 
     # Feast's own SDK reads the materialised member features back.
@@ -322,16 +322,13 @@ def test_train_with_redis_down_says_where(cfg: Config) -> None:
         train(dead)
 
 
-def test_train_with_qdrant_locked_fails_before_learning(
+def test_train_with_bad_vector_settings_fails_before_learning(
     cfg: Config, redis_client: redis.Redis
 ) -> None:
     save_graph(redis_client, community_graph(n=100))
-    holder = vectors.open_client(cfg)
-    try:
-        with pytest.raises(RuntimeError, match="in use by another process"):
-            train(cfg)
-    finally:
-        holder.close()
+    bad = dataclasses.replace(cfg, qdrant_quantization="int4")
+    with pytest.raises(TrainError, match=r"QDRANT_QUANTIZATION must be 'int8' or 'none'"):
+        train(bad)
     assert not cfg.model_dir.exists()
 
 
@@ -404,9 +401,6 @@ def test_ingest_knows_when_a_running_local_suite_serves_the_graph(tmp_path: Path
         "`edgeflow train`, then `edgeflow offline run --workflow follows`, "
         "`edgeflow offline run --workflow pymk`"
     )
-    # Beside a running suite, `train` cannot open the local Qdrant store the suite holds.
-    assert live == stale + (
-        f"`edgeflow quickstart --edges {edges}` (it stops the suite, trains, computes the lists "
-        f"and starts it again), or with QDRANT_URL set: {runs}"
-    )
+    # Training runs beside a running suite: it writes a fresh in-process shard.
+    assert live == stale + runs + " (the running suite switches to each as it is published)"
     assert rebuild_steps(cfg, edges, live=False) == stale + runs

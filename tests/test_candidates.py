@@ -1,4 +1,5 @@
-"""Candidate sources and the candidates service, on a real Redis and Qdrant local mode.
+"""Candidate sources and the candidates service, on a real Redis and real vector engines:
+qdrant-edge in process (the default) and qdrant-client's local mode standing in for a server.
 
 The small graph (ids 1..11) has answers worked out by hand:
   1-2 1-3 2-4 3-4 2-5 2-10 2-11 3-9 4-6 5-6 7-8
@@ -12,6 +13,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -21,7 +23,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qdrant_client import QdrantClient, models
 
-from edgeflow import lists, tensor, vectors
+from edgeflow import keys, lists, tensor, vectors
 from edgeflow.candidates.service import CandidatesService, create
 from edgeflow.candidates.sources import (
     EbrSource,
@@ -40,6 +42,9 @@ from edgeflow.graph_store import GraphStore, save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.server import channel, start_server
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
+
+# A QdrantClient for a server that is not there warns (later, from its own thread).
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to obtain server version")
 
 EDGES = [(1, 2), (1, 3), (2, 4), (3, 4), (2, 5), (2, 10), (2, 11), (3, 9), (4, 6), (5, 6), (7, 8)]
 # Angles of 2-D unit vectors: cosine to member 1 falls with the angle. Member 8 has none.
@@ -124,21 +129,30 @@ async def test_popular_excludes_member_and_connections(store: GraphStore) -> Non
     assert (await source.generate(999, 4, {})).ids.tolist() == [2, 3, 4, 1]
 
 
-@pytest.mark.parametrize("local_index", [False, True], ids=["query_points", "local_index"])
+@pytest.mark.filterwarnings("ignore:Local mode performs exact")  # the stand-in server
+@pytest.mark.parametrize("engine", ["server", "in_process"])
 async def test_ebr_nearest_by_cosine_after_dropping_self_and_connections(
     store: GraphStore,
     qdrant: QdrantClient,
     redis_client: redis.Redis,
     aclient: aioredis.Redis,
-    local_index: bool,
+    tmp_path: Path,
+    engine: str,
 ) -> None:
-    """Both search paths (Qdrant's query_points, and the in-memory index of the collection
-    used in local mode) give the same answers."""
+    """Both engines (a Qdrant server's query_points, played by qdrant-client's local mode,
+    and qdrant-edge's HNSW in process) give the same answers."""
+    root = tmp_path / "vectors"
+    writer: vectors.Store
+    if engine == "server":
+        writer, emb = vectors.ServerStore(qdrant), Embeddings(client=qdrant)
+    else:
+        writer, emb = vectors.EdgeStore(root), Embeddings(root=root)
     ids, vecs = embed(ANGLES)
-    name = vectors.write_embeddings(qdrant, redis_client, ids, vecs, "v1")
-    emb = Embeddings(client=qdrant, local=local_index)
+    name = vectors.write_embeddings(writer, redis_client, ids, vecs, "v1")
     assert await emb.refresh(aclient) and emb.collection == name
-    assert (emb.index is not None) == local_index
+    if engine == "in_process":  # its own copy, never the sealed shard training wrote
+        assert isinstance(emb.reader, vectors.EdgeReplica)
+        assert emb.reader.path.parent == root / "readers" and (root / "shards" / name).is_dir()
     source = EbrSource(store, emb)
     out = await source.generate(1, 3, {})
     assert out.ids.tolist() == [7, 4, 6]
@@ -149,16 +163,175 @@ async def test_ebr_nearest_by_cosine_after_dropping_self_and_connections(
         await source.generate(999, 3, {})
 
     # A new training run moves the pointer; the source follows it.
+    old = emb.reader
     moved = {**ANGLES, 1: 2.0}
-    name2 = vectors.write_embeddings(qdrant, redis_client, *embed(moved), "v2")
+    name2 = vectors.write_embeddings(writer, redis_client, *embed(moved), "v2")
     assert await emb.refresh(aclient) and emb.collection == name2
     assert (await source.generate(1, 1, {})).ids.tolist() == [10]
+    assert not await emb.refresh(aclient)  # nothing new
+    if isinstance(old, vectors.EdgeReplica):
+        assert not old.path.exists()  # the previous copy is gone with its replica
+    emb.close()
 
 
 async def test_ebr_without_embeddings_says_what_to_run(store: GraphStore) -> None:
-    source = EbrSource(store, Embeddings(client=None, problem="storage locked"))
+    source = EbrSource(store, Embeddings(problem="storage locked"))
     with pytest.raises(NotReady, match="storage locked"):
         await source.generate(1, 3, {})
+    with pytest.raises(NotReady, match=r"run `edgeflow train` first"):
+        await EbrSource(store, Embeddings(root=Path("/nonexistent"))).generate(1, 3, {})
+
+
+def _clustered(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids (not row numbers) and vectors in Gaussian clusters of about 100."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n // 100, dim))
+    vecs = centers[rng.integers(0, centers.shape[0], n)] + 0.4 * rng.normal(size=(n, dim))
+    return rng.choice(10**7, size=n, replace=False).astype(np.int64), vecs.astype(np.float32)
+
+
+def test_hnsw_returns_the_exact_top_k_on_clustered_vectors(tmp_path: Path) -> None:
+    """The in-process HNSW search against exact cosine (VectorIndex): recall@100 and the
+    scores, with the member and its "connections" (its 30 exact nearest) excluded."""
+    ids, vecs = _clustered(4000, 32, seed=3)
+    vectors.EdgeStore(tmp_path).begin("c", ids, vecs).finish()
+    exact = VectorIndex(ids, vecs)
+    replica = vectors.EdgeReplica.open(tmp_path, "c")
+    try:
+        rng = np.random.default_rng(4)
+        recalls = []
+        for row in rng.choice(ids.size, 40, replace=False):
+            member = int(ids[row])
+            near, _ = exact.nearest(member, 30, np.asarray([member]))
+            exclude = np.sort(np.append(near, member))
+            want, _ = exact.nearest(member, 100, exclude)
+            got, scores = replica.nearest(member, 100, exclude)
+            assert got.size == 100 and not np.isin(got, exclude).any()
+            assert np.all(np.diff(scores) <= 1e-6)  # best first
+            unit = exact.vectors[exact.rows(np.asarray([member]))][0]
+            cos = exact.vectors[exact.rows(got)] @ unit
+            np.testing.assert_allclose(scores, cos, atol=1e-4)  # rescored: exact cosine
+            recalls.append(np.isin(got, want).mean())
+        assert np.mean(recalls) >= 0.95, np.mean(recalls)
+        assert replica.nearest(-5, 10, np.zeros(0, np.int64))[0].size == 0  # no such point
+    finally:
+        replica.close()
+    assert not replica.path.exists()
+
+
+def test_training_writes_a_fresh_shard_while_a_reader_holds_the_previous(tmp_path: Path) -> None:
+    """No two processes share a directory: each reader opens its own copy, so a build and
+    any number of readers (here two, as two processes would) run side by side."""
+    ids, vecs = _clustered(600, 8, seed=1)
+    store = vectors.EdgeStore(tmp_path)
+    store.begin("a", ids, vecs).finish()
+    first = vectors.EdgeReplica.open(tmp_path, "a")
+    second = vectors.EdgeReplica.open(tmp_path, "a")  # another reader: another copy
+    try:
+        assert first.path != second.path and first.path.is_dir() and second.path.is_dir()
+        first.close()
+        assert not first.path.exists() and second.path.is_dir()
+        store.begin("a", ids, vecs[::-1].copy()).finish()  # retrained under the same name
+        store.begin("b", ids, vecs).finish()
+        store.drop_old("b", "a")
+        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["a", "b"]
+        member = int(ids[0])
+        got, _ = second.nearest(member, 5, np.asarray([member]))
+        assert got.size == 5  # the reader still serves its copy
+        fresh = vectors.EdgeReplica.open(tmp_path, "a")
+        assert fresh.build != second.build  # the rebuilt shard is a new one
+        fresh.close()
+    finally:
+        second.close()
+
+
+class _RecordingServer:
+    """Just enough of QdrantClient to see what a server would be asked to create."""
+
+    def __init__(self) -> None:
+        self.created: dict[str, object] = {}
+        self.upserted = 0
+
+    def collection_exists(self, name: str) -> bool:
+        return False
+
+    def create_collection(self, name: str, **kwargs: object) -> None:
+        self.created = {"name": name, **kwargs}
+
+    def upsert(self, name: str, points: models.Batch, wait: bool) -> None:
+        self.upserted += len(points.ids)
+
+
+def test_server_collection_takes_shards_replicas_and_hnsw_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for var, value in {
+        "QDRANT_URL": "http://127.0.0.1:1",  # never called: creating a client connects nothing
+        "QDRANT_SHARDS": "3",
+        "QDRANT_REPLICAS": "2",
+        "QDRANT_HNSW_M": "24",
+        "QDRANT_HNSW_EF_CONSTRUCT": "200",
+        "QDRANT_HNSW_EF": "300",
+    }.items():
+        monkeypatch.setenv(var, value)
+    store = vectors.open_store(Config(home=tmp_path))
+    assert isinstance(store, vectors.ServerStore)
+    assert (store.shards, store.replicas) == (3, 2)
+    assert store.hnsw == vectors.Hnsw(m=24, ef_construct=200, ef=300, quantization="none")
+    store.close()
+    server = _RecordingServer()
+    ids, vecs = embed(ANGLES)
+    build = vectors.ServerStore(cast(QdrantClient, server), 3, 2, store.hnsw).begin("c", ids, vecs)
+    assert build.finish().points == ids.size == server.upserted
+    assert server.created["shard_number"] == 3 and server.created["replication_factor"] == 2
+    hnsw = server.created["hnsw_config"]
+    assert isinstance(hnsw, models.HnswConfigDiff) and (hnsw.m, hnsw.ef_construct) == (24, 200)
+    monkeypatch.setenv("QDRANT_QUANTIZATION", "int4")
+    with pytest.raises(ValueError, match="QDRANT_QUANTIZATION must be 'int8' or 'none'"):
+        vectors.open_store(Config(home=tmp_path))
+    monkeypatch.setenv("QDRANT_QUANTIZATION", "none")
+    monkeypatch.setenv("QDRANT_SHARDS", "0")
+    with pytest.raises(ValueError, match="QDRANT_SHARDS and QDRANT_REPLICAS must be at least 1"):
+        vectors.open_store(Config(home=tmp_path))
+
+
+def test_a_missing_or_corrupt_shard_is_refused_naming_its_path(tmp_path: Path) -> None:
+    with pytest.raises(vectors.ShardUnavailable, match=rf"{tmp_path}/shards/ghost is missing"):
+        vectors.EdgeReplica.open(tmp_path, "ghost")
+    ids, vecs = _clustered(300, 8, seed=2)
+    vectors.EdgeStore(tmp_path).begin("c", ids, vecs).finish()
+    sealed = tmp_path / "shards" / "c"
+    for matrix in sealed.glob("segments/*/vector_storage/matrix.dat"):
+        matrix.write_bytes(b"\0" * 10)
+    with pytest.raises(vectors.ShardUnavailable, match=rf"embedding shard {sealed} is corrupt"):
+        vectors.EdgeReplica.open(tmp_path, "c")
+    for segment in sealed.glob("segments/*/segment.json"):
+        segment.write_text("{garbage")
+    with pytest.raises(vectors.ShardUnavailable, match=rf"embedding shard {sealed} is unreadable"):
+        vectors.EdgeReplica.open(tmp_path, "c")
+    (sealed / vectors.MARKER).unlink()
+    with pytest.raises(vectors.ShardUnavailable, match=rf"{sealed} is incomplete"):
+        vectors.EdgeReplica.open(tmp_path, "c")
+    assert not any((tmp_path / "readers").iterdir())  # no copy is left behind
+
+
+async def test_a_broken_new_shard_keeps_the_previous_serving_and_says_why(
+    store: GraphStore, redis_client: redis.Redis, aclient: aioredis.Redis, tmp_path: Path
+) -> None:
+    writer = vectors.EdgeStore(tmp_path)
+    vectors.write_embeddings(writer, redis_client, *embed(ANGLES), "v1")
+    emb = Embeddings(root=tmp_path)
+    source = EbrSource(store, emb)
+    assert await emb.refresh(aclient)
+    redis_client.set(keys.EMBEDDINGS_CURRENT, "members_gone")  # deleted by hand, say
+    assert not await emb.refresh(aclient)
+    assert (await source.generate(1, 2, {})).ids.tolist() == [7, 4]  # v1 keeps serving
+    assert f"{tmp_path}/shards/members_gone is missing" in emb.problem
+    emb.close()
+    fresh = Embeddings(root=tmp_path)  # a service started now has nothing to serve
+    assert not await fresh.refresh(aclient)
+    with pytest.raises(NotReady, match=rf"{tmp_path}/shards/members_gone is missing"):
+        await EbrSource(store, fresh).generate(1, 2, {})
 
 
 async def test_precomputed_reads_the_live_list_and_drops_connections(
@@ -222,9 +395,7 @@ def _seed(client: redis.Redis, qdrant_path: Path) -> str:
     """Store the small graph, its embeddings and a list; returns the graph's version."""
     graph = small_graph()
     save_graph(client, graph)
-    qclient = QdrantClient(path=str(qdrant_path))
-    vectors.write_embeddings(qclient, client, *embed(ANGLES), "v1")
-    qclient.close()  # the service owns the local storage from here
+    vectors.write_embeddings(vectors.EdgeStore(qdrant_path), client, *embed(ANGLES), "v1")
     entry = (np.asarray([9, 4, 2]), np.asarray([0.9, 0.8, 0.7]))
     lists.write_lists(client, "pymk", np.asarray([1]), [entry], version="nightly")
     return graph.version
@@ -297,8 +468,37 @@ async def test_service_generates_from_every_source(
         assert tensor.unpack(popular.scores).shape == (3, 1)
     finally:
         await running.close()
-    # stop() released the local storage: another client (e.g. `edgeflow train`) can open it.
-    QdrantClient(path=str(cfg.qdrant_path)).close()
+    # stop() closed the service's copy of the shard and deleted it; the sealed one stays.
+    assert not any((cfg.qdrant_path / "readers").iterdir())
+    assert (cfg.qdrant_path / "shards" / vectors.collection_name("v1")).is_dir()
+
+
+async def test_running_service_follows_a_new_shard_without_restart(
+    tmp_path: Path, redis_proc: RedisProcess, redis_client: redis.Redis
+) -> None:
+    cfg = _config(tmp_path, redis_proc.url)
+    _seed(redis_client, cfg.qdrant_path)
+    running = await _run(cfg)
+    try:
+        assert list((await running.generate(1, "ebr", limit=2)).ids) == [7, 4]
+        # `edgeflow train` beside the running service: a fresh shard, then the pointer.
+        store = vectors.EdgeStore(cfg.qdrant_path)
+        vectors.write_embeddings(store, redis_client, *embed({**ANGLES, 1: 2.0}), "v2")
+        for _ in range(100):  # the service polls every 0.1 s
+            ebr = await running.generate(1, "ebr", limit=1)
+            if ebr.version == vectors.collection_name("v2"):
+                break
+            await asyncio.sleep(0.05)
+        assert list(ebr.ids) == [10] and ebr.version == vectors.collection_name("v2")
+        for _ in range(100):  # the old copy is deleted right after the switch
+            copies = [p.name for p in (cfg.qdrant_path / "readers").iterdir()]
+            if len(copies) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(copies) == 1 and copies[0].endswith("-members_v2")
+        assert f"-{os.getpid()}-" in copies[0]
+    finally:
+        await running.close()
 
 
 async def test_service_status_codes_name_the_field(
@@ -387,7 +587,8 @@ async def test_redis_stopped_gives_unavailable_and_memory_sources_keep_serving(
             proc.stop()
 
 
-def test_local_index_equals_query_points_on_random_vectors(tmp_path: Path) -> None:
+def test_exact_index_equals_query_points_on_random_vectors(tmp_path: Path) -> None:
+    """VectorIndex (the offline job's exact cosine) against qdrant-client's exact search."""
     rng = np.random.default_rng(5)
     ids = rng.choice(10**6, size=600, replace=False).astype(np.int64)
     vecs = rng.normal(size=(600, 16)).astype(np.float32)
@@ -398,7 +599,7 @@ def test_local_index_equals_query_points_on_random_vectors(tmp_path: Path) -> No
             "c", vectors_config=models.VectorParams(size=16, distance=models.Distance.COSINE)
         )
         client.upsert("c", points=models.Batch(ids=ids.tolist(), vectors=vecs.tolist()))
-        index = VectorIndex.load(client, "c")
+        index = VectorIndex(ids, vecs)
         for row in (0, 99, 321):
             member = int(ids[row])
             exclude = np.sort(np.append(ids[rng.choice(600, 40, replace=False)], member))

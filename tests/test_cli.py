@@ -90,9 +90,13 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
     missing = edgeflow("recommend", "--member", "123456789", env=env)
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
 
-    # Local Qdrant storage belongs to the running candidates service.
+    # Training runs beside the suite: a fresh embedding shard (the candidates service reads
+    # its own copy of the old one, then switches), new features, a new model version.
     retrain = edgeflow("train", env=env)
-    assert retrain.returncode == 2 and "edgeflow down" in retrain.stderr
+    assert retrain.returncode == 0, retrain.stderr + retrain.stdout
+    assert "qdrant_index" in retrain.stdout  # the time of the HNSW build
+    again = edgeflow("recommend", "--member", "7", "--k", "5", "--json", env=env)
+    assert again.returncode == 0 and len(json.loads(again.stdout)["edges"]) == 5, again.stderr
 
     status = edgeflow("status", env=env)
     assert status.stdout.count(" SERVING") == 6, status.stdout  # five services, the worker
@@ -169,7 +173,7 @@ def test_eval_on_facebook_beats_adamic_adar(facebook_edges: Path, env: dict[str,
     for key in ("recall_at_k", "baseline_adamic_adar_recall_at_k", "members", "k", "seconds"):
         assert key in result
     assert result["members"] == 400 and result["k"] == 50
-    assert result["failed_requests"] == 0
+    assert result["failed_requests"] == 0, result["failed_examples"]
     assert result["recall_at_k"] >= result["baseline_adamic_adar_recall_at_k"], result
 
 

@@ -204,6 +204,14 @@ BROKEN = [
     ("unknown-event", lambda d: d["spec"]["modes"]["nearline"].update(events=["like"]),
      "events.0"),
     ("no-spec", lambda d: d.pop("spec"), "'spec' is a required property"),
+    ("weight-infinite", lambda d: _node(d, "blend")["params"].update(
+        weights={"rank": float("inf")}), "nodes.5.params.weights.rank"),
+    ("weight-negative", lambda d: _node(d, "blend")["params"].update(weights={"rank": -1.0}),
+     "nodes.5.params.weights.rank"),
+    ("timeout-infinite", lambda d: _node(d, "fof").update(timeoutMs=float("inf")),
+     "nodes.0.timeoutMs"),
+    ("share-infinite", lambda d: d["spec"].update(shadows=[{"name": "s", "share": float("inf"),
+     "overrides": {}}]), "spec.shadows.0.share"),
 ]  # fmt: skip
 
 
@@ -250,3 +258,20 @@ def test_generator_script_checks_drift(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert build_crd()["spec"]["names"]["plural"] == "edgeworkflows"
+
+
+def test_nan_cannot_reach_the_api_server_and_validate_refuses_it(validator: CrdValidator) -> None:
+    """A schema cannot tell NaN from a number, but JSON has no NaN: kubectl cannot send it
+    (its YAML-to-JSON conversion fails, as json.dumps does here). `edgeflow validate` (and so
+    the gateway, reading the same YAML) refuses it by name."""
+    import json
+
+    doc = copy.deepcopy(_base())
+    _node(doc, "blend")["params"]["weights"] = {"rank": float("nan")}
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        json.dumps(doc, allow_nan=False)
+    with pytest.raises(WorkflowError) as exc:
+        parse_document(doc, "nan")
+    assert exc.value.problems == [
+        "node 'blend' field params.weights.rank: Input should be a finite number"
+    ]

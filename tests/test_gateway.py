@@ -5,10 +5,16 @@ conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import yaml
 from inprocess import Suite, members_with_degree
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
@@ -17,6 +23,7 @@ from edgeflow import keys, lists
 from edgeflow.redis_client import connect
 from edgeflow.server import channel, start_server
 from edgeflow.v1 import gateway_pb2
+from edgeflow.v1.gateway_pb2_grpc import RecommenderStub
 
 
 async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None:
@@ -274,6 +281,278 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
         for ch in chans:
             await ch.close()
         await server.stop(None)
+
+
+# ---- bad input gets a clear error and costs nothing ----------------------------------------
+def _service_descriptors() -> dict[str, list[Any]]:
+    from edgeflow.v1 import (
+        candidates_pb2,
+        features_pb2,
+        merging_pb2,
+        scoring_pb2,
+    )
+    from edgeflow.v1.inference import grpc_predict_v2_pb2
+
+    return {
+        "gateway": [gateway_pb2.DESCRIPTOR.services_by_name["Recommender"]],
+        "candidates": [candidates_pb2.DESCRIPTOR.services_by_name["CandidateService"]],
+        "features": [features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],
+        "scoring": [
+            scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
+            grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        ],
+        "merging": [merging_pb2.DESCRIPTOR.services_by_name["MergingService"]],
+    }
+
+
+def _methods(suite: Suite) -> list[tuple[int, str, Any]]:
+    """(port, /service/method, request descriptor) for every method of every service."""
+    out = []
+    for name, services in _service_descriptors().items():
+        port = suite.servers[name][2]
+        for service in services:
+            for method in service.methods:
+                out.append((port, f"/{service.full_name}/{method.name}", method.input_type))
+    return out
+
+
+async def test_undecodable_requests_to_any_method_are_invalid_argument_without_tracebacks(
+    suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    truncated = b"\x0a\x7f" + b"\x01" * 5  # field 1, 127 bytes long, then 5 bytes
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # RecommendRequest.surface holding bytes that are not UTF-8
+    calls = 0
+    for port, method, _ in _methods(suite):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await ch.unary_unary(method)(truncated, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                calls += 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.gateway_port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary("/edgeflow.v1.Recommender/Recommend")(bad_utf8, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for method in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                if method.endswith("Check"):
+                    await ch.unary_unary(method)(truncated, timeout=10)
+                else:
+                    async for _ in ch.unary_stream(method)(truncated, timeout=10):
+                        pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+
+        async def one() -> AsyncIterator[bytes]:
+            yield truncated
+
+        reflection = ch.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in reflection(one(), timeout=10):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert calls > 50
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    logged = [r for r in caplog.records if "undecodable request" in r.getMessage()]
+    assert len(logged) <= len(suite.servers)  # at most one line per server per interval
+
+
+def _string_fields(desc: Any, depth: int = 0) -> list[tuple[str, Callable[[Any, str], None]]]:
+    """(expected field path, how to put a value there) for every string field a request
+    type can carry, map keys included, down to a few levels."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    out: list[tuple[str, Callable[[Any, str], None]]] = []
+    for fd in desc.fields:
+        name = fd.name
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            if fd.is_repeated:
+                out.append((f"{name}[0]", lambda m, v, n=name: getattr(m, n).append(v)))
+            else:
+                out.append((name, lambda m, v, n=name: setattr(m, n, v)))
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and depth < 3:
+            sub = fd.message_type
+            if sub.GetOptions().map_entry:
+                key, value = sub.fields_by_name["key"], sub.fields_by_name["value"]
+                if key.type == FieldDescriptor.TYPE_STRING:
+
+                    def set_key(m: Any, v: str, n: str = name, value: Any = value) -> None:
+                        if value.type == FieldDescriptor.TYPE_MESSAGE:
+                            getattr(m, n)[v].SetInParent()
+                        else:
+                            getattr(m, n)[v] = value.default_value
+
+                    out.append((f"{name} (a key)", set_key))
+                if value.type == FieldDescriptor.TYPE_STRING:
+
+                    def set_value(m: Any, v: str, n: str = name) -> None:
+                        getattr(m, n)["k"] = v
+
+                    out.append((f"{name}['k']", set_value))
+                continue
+            for path, put in _string_fields(sub, depth + 1):
+                if fd.is_repeated:
+                    out.append((f"{name}[0].{path}",
+                                lambda m, v, n=name, p=put: p(getattr(m, n).add(), v)))  # fmt: skip
+                else:
+                    out.append((f"{name}.{path}",
+                                lambda m, v, n=name, p=put: p(getattr(m, n), v)))  # fmt: skip
+    return out
+
+
+async def test_every_string_field_of_every_request_has_a_length_limit(suite: Suite) -> None:
+    from google.protobuf.message_factory import GetMessageClass
+
+    long = "x" * 1000
+    checked: set[str] = set()
+    for port, method, desc in _methods(suite):
+        cls = GetMessageClass(desc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary(method)
+            for path, put in _string_fields(desc):
+                request = cls()
+                put(request, long)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(request.SerializeToString(), timeout=10)
+                details = err.value.details() or ""
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, path)
+                assert details.startswith(f"{path}: at most "), (method, details)
+                assert details.endswith("characters, got 1000") and len(details) < 200
+                checked.add(f"{method.rsplit('/', 1)[-1]} {path}")
+    assert {
+        "Recommend surface", "Recommend request_id", "Publish events[0].event_id",
+        "Publish events[0].features (a key)", "GenerateMany requests[0].params['k']",
+        "Merge lists[0].scores.columns[0]", "Score model", "ModelInfer inputs[0].name",
+    } <= checked, checked  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "text"),
+    [
+        ("surface", "s" * 1024 * 1024, "surface: at most 63 characters, got 1048576"),
+        ("surface", "s" * 64, "surface: at most 63 characters, got 64"),
+        ("request_id", "r" * 1024 * 1024, "request_id: at most 128 characters, got 1048576"),
+        ("request_id", "r" * 129, "request_id: at most 128 characters, got 129"),
+        ("surface", "unknown-" * 7, "surface: unknown surface 'unknown-unknown-"),
+    ],
+)
+async def test_long_recommend_fields_are_refused_by_name_without_echoing_them(
+    suite: Suite, field: str, value: str, text: str
+) -> None:
+    request = gateway_pb2.RecommendRequest(surface="pymk", member=1, k=5)
+    setattr(request, field, value)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await suite.stub.Recommend(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(text)
+    assert len(err.value.details() or "") < 300
+
+
+def _metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def _until_listed(suite: Suite, done: Callable[[gateway_pb2.ListSurfacesResponse], bool]
+                        ) -> gateway_pb2.ListSurfacesResponse:  # fmt: skip
+    for _ in range(300):
+        listed, _ = await _statuses(suite)
+        if done(listed):
+            return listed
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the gateway never listed what was expected: {listed}")
+
+
+async def test_a_bad_workflow_file_keeps_the_last_good_version_serving(
+    suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgeflow.cli.suite_cmd import workflow_lines
+
+    caplog.set_level(logging.INFO, logger="edgeflow.gateway")
+    directory = suite.cfg.workflows_dir
+    keep, other = directory / "keep.yaml", directory / "other.yaml"
+    doc = yaml.safe_load((directory / "pymk.yaml").read_text())
+    doc["metadata"]["name"] = doc["spec"]["surface"] = "keep"
+    keep.write_text(yaml.safe_dump(doc))
+    member = members_with_degree(suite.graph, 8)[8]
+    try:
+        await _until_listed(suite, lambda listed: "keep" in listed.surfaces)
+        served = await suite.recommend(member, k=5, surface="keep")
+        rejections = _metric("edgeflow_gateway_workflow_rejections_total")
+
+        keep.write_text("spec: " + "[" * 20_000 + "]" * 20_000 + "\n")
+        listed = await _until_listed(suite, lambda listed: bool(listed.rejected))
+        [rejected] = listed.rejected
+        assert rejected.startswith(f"{keep}: invalid workflow") and "nesting depth" in rejected
+        assert "keep" in listed.surfaces  # its last valid version
+        again = await suite.recommend(member, k=5, surface="keep")
+        assert [e.target for e in again.edges] == [e.target for e in served.edges]
+        assert _metric("edgeflow_gateway_workflow_files_rejected") == 1
+
+        # Reloading goes on (a new file is served), and the refusal is not logged again.
+        doc["metadata"]["name"] = doc["spec"]["surface"] = "other"
+        other.write_text(yaml.safe_dump(doc))
+        listed = await _until_listed(suite, lambda listed: "other" in listed.surfaces)
+        assert "keep" in listed.surfaces and len(listed.rejected) == 1
+        assert _metric("edgeflow_gateway_workflow_rejections_total") == rejections + 1
+        logged = [r.getMessage() for r in caplog.records if "workflow rejected" in r.getMessage()]
+        assert len(logged) == 1 and "surface 'keep' keeps its last valid version" in logged[0]
+        lines = workflow_lines(listed, "gw")
+        assert any(line.startswith(f"  REJECTED {keep}: invalid workflow") for line in lines)
+    finally:
+        keep.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+    listed = await _until_listed(
+        suite, lambda listed: not listed.rejected and "keep" not in listed.surfaces
+    )
+    assert "other" not in listed.surfaces
+    assert _metric("edgeflow_gateway_workflow_files_rejected") == 0
+
+
+async def test_a_gateway_starts_with_its_valid_files_and_names_the_bad_ones(
+    suite: Suite, tmp_path: Path
+) -> None:
+    from edgeflow.gateway.service import GatewayService
+
+    (tmp_path / "pymk.yaml").write_text((suite.cfg.workflows_dir / "pymk.yaml").read_text())
+    (tmp_path / "deep.yaml").write_text("spec: " + "{a: " * 5_000 + "1" + "}" * 5_000 + "\n")
+    gateway = GatewayService(dataclasses.replace(suite.cfg, workflows_dir=tmp_path))
+    server, _, _ = await start_server(gateway, "127.0.0.1:0")
+    try:
+        assert list(gateway.workflows) == ["pymk"]
+        [rejected] = gateway.rejected
+        assert rejected.startswith(f"{tmp_path / 'deep.yaml'}: invalid workflow")
+    finally:
+        await server.stop(None)
+        await gateway.stop()
+    (tmp_path / "pymk.yaml").unlink()
+    with pytest.raises(RuntimeError, match=r"no valid workflow in .* \(1 files refused"):
+        await GatewayService(dataclasses.replace(suite.cfg, workflows_dir=tmp_path)).start()
+
+
+async def test_publish_while_redis_loads_is_unavailable(suite: Suite, tmp_path: Path) -> None:
+    from loading_redis import loading_redis
+
+    from edgeflow.gateway.service import GatewayService
+
+    with loading_redis(tmp_path, keys=3000, delay_us=200_000) as proc:
+        gateway = GatewayService(dataclasses.replace(suite.cfg, redis_url=proc.url))
+        server, port, _ = await start_server(gateway, "127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                event = gateway_pb2.MemberEvent(
+                    type=gateway_pb2.MemberEvent.BLOCK, member=1, target=2
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await RecommenderStub(ch).Publish(
+                        gateway_pb2.PublishRequest(events=[event]), timeout=30
+                    )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading the dataset" in (err.value.details() or "")
+        finally:
+            await server.stop(None)
+            await gateway.stop()
 
 
 async def test_redis_down_is_unavailable_not_a_hang(suite: Suite) -> None:

@@ -641,3 +641,62 @@ async def test_redis_stopped_mid_test_is_unavailable(
         if not stopped:
             proc.stop()
         await shut(service, running)
+
+
+async def test_a_redis_still_loading_is_unavailable_not_failed_precondition(
+    tmp_path: Path,
+) -> None:
+    from loading_redis import is_loading, loading_redis
+
+    with loading_redis(tmp_path, keys=3000, delay_us=200_000) as proc:
+        service, running = await run_service(proc.url)
+        try:
+            request = merging_pb2.MergeRequest(
+                member=1, lists=[wire("fof", [2, 3], [2.0, 1.0])], k=5, filters=["connected"]
+            )
+            blocked = merging_pb2.FilterRequest(member=1, ids=[2], filters=["blocked"])
+            for call, req in ((running.stub.Merge, request), (running.stub.Filter, blocked)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(req, timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                assert "still loading its data set (LOADING)" in (err.value.details() or "")
+            assert is_loading(proc.port)
+        finally:
+            await shut(service, running)
+
+
+def _largest_merge() -> merging_pb2.MergeRequest:
+    """The largest Merge a valid workflow sends: 16 inputs of 5,000 candidates, each with the
+    list's score and 16 source columns, member ids of 10 bytes on the wire."""
+    from edgeflow import guard
+
+    n, sources = guard.MAX_CANDIDATES, guard.MAX_NODE_INPUTS
+    req = merging_pb2.MergeRequest(member=1, k=1000)
+    names = [f"source-{j:02d}-{'x' * 52}" for j in range(sources)]  # 63-character node names
+    for i in range(guard.MAX_NODE_INPUTS):
+        lst = req.lists.add(name=names[i], weight=1.0, mode="online", age_seconds=1.0)
+        lst.ids.extend(range(2**62 + i * n, 2**62 + (i + 1) * n))
+        mat = np.random.default_rng(i).random((n, 1 + sources), dtype=np.float32)
+        lst.scores.CopyFrom(tensor.pack(mat, ["score", *(f"source:{s}" for s in names)]))
+        for s in names:
+            lst.sources.add(name=s, mode="offline", age_seconds=3600.0)
+    return req
+
+
+async def test_the_largest_legitimate_merge_fits_and_a_larger_one_is_refused(
+    merging: Running,
+) -> None:
+    from edgeflow.guard import limits_for
+
+    largest = _largest_merge()
+    limit = limits_for("merging").max_receive_bytes
+    assert largest.ByteSize() <= limit < 64 * 1024 * 1024
+    resp = await merging.stub.Merge(largest, timeout=60)
+    assert len(resp.edges) == 1000
+    largest.lists.append(largest.lists[0])
+    largest.lists.append(largest.lists[1])
+    assert largest.ByteSize() > limit
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await merging.stub.Merge(largest, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(err.value.details() or "") < 200

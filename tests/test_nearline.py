@@ -159,6 +159,20 @@ def _pending(client: redis.Redis) -> dict[str, int]:
          "the embedding changes whole: 1 of 32"),
         (Event(type=Event.CONNECT, member=3, target=4, features={"degree": 1.0}),
          "only a profile_change carries features"),
+        (Event(type=Event.CONNECT, member=3, target=4, time=1e300),
+         "events[0].time: 1e+300 is "),
+        (Event(type=Event.CONNECT, member=3, target=4, time=time.time() + 3 * 86400),
+         "ahead of the gateway's clock; events may be at most 1 day ahead and 365 days behind"),
+        (Event(type=Event.CONNECT, member=3, target=4, time=time.time() - 2 * 365 * 86400),
+         "days behind the gateway's clock"),
+        (Event(type=Event.CONNECT, member=3, target=4, time=-5.0),
+         "events[0].time: must be unix seconds >= 0, got -5"),
+        (Event(type=Event.CONNECT, member=3, target=4, event_id="e" * 129),
+         "events[0].event_id: at most 128 characters, got 129"),
+        (Event(type=Event.CONNECT, member=3, target=4, event_id="e" * 1024 * 1024),
+         "events[0].event_id: at most 128 characters, got 1048576"),
+        (Event(type=Event.PROFILE_CHANGE, member=3, features={"f" * 1024 * 1024: 1.0}),
+         "events[0].features (a key): at most 256 characters, got 1048576"),
     ],
 )  # fmt: skip
 async def test_publish_names_the_bad_field(
@@ -168,6 +182,26 @@ async def test_publish_names_the_bad_field(
         await suite.publish(event)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert text in (err.value.details() or "")
+    assert len(err.value.details() or "") < 400
+
+
+async def test_publish_takes_recent_times_and_a_configured_skew(suite: Suite) -> None:
+    from edgeflow.nearline.events import EventError, parse_request
+
+    _fresh_stream(suite.client)
+    now = time.time()
+    member, target = members_with_degree(suite.graph, 6)[5:7]
+    for when in (now - 3600, now + 60, now - 300 * 86400):
+        event = Event(type=Event.DISMISS, member=member, target=target, time=when)
+        assert (await suite.publish(event)).published == 1
+    suite.client.delete(keys.dismissed(member))
+    _fresh_stream(suite.client)
+    request = gateway_pb2.PublishRequest(
+        events=[Event(type=Event.DISMISS, member=1, target=2, time=now + 120)]
+    )
+    with pytest.raises(EventError, match=r"events\[0\]\.time: .* 60 s ahead"):
+        parse_request(request, max_future_s=60, max_age_s=3600)
+    assert parse_request(request, max_future_s=600, max_age_s=3600)[0].time == now + 120
 
 
 async def test_block_dismiss_and_connect_apply_before_any_recompute(suite: Suite) -> None:

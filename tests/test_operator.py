@@ -276,6 +276,30 @@ def test_invalid_workflow_is_reported_and_gets_no_children(
     assert runner.exception is None and runner.exit_code == 0
 
 
+def test_a_deeply_nested_spec_is_invalid_not_a_crash(api: EmulatorThread, kubeconfig: Path) -> None:
+    """The operator checks the nesting before it copies kopf's views recursively, and reports
+    it like any invalid spec (the emulator itself takes no deeper documents than this)."""
+    ns = "deep"
+    bad = example("follows")
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(100):
+        inner["a"] = {}
+        inner = inner["a"]
+    first = bad["spec"]["nodes"][0]["name"]  # variant params: the schema keeps any value
+    variant = {"name": "a", "weight": 100, "overrides": {"params": {first: {"deep": deep}}}}
+    bad["spec"]["experiments"] = [{"name": "e", "variants": [variant]}]
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), bad)
+        obj = wait_condition(api, ns, "follows", "Valid", "False")
+        valid = condition(obj, "Valid")
+        assert valid["reason"] == "InvalidSpec"
+        assert "nested deeper than 32 levels" in valid["message"], valid["message"]
+        for kind in ("ConfigMap", "Deployment", "CronJob"):
+            assert children(api, ns, kind) == {}, kind
+    assert runner.exception is None and runner.exit_code == 0
+
+
 def test_invalid_update_keeps_the_last_valid_version_running(
     api: EmulatorThread, kubeconfig: Path
 ) -> None:

@@ -96,3 +96,54 @@ async def test_database_from_url(redis_proc: RedisProcess, redis_client: redis.R
     assert redis.Redis(port=redis_proc.port, db=3).get("in-db-3") == b"yes"
     with pytest.raises(ValueError, match="unsupported Redis URL scheme"):
         RawPipeline("rediss://127.0.0.1:6380/0")
+
+
+# ---- a Redis still loading its data set ---------------------------------------------------
+async def test_a_loading_redis_is_waited_for_briefly_then_unavailable(tmp_path: Path) -> None:
+    from loading_redis import is_loading, loading_redis
+
+    from edgeflow.resp import RespLoading
+
+    # About 10 minutes of loading: it is still loading whatever this machine's speed.
+    with loading_redis(tmp_path, keys=3000, delay_us=200_000) as proc:
+        assert is_loading(proc.port)
+        pipe = RawPipeline(proc.url, loading_wait_s=0.2)
+        try:
+            with pytest.raises(RespLoading) as err:
+                await pipe.execute(encode(b"GET", b"k0"), 1)
+            assert isinstance(err.value, RespError)  # callers answer UNAVAILABLE
+            assert "still loading its data set (LOADING)" in str(err.value)
+            assert f":{proc.port}" in str(err.value)
+            shape = FixedReply(b"$1\r\nv\r\n", np.ones(7, dtype=bool))
+            with pytest.raises(RespLoading):
+                await pipe.execute_fixed(encode(b"GET", b"k0"), 1, shape)
+        finally:
+            await pipe.close()
+
+
+async def test_a_redis_that_finishes_loading_within_the_wait_answers(tmp_path: Path) -> None:
+    from loading_redis import is_loading, loading_redis
+
+    # About 1 s of loading, against a wait far longer than any machine needs for it.
+    with loading_redis(tmp_path, keys=1000, delay_us=1000) as proc:
+        was_loading = is_loading(proc.port)
+        pipe = RawPipeline(proc.url, loading_wait_s=120.0)
+        try:
+            assert await pipe.execute(encode(b"GET", b"k0"), 1) == [b"v"]
+        finally:
+            await pipe.close()
+    assert was_loading  # otherwise this test did not test the wait
+
+
+async def test_the_request_path_redis_py_client_gives_up_on_loading(tmp_path: Path) -> None:
+    from loading_redis import loading_redis
+
+    from edgeflow.redis_client import connect_async
+
+    with loading_redis(tmp_path, keys=3000, delay_us=200_000) as proc:
+        client = connect_async(proc.url)
+        try:
+            with pytest.raises(redis.BusyLoadingError):
+                await client.get("k0")
+        finally:
+            await client.aclose()

@@ -197,3 +197,146 @@ def test_cli_validate_with_model_dir(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "no model 'pymk-ranker' in the registry" in proc.stderr
+
+
+# ---- untrusted documents: depth, size, non-finite numbers, long names ----------------------
+NESTED = {
+    "20000-flow-sequences": "spec: " + "[" * 20_000 + "]" * 20_000 + "\n",
+    "5000-flow-mappings": "spec: " + "{a: " * 5_000 + "1" + "}" * 5_000 + "\n",
+    "block-mappings": "".join(" " * i + f"k{i}:\n" for i in range(200)),
+    "alias-bomb": "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n"
+        for p, c in zip("abcdefg", "bcdefgh", strict=True)
+    ),
+}
+
+
+@pytest.mark.parametrize("text", NESTED.values(), ids=NESTED.keys())
+def test_deeply_nested_or_exploding_yaml_is_refused_naming_the_file(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(WorkflowError) as err:
+        load_workflow(path)
+    [problem] = err.value.problems
+    assert str(err.value).startswith(f"{path}: invalid workflow")
+    assert "not valid YAML" in problem
+    assert any(w in problem for w in ("deeper than", "nesting depth", "YAML nodes")), problem
+    assert len(str(err.value)) < 500
+
+
+def test_an_oversized_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    from edgeflow.workflow.limits import MAX_FILE_BYTES
+
+    path = tmp_path / "huge.yaml"
+    path.write_text("spec: {description: '" + "x" * MAX_FILE_BYTES + "'}\n")
+    with pytest.raises(WorkflowError) as err:
+        load_workflow(path)
+    assert err.value.problems == [f"file: larger than {MAX_FILE_BYTES} bytes (the limit)"]
+
+
+def test_a_deep_document_from_the_api_server_is_refused() -> None:
+    """The operator validates what the API server hands it (JSON, no YAML parser)."""
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(5_000):
+        inner["a"] = {}
+        inner = inner["a"]
+    doc = {"apiVersion": "edgeflow.dev/v1alpha1", "kind": "EdgeWorkflow",
+           "metadata": {"name": "x"}, "spec": {"surface": "x", "nodes": [deep]}}  # fmt: skip
+    with pytest.raises(WorkflowError) as err:
+        parse_document(doc, "EdgeWorkflow ns/x")
+    assert err.value.problems == ["document: nested deeper than 32 levels (the limit)"]
+
+
+def test_a_bad_file_costs_only_itself_in_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "pymk.yaml").write_text(PYMK.read_text())
+    (tmp_path / "deep.yaml").write_text(NESTED["20000-flow-sequences"])
+    (tmp_path / "bigint.yaml").write_text("spec: {budgetMs: " + "9" * 10_000 + "}\n")
+    workflows, errors = load_directory(tmp_path)
+    assert list(workflows) == ["pymk"]
+    assert sorted(e.source for e in errors) == [
+        str(tmp_path / "bigint.yaml"), str(tmp_path / "deep.yaml")
+    ]  # fmt: skip
+
+
+def test_cli_validate_refuses_a_deep_file_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "deep.yaml"
+    bad.write_text(NESTED["5000-flow-mappings"])
+    cmd = [sys.executable, "-m", "edgeflow.cli.main", "validate", str(bad), str(PYMK)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"{bad}: invalid workflow") and "Traceback" not in proc.stderr
+    assert "valid workflow 'pymk'" in proc.stdout
+
+
+def _ab() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "pymk-ab.yaml").read_text())
+    return loaded
+
+
+NON_FINITE = [
+    ("blend-weight", lambda d: node(d, "blend")["params"].setdefault("weights", {}), "rank",
+     "node 'blend' field params.weights.rank"),
+    ("source-limit", lambda d: node(d, "fof")["params"], "limit", "node 'fof' field params.limit"),
+    ("timeout", lambda d: node(d, "rank"), "timeoutMs", "node 'rank' field timeoutMs"),
+    ("budget", lambda d: d["spec"], "budgetMs", "spec field budgetMs"),
+    ("variant-weight", lambda d: d["spec"]["experiments"][0]["variants"][0], "weight",
+     "experiment 'ranker-v2' field variants.0.weight"),
+    ("targeting-share", lambda d: d["spec"]["experiments"][1]["targeting"], "share",
+     "experiment 'popular-source' field targeting.share"),
+    ("shadow-share", lambda d: d["spec"]["shadows"][0], "share", "shadow 'ebr-wide' field share"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize(
+    ("where", "field", "problem"), [c[1:] for c in NON_FINITE], ids=[c[0] for c in NON_FINITE]
+)
+def test_non_finite_numbers_are_refused_wherever_a_number_is_taken(
+    tmp_path: Path, where: Any, field: str, problem: str, value: str
+) -> None:
+    doc = _ab()
+    where(doc)[field] = "NUMBER"
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("NUMBER", value))  # as a user would write it
+    with pytest.raises(WorkflowError) as err:
+        load_workflow(path)
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+def test_blend_weights_are_bounded(doc: dict[str, Any]) -> None:
+    node(doc, "blend")["params"]["weights"]["rank"] = -1.0
+    node(doc, "blend")["params"]["weights"]["precomputed"] = 1e39  # infinite as float32
+    found = problems(doc)
+    assert (
+        "node 'blend' field params.weights.rank: Input should be greater than or equal to 0"
+        in found
+    )
+    assert any(
+        p.startswith("node 'blend' field params.weights.precomputed: Input should be less")
+        for p in found
+    )
+
+
+def test_messages_quote_only_a_short_prefix_of_what_was_written(doc: dict[str, Any]) -> None:
+    huge = "x" * 1_000_000
+    node(doc, "ebr")["op"] = huge
+    node(doc, "features")["inputs"] = ["fof", huge]
+    node(doc, "blend")["params"]["weights"][huge] = 1.0
+    node(doc, "fof")["params"][huge] = 1
+    doc["spec"]["output"] = huge
+    doc["spec"]["nodes"].append({"name": huge, "op": "candidates.popular"})
+    doc["kind"] = huge
+    with pytest.raises(WorkflowError) as err:
+        parse_document(doc, "wf.yaml")
+    assert len(str(err.value)) < 3000
+    assert "(1000000 characters)" in str(err.value)
+
+
+def test_a_document_with_very_many_problems_lists_the_first_ones(doc: dict[str, Any]) -> None:
+    doc["spec"]["nodes"] += [{"name": f"n{i}", "op": "nope"} for i in range(50)]
+    found = problems(doc)
+    assert len(found) == 21 and found[-1].startswith("... and ")

@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from edgeflow.workflow.model import API_VERSION, KIND
-from edgeflow.workflow.validate import Workflow, WorkflowError, parse_document
+from edgeflow.workflow.validate import Workflow, WorkflowError, check_size, parse_document
 from edgeflow_operator import GROUP, PLURAL, VERSION, conditions
 from edgeflow_operator.children import (
     AnnotationError,
@@ -123,10 +123,12 @@ async def reconcile(
     generation = int(meta.get("generation") or 1)
     current = _plain(status.get("conditions") or [])
     owner = Owner.from_body(body)
-    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name},
-           "spec": _plain(spec)}  # fmt: skip
+    source = f"EdgeWorkflow {namespace}/{name}"
     try:
-        wf = parse_document(doc, source=f"EdgeWorkflow {namespace}/{name}")
+        check_size(spec, source)  # before _plain walks it: a deep spec is invalid, not a crash
+        doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name},
+               "spec": _plain(spec)}  # fmt: skip
+        wf = parse_document(doc, source=source)
         children, digest = desired_children(owner, wf, memo.config)
     except (WorkflowError, AnnotationError) as exc:
         problems = exc.problems if isinstance(exc, WorkflowError) else [str(exc)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,17 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"environment variable {name}={raw!r} is not an integer") from exc
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise SystemExit(f"environment variable {name}={raw!r} is not a number >= 0")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting a service or the CLI reads; defaults are the embedded local suite."""
@@ -30,6 +42,15 @@ class Config:
     home: Path = field(default_factory=lambda: Path(_env("EDGEFLOW_HOME", ".edgeflow")).resolve())
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6390/0"))
     qdrant_url: str = field(default_factory=lambda: _env("QDRANT_URL", ""))
+    # Member embeddings (vectors.py). A server collection's shards and replication factor
+    # (with QDRANT_URL), and the HNSW index of both engines: links per point, the candidate
+    # list while building and while searching, and scalar quantization ("int8"; "none": off).
+    qdrant_shards: int = field(default_factory=lambda: _env_int("QDRANT_SHARDS", 1))
+    qdrant_replicas: int = field(default_factory=lambda: _env_int("QDRANT_REPLICAS", 1))
+    hnsw_m: int = field(default_factory=lambda: _env_int("QDRANT_HNSW_M", 16))
+    hnsw_ef_construct: int = field(default_factory=lambda: _env_int("QDRANT_HNSW_EF_CONSTRUCT", 64))
+    hnsw_ef: int = field(default_factory=lambda: _env_int("QDRANT_HNSW_EF", 128))
+    qdrant_quantization: str = field(default_factory=lambda: _env("QDRANT_QUANTIZATION", "none"))
     candidates_addr: str = field(default_factory=lambda: _env("CANDIDATES_ADDR", "127.0.0.1:50061"))
     features_addr: str = field(default_factory=lambda: _env("FEATURES_ADDR", "127.0.0.1:50062"))
     scoring_addr: str = field(default_factory=lambda: _env("SCORING_ADDR", "127.0.0.1:50063"))
@@ -47,6 +68,23 @@ class Config:
     reload_interval_s: float = field(
         default_factory=lambda: float(_env("EDGEFLOW_RELOAD_INTERVAL_S", "2"))
     )
+    # Request CPU work (cpu.py): threads of each process's pool; 0 runs it on the event loop.
+    cpu_threads: int = field(default_factory=lambda: _env_int("EDGEFLOW_CPU_THREADS", 2))
+    # Refuse request work whose deadline has already passed; 0 starts it however late.
+    deadline_checks: bool = field(
+        default_factory=lambda: _env_int("EDGEFLOW_DEADLINE_CHECKS", 1) != 0
+    )
+    # Friends of friends: neighbour visits one two-hop expansion may make before the
+    # best-connected intermediates are left out (hub members); 0: no cap.
+    fof_max_visits: int = field(
+        default_factory=lambda: _env_int("EDGEFLOW_FOF_MAX_VISITS", 100_000)
+    )
+    # Gateway: a request's candidate sources go to the candidates service in one
+    # GenerateMany ("all"), one per node timeout ("timeout"), or one until a workflow's
+    # slower sources are often slow enough to hold up the faster ones ("auto").
+    candidate_batches: str = field(
+        default_factory=lambda: _env("EDGEFLOW_CANDIDATE_BATCHES", "auto")
+    )
     workflows_dir: Path = field(
         default_factory=lambda: Path(_env("EDGEFLOW_WORKFLOWS", str(REPO_ROOT / "workflows")))
     )
@@ -54,6 +92,19 @@ class Config:
         default_factory=lambda: Path(
             _env("EDGEFLOW_FEATURE_REPO_TEMPLATE", str(REPO_ROOT / "feature_repo"))
         )
+    )
+    # gRPC calls a service runs at once before it sheds more with RESOURCE_EXHAUSTED;
+    # 0: the service's own bound (edgeflow.guard, from its memory and message sizes).
+    max_concurrent_rpcs: int = field(
+        default_factory=lambda: _env_int("EDGEFLOW_MAX_CONCURRENT_RPCS", 0)
+    )
+    # Gateway Publish: how far an event's time may be ahead of the gateway's clock, and
+    # behind it (seconds); further is INVALID_ARGUMENT.
+    event_max_future_s: float = field(
+        default_factory=lambda: _env_float("EDGEFLOW_EVENT_MAX_FUTURE_S", 86400.0)
+    )
+    event_max_age_s: float = field(
+        default_factory=lambda: _env_float("EDGEFLOW_EVENT_MAX_AGE_S", 365 * 86400.0)
     )
 
     @property
@@ -63,7 +114,9 @@ class Config:
 
     @property
     def qdrant_path(self) -> Path:
-        """Qdrant local-mode storage, used when QDRANT_URL is unset."""
+        """The in-process engine's storage (qdrant-edge shards), used when QDRANT_URL is
+        unset: `shards/<collection>` written by training, `readers/<pid>-<collection>` the
+        private copy each reading process opens."""
         return Path(_env("QDRANT_PATH", str(self.home / "qdrant")))
 
     @property
@@ -75,6 +128,12 @@ class Config:
     def run_dir(self) -> Path:
         """Pid files and logs of the processes `edgeflow up` started."""
         return self.home / "run"
+
+    @property
+    def graph_dir(self) -> Path:
+        """This machine's graph snapshot files, each mapped by every process that holds the
+        graph (graph_store.py). Local disk; in a pod, its emptyDir."""
+        return Path(_env("EDGEFLOW_GRAPH_DIR", str(self.home / "graph")))
 
 
 def load() -> Config:

@@ -7,8 +7,12 @@ loops, and training and serving call the very same functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
+import mmap
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,12 +25,83 @@ class EdgeFileError(ValueError):
     """A malformed edge list; the message names the file and the line."""
 
 
-@dataclass(frozen=True)
-class Graph:
-    ids: np.ndarray  # int64, sorted external member ids
-    indptr: np.ndarray  # int64, len n+1
+# Dense neighbour indices are int32 positions: a graph holds fewer than 2^31 members.
+# Member ids are int64 and row offsets int64, so edges are not bounded below 2^62.
+MAX_MEMBERS = 2**31 - 1
+
+
+class _Base:
+    """The CSR a graph and every graph derived from it by `with_edges` share: arrays built
+    in memory, or read-only views of a snapshot file mapped by every process of a machine."""
+
+    __slots__ = ("_degree", "ids", "indices", "indptr")
+
+    def __init__(self, ids: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> None:
+        self.ids = ids
+        self.indptr = indptr
+        self.indices = indices
+        self._degree: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.size)
+
+    @property
+    def degree(self) -> np.ndarray:
+        if self._degree is None:
+            self._degree = np.diff(self.indptr)
+        return self._degree
+
+
+@dataclass(frozen=True, eq=False)
+class _Overlay:
+    """Adjacency that replaces the base's for some members: a small CSR over `rows`.
+
+    Members added after the base get dense indices base.n, base.n + 1, ... (`new_ids`, all
+    greater than every base id, so dense order stays id order) and always have a row here.
+    """
+
+    rows: np.ndarray  # int64 dense rows, sorted
+    indptr: np.ndarray  # int64, len rows.size + 1
     indices: np.ndarray  # int32 dense neighbour indices, sorted within each row
-    version: str = ""
+    new_ids: np.ndarray  # int64 sorted ids of members the base does not have
+    entries: int  # neighbour entries of the whole graph (2 x edges)
+
+    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of `rows` that have an overlay row, their slot in `self.rows`)."""
+        if not self.rows.size:
+            return np.zeros(rows.shape, dtype=bool), np.zeros(rows.shape, dtype=np.int64)
+        slot = np.minimum(np.searchsorted(self.rows, rows), self.rows.size - 1)
+        return self.rows[slot] == rows, slot
+
+
+class Graph:
+    """An undirected graph over members with external int64 ids, as a CSR over dense indices.
+
+    `ids` is sorted (a member's dense index is its rank), `indptr` int64 and `indices` int32,
+    sorted within each row. A graph never changes: `with_edges` returns a new one that shares
+    this one's arrays and keeps the adjacency of the members it changed in a small overlay, so
+    a delta batch costs what it touches, not a copy of the neighbour array. `neighbors`,
+    `gather`, `degree` and the lookups read through the overlay; `indptr` and `indices` of a
+    graph with an overlay are merged into new arrays on first use (bulk jobs, compaction),
+    so request paths should use the former.
+    """
+
+    __slots__ = ("_base", "_cache", "_ov", "_version")
+
+    def __init__(
+        self, ids: np.ndarray, indptr: np.ndarray, indices: np.ndarray, version: str = ""
+    ) -> None:
+        self._base = _Base(ids, indptr, indices)
+        self._ov: _Overlay | None = None
+        self._version = version
+        self._cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def _derived(cls, base: _Base, overlay: _Overlay | None, version: str) -> Graph:
+        graph = cls.__new__(cls)
+        graph._base, graph._ov, graph._version, graph._cache = base, overlay, version, {}
+        return graph
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -41,17 +116,19 @@ class Graph:
         dst = np.asarray(dst, dtype=np.int64)
         parts = [src, dst] if members is None else [src, dst, np.asarray(members, np.int64)]
         ids = (
-            np.unique(np.concatenate(parts))
+            _distinct(np.concatenate(parts))
             if parts[0].size or len(parts) > 2
             else np.zeros(0, np.int64)
         )
+        if ids.size > MAX_MEMBERS:
+            raise ValueError(f"{ids.size:,} members: a graph holds at most {MAX_MEMBERS:,}")
         keep = src != dst
         a = np.searchsorted(ids, src[keep])
         b = np.searchsorted(ids, dst[keep])
         n = ids.size
         both_a = np.concatenate([a, b])
         both_b = np.concatenate([b, a])
-        key = np.unique(both_a.astype(np.int64) * n + both_b)
+        key = _distinct(both_a.astype(np.int64) * n + both_b)
         rows = key // max(n, 1)
         cols = (key % max(n, 1)).astype(np.int32)
         indptr = np.zeros(n + 1, dtype=np.int64)
@@ -60,68 +137,234 @@ class Graph:
 
     # ---- basic access ------------------------------------------------------------------
     @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 external ids, sorted: ids[i] is the member at dense index i."""
+        ov = self._ov
+        if ov is None or not ov.new_ids.size:
+            return self._base.ids
+        ids = self._cache.get("ids")
+        if ids is None:
+            ids = self._cache["ids"] = np.concatenate([self._base.ids, ov.new_ids])
+        return ids
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """int64 row offsets into `indices` (merged on first use when there is an overlay)."""
+        return self._base.indptr if self._ov is None else self._merged()[0]
+
+    @property
+    def indices(self) -> np.ndarray:
+        """int32 dense neighbour indices, sorted within each row (merged like `indptr`)."""
+        return self._base.indices if self._ov is None else self._merged()[1]
+
+    @property
     def n(self) -> int:
-        return int(self.ids.size)
+        return self._base.n + (0 if self._ov is None else int(self._ov.new_ids.size))
 
     @property
     def edge_count(self) -> int:
-        return int(self.indices.size // 2)
+        return int(self._base.indices.size if self._ov is None else self._ov.entries) // 2
 
     @property
     def degree(self) -> np.ndarray:
-        return np.diff(self.indptr)
+        ov = self._ov
+        if ov is None:
+            return self._base.degree
+        deg = self._cache.get("degree")
+        if deg is None:
+            deg = np.zeros(self.n, dtype=np.int64)
+            deg[: self._base.n] = self._base.degree
+            deg[ov.rows] = np.diff(ov.indptr)
+            self._cache["degree"] = deg
+        return deg
+
+    @property
+    def changed_rows(self) -> np.ndarray:
+        """Dense rows whose adjacency differs from the snapshot's (sorted; new members too)."""
+        return np.zeros(0, np.int64) if self._ov is None else self._ov.rows
+
+    def shares_snapshot(self, other: Graph) -> bool:
+        """True when both graphs are the same snapshot with (maybe) different overlays."""
+        return self._base is other._base
 
     def index_of(self, member: int) -> int:
         """Dense index of a member, or -1 when it is not in the graph."""
-        i = int(np.searchsorted(self.ids, member))
-        return i if i < self.n and self.ids[i] == member else -1
+        ids = self.ids
+        i = int(np.searchsorted(ids, member))
+        return i if i < ids.size and ids[i] == member else -1
 
     def indices_of(self, members: np.ndarray) -> np.ndarray:
         """Dense indices of many members; -1 where a member is unknown."""
         members = np.asarray(members, dtype=np.int64)
-        if self.n == 0:
+        ids = self.ids
+        if ids.size == 0:
             return np.full(members.shape, -1, dtype=np.int64)
-        pos = np.searchsorted(self.ids, members)
-        pos_c = np.minimum(pos, self.n - 1)
-        return np.where(self.ids[pos_c] == members, pos_c, -1)
+        pos = np.searchsorted(ids, members)
+        pos_c = np.minimum(pos, ids.size - 1)
+        return np.where(ids[pos_c] == members, pos_c, -1)
 
     def neighbors(self, i: int) -> np.ndarray:
-        return self.indices[self.indptr[i] : self.indptr[i + 1]]
+        ov = self._ov
+        if ov is not None:
+            j = int(np.searchsorted(ov.rows, i))
+            if j < ov.rows.size and ov.rows[j] == i:
+                return ov.indices[ov.indptr[j] : ov.indptr[j + 1]]
+        base = self._base
+        return base.indices[base.indptr[i] : base.indptr[i + 1]]
 
     def edges(self) -> tuple[np.ndarray, np.ndarray]:
         """Each undirected edge once, as external ids (u < v by dense index)."""
+        indices = self.indices
         rows = np.repeat(np.arange(self.n, dtype=np.int64), self.degree)
-        mask = rows < self.indices
-        return self.ids[rows[mask]], self.ids[self.indices[mask]]
+        mask = rows < indices
+        return self.ids[rows[mask]], self.ids[indices[mask]]
 
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated neighbour lists of `rows`: (owner position in rows, neighbour index)."""
         rows = np.asarray(rows, dtype=np.int64)
-        starts = self.indptr[rows]
-        lens = self.indptr[rows + 1] - starts
+        base, ov = self._base, self._ov
+        hit: np.ndarray | None = None
+        if ov is not None:
+            hit, slot = ov.find(rows)
+            if not hit.any():
+                hit = None
+        if hit is None:
+            starts = base.indptr[rows]
+            lens = base.indptr[rows + 1] - starts
+        else:
+            assert ov is not None
+            at = np.where(hit, 0, rows)  # rows of new members are always overlay rows
+            first = base.indptr[at]
+            starts = np.where(hit, ov.indptr[slot] + base.indices.size, first)
+            lens = np.where(hit, ov.indptr[slot + 1] - ov.indptr[slot],
+                            base.indptr[np.minimum(at + 1, base.n)] - first)  # fmt: skip
         total = int(lens.sum())
         owner = np.repeat(np.arange(rows.size, dtype=np.int64), lens)
         offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        return owner, self.indices[np.repeat(starts, lens) + offsets]
+        pos = np.repeat(starts, lens) + offsets
+        if hit is None:
+            return owner, base.indices[pos]
+        assert ov is not None
+        out = np.empty(total, dtype=base.indices.dtype)
+        in_base = pos < base.indices.size
+        out[in_base] = base.indices[pos[in_base]]
+        out[~in_base] = ov.indices[pos[~in_base] - base.indices.size]
+        return owner, out
 
+    def _merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """The overlay folded into one CSR (cached): what a fresh `from_edges` would hold."""
+        indptr, indices = self._cache.get("indptr"), self._cache.get("indices")
+        if indptr is not None and indices is not None:
+            return indptr, indices
+        base, ov = self._base, self._ov
+        assert ov is not None
+        indptr = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(self.degree, out=indptr[1:])
+        indices = np.empty(int(indptr[-1]), dtype=base.indices.dtype)
+        previous = 0  # the first base row not copied yet
+        for j, r in enumerate(ov.rows.tolist()):
+            stop = min(r, base.n)
+            if stop > previous:  # base rows previous..stop-1 are unchanged
+                indices[indptr[previous] : indptr[stop]] = base.indices[
+                    base.indptr[previous] : base.indptr[stop]
+                ]
+            indices[indptr[r] : indptr[r + 1]] = ov.indices[ov.indptr[j] : ov.indptr[j + 1]]
+            previous = max(stop, min(r + 1, base.n))
+        if previous < base.n:
+            indices[indptr[previous] : indptr[base.n]] = base.indices[base.indptr[previous] :]
+        self._cache["indptr"], self._cache["indices"] = indptr, indices
+        return indptr, indices
+
+    def compacted(self, version: str = "") -> Graph:
+        """The same graph without an overlay: its own merged arrays (a new snapshot)."""
+        return Graph(self.ids, self.indptr, self.indices, version or self.version)
+
+    def snapshot_graph(self, version: str = "") -> Graph:
+        """The snapshot this graph was derived from, without the overlay (no copy)."""
+        return Graph._derived(self._base, None, version or self.version.split("+", 1)[0])
+
+    # ---- nearline changes ---------------------------------------------------------------
     def with_edges(self, pairs: np.ndarray, present: np.ndarray, version: str = "") -> Graph:
         """A new graph with each (u, v) pair of external ids made an edge (present) or not.
 
         A pair listed twice takes its last state; unknown members are added, and members
-        keep their place even when they lose every edge.
+        keep their place even when they lose every edge. The new graph shares this one's
+        arrays: only the adjacency of the members the pairs touch is rebuilt, into the
+        overlay. Members whose ids are larger than every member's are appended; an unknown
+        id in between the known ones changes every dense index after it, so that rebuilds
+        the whole graph.
         """
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         present = np.asarray(present, dtype=bool).reshape(-1)
         if pairs.shape[0] != present.size:
             raise ValueError(f"{pairs.shape[0]} pairs but {present.size} states")
+        version = version or self.version
         keep = pairs[:, 0] != pairs[:, 1]
         lo = np.minimum(pairs[keep, 0], pairs[keep, 1])
         hi = np.maximum(pairs[keep, 0], pairs[keep, 1])
         present = present[keep]
-        if lo.size and (self.indices_of(lo) >= 0).all() and (self.indices_of(hi) >= 0).all():
-            return self._patched(self.indices_of(lo), self.indices_of(hi), present, version)
+        if not lo.size:
+            return Graph._derived(self._base, self._ov, version)
+        ends = np.concatenate([lo, hi])
+        dense = self.indices_of(ends)
+        unknown = _distinct(ends[dense < 0])
+        n = self.n
+        if unknown.size and n and unknown[0] <= self.ids[-1]:
+            return self._rebuilt(lo, hi, present, version)
+        if n + unknown.size > MAX_MEMBERS:
+            raise ValueError(f"a graph holds at most {MAX_MEMBERS:,} members")
+        dense[dense < 0] = n + np.searchsorted(unknown, ends[dense < 0])
+        size = np.int64(n + unknown.size)
+        key = dense[: lo.size] * size + dense[lo.size :]
+        # Last state per pair: unique over the reversed changes keeps the latest.
+        last, first = np.unique(key[::-1], return_index=True)
+        on = present[::-1][first]
+        a, b = last // size, last % size
+        touched = _distinct(np.concatenate([a, b]))
+        known = touched[touched < n]
+        owner, nbr = self.gather(known)
+        current = known[owner] * size + nbr
+        change = np.concatenate([last, b * size + a])  # both directions of each pair
+        change_on = np.concatenate([on, on])
+        current = current[~np.isin(current, change)]
+        keys = np.concatenate([current, change[change_on]])
+        keys.sort()  # the touched rows' new adjacency, row by row
+        ov, base = self._ov, self._base
+        t_rows = keys // size
+        t_vals = (keys % size).astype(base.indices.dtype)
+        t_lens = np.searchsorted(t_rows, touched, "right") - np.searchsorted(t_rows, touched)
+        if ov is None:
+            rows, lens, indices, new_ids = touched, t_lens, t_vals, unknown
+        else:
+            # The previous overlay's rows that this batch did not touch stay as they were;
+            # each touched row's entries go in after the kept rows before it (no re-sort).
+            old_lens = np.diff(ov.indptr)
+            kept = ~_sorted_isin(ov.rows, touched)
+            kept_rows, kept_lens = ov.rows[kept], old_lens[kept]
+            kept_ends = np.zeros(kept_rows.size + 1, dtype=np.int64)
+            np.cumsum(kept_lens, out=kept_ends[1:])
+            at = kept_ends[np.searchsorted(kept_rows, touched)]
+            indices = np.insert(ov.indices[np.repeat(kept, old_lens)], np.repeat(at, t_lens),
+                                t_vals)  # fmt: skip
+            rows = np.concatenate([kept_rows, touched])
+            order = np.argsort(rows, kind="stable")
+            rows, lens = rows[order], np.concatenate([kept_lens, t_lens])[order]
+            new_ids = np.concatenate([ov.new_ids, unknown])
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        old_rows = rows[rows < base.n]
+        entries = base.indices.size - int(base.degree[old_rows].sum()) + indices.size
+        overlay = _Overlay(rows, indptr, indices, new_ids, entries)
+        return Graph._derived(base, overlay, version)
+
+    def _rebuilt(self, lo: np.ndarray, hi: np.ndarray, present: np.ndarray, version: str) -> Graph:
+        """with_edges by a full rebuild: for members whose ids fall between known ones."""
         src, dst = self.edges()  # (lo, hi) by id: dense order is id order
-        ids = np.unique(np.concatenate([self.ids, lo, hi]))
+        ids = _distinct(np.concatenate([self.ids, lo, hi]))
         n = np.int64(ids.size)
         old_key = np.searchsorted(ids, src) * n + np.searchsorted(ids, dst)
         new_key = np.searchsorted(ids, lo) * n + np.searchsorted(ids, hi)
@@ -132,48 +375,133 @@ class Graph:
         keys = np.concatenate([kept, last_key[last_on]])
         return Graph.from_edges(ids[keys // n], ids[keys % n], members=ids, version=version)
 
-    def _patched(self, a: np.ndarray, b: np.ndarray, present: np.ndarray, version: str) -> Graph:
-        """Rewrite only the rows the changes touch (known members): a copy, not a rebuild."""
-        rows: dict[int, set[int]] = {}
-        for u, v, on in zip(a.tolist(), b.tolist(), present.tolist(), strict=True):
-            for x, y in ((u, v), (v, u)):
-                nbrs = rows.get(x)
-                if nbrs is None:
-                    nbrs = rows[x] = set(self.neighbors(x).tolist())
-                if on:
-                    nbrs.add(y)
-                else:
-                    nbrs.discard(y)
-        degree = self.degree.copy()
-        pieces: list[np.ndarray] = []
-        previous = 0
-        for r in sorted(rows):
-            new = np.asarray(sorted(rows[r]), dtype=self.indices.dtype)
-            pieces += [self.indices[self.indptr[previous] : self.indptr[r]], new]
-            degree[r] = new.size
-            previous = r + 1
-        pieces.append(self.indices[self.indptr[previous] :])
-        indptr = np.zeros(self.n + 1, dtype=np.int64)
-        np.cumsum(degree, out=indptr[1:])
-        return Graph(self.ids, indptr, np.concatenate(pieces), version or self.version)
-
     # ---- serialisation (numpy arrays only, never pickle) ---------------------------------
+    # A snapshot is one file (or one byte string): an 8-byte magic, the length of a JSON
+    # header, the header (padded to 64 bytes) and each array, little-endian, at a 64-byte
+    # aligned offset. The same bytes go to Redis in chunks and to the machine's snapshot
+    # file, which every process maps read-only (`Graph.open`).
+    def serialised(self) -> list[memoryview]:
+        """The snapshot's bytes as consecutive pieces (views of the arrays, not copies)."""
+        arrays = [("ids", self.ids, "<i8"), ("indptr", self.indptr, "<i8"),
+                  ("indices", self.indices, "<i4")]  # fmt: skip
+        table, offset, data = [], 0, []
+        for name, arr, dtype in arrays:
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            table.append([name, dtype, int(arr.size), offset])
+            data.append(arr)
+            offset += _aligned(arr.nbytes)
+        header = json.dumps(
+            {"format": _FORMAT, "members": self.n, "edges": self.edge_count, "arrays": table},
+            sort_keys=True, separators=(",", ":"),
+        ).encode()  # fmt: skip
+        header += b" " * (_aligned(len(_MAGIC) + 8 + len(header)) - len(_MAGIC) - 8 - len(header))
+        pieces = [memoryview(_MAGIC + len(header).to_bytes(8, "little") + header)]
+        for arr in data:
+            pieces.append(arr.data.cast("B"))
+            if _aligned(arr.nbytes) > arr.nbytes:
+                pieces.append(memoryview(bytes(_aligned(arr.nbytes) - arr.nbytes)))
+        return pieces
+
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, ids=self.ids, indptr=self.indptr, indices=self.indices)
-        return buf.getvalue()
+        return b"".join(self.serialised())
 
     @classmethod
-    def from_bytes(cls, data: bytes, version: str = "") -> Graph:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(ids=z["ids"], indptr=z["indptr"], indices=z["indices"], version=version)
+    def from_bytes(
+        cls, data: bytes | bytearray | memoryview | mmap.mmap, version: str = ""
+    ) -> Graph:
+        """A graph over `data` (zero copy: its arrays are read-only views of the buffer)."""
+        if bytes(data[:2]) == b"PK":  # a snapshot of edgeflow before 0.x: np.savez
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return cls(z["ids"], z["indptr"], z["indices"], version)
+        return cls(*_parse(data), version=version)
+
+    @classmethod
+    def open(cls, path: Path, version: str = "") -> Graph:
+        """Map a snapshot file read-only: the pages are the machine's page cache, shared by
+        every process that maps the same file, and read from disk only when touched."""
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                raise SnapshotError(f"{path}: empty graph snapshot file")
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return cls(*_parse(mapped, str(path)), version=version)
+        except SnapshotError:
+            with contextlib.suppress(BufferError):  # views made before the error hold it
+                mapped.close()
+            raise
 
     def data_hash(self) -> str:
         """Content hash of the graph (ids and adjacency): the training-data hash of a model."""
         h = hashlib.sha256()
         for arr in (self.ids, self.indptr, self.indices):
-            h.update(np.ascontiguousarray(arr).tobytes())
+            h.update(np.ascontiguousarray(arr).data)
         return h.hexdigest()
+
+
+class SnapshotError(ValueError):
+    """A graph snapshot's bytes are not a snapshot (truncated, corrupt, unknown format)."""
+
+
+_MAGIC = b"EFGRAPH\x01"
+_FORMAT = 1
+_ALIGN = 64
+_DTYPES = {"ids": "<i8", "indptr": "<i8", "indices": "<i4"}
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _parse(
+    data: bytes | bytearray | memoryview | mmap.mmap, source: str = "graph snapshot"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, indptr, indices) views of a serialised snapshot, after checking its layout."""
+    size = len(data)
+    if size < len(_MAGIC) + 8 or bytes(data[: len(_MAGIC)]) != _MAGIC:
+        raise SnapshotError(f"{source}: not an edgeflow graph snapshot (bad magic)")
+    length = int.from_bytes(bytes(data[len(_MAGIC) : len(_MAGIC) + 8]), "little")
+    start = len(_MAGIC) + 8 + length
+    if start > size:
+        raise SnapshotError(f"{source}: truncated ({size} bytes, header ends at {start})")
+    try:
+        header = json.loads(bytes(data[len(_MAGIC) + 8 : start]))
+        table = {name: (dtype, count, offset) for name, dtype, count, offset in header["arrays"]}
+        if header["format"] != _FORMAT or set(table) != set(_DTYPES):
+            raise ValueError(f"format {header['format']}, arrays {sorted(table)}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"{source}: unreadable header: {exc}") from None
+    arrays = []
+    for name in ("ids", "indptr", "indices"):
+        dtype, count, offset = table[name]
+        if dtype != _DTYPES[name]:
+            raise SnapshotError(f"{source}: array {name} has dtype {dtype}, not {_DTYPES[name]}")
+        end = start + offset + count * np.dtype(dtype).itemsize
+        if end > size:
+            raise SnapshotError(f"{source}: truncated: array {name} ends at {end} of {size}")
+        arrays.append(np.frombuffer(data, dtype=dtype, count=count, offset=start + offset))
+    ids, indptr, indices = arrays
+    if (
+        indptr.size != ids.size + 1
+        or int(indptr[0]) != 0
+        or int(indptr[-1]) != indices.size
+        or header["members"] != ids.size
+        or header["edges"] * 2 != indices.size
+    ):
+        raise SnapshotError(f"{source}: inconsistent arrays for {header['members']} members")
+    return ids, indptr, indices
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) by sorting: numpy 2's hashing np.unique is several times slower on
+    the millions of int64 keys of a graph build."""
+    out = np.sort(values)
+    if out.size < 2:
+        return out
+    keep = np.empty(out.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(out[1:], out[:-1], out=keep[1:])
+    return out[keep]
 
 
 def _stamp(ids: np.ndarray, indices: np.ndarray) -> str:
@@ -372,20 +700,27 @@ def inverse_log_degree(graph: Graph) -> np.ndarray:
 
 
 def friends_of_friends(
-    graph: Graph, i: int, limit: int, weights: np.ndarray | None = None
+    graph: Graph,
+    i: int,
+    limit: int,
+    weights: np.ndarray | None = None,
+    via: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top `limit` friends of friends of dense member i, excluding i and its connections.
 
     Returns (candidate dense indices, common-neighbour counts, ranking score). The score is
     the weighted count when `weights` (per intermediate member, e.g. inverse_log_degree) is
     given and the plain count otherwise. Results are deterministic for a given graph.
+    `via` (sorted dense indices, a subset of i's connections, e.g. `expansion_budget`'s)
+    expands only those intermediates; counts and scores are then over them alone.
     """
     nbrs = graph.neighbors(i)
     empty = np.zeros(0, dtype=np.int64)
     if nbrs.size == 0 or limit <= 0:
         return empty, empty.astype(np.float32), empty.astype(np.float32)
-    owner, fof = graph.gather(nbrs)
-    w = None if weights is None else weights[nbrs][owner]
+    hop = nbrs if via is None else via
+    owner, fof = graph.gather(hop)
+    w = None if weights is None else weights[hop][owner]
     if fof.size * 8 > graph.n:
         # Dense counting beats sorting once the two-hop frontier is a fair share of the graph.
         dense = np.bincount(fof, minlength=graph.n)
@@ -404,6 +739,42 @@ def friends_of_friends(
         uniq, counts, score = uniq[top], counts[top], score[top]
     order = np.lexsort((uniq, -score))
     return uniq[order].astype(np.int64), counts[order], score[order]
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Which of a member's connections a two-hop expansion walks, and at what cost."""
+
+    via: np.ndarray | None  # sorted dense indices to expand; None: every connection
+    visits: int  # neighbour-list entries the expansion reads
+    full_visits: int  # what expanding every connection would read
+    expanded: int  # connections expanded
+    connections: int  # connections in all
+
+    @property
+    def capped(self) -> bool:
+        return self.via is not None
+
+
+def expansion_budget(graph: Graph, i: int, max_visits: int) -> Expansion:
+    """Bound the two-hop expansion of dense member i to about `max_visits` neighbour visits.
+
+    Below the budget (or with `max_visits` 0) every connection is expanded, and
+    friends_of_friends gives exactly its unbounded answer. Above it, the connections are
+    expanded least-connected first, as many as fit (at least one): a hub's best-connected
+    connections cost the most visits and, weighted by Adamic-Adar, say the least about any
+    one candidate. Deterministic: ties go to the lower index.
+    """
+    nbrs = graph.neighbors(i)
+    deg = graph.degree[nbrs]
+    full = int(deg.sum())
+    if max_visits <= 0 or full <= max_visits:
+        return Expansion(None, full, full, int(nbrs.size), int(nbrs.size))
+    order = np.lexsort((nbrs, deg))  # by degree, then index
+    fits = int(np.searchsorted(np.cumsum(deg[order]), max_visits, side="right"))
+    chosen = order[: max(fits, 1)]
+    via = np.sort(nbrs[chosen])
+    return Expansion(via, int(deg[chosen].sum()), full, int(via.size), int(nbrs.size))
 
 
 def _sorted_isin(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -444,6 +815,19 @@ def pair_measures(graph: Graph, i: int, cands: np.ndarray, inv_log_deg: np.ndarr
     out[rows, 3] = jac
     out[rows, 4] = np.log1p(du * dv)
     return out
+
+
+def pair_measures_work(graph: Graph, i: int, cands: np.ndarray) -> int:
+    """About how many neighbour-list entries pair_measures(graph, i, cands, ...) reads: the
+    smaller of i's two-hop neighbourhood and the candidates' neighbour lists (see
+    _shared_sums), plus one per candidate. O(degree + candidates) to find out."""
+    cands = np.asarray(cands, dtype=np.int64)
+    if i < 0:
+        return int(cands.size)
+    deg = graph.degree
+    known = cands[cands >= 0]
+    walk = min(int(deg[graph.neighbors(i)].sum()), int(deg[known].sum()))
+    return walk + int(cands.size)
 
 
 def _shared_sums(

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 PREFIX = "ef:"
 
-# Pointer to the current graph snapshot version, and the snapshots themselves.
+# Pointer to the current graph snapshot version, and the snapshots themselves. Every key of
+# one snapshot carries its version as the hash tag ({version}): in Redis Cluster they share a
+# slot, so one script may touch them all.
 GRAPH_CURRENT = PREFIX + "graph:current"
 
 
-def graph_snapshot(version: str) -> str:
-    return f"{PREFIX}graph:snapshot:{version}"
-
-
 def graph_meta(version: str) -> str:
-    return f"{PREFIX}graph:meta:{version}"
+    """HASH of a snapshot: members, edges, its bytes, chunk count and each chunk's sha256."""
+    return f"{PREFIX}graph:{{{version}}}:meta"
+
+
+def graph_chunk(version: str, index: int) -> str:
+    """STRING: bytes [index x chunk_bytes, (index + 1) x chunk_bytes) of a snapshot."""
+    return f"{PREFIX}graph:{{{version}}}:chunk:{index}"
 
 
 def adjacency(member: int) -> str:
@@ -55,7 +59,7 @@ def list_nearline(name: str, version: str) -> str:
 
 # Graph changes since a snapshot (a STREAM of edge states), followed by every GraphStore.
 def graph_deltas(version: str) -> str:
-    return f"{PREFIX}graph:deltas:{version}"
+    return f"{PREFIX}graph:{{{version}}}:deltas"
 
 
 def follows(member: int) -> str:

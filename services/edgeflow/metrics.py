@@ -92,6 +92,17 @@ PARTIAL_RESPONSES = Counter(
     ["surface", "variant"],
 )
 
+# ---- gateway: workflow files -------------------------------------------------------------
+WORKFLOW_FILES_REJECTED = Gauge(
+    "edgeflow_gateway_workflow_files_rejected",
+    "Workflow files the gateway refused at its last load (invalid, too large, nested too "
+    "deeply); the surfaces they served keep their last valid version.",
+)
+WORKFLOW_REJECTIONS = Counter(
+    "edgeflow_gateway_workflow_rejections_total",
+    "Workflow files refused, counted once each time a file (or a new version of it) is.",
+)
+
 # ---- gateway: the workflows' model references (gateway/models.py) ------------------------
 MODEL_PROBLEMS = Gauge(
     "edgeflow_gateway_model_problems",
@@ -175,6 +186,28 @@ NEARLINE_BACKLOG = Gauge(
     "Events of the stream not yet acknowledged by the nearline consumer group "
     "(undelivered plus pending), as of the worker's last batch.",
 )
+
+# ---- request CPU work and deadlines (cpu.py) ---------------------------------------------
+CPU_OFFLOADED = Counter(
+    "edgeflow_cpu_offloaded_total",
+    "Request work run on the process's CPU thread pool instead of its event loop, per kind "
+    "of work (fof, pair_features, score, ...).",
+    ["work"],
+)
+DEADLINE_REFUSED = Counter(
+    "edgeflow_deadline_refused_total",
+    "Request work not started because the request's deadline had already passed, per kind "
+    "of work (a candidate source, pair_features, score, ...).",
+    ["work"],
+)
+FOF_CAPPED = Counter(
+    "edgeflow_candidates_fof_capped_total",
+    "Friends-of-friends answers whose two-hop expansion was cut to the neighbour-visit "
+    "budget (EDGEFLOW_FOF_MAX_VISITS): hub members, ranked from their less-connected "
+    "connections only.",
+)
+cpu_offloaded = Children(CPU_OFFLOADED)
+deadline_refused = Children(DEADLINE_REFUSED)
 
 # ---- gateway helpers ----------------------------------------------------------------------
 _recommend = Children(RECOMMEND_SECONDS)

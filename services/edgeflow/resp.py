@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
@@ -22,10 +23,24 @@ from edgeflow.redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
 
 _READ_CHUNK = 1 << 16
 T = TypeVar("T")
+# A Redis that is still loading its data set answers every command "-LOADING ...". A call
+# waits this long for it (resending, with backoff) before it gives up with RespLoading.
+LOADING_WAIT_S = 0.5
+_LOADING_FIRST_DELAY_S = 0.01
+_LOADING_MAX_DELAY_S = 0.1
 
 
 class RespError(ConnectionError):
     """Redis could not be reached or stopped answering."""
+
+
+class RespLoading(RespError):
+    """Redis is still loading its data set (a restart): unavailable for now, not an error of
+    the request, so callers map it like any other RespError (UNAVAILABLE)."""
+
+    def __init__(self, message: str, resendable: bool = False) -> None:
+        super().__init__(message)
+        self.resendable = resendable  # every reply was LOADING: none of the commands ran
 
 
 class RespReplyError(RuntimeError):
@@ -78,7 +93,7 @@ class BitsReply(FixedReply):
 class RawPipeline:
     """A small pool of dedicated connections, one pipeline in flight on each."""
 
-    def __init__(self, url: str, size: int = 4) -> None:
+    def __init__(self, url: str, size: int = 4, loading_wait_s: float = LOADING_WAIT_S) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("redis", ""):
             raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} in {url}")
@@ -89,6 +104,7 @@ class RawPipeline:
         self._db = int(parsed.path.lstrip("/") or 0)
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._size = size
+        self._loading_wait_s = loading_wait_s
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(
@@ -112,20 +128,58 @@ class RawPipeline:
         self, payload: bytes, replies: int, timeout_s: float = SOCKET_TIMEOUT_S
     ) -> list:
         """Send encoded commands and return their `replies` replies, in order."""
-        out = await self._exchange(
-            payload, lambda reader: _read(reader, hiredis.Reader(), replies), timeout_s
-        )
-        return self._checked(out)
+
+        def send() -> Awaitable[list]:
+            return self._exchange(
+                payload, lambda reader: _read(reader, hiredis.Reader(), replies), timeout_s
+            )
+
+        try:
+            return self._checked(await send())
+        except RespLoading as exc:
+            out = await self._resend_while_loading(exc, send)
+        assert isinstance(out, list)
+        return out
 
     async def execute_fixed(
         self, payload: bytes, replies: int, shape: FixedReply, timeout_s: float = SOCKET_TIMEOUT_S
     ) -> np.ndarray | list:
         """Like `execute`, but when every reply has `shape`'s usual bytes, the replies as one
         (replies, shape.size) uint8 matrix."""
-        out = await self._exchange(
-            payload, lambda reader: _read_fixed(reader, replies, shape), timeout_s
-        )
-        return out if isinstance(out, np.ndarray) else self._checked(out)
+
+        def send() -> Awaitable[np.ndarray | list]:
+            return self._exchange(
+                payload, lambda reader: _read_fixed(reader, replies, shape), timeout_s
+            )
+
+        out = await send()
+        if isinstance(out, np.ndarray):
+            return out
+        try:
+            return self._checked(out)
+        except RespLoading as exc:
+            return await self._resend_while_loading(exc, send)
+
+    async def _resend_while_loading(
+        self, first: RespLoading, send: Callable[[], Awaitable[np.ndarray | list]]
+    ) -> np.ndarray | list:
+        """Send again, with backoff, while Redis answers that it is still loading its data
+        (every reply LOADING, so none of the commands ran), for up to the loading wait;
+        then raise RespLoading."""
+        deadline = time.monotonic() + self._loading_wait_s
+        delay = _LOADING_FIRST_DELAY_S
+        exc = first
+        while exc.resendable and time.monotonic() + delay <= deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LOADING_MAX_DELAY_S)
+            out = await send()
+            if isinstance(out, np.ndarray):
+                return out
+            try:
+                return self._checked(out)
+            except RespLoading as again:
+                exc = again
+        raise exc
 
     async def _exchange(
         self,
@@ -158,9 +212,18 @@ class RawPipeline:
         return out
 
     def _checked(self, replies: list) -> list:
+        loading = 0
         for rep in replies:
             if isinstance(rep, hiredis.ReplyError):
+                if str(rep).startswith("LOADING"):
+                    loading += 1
+                    continue
                 raise RespReplyError(f"Redis at {self._host}:{self._port} answered: {rep}")
+        if loading:
+            raise RespLoading(
+                f"Redis at {self._host}:{self._port} is still loading its data set (LOADING)",
+                loading == len(replies),
+            )
         return replies
 
     async def close(self) -> None:

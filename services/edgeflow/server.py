@@ -7,6 +7,7 @@ A service module provides a `Service`: it registers its servicer, loads what it 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -21,8 +22,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgeflow import metrics, tracing
+from edgeflow import cpu, metrics, tracing
 from edgeflow.config import Config
+from edgeflow.guard import Guard, Limits, clip_message, limits_for
 
 log = logging.getLogger("edgeflow")
 
@@ -41,12 +43,16 @@ class RequestError(Exception):
 
 
 async def answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-    """Await a handler's work; a RequestError becomes the call's status and message."""
+    """Await a handler's work; a RequestError becomes the call's status and message, and
+    work refused because the call's deadline had passed becomes DEADLINE_EXCEEDED."""
     try:
         return await work
     except RequestError as exc:
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, clip_message(exc.message))
         raise  # abort raises; this keeps type checkers aware
+    except cpu.DeadlineExpired as exc:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc.what}: {exc}")
+        raise
 
 
 class Service(ABC):
@@ -54,6 +60,8 @@ class Service(ABC):
 
     name: str  # e.g. "candidates"
     service_names: tuple[str, ...]  # full proto service names, for health and reflection
+    # Message size, concurrency and string limits (edgeflow.guard); None: the service's own.
+    limits: Limits | None = None
 
     @abstractmethod
     def register(self, server: grpc.aio.Server) -> None: ...
@@ -90,13 +98,15 @@ async def start_server(
     service: Service, address: str, health_servicer: health.aio.HealthServicer | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Bind, register health and reflection, start serving (NOT_SERVING), then load."""
+    limits = service.limits or limits_for(service.name)
     server = grpc.aio.server(
-        interceptors=[tracing.ServerTracing(service.name)],
+        interceptors=[tracing.ServerTracing(service.name, Guard(service.name, limits))],
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", limits.max_receive_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     service.register(server)
     health_servicer = health_servicer or health.aio.HealthServicer()
@@ -131,11 +141,15 @@ async def drain(
 async def serve(service: Service, cfg: Config) -> None:
     """Run a service until SIGTERM or SIGINT, then drain."""
     tracing.setup(service.name, cfg.otlp_endpoint)
+    cpu.configure(threads=cfg.cpu_threads, deadline_checks=cfg.deadline_checks)
     # Bound before the (slow) load, so a taken port fails at once and names itself.
     endpoint = None
     if cfg.metrics_port:
         endpoint = metrics.Endpoint(service.name, cfg.metrics_port, cfg.metrics_host)
         log.info("%s metrics on %s:%d/metrics", service.name, cfg.metrics_host, endpoint.port)
+    if cfg.max_concurrent_rpcs > 0:
+        own = service.limits or limits_for(service.name)
+        service.limits = dataclasses.replace(own, max_concurrent_rpcs=cfg.max_concurrent_rpcs)
     server, _, health_servicer = await start_server(service, f"0.0.0.0:{cfg.port}")
     # What start-up loaded lives for the whole process: keep it out of the cyclic GC's
     # generations so collections on the request path stay short.

@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from edgeflow import metrics
+from edgeflow.guard import Guard, Undecodable
 
 _configured = False
 
@@ -104,12 +105,16 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
     The wrapped handler and its labelled metric children are built once per method; per call
     only the caller's context is read from the call's metadata (when tracing is on). gRPC's
-    own services (health, reflection) are left alone, so probes do not count as traffic.
+    own services (health, reflection) are not traced or counted, so probes do not count as
+    traffic. With a `guard` (edgeflow.guard), the same wrapper refuses undecodable requests,
+    over-long strings and large requests over the in-flight budget before the handler runs,
+    and gRPC's own services get the guard's decoding check.
     """
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, guard: Guard | None = None) -> None:
         self._tracer = tracer(f"edgeflow.{service}")
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._guard = guard
 
     async def intercept_service(
         self,
@@ -121,7 +126,12 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
+        guard = self._guard
+        if handler is None:
+            return handler
+        if handler.unary_unary is None or method.startswith("/grpc."):
+            if guard is not None:
+                handler = self._wrapped[method] = guard.wrap_plain(method, handler)
             return handler
         inner = handler.unary_unary
         span_name = method.lstrip("/")
@@ -129,10 +139,24 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         grpc_service, _, rpc = span_name.rpartition("/")
         seconds = metrics.grpc_handling(grpc_service, rpc)
         ok = metrics.grpc_handled(grpc_service, rpc, "OK")
+        deserializer = handler.request_deserializer
+        check = None
+        if guard is not None:
+            check = guard.checker(deserializer)
+            deserializer = guard.deserializer(deserializer)
 
         async def observed(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             start = perf_counter()
+            admitted = 0
             try:
+                if guard is not None:
+                    if request.__class__ is Undecodable:
+                        await guard.refuse_undecodable(ctx, method, request)
+                    admitted = guard.admit()
+                    if admitted < 0:
+                        await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, guard.shed_message())
+                    if check is not None and (problem := check(request)) is not None:
+                        await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
                 if _configured:
                     metadata = tuple(ctx.invocation_metadata() or ())
                     token = context.attach(propagate.extract(metadata, getter=_Getter()))  # type: ignore[arg-type]
@@ -147,6 +171,9 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 seconds.observe(perf_counter() - start)
                 metrics.grpc_handled(grpc_service, rpc, _failed_code(exc, ctx)).inc()
                 raise
+            finally:
+                if admitted > 0 and guard is not None:
+                    guard.release(admitted)
             seconds.observe(perf_counter() - start)
             code = ctx.code()  # a handler may set a status and return
             if code is None or code is grpc.StatusCode.OK:
@@ -157,7 +184,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
         wrapped = grpc.unary_unary_rpc_method_handler(
             observed,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped

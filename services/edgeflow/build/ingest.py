@@ -74,12 +74,9 @@ def rebuild_steps(cfg: Config, edges: Path, live: bool) -> str:
     )
     runs = ", ".join(f"`edgeflow offline run --workflow {wf.surface}`" for wf in offline)
     train_then_lists = "`edgeflow train`" + (f", then {runs}" if runs else "")
-    if live and not cfg.qdrant_url:
-        # The running candidates service holds local Qdrant, so `train` cannot run beside it.
-        how = (
-            f"`edgeflow quickstart --edges {edges}` (it stops the suite, trains, computes "
-            f"the lists and starts it again), or with QDRANT_URL set: {train_then_lists}"
-        )
-    else:
-        how = train_then_lists
+    # Training writes fresh embeddings, features and models beside what is served (the
+    # candidates service reads its own copy of the embeddings), so it runs beside a suite.
+    how = train_then_lists + (
+        " (the running suite switches to each as it is published)" if live else ""
+    )
     return f"{stale} were built from the previous graph: rebuild them with {how}"

@@ -1,8 +1,10 @@
 """`edgeflow train`: everything learned from the ingested graph, built and then published.
 
 Learning happens first (embeddings, member features, the ranker), publishing after (Qdrant,
-Feast, the model registry), so a graph that cannot yield a model publishes nothing. Qdrant is
-opened before the learning starts, so a locked local store fails in a second, not later.
+Feast, the model registry), so a graph that cannot yield a model publishes nothing. The vector
+store is opened before the learning starts, so a bad setting fails in a second, not later.
+Without QDRANT_URL the embeddings go into a fresh in-process shard (vectors.py), so training
+runs beside a candidates service that serves the previous one.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def train(
     try:
         with stages.stage("reading the member graph from Redis") as st:
             try:
-                graph = load_graph(rds)
+                graph = load_graph(rds, cache_dir=cfg.graph_dir)
             except GraphNotLoaded as exc:
                 raise TrainError(f"Redis at {cfg.redis_url}: {exc}") from exc
             except redis.RedisError as exc:
@@ -129,8 +131,11 @@ def train(
         clock.lap("load_graph")
 
         with stages.stage("opening Qdrant") as st:
-            qdrant = vectors.open_client(cfg)
-            st.note = cfg.qdrant_url or f"local mode, {cfg.qdrant_path}"
+            try:
+                qdrant = vectors.open_store(cfg)
+            except (ValueError, OSError) as exc:
+                raise TrainError(f"cannot open the vector store: {exc}") from exc
+            st.note = qdrant.describe()
         try:
             with stages.stage(f"embeddings (spectral, {EMBEDDING_DIM} dimensions)") as st:
                 embeddings = member_embeddings(graph, EMBEDDING_DIM, seed)
@@ -150,12 +155,26 @@ def train(
                 stages=stages,
             )
             clock.lap("ranker")
-            with stages.stage("Qdrant upsert", graph.n, unit="points") as st:
-                collection = vectors.write_embeddings(
-                    qdrant, rds, graph.ids, embeddings, graph.version, on_batch=st.advance
+            points = vectors.storable(embeddings)
+            with stages.stage("Qdrant upsert", points, unit="points") as st:
+                build = qdrant.begin(
+                    vectors.collection_name(graph.version), graph.ids, embeddings, st.advance
                 )
-                st.note = f"{graph.n:,} points into collection {collection}"
+                st.note = f"{points:,} points into collection {build.name}" + (
+                    f" ({graph.n - points:,} members without an embedding)"
+                    if points < graph.n
+                    else ""
+                )
             clock.lap("qdrant")
+            with stages.stage("Qdrant index") as st:
+                written = build.finish()
+                collection = vectors.publish(qdrant, rds, build.name)
+                st.note = f"{collection} is current" + (
+                    f" (HNSW over {written.points:,} points)"
+                    if written.index_s
+                    else " (the server indexes it)"
+                )
+            clock.lap("qdrant_index")
         finally:
             qdrant.close()
     finally:

@@ -1,7 +1,8 @@
 """The candidates service: `Generate` dispatches to a source and packs ids and scores.
 
-It keeps the member graph in memory (following new versions in Redis), owns the Qdrant
-local storage while it runs and follows the live embedding collection.
+It keeps the member graph in memory (following new versions in Redis) and follows the live
+embedding collection: on a Qdrant server, or its own copy of the in-process shard that
+training sealed (vectors.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import logging
 import grpc
 import redis
 import redis.asyncio as aioredis
-from qdrant_client import QdrantClient
 
-from edgeflow import tensor, vectors
+from edgeflow import cpu, tensor
 from edgeflow.candidates.sources import (
     MAX_LIMIT,
     EbrSource,
@@ -40,7 +40,9 @@ log = logging.getLogger("edgeflow.candidates")
 
 # Requests of one GenerateMany (a workflow's candidate nodes).
 MAX_BATCH = 64
-_WAITS_ON_REDIS = frozenset({"precomputed"})
+# Where a source starts within one GenerateMany: the one that waits on Redis, then the one
+# that answers from memory in microseconds, then the CPU-heavy ones (graph, ebr).
+_START_ORDER = {"precomputed": 0, "popular": 1}
 
 
 class CandidatesService(Service):
@@ -51,7 +53,7 @@ class CandidatesService(Service):
         self.cfg = cfg
         self._rds: aioredis.Redis | None = None
         self._store: GraphStore | None = None
-        self._emb = Embeddings(client=None, problem="the service has not started")
+        self._emb = Embeddings(problem="the service has not started")
         self._sources: dict[str, Source] = {}
         self._watch: asyncio.Task[None] | None = None
 
@@ -60,15 +62,14 @@ class CandidatesService(Service):
 
     async def start(self) -> None:
         self._rds = connect_async(self.cfg.redis_url)
-        self._store = GraphStore(self._rds, self.cfg.reload_interval_s)
+        self._store = GraphStore(self._rds, self.cfg.reload_interval_s, self.cfg.graph_dir)
         try:
             if not await self._store.load():
                 log.warning("no member graph yet: run `edgeflow ingest --edges FILE`")
         except (redis.RedisError, OSError) as exc:
             log.warning("graph not loaded, Redis at %s: %s", self.cfg.redis_url, exc)
         self._store.start_watching()
-        self._emb.client = await _open_qdrant(self.cfg, self._emb)
-        self._emb.local = not self.cfg.qdrant_url
+        self._emb = await asyncio.to_thread(Embeddings.open, self.cfg)
         try:
             await self._emb.refresh(self._rds)
         except (redis.RedisError, OSError) as exc:
@@ -77,7 +78,7 @@ class CandidatesService(Service):
             log.warning("no member embeddings yet: run `edgeflow train`")
         self._watch = asyncio.create_task(self._follow_embeddings())
         sources: list[Source] = [
-            GraphSource(self._store),
+            GraphSource(self._store, self.cfg.fof_max_visits),
             EbrSource(self._store, self._emb),
             PrecomputedSource(self._rds, self._store),
             PopularSource(self._store),
@@ -103,16 +104,15 @@ class CandidatesService(Service):
         precomputed = self._sources.get("precomputed")
         if isinstance(precomputed, PrecomputedSource):
             await precomputed.close()
-        if self._emb.client is not None:
-            self._emb.client.close()  # releases the local storage lock
-            self._emb.client = None
+        await asyncio.to_thread(self._emb.close)  # in process: deletes its shard copy
         if self._rds is not None:
             await self._rds.aclose()
 
     async def generate_many(
-        self, request: candidates_pb2.GenerateManyRequest
+        self, request: candidates_pb2.GenerateManyRequest, time_remaining: float | None = None
     ) -> candidates_pb2.GenerateManyResponse:
-        """Each request under its own timeout; a failure is that request's result only."""
+        """Each request under its own timeout (and the call's deadline, `time_remaining`
+        seconds from now); a failure is that request's result only."""
         if not request.requests:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "requests: empty")
         if len(request.requests) > MAX_BATCH:
@@ -121,24 +121,34 @@ class CandidatesService(Service):
                 f"requests: at most {MAX_BATCH}, got {len(request.requests)}",
             )
         results = [candidates_pb2.GenerateResult() for _ in request.requests]
-        # Sources that wait on Redis start first, so their round trip overlaps the CPU work
-        # of the in-memory ones (which run one after another on this event loop anyway).
+        # Cheap sources start first: a list read's round trip to Redis overlaps the others'
+        # work, and popular answers before friends of friends or EBR take the loop.
         order = sorted(
             range(len(request.requests)),
-            key=lambda i: request.requests[i].source not in _WAITS_ON_REDIS,
+            key=lambda i: _START_ORDER.get(request.requests[i].source, len(_START_ORDER)),
         )
-        await asyncio.gather(*(self._one(request.requests[i], results[i]) for i in order))
+        await asyncio.gather(
+            *(self._one(request.requests[i], results[i], time_remaining) for i in order)
+        )
         return candidates_pb2.GenerateManyResponse(results=results)
 
     async def _one(
-        self, request: candidates_pb2.GenerateRequest, result: candidates_pb2.GenerateResult
+        self,
+        request: candidates_pb2.GenerateRequest,
+        result: candidates_pb2.GenerateResult,
+        time_remaining: float | None,
     ) -> None:
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        if cpu.settings().deadline_checks and time_remaining is not None:
+            # Time the call spent before it reached this service counts too.
+            timeout = time_remaining if timeout is None else min(timeout, time_remaining)
         try:
-            if request.timeout_ms:
-                async with asyncio.timeout(request.timeout_ms / 1000):
+            with cpu.deadline_in(timeout):
+                if timeout is None:
                     result.response.CopyFrom(await self.generate(request))
-            else:
-                result.response.CopyFrom(await self.generate(request))
+                else:
+                    async with asyncio.timeout(max(timeout, 0.0)):
+                        result.response.CopyFrom(await self.generate(request))
         except RequestError as exc:
             result.code, result.message = exc.code.value[0], exc.message
         except TimeoutError:
@@ -167,7 +177,10 @@ class CandidatesService(Service):
                 f"member: ids are non-negative, got {request.member}",
             )
         try:
+            cpu.check(source.name)  # a request already late does no work at all
             out = await source.generate(request.member, request.limit, request.params)
+        except cpu.DeadlineExpired as exc:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{source.name}: {exc}") from exc
         except InvalidParam as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         except MemberNotFound as exc:
@@ -195,16 +208,6 @@ class CandidatesService(Service):
         )
 
 
-async def _open_qdrant(cfg: Config, emb: Embeddings) -> QdrantClient | None:
-    """Open Qdrant; on failure serve the other sources and say why ebr cannot answer."""
-    try:
-        return await asyncio.to_thread(vectors.open_client, cfg)
-    except (RuntimeError, OSError, ValueError) as exc:
-        log.error("Qdrant not opened: %s", exc)
-        emb.problem = str(exc)
-        return None
-
-
 class _Servicer(candidates_pb2_grpc.CandidateServiceServicer):
     def __init__(self, service: CandidatesService) -> None:
         self._service = service
@@ -212,12 +215,13 @@ class _Servicer(candidates_pb2_grpc.CandidateServiceServicer):
     async def Generate(
         self, request: candidates_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> candidates_pb2.GenerateResponse:
-        return await answer(context, self._service.generate(request))
+        with cpu.deadline_in(context.time_remaining()):
+            return await answer(context, self._service.generate(request))
 
     async def GenerateMany(
         self, request: candidates_pb2.GenerateManyRequest, context: grpc.aio.ServicerContext
     ) -> candidates_pb2.GenerateManyResponse:
-        return await answer(context, self._service.generate_many(request))
+        return await answer(context, self._service.generate_many(request, context.time_remaining()))
 
 
 def create(cfg: Config) -> Service:

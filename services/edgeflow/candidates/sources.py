@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, cast
+from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote
 
 import numpy as np
 import redis.asyncio as aioredis
-from qdrant_client import QdrantClient
+from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from edgeflow import keys, lists, metrics
-from edgeflow.graph import Graph, friends_of_friends
+from edgeflow import cpu, keys, lists, metrics, vectors
+from edgeflow.config import Config
+from edgeflow.graph import Graph, expansion_budget, friends_of_friends
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.resp import RawPipeline
 
@@ -129,13 +132,20 @@ def _drop(ids: np.ndarray, sorted_excluded: np.ndarray) -> np.ndarray:
 
 
 class GraphSource:
-    """Friends of friends ranked by common neighbours or Adamic-Adar weighting."""
+    """Friends of friends ranked by common neighbours or Adamic-Adar weighting.
+
+    A hub's two-hop expansion is bounded to `max_visits` neighbour visits (0: unbounded):
+    above it the hub's least-connected connections are expanded, as many as fit, and the
+    answer's note says so (graph.expansion_budget). Below it the answer is exact. A large
+    expansion runs on the process's CPU threads (cpu.run), not on the event loop.
+    """
 
     name = "graph"
     params: tuple[str, ...] = ("weight", "min_common")
 
-    def __init__(self, store: GraphStore) -> None:
+    def __init__(self, store: GraphStore, max_visits: int = 0) -> None:
         self._store = store
+        self.max_visits = max_visits
 
     async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
         params = check_params(self, params)
@@ -152,21 +162,32 @@ class GraphSource:
         weights = self._store.inv_log_degree if weight == "adamic_adar" else None
         # With a weighted ranking, the count filter must see every candidate before the cut.
         fetch = graph.n if (weights is not None and min_common > 1) else limit
-        idx, counts, _ = friends_of_friends(graph, i, fetch, weights)
+        span = expansion_budget(graph, i, self.max_visits)
+        note = ""
+        if span.capped:
+            metrics.FOF_CAPPED.inc()
+            note = (
+                f"hub: friends of friends through {span.expanded:,} of its "
+                f"{span.connections:,} connections, the least-connected first "
+                f"({span.visits:,} of {span.full_visits:,} neighbour visits; the budget, "
+                f"EDGEFLOW_FOF_MAX_VISITS, is {self.max_visits:,})"
+            )
+        idx, counts, _ = await cpu.run(
+            "fof", span.visits, friends_of_friends, graph, i, fetch, weights, span.via
+        )
         if min_common > 1:
             keep = counts >= min_common
             idx, counts = idx[keep][:limit], counts[keep][:limit]
-        return Generated(graph.ids[idx], counts, "common_neighbors", 0.0, graph.version)
+        return Generated(graph.ids[idx], counts, "common_neighbors", 0.0, graph.version,
+                         note=note)  # fmt: skip
 
 
 class VectorIndex:
-    """Every vector of one collection as a unit-length matrix, for Qdrant local mode.
+    """Every member's vector as a unit-length matrix, for exact cosine in memory.
 
-    qdrant-client's local mode is itself an exact brute-force search in Python that builds an
-    object per returned point (about 5 us each, and EBR must over-fetch by the member's
-    degree). The same exact search over a matrix read from the collection once per version
-    returns the same neighbours in a fraction of the time. A Qdrant server keeps answering
-    through `query_points`.
+    The offline job and the nearline worker build it from the embeddings in Feast's rows and
+    score whole batches of members with matrix products. The candidates service answers
+    one member at a time from an HNSW index instead (Embeddings).
     """
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -176,25 +197,6 @@ class VectorIndex:
         norms = np.linalg.norm(unit, axis=1, keepdims=True)
         self.vectors = np.divide(unit, norms, out=np.zeros_like(unit), where=norms > 0)
         self.nonzero = norms[:, 0] > 0
-
-    @classmethod
-    def load(cls, client: QdrantClient, collection: str, batch: int = 2048) -> VectorIndex:
-        ids: list[int] = []
-        vecs: list[list[float]] = []
-        offset = None
-        while True:
-            points, offset = client.scroll(
-                collection, limit=batch, offset=offset, with_vectors=True, with_payload=False
-            )
-            for p in points:
-                if not isinstance(p.vector, list):
-                    raise NotReady(f"collection {collection} has named or sparse vectors")
-                ids.append(int(p.id))
-                vecs.append(cast(list[float], p.vector))
-            if offset is None:
-                break
-        dim = len(vecs[0]) if vecs else 0
-        return cls(np.asarray(ids, np.int64), np.asarray(vecs, np.float32).reshape(-1, dim))
 
     def rows(self, members: np.ndarray) -> np.ndarray:
         pos = np.minimum(np.searchsorted(self.ids, members), max(self.ids.size - 1, 0))
@@ -220,35 +222,126 @@ class VectorIndex:
         return self.ids[top], sims[top].astype(np.float32)
 
 
-@dataclass
-class Embeddings:
-    """The Qdrant client and the live collection (followed via `ef:embeddings:current`)."""
+class ServerCollection:
+    """A collection on a Qdrant server (QDRANT_URL), searched there by HNSW; the member and
+    its connections are dropped after retrieval."""
 
-    client: QdrantClient | None
-    collection: str | None = None
-    problem: str = ""  # why the client could not be opened, when it could not
-    local: bool = False  # Qdrant local mode: search the collection's vectors in memory
-    index: VectorIndex | None = None
+    def __init__(self, client: QdrantClient, name: str, hnsw: vectors.Hnsw) -> None:
+        self.client, self.name, self.hnsw = client, name, hnsw
+
+    def nearest(
+        self, member: int, limit: int, exclude: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        fetch = limit + int(exclude.size)
+        ids, scores = _nearest(self.client, self.name, member, fetch, self.hnsw)
+        keep = _drop(ids, exclude)
+        return ids[keep][:limit], scores[keep][:limit]
+
+    def close(self) -> None:
+        pass
+
+
+Reader = ServerCollection | vectors.EdgeReplica
+_RETRY_S = 30.0  # a shard that failed to open is tried again after this, or when it changes
+
+
+class Embeddings:
+    """The live member embeddings, followed via `ef:embeddings:current`: a collection on a
+    Qdrant server (QDRANT_URL), or this process's replica of the in-process shard that
+    training sealed (vectors.EdgeReplica), opened off the event loop. A shard that cannot be
+    opened is reported (`problem`, naming its path) and the previous one keeps serving."""
+
+    def __init__(
+        self,
+        *,
+        client: QdrantClient | None = None,
+        root: Path | None = None,
+        hnsw: vectors.Hnsw | None = None,
+        problem: str = "",
+    ) -> None:
+        self.client, self.root = client, root
+        self.hnsw = hnsw or vectors.Hnsw()
+        self.problem = problem  # why the live embeddings cannot be searched, when known
+        self.reader: Reader | None = None
+        self._failed: tuple[str, str | None] | None = None
+        self._retry_at = 0.0
+
+    @classmethod
+    def open(cls, cfg: Config) -> Embeddings:
+        """The server's client with QDRANT_URL, else the in-process shards' directory."""
+        try:
+            hnsw = vectors.Hnsw.from_config(cfg)
+            if cfg.qdrant_url:
+                return cls(client=QdrantClient(url=cfg.qdrant_url, timeout=5), hnsw=hnsw)
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.error("member embeddings not opened: %s", exc)
+            return cls(problem=str(exc))
+        return cls(root=cfg.qdrant_path, hnsw=hnsw)
+
+    @property
+    def collection(self) -> str | None:
+        return None if self.reader is None else self.reader.name
 
     async def refresh(self, rds: aioredis.Redis) -> bool:
-        """Follow the pointer; True when the live collection changed."""
+        """Follow the pointer (and, in process, a shard rebuilt under the same name); True
+        when the live collection changed."""
         raw = await rds.get(keys.EMBEDDINGS_CURRENT)
         name = None if raw is None else raw.decode()
-        if name == self.collection:
+        if name is None:
+            return await self._switch(None)
+        if self.root is None:
+            if self.reader is not None and self.reader.name == name:
+                return False
+            if self.client is None:
+                return False  # `problem` says why
+            return await self._switch(ServerCollection(self.client, name, self.hnsw))
+        build = await asyncio.to_thread(_sealed_build, self.root, name)
+        reader = self.reader
+        if isinstance(reader, vectors.EdgeReplica) and (reader.name, reader.build) == (name, build):
             return False
-        index = None
-        if self.local and self.client is not None and name is not None:
-            try:
-                index = await asyncio.to_thread(VectorIndex.load, self.client, name)
-            except ValueError as exc:  # local mode: the collection does not exist
-                log.warning("embedding collection %s not readable: %s", name, exc)
-        self.collection, self.index = name, index
-        log.info("embedding collection is now %s", name)
+        if self._failed == (name, build) and time.monotonic() < self._retry_at:
+            return False
+        try:
+            replica = await asyncio.to_thread(vectors.EdgeReplica.open, self.root, name, self.hnsw)
+        except vectors.ShardUnavailable as exc:
+            self._failed, self._retry_at = (name, build), time.monotonic() + _RETRY_S
+            self.problem = str(exc)
+            keeps = f"; {reader.name} keeps serving" if reader is not None else ""
+            log.error("embedding collection %s not opened: %s%s", name, exc, keeps)
+            return False
+        return await self._switch(replica)
+
+    async def _switch(self, reader: Reader | None) -> bool:
+        old, self.reader = self.reader, reader
+        if old is None and reader is None:
+            return False
+        self.problem, self._failed = "", None
+        log.info("embedding collection is now %s", None if reader is None else reader.name)
+        if old is not None:
+            await asyncio.to_thread(old.close)  # in process: deletes its copy
         return True
+
+    def close(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def _sealed_build(root: Path, name: str) -> str | None:
+    """The build id of the sealed shard `name`; None if it cannot be read (opening it
+    then says why)."""
+    try:
+        return str(vectors.read_marker(root / "shards" / name).get("build", ""))
+    except vectors.ShardUnavailable:
+        return None
 
 
 class EbrSource:
-    """Embedding-based retrieval: nearest members by cosine, filtered after retrieval."""
+    """Embedding-based retrieval: nearest members by cosine, never the member itself or its
+    connections (dropped after retrieval)."""
 
     name = "ebr"
     params: tuple[str, ...] = ()
@@ -263,23 +356,44 @@ class EbrSource:
         i = graph.index_of(member)
         if i < 0:
             raise MemberNotFound(member)
-        client, collection = self._emb.client, self._emb.collection
-        if client is None:
-            raise NotReady(f"Qdrant is not open: {self._emb.problem}")
-        if collection is None:
-            raise NotReady("no member embeddings in Qdrant: run `edgeflow train` first")
-        if self._emb.index is not None:
-            ids, scores = self._emb.index.nearest(member, limit, _excluded(graph, member))
-            return Generated(ids, scores, "cosine", 0.0, collection)
-        # Self and connections are dropped after retrieval: fetch enough to fill `limit`.
-        fetch = limit + int(graph.degree[i]) + 1
-        ids, scores = await asyncio.to_thread(_nearest, client, collection, member, fetch)
-        keep = _drop(ids, _excluded(graph, member))
-        return Generated(ids[keep][:limit], scores[keep][:limit], "cosine", 0.0, collection)
+        excluded = _excluded(graph, member)
+        for _ in range(2):  # once more if training swapped the replica under this request
+            reader = self._emb.reader
+            if reader is None:
+                raise NotReady(
+                    f"member embeddings are not available: {self._emb.problem}"
+                    if self._emb.problem
+                    else "no member embeddings: run `edgeflow train` first"
+                )
+            try:
+                ids, scores = await _search(reader, member, limit, excluded)
+            except vectors.ReplicaClosed:
+                continue
+            return Generated(ids, scores, "cosine", 0.0, reader.name)
+        raise SourceUnavailable("the embedding replica was replaced twice during one request")
+
+
+async def _search(
+    reader: Reader, member: int, limit: int, excluded: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(reader, ServerCollection):  # waits on the network, not the CPU
+        return await asyncio.to_thread(reader.nearest, member, limit, excluded)
+    # An HNSW search visits about ef x 2m vectors; a tiny shard is searched inline.
+    fetch = limit + int(excluded.size)
+    work = min(reader.points, max(reader.hnsw.ef, fetch) * 2 * reader.hnsw.m)
+    try:
+        return await cpu.run(
+            "ebr", work * int(reader.marker.get("dim", 1)), reader.nearest, member, limit,
+            excluded,
+        )  # fmt: skip
+    except (vectors.ReplicaClosed, cpu.DeadlineExpired):
+        raise
+    except Exception as exc:  # the engine's own error types
+        raise SourceUnavailable(f"search in {reader.path} failed: {exc}") from exc
 
 
 def _nearest(
-    client: QdrantClient, collection: str, member: int, fetch: int
+    client: QdrantClient, collection: str, member: int, fetch: int, hnsw: vectors.Hnsw
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `fetch` nearest members to the member's own vector (which is among them)."""
     try:
@@ -291,8 +405,19 @@ def _nearest(
             raise NotReady(f"collection {collection} has named or sparse vectors, not one dense")
         if not any(vector):  # an isolated member: it has no neighbourhood to search near
             return _EMPTY_IDS, _EMPTY_SCORES
+        quantization = (
+            models.QuantizationSearchParams(rescore=True, oversampling=hnsw.oversampling)
+            if hnsw.quantized
+            else None
+        )
         points = client.query_points(
-            collection, query=vector, limit=fetch, with_payload=False
+            collection,
+            query=vector,
+            limit=fetch,
+            with_payload=False,
+            search_params=models.SearchParams(
+                hnsw_ef=max(hnsw.ef, fetch), quantization=quantization
+            ),
         ).points
     except (ValueError, UnexpectedResponse) as exc:
         # Local mode raises ValueError and a server answers 404 for a missing collection.
@@ -393,34 +518,49 @@ def _raw_pipeline(rds: aioredis.Redis) -> RawPipeline | None:
 
 
 class PopularSource:
-    """Highest-degree members, for cold start; also serves members unknown to the graph."""
+    """Highest-degree members, for cold start; also serves members unknown to the graph.
+
+    The ranking is made once per graph version (a nearline edge change makes a new one), in
+    O(members), on the CPU threads; a request then only drops the member's connections."""
 
     name = "popular"
     params: tuple[str, ...] = ()
 
     def __init__(self, store: GraphStore) -> None:
         self._store = store
-        self._version: str | None = None
-        self._ids = _EMPTY_IDS
-        self._degree = _EMPTY_SCORES
+        self._ranked: tuple[str, np.ndarray, np.ndarray] | None = None  # version, ids, degree
 
-    def _ranking(self, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
-        if self._version != graph.version:
-            degree = graph.degree
-            # Enough for the largest limit after dropping the best-connected member's links.
-            keep = min(graph.n, MAX_LIMIT + int(degree.max(initial=0)) + 1)
-            order = np.argsort(-degree, kind="stable")[:keep]
-            self._ids, self._degree = graph.ids[order], degree[order].astype(np.float32)
-            self._version = graph.version
-        return self._ids, self._degree
+    async def _ranking(self, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+        ranked = self._ranked
+        if ranked is None or ranked[0] != graph.version:
+            ids, degree = await cpu.run("popular", graph.n, _by_degree, graph)
+            ranked = self._ranked = (graph.version, ids, degree)
+        return ranked[1], ranked[2]
 
     async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
         params = check_params(self, params)
         graph = _graph(self._store)
-        ids, degree = self._ranking(graph)
+        ids, degree = await self._ranking(graph)
         excluded = _excluded(graph, member)
         head = ids[: limit + excluded.size]
         keep = _drop(head, excluded)
         return Generated(
             head[keep][:limit], degree[: head.size][keep][:limit], "degree", 0.0, graph.version
         )
+
+
+def _by_degree(graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """The best-connected members, by degree then id: enough of them for the largest limit
+    after dropping the best-connected member's own links. Equal to the head of a stable
+    argsort by -degree, found in O(members) by a partition rather than a full sort."""
+    degree = graph.degree
+    keep = min(graph.n, MAX_LIMIT + int(degree.max(initial=0)) + 1)
+    if keep < graph.n:
+        kth = np.partition(degree, graph.n - keep)[graph.n - keep]  # the keep-th largest
+        above = np.flatnonzero(degree > kth)
+        tied = np.flatnonzero(degree == kth)[: keep - above.size]  # the lowest ids first
+        pick = np.concatenate([above, tied])
+    else:
+        pick = np.arange(graph.n)
+    order = pick[np.lexsort((pick, -degree[pick]))]
+    return graph.ids[order], degree[order].astype(np.float32)

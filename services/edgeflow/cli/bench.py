@@ -23,10 +23,12 @@ import numpy as np
 
 from edgeflow import config, tensor
 from edgeflow.cli import CliError
+from edgeflow.cli.capacity import recommend_capacity
 from edgeflow.cli.harness import Harness, running_suite
 from edgeflow.cli.quickstart import FACEBOOK_CANDIDATES
 from edgeflow.features import schema
 from edgeflow.features.compute import model_matrix
+from edgeflow.features.service import MAX_ENTITIES
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree, read_edge_file
 from edgeflow.local.suite import SERVICES, peak_rss_mb
 from edgeflow.server import channel
@@ -46,6 +48,12 @@ from edgeflow.workflow.ops import EbrParams, GraphParams
 from edgeflow.workflow.validate import load_workflow
 
 ENTITY_REFS = [f"{schema.FEATURE_VIEW}:{f}" for f in schema.ENTITY_FEATURES]
+# qdrant-client's local mode is an exact search in Python that warns above this many points;
+# past it the in-process pipeline searches the same vectors exactly with numpy (what a
+# Qdrant server would be for), so its upsert and queries do not decide the comparison.
+NAIVE_QDRANT_MAX_POINTS = 20_000
+# Offline runs in `bench` stop after this long (a graph of millions of members).
+OFFLINE_TIMEOUT_S = 3600.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -77,18 +85,32 @@ class NaivePipeline:
         self.fof_limit = next(n.params for n in wf.nodes if isinstance(n.params, GraphParams)).limit
         self.ebr_limit = next(n.params for n in wf.nodes if isinstance(n.params, EbrParams)).limit
         self.store = FeatureStore(repo_path=str(h.cfg.feature_repo))
-        self.qdrant = QdrantClient(":memory:")
-        self.qdrant.create_collection(
-            "members",
-            vectors_config=models.VectorParams(
-                size=embeddings.shape[1], distance=models.Distance.COSINE
-            ),
-        )
-        self.qdrant.upsert(
-            "members",
-            points=models.Batch(ids=graph.ids.tolist(), vectors=embeddings.tolist()),
-        )
         self.embeddings = embeddings
+        self.qdrant: QdrantClient | None = None
+        self.unit: np.ndarray | None = None
+        if graph.n <= NAIVE_QDRANT_MAX_POINTS:
+            self.ebr = "qdrant-client local mode (in memory)"
+            self.qdrant = QdrantClient(":memory:")
+            self.qdrant.create_collection(
+                "members",
+                vectors_config=models.VectorParams(
+                    size=embeddings.shape[1], distance=models.Distance.COSINE
+                ),
+            )
+            for start in range(0, graph.n, 5000):
+                stop = start + 5000
+                self.qdrant.upsert(
+                    "members",
+                    points=models.Batch(
+                        ids=graph.ids[start:stop].tolist(), vectors=embeddings[start:stop].tolist()
+                    ),
+                )
+        else:
+            self.ebr = (
+                f"numpy exact search (more than {NAIVE_QDRANT_MAX_POINTS:,} points, the most "
+                "qdrant-client local mode is meant for)"
+            )
+            self.unit = unit_rows(embeddings)
         model_dir = max((h.cfg.model_dir / "pymk-ranker").iterdir(), key=lambda p: int(p.name[1:]))
         card = json.loads((model_dir / "card.json").read_text())
         opts = ort.SessionOptions()
@@ -101,12 +123,15 @@ class NaivePipeline:
         g = self.graph
         i = g.index_of(member)
         fof, _, _ = friends_of_friends(g, i, self.fof_limit, self.weights)
-        hits = self.qdrant.query_points(
-            "members",
-            query=self.embeddings[i].tolist(),
-            limit=self.ebr_limit + int(g.degree[i]) + 1,
-        ).points
-        ebr = g.indices_of(np.asarray([p.id for p in hits], dtype=np.int64))
+        fetch = self.ebr_limit + int(g.degree[i]) + 1
+        if self.qdrant is not None:
+            hits = self.qdrant.query_points(
+                "members", query=self.embeddings[i].tolist(), limit=fetch
+            ).points
+            ebr = g.indices_of(np.asarray([p.id for p in hits], dtype=np.int64))
+        else:
+            assert self.unit is not None
+            ebr = top_by_cosine(self.unit, self.unit[i : i + 1], fetch)[0]
         nbrs = set(g.neighbors(i).tolist()) | {i}
         ebr = np.asarray(
             [x for x in ebr if x >= 0 and x not in nbrs][: self.ebr_limit], dtype=np.int64
@@ -123,9 +148,51 @@ class NaivePipeline:
         return [int(m) for m in g.ids[cands[top]]]
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32."""
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+
+
+def top_by_cosine(
+    unit: np.ndarray, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """Rows of `unit` (unit-length) nearest each query row by cosine, best first: (q, k)
+    dense indices, -1 where fewer exist. `exclude[j]` are rows query j must not return;
+    zero rows are never returned."""
+    sims = queries @ unit.T  # (q, n): callers keep q small
+    sims[:, ~unit.any(axis=1)] = -np.inf
+    for j, rows in enumerate(exclude or []):
+        sims[j, rows] = -np.inf
+    k = min(k, unit.shape[0])
+    out = np.full((queries.shape[0], k), -1, dtype=np.int64)
+    if k == 0:
+        return out
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    for j in range(queries.shape[0]):
+        row = top[j][np.isfinite(sims[j, top[j]])]
+        row = row[np.lexsort((row, -sims[j, row]))]
+        out[j, : row.size] = row
+    return out
+
+
+async def entity_features(
+    stub: features_pb2_grpc.FeatureServiceStub, ids: np.ndarray, batch: int = MAX_ENTITIES
+) -> np.ndarray:
+    """Entity features (scalars, then the embedding) of every id, in calls of at most
+    `batch` ids (the features service takes at most MAX_ENTITIES per request)."""
+    parts = []
+    for start in range(0, ids.size, batch):
+        req = features_pb2.GetFeaturesRequest(entities=ids[start : start + batch].tolist())
+        parts.append(tensor.unpack((await stub.GetFeatures(req, timeout=60)).features))
+    return np.concatenate(parts) if parts else np.zeros((0, len(schema.ENTITY_COLUMNS)))
+
+
 async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     rng = np.random.default_rng(7)
-    members = rng.choice(graph.ids[graph.degree > 0], size=min(requests, graph.n), replace=False)
+    pool = graph.ids[graph.degree > 0]
+    members = rng.choice(pool, size=min(requests, pool.size), replace=False)
     gw = channel(h.suite.addr("gateway"))
     stub = gateway_pb2_grpc.RecommenderStub(gw)
     result: dict[str, Any] = {}
@@ -158,6 +225,9 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     for conc in (4, 16):
         result.update(await load(stub, np.resize(members, requests).tolist(), conc))
 
+    # Capacity: the highest open-loop rate that keeps p99 <= 100 ms, partial+failed <= 1%.
+    result.update((await recommend_capacity(stub, members.tolist())).as_json())
+
     # Per service.
     result.update(await per_service(h, graph, members))
 
@@ -168,8 +238,7 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     req = features_pb2.GetFeaturesRequest(entities=ents)
     ours = await timed(lambda: fstub.GetFeatures(req, timeout=5), 200)
     served = tensor.unpack((await fstub.GetFeatures(req)).features)
-    all_req = features_pb2.GetFeaturesRequest(entities=graph.ids.tolist())
-    all_emb = tensor.unpack((await fstub.GetFeatures(all_req)).features)
+    all_emb = await entity_features(fstub, graph.ids)
     await fch.close()
     embeddings = np.ascontiguousarray(all_emb[:, len(schema.SCALAR_FEATURES) :])
 
@@ -197,6 +266,7 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
         t = time.perf_counter()
         naive.recommend(m, 50)
         naive_lat.append((time.perf_counter() - t) * 1000)
+    result["naive_pipeline_ebr"] = naive.ebr
     result["naive_pipeline_p50_ms"] = pct(naive_lat, 50)
     result["naive_pipeline_p99_ms"] = pct(naive_lat, 99)
     result["speedup_vs_naive_p50"] = round(
@@ -366,7 +436,14 @@ async def offline_throughput(
             "--json", "--quiet", env=h.suite.env(),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        stdout, stderr = await proc.communicate()
+        try:
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), OFFLINE_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise CliError(
+                f"offline run of {workflow} took over {OFFLINE_TIMEOUT_S:.0f}s"
+            ) from None
         if proc.returncode != 0:
             raise CliError(f"offline run of {workflow} failed:\n{stderr.decode()[-2000:]}")
         if workflow == "pymk":
@@ -456,6 +533,10 @@ async def nearline_freshness(
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "scale", False):
+        from edgeflow.cli import scale
+
+        return scale.run(args)
     edges = args.edges or next((p for p in FACEBOOK_CANDIDATES if p.exists()), None)
     if edges is None:
         raise CliError("no edge list: pass --edges (the Facebook graph was not found)")

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         "partial_responses": partial.pop("responses", 0),
         "fallbacks_by_node": dict(partial),
         "failed_requests": len(errors),
+        "failed_examples": errors[:5],
     }
     base = result["baseline_adamic_adar_recall_at_k"]
     result["lift_vs_baseline"] = round(result["recall_at_k"] / base - 1, 4) if base else None

@@ -97,7 +97,11 @@ def running_suite(
         _note(log, report.summary())
         _note(log, "starting the services ...")
         t = time.perf_counter()
-        local.start_services(suite)
+        # Ports picked before a long training run may have been taken since: pick again.
+        _fresh_ports(suite)
+        h.cfg = suite_config(suite)
+        # Each service loads the graph (and candidates every embedding) before it serves.
+        local.start_services(suite, timeout_s=120.0 + graph.n / 2000)
         h.seconds["services"] = round(time.perf_counter() - t, 3)
         yield h
     finally:
@@ -115,6 +119,20 @@ def stop_leftovers(home_root: Path) -> list[str]:
             stopped += [f"{state.parent.parent.name}: {name}" for name in local.stop_suite(suite)]
         shutil.rmtree(state.parent.parent, ignore_errors=True)
     return stopped
+
+
+def _fresh_ports(suite: local.Suite) -> None:
+    """Free loopback ports for the services and their metrics, Redis kept where it runs."""
+    from edgeflow.local.redis_server import free_port
+
+    taken = {suite.ports["redis"]}
+    for table in (suite.ports, suite.metrics_ports):
+        for name in local.SERVICES:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            table[name] = port
+            taken.add(port)
 
 
 def _note(enabled: bool, msg: str) -> None:

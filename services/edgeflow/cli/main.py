@@ -151,7 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--edges", type=Path, help="edge list (default: the Facebook graph)")
     s.add_argument("--requests", type=int, default=400)
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    s.add_argument("--out", type=Path, help="also write the JSON result to this file (with "
+                   "--scale: the directory for scale.json and scale.png, default "
+                   "benchmarks/results)")  # fmt: skip
+    s.add_argument(
+        "--scale",
+        action="store_true",
+        help="generate social graphs of --sizes members and measure each end to end",
+    )
+    s.add_argument(
+        "--sizes",
+        default="10000,100000,1000000",
+        help="with --scale: comma-separated member counts",
+    )
+    s.add_argument("--seed", type=int, default=0, help="with --scale: graph and training seed")
+    s.add_argument(
+        "--size-budget",
+        type=float,
+        help="with --scale: seconds one size may take before it is stopped and "
+        "reported as over budget (default: 900 + 15 per thousand members)",
+    )
     s.set_defaults(func=_command("bench"))
     return p
 

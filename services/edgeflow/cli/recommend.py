@@ -132,7 +132,7 @@ def empty_reasons(resp: gateway_pb2.RecommendResponse) -> list[str]:
     if found and drops:
         reasons.append(
             f"the candidate sources found {found}, and the filters removed them all: "
-            + ", ".join(f"{r}={c}" for r, c in drops.items())
+            + ", ".join(f"{r}={c}" for r, c in sorted(drops.items(), key=lambda d: (-d[1], d[0])))
         )
     return [r for r in reasons if r] or [
         "every node ran and none reports a cause (see the funnel with --debug)"

@@ -18,7 +18,7 @@ import numpy as np
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import metrics, tensor
+from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
 from edgeflow.features.compute import model_matrix
 from edgeflow.features.online import OnlineReader, OnlineRows, OnlineValueError
@@ -31,7 +31,7 @@ from edgeflow.features.schema import (
     PUSH_SOURCE,
     SCALAR_FEATURES,
 )
-from edgeflow.graph import pair_measures
+from edgeflow.graph import pair_measures, pair_measures_work
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.redis_client import connect_async
 from edgeflow.resp import RawPipeline, RespError, RespReplyError
@@ -95,7 +95,7 @@ class FeaturesService(Service):
 
     async def start(self) -> None:
         self._rds = connect_async(self.cfg.redis_url)
-        self._store = GraphStore(self._rds, self.cfg.reload_interval_s)
+        self._store = GraphStore(self._rds, self.cfg.reload_interval_s, self.cfg.graph_dir)
         try:
             if not await self._store.load():
                 log.warning("no member graph yet: run `edgeflow ingest --edges FILE`")
@@ -117,6 +117,7 @@ class FeaturesService(Service):
         n = len(request.entities)
         if n > MAX_ENTITIES:
             raise _invalid(f"entities: {n} requested, at most {MAX_ENTITIES} per request")
+        cpu.check("features")  # a request already late reads nothing
         metrics.FEATURES_ENTITIES.observe(n)
         with_member = request.HasField("member")
         names, select = select_columns(list(request.columns), with_member)
@@ -145,11 +146,15 @@ class FeaturesService(Service):
         read = asyncio.ensure_future(self._read(np.concatenate(([member], entities))))
         try:
             # The read sends its commands at once; the pair features are computed while
-            # Redis answers.
+            # Redis answers (on the CPU threads when they are many: a hub's candidates).
             await asyncio.sleep(0)
             member_index = graph.index_of(member)
             cand_indices = graph.indices_of(entities)
-            pairs = pair_measures(graph, member_index, cand_indices, inv_log_degree)
+            pairs = await cpu.run(
+                "pair_features",
+                pair_measures_work(graph, member_index, cand_indices),
+                pair_measures, graph, member_index, cand_indices, inv_log_degree,
+            )  # fmt: skip
             rows = await read
         finally:
             read.cancel()  # a no-op once done; a cancelled request leaves no read behind
@@ -159,7 +164,10 @@ class FeaturesService(Service):
                 f"member {member} is not in the member graph ({graph.n} members, version "
                 f"{graph.version}) and has no row in the online feature store",
             )
-        matrix = model_matrix(
+        matrix = await cpu.run(
+            "model_matrix",
+            entities.size * len(MODEL_COLUMNS),
+            model_matrix,
             graph,
             inv_log_degree,
             member_index,
@@ -336,7 +344,8 @@ class _Servicer(features_pb2_grpc.FeatureServiceServicer):
     async def GetFeatures(
         self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetFeaturesResponse:
-        return await answer(context, self._service.get_features(request))
+        with cpu.deadline_in(context.time_remaining()):
+            return await answer(context, self._service.get_features(request))
 
     async def Push(
         self, request: features_pb2.PushRequest, context: grpc.aio.ServicerContext

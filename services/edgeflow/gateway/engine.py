@@ -109,10 +109,13 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 @dataclass(frozen=True)
 class _Batch:
-    """The request's GenerateMany in flight, and each candidate node's index in it."""
+    """One GenerateMany of the request in flight, and each candidate node's index in it."""
 
     task: asyncio.Future[candidates_pb2.GenerateManyResponse]
     index: dict[str, int]
+    # perf_counter() until which a node may wait for the call, when that is longer than its
+    # own timeout (see Engine._plan); other nodes wait their own timeout.
+    wait_until: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,12 +128,72 @@ class _Run:
     t0: float
     outcome: Outcome
     explain: bool
-    batch: _Batch | None
+    batches: dict[str, _Batch]  # candidate node -> the GenerateMany that carries it
+
+
+BATCHING = ("auto", "timeout", "all")
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Candidate nodes sent in one GenerateMany, its timeout, and the nodes that may wait
+    for the whole call rather than their own (shorter) timeout."""
+
+    nodes: list[CompiledNode]
+    timeout_ms: int
+    wait_whole: tuple[str, ...]
+
+
+def _auto_groups(wf: Workflow, roots: list[CompiledNode]) -> list[_Group]:
+    """One call for the sources with the longest timeout and every source whose consumers
+    all wait on one of those anyway; one call per timeout for the others."""
+    inputs = {cn.node.name: list(cn.node.inputs) for cn in wf.nodes}
+    above: dict[str, set[str]] = {}  # node -> every node upstream of it
+
+    def upstream(name: str) -> set[str]:
+        found = above.get(name)
+        if found is None:
+            found = set()
+            for parent in inputs[name]:
+                found |= {parent, *upstream(parent)}
+            above[name] = found
+        return found
+
+    longest = max(cn.node.timeout_ms for cn in roots)
+    slow = {cn.node.name for cn in roots if cn.node.timeout_ms == longest}
+    main: list[CompiledNode] = []
+    covered: list[str] = []
+    others: dict[int, list[CompiledNode]] = {}
+    for cn in roots:
+        name = cn.node.name
+        consumers = [n for n, ins in inputs.items() if name in ins]
+        if name in slow:
+            main.append(cn)
+        elif consumers and all(upstream(c) & slow for c in consumers):
+            main.append(cn)
+            covered.append(name)
+        else:
+            others.setdefault(cn.node.timeout_ms, []).append(cn)
+    return [
+        _Group(main, longest, tuple(covered)),
+        *(_Group(nodes, t, ()) for t, nodes in others.items()),
+    ]
 
 
 class Engine:
-    def __init__(self, clients: Clients) -> None:
+    def __init__(self, clients: Clients, batching: str = "auto") -> None:
+        """`batching` says how a request's candidate sources are sent to the candidates
+        service (EDGEFLOW_CANDIDATE_BATCHES): "all" in one GenerateMany, each node waiting
+        its own timeout; "timeout" in one per node timeout; "auto" (see `_plan`) in one,
+        except a source with a shorter timeout whose answer is needed before the slower
+        ones' is, which gets a call of its own."""
+        if batching not in BATCHING:
+            raise ValueError(
+                f"EDGEFLOW_CANDIDATE_BATCHES must be one of {', '.join(BATCHING)}, got {batching!r}"
+            )
         self._c = clients
+        self._batching = batching
+        self._plans: dict[int, tuple[Workflow, list[_Group]]] = {}
         self._templates: dict[int, tuple[CompiledNode, candidates_pb2.GenerateRequest]] = {}
         # Whether the candidates service answers GenerateMany (an older one does not).
         self._many = True
@@ -152,8 +215,8 @@ class Engine:
         t0 = time.perf_counter()
         deadline = t0 + budget_s
         outcome = Outcome(frame=Frame.empty(), partial=False)
-        batch = self._start_batch(wf, member, budget_s)
-        run = _Run(member, k, deadline, t0, outcome, explain, batch)
+        batches = self._start_batches(wf, member, budget_s)
+        run = _Run(member, k, deadline, t0, outcome, explain, batches)
         futures: dict[str, asyncio.Future[Frame]] = {}
         for cn in wf.nodes:  # topological order: inputs are scheduled first
             deps = [futures[d] for d in cn.node.inputs]
@@ -165,8 +228,8 @@ class Engine:
                 fut.cancel()
             raise
         finally:
-            if run.batch is not None:  # every node waiting on it may have timed out
-                run.batch.task.cancel()
+            for batch in run.batches.values():  # every node waiting on it may have timed out
+                batch.task.cancel()
         outcome.frame = futures[wf.spec.output].result()
         outcome.total_ms = (time.perf_counter() - t0) * 1000
         order = {cn.node.name: i for i, cn in enumerate(wf.nodes)}
@@ -176,27 +239,66 @@ class Engine:
             outcome.scored.sort(key=lambda s: order[s.node])
         return outcome
 
-    def _start_batch(self, wf: Workflow, member: int, budget_s: float) -> _Batch | None:
-        """One GenerateMany for the graph's candidate sources, started at once: one hop
-        instead of one per source. Each node still waits only its own timeout."""
-        roots = [cn for cn in wf.nodes if cn.kind is Kind.CANDIDATES and not cn.node.inputs]
-        if len(roots) < 2 or not self._many:
-            return None
-        req = candidates_pb2.GenerateManyRequest()
-        for cn in roots:
-            item = req.requests.add()
-            item.CopyFrom(self._generate_template(cn))
-            item.member = member
-            item.timeout_ms = cn.node.timeout_ms
-        timeout = min(budget_s, max(cn.node.timeout_ms for cn in roots) / 1000.0)
-        if timeout <= 0:
-            return None
-        task = asyncio.ensure_future(
-            self._c.candidates.GenerateMany(
-                req, timeout=timeout, metadata=tracing.outgoing_metadata()
+    def _start_batches(self, wf: Workflow, member: int, budget_s: float) -> dict[str, _Batch]:
+        """The graph's candidate sources in GenerateMany calls (see `_plan`), all started at
+        once: one hop for many sources instead of one per source."""
+        if not self._many:
+            return {}
+        batches: dict[str, _Batch] = {}
+        started = time.perf_counter()
+        for group in self._plan(wf):
+            timeout = min(budget_s, group.timeout_ms / 1000.0)
+            if timeout <= 0:
+                continue
+            req = candidates_pb2.GenerateManyRequest()
+            for cn in group.nodes:
+                item = req.requests.add()
+                item.CopyFrom(self._generate_template(cn))
+                item.member = member
+                item.timeout_ms = cn.node.timeout_ms
+            task = asyncio.ensure_future(
+                self._c.candidates.GenerateMany(
+                    req, timeout=timeout, metadata=tracing.outgoing_metadata()
+                )
             )
-        )
-        return _Batch(task, {cn.node.name: i for i, cn in enumerate(roots)})
+            batch = _Batch(
+                task,
+                {cn.node.name: i for i, cn in enumerate(group.nodes)},
+                {name: started + timeout for name in group.wait_whole},
+            )
+            batches.update((cn.node.name, batch) for cn in group.nodes)
+        return batches
+
+    def _plan(self, wf: Workflow) -> list[_Group]:
+        """How the workflow's candidate sources are batched, made once per compiled graph.
+
+        A GenerateMany answers when its slowest source is done (the candidates service
+        cuts every source at its own `timeout_ms`). A source with a shorter timeout in the
+        same call (a precomputed list's 20 ms next to friends of friends' 40) would then be
+        given up on by its node even when the service answered it in a millisecond. With
+        "auto", such a source stays in the call and its node waits as long as the call, when
+        everything that consumes it waits on a slower source of the call anyway (pymk's
+        features and blend do): that costs the request no time. A source whose answer is
+        needed sooner gets a call of its own, with the sources of its timeout.
+        """
+        cached = self._plans.get(id(wf))
+        if cached is not None and cached[0] is wf:
+            return cached[1]
+        roots = [cn for cn in wf.nodes if cn.kind is Kind.CANDIDATES and not cn.node.inputs]
+        groups: list[_Group] = []
+        if len(roots) >= 2:
+            longest = max(cn.node.timeout_ms for cn in roots)
+            if self._batching == "all":
+                groups = [_Group(roots, longest, ())]
+            elif self._batching == "timeout":
+                by: dict[int, list[CompiledNode]] = {}
+                for cn in roots:
+                    by.setdefault(cn.node.timeout_ms, []).append(cn)
+                groups = [_Group(nodes, t, ()) for t, nodes in by.items()]
+            else:
+                groups = _auto_groups(wf, roots)
+        self._plans[id(wf)] = (wf, groups)
+        return groups
 
     async def _node(self, cn: CompiledNode, deps: list[asyncio.Future[Frame]], run: _Run) -> Frame:
         inputs = [await d for d in deps]
@@ -256,8 +358,9 @@ class Engine:
         when it is a list (explain runs)."""
         op, member, k = cn.node.op, run.member, run.k
         if op.startswith("candidates."):
-            if run.batch is not None and cn.node.name in run.batch.index:
-                resp = await self._batched(cn, run.batch, member, timeout)
+            batch = run.batches.get(cn.node.name)
+            if batch is not None:
+                resp = await self._batched(cn, batch, member, timeout)
                 if resp is not None:
                     return _candidates(cn, resp)
             return await self._generate(cn, member, timeout)
@@ -287,6 +390,9 @@ class Engine:
     ) -> candidates_pb2.GenerateResponse | None:
         """This node's answer from the request's GenerateMany; None when the candidates
         service does not have GenerateMany (the node then calls Generate itself)."""
+        wait_until = batch.wait_until.get(cn.node.name)
+        if wait_until is not None:  # its consumers wait on a slower source of this call
+            timeout = max(timeout, wait_until - time.perf_counter())
         try:
             many = await asyncio.wait_for(asyncio.shield(batch.task), timeout)
         except TimeoutError:

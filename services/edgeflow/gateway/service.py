@@ -21,6 +21,7 @@ from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed,
 from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.models import ModelWatch, Move
 from edgeflow.gateway.shadow import ShadowRunner
+from edgeflow.guard import RateLimitedLog
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import connect_async
@@ -30,11 +31,15 @@ from edgeflow.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
 )
-from edgeflow.workflow.validate import Workflow, load_directory
+from edgeflow.workflow.limits import clip, clip_text
+from edgeflow.workflow.validate import Workflow, WorkflowError, load_files, workflow_files
 
 log = logging.getLogger("edgeflow.gateway")
 
 MAX_K = 500
+MAX_SURFACE_CHARS = 63  # a DNS label, as the workflow's surface
+MAX_REQUEST_ID_CHARS = 128
+MAX_ERROR_CHARS = 1000  # of a status message the gateway passes on from a backend
 _CLOSE_TIMEOUT_S = 5.0
 # Leave this much of the caller's deadline for building and sending the response.
 _RESPONSE_MARGIN_S = 0.002
@@ -50,7 +55,10 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self.workflows: dict[str, Workflow] = {}
         self.rejected: list[str] = []  # workflow files refused at the last load
         self.models: ModelWatch | None = None  # the workflows' model references
-        self._stamp: tuple[tuple[str, float], ...] = ()
+        self._files: dict[str, Workflow] = {}  # the valid (or last valid) workflow per file
+        self._refused: dict[str, str] = {}  # file -> why it is refused
+        self._stamp: tuple[tuple[str, float, int], ...] = ()
+        self._reload_log = RateLimitedLog(log, 60.0)
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -66,12 +74,13 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     async def start(self) -> None:
         self._load_workflows()
         if not self.workflows:
-            raise RuntimeError(f"no valid workflow in {self._dir}")
+            refused = f" ({len(self.rejected)} files refused: see the log)" if self.rejected else ""
+            raise RuntimeError(f"no valid workflow in {self._dir}{refused}")
         cfg = self._cfg
         chans = [channel(a) for a in (cfg.candidates_addr, cfg.features_addr,
                                       cfg.scoring_addr, cfg.merging_addr)]  # fmt: skip
         self._channels = chans
-        self._engine = Engine(Clients.over(*chans))
+        self._engine = Engine(Clients.over(*chans), batching=cfg.candidate_batches)
         self.models = ModelWatch(chans[2], cfg.scoring_addr)
         # One quick look before serving, so that the first requests are already routed
         # around a broken variant; a scoring service that is not up yet is asked again later.
@@ -116,37 +125,81 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             await self._logs_redis.close()
 
     # ---- workflows -----------------------------------------------------------------------
-    def _files_stamp(self) -> tuple[tuple[str, float], ...]:
-        files = sorted([*self._dir.glob("*.yaml"), *self._dir.glob("*.yml")])
-        return tuple((str(p), p.stat().st_mtime) for p in files)
+    def _files_stamp(self) -> tuple[tuple[str, float, int], ...]:
+        stamp = []
+        for path in workflow_files(self._dir):
+            try:
+                st = path.stat()
+            except OSError:  # removed since the listing
+                continue
+            stamp.append((str(path), st.st_mtime, st.st_size))
+        return tuple(stamp)
 
-    def _load_workflows(self) -> None:
+    def _scan(
+        self,
+    ) -> tuple[tuple[tuple[str, float, int], ...], dict[str, Workflow], list[WorkflowError]] | None:
+        """The workflow files, loaded again if any changed since the last load; None if none
+        did. Blocking (it reads and parses): the watcher runs it off the event loop."""
         stamp = self._files_stamp()
         if stamp == self._stamp:
-            return
-        workflows, errors = load_directory(self._dir)
-        for err in errors:
-            log.error("workflow rejected: %s", err)
-        self.rejected = [str(err) for err in errors]
-        if errors and self.workflows:
-            log.error("keeping the %d workflows already loaded", len(self.workflows))
-            workflows = {**self.workflows, **workflows}
-        self.workflows = served_workflows(workflows)
+            return None
+        files, errors = load_files(self._dir)
+        return stamp, files, errors
+
+    def _load_workflows(self) -> None:
+        scan = self._scan()
+        if scan is not None:
+            self._apply(*scan)
+
+    def _apply(
+        self,
+        stamp: tuple[tuple[str, float, int], ...],
+        files: dict[str, Workflow],
+        errors: list[WorkflowError],
+    ) -> None:
+        """Serve the valid files. A file that is refused now keeps its last valid version
+        serving (unless another file now serves its surface); a file that is gone takes its
+        surface with it. Each refusal is logged and counted once, until it changes."""
+        refused = {err.source for err in errors}
+        surfaces = {wf.surface for wf in files.values()}
+        kept: dict[str, Workflow] = {}
+        for path, wf in self._files.items():
+            if path in refused and wf.surface not in surfaces:
+                kept[path] = wf
+                surfaces.add(wf.surface)
+        messages = {err.source: str(err) for err in errors}
+        for source, message in messages.items():
+            if self._refused.get(source) == message:
+                continue  # logged and counted when it appeared
+            metrics.WORKFLOW_REJECTIONS.inc()
+            old = kept.get(source)
+            note = f" (surface {old.surface!r} keeps its last valid version)" if old else ""
+            log.error("workflow rejected%s: %s", note, message)
+        for source in sorted(set(self._refused) - set(messages)):
+            log.info("workflow file no longer rejected: %s", source)
+        metrics.WORKFLOW_FILES_REJECTED.set(len(messages))
+        self._refused = messages
+        self.rejected = list(messages.values())
+        self._files = {**files, **kept}
+        workflows = served_workflows({wf.surface: wf for wf in self._files.values()})
+        log.info("serving surfaces %s", sorted(workflows))
+        self.workflows = workflows
         self._stamp = stamp
-        log.info("serving surfaces %s", sorted(self.workflows))
         if self.models is not None:  # with the models as last listed, until the next look
             self.models.update(self.workflows)
 
     async def _watch_workflows(self) -> None:
         """Reload changed workflow files, and re-check every workflow's model references
         against what the scoring service has loaded now (a model published later clears
-        its problem)."""
+        its problem). Nothing a file holds stops the reloading."""
         while True:
             await asyncio.sleep(self._cfg.reload_interval_s)
             try:
-                self._load_workflows()
-            except OSError as exc:
-                log.warning("workflow reload failed: %s", exc)
+                scan = await asyncio.to_thread(self._scan)
+                if scan is not None:
+                    self._apply(*scan)
+            except Exception as exc:
+                self._reload_log.warning("workflow reload failed: %r", exc)
             if self.models is None:
                 continue
             try:
@@ -159,11 +212,17 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
-        base = self.workflows.get(request.surface)
+        surface = request.surface
+        if len(surface) > MAX_SURFACE_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"surface: at most {MAX_SURFACE_CHARS} characters, got {len(surface)}",
+            )
+        base = self.workflows.get(surface)
         if base is None:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"surface: unknown surface {request.surface!r}; known: {sorted(self.workflows)}",
+                f"surface: unknown surface {clip(surface)}; known: {sorted(self.workflows)}",
             )
         if not 1 <= request.k <= MAX_K:
             await context.abort(
@@ -173,6 +232,12 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         if request.member < 0:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"member: must be >= 0, got {request.member}"
+            )
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id: at most {MAX_REQUEST_ID_CHARS} characters, "
+                f"got {len(request.request_id)}",
             )
         assert self._engine is not None and base is not None
         wf, assignments = base.for_member(request.member)
@@ -197,7 +262,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             code = exc.code
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 code = grpc.StatusCode.INTERNAL  # our own graph's call was wrong, not the caller's
-            await context.abort(code, f"surface {wf.surface!r}: {exc}")
+            await context.abort(code, clip_text(f"surface {wf.surface!r}: {exc}", MAX_ERROR_CHARS))
         request_id = request.request_id or uuid.uuid4().hex
         resp = gateway_pb2.RecommendResponse(
             edges=outcome.frame.edges,
@@ -280,7 +345,9 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self, request: gateway_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PublishResponse:
         try:
-            parsed = events.parse_request(request)
+            parsed = events.parse_request(
+                request, self._cfg.event_max_future_s, self._cfg.event_max_age_s
+            )
         except events.EventError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self._rds is None:

@@ -24,6 +24,10 @@ from edgeflow.v1 import gateway_pb2
 
 MAX_EVENTS = 1000
 MAX_ID_LENGTH = 128
+# An event's time may be at most this far ahead of the gateway's clock (clock skew), and at
+# most this far behind it (a replay of old events); the gateway's configuration overrides.
+MAX_FUTURE_S = 24 * 3600.0
+MAX_AGE_S = 365 * 24 * 3600.0
 # How long an event id is remembered for deduplication.
 DEDUP_TTL_S = 7 * 24 * 3600
 # The stream is capped near this length (an approximate trim, as XADD MAXLEN ~ does it).
@@ -98,7 +102,13 @@ class Event:
         return (self.member,)
 
 
-def from_proto(i: int, msg: gateway_pb2.MemberEvent, now: float) -> Event:
+def from_proto(
+    i: int,
+    msg: gateway_pb2.MemberEvent,
+    now: float,
+    max_future_s: float = MAX_FUTURE_S,
+    max_age_s: float = MAX_AGE_S,
+) -> Event:
     """Validate one event of a Publish request (index `i`)."""
     where = f"events[{i}]"
     kind = _TYPES.get(msg.type)
@@ -119,9 +129,17 @@ def from_proto(i: int, msg: gateway_pb2.MemberEvent, now: float) -> Event:
         if msg.target == msg.member:
             raise EventError(f"{where}.target: a member cannot {kind} themselves")
     if len(msg.event_id) > MAX_ID_LENGTH:
-        raise EventError(f"{where}.event_id: at most {MAX_ID_LENGTH} characters")
+        raise EventError(
+            f"{where}.event_id: at most {MAX_ID_LENGTH} characters, got {len(msg.event_id)}"
+        )
     if not math.isfinite(msg.time) or msg.time < 0:
-        raise EventError(f"{where}.time: must be unix seconds >= 0, got {msg.time}")
+        raise EventError(f"{where}.time: must be unix seconds >= 0, got {msg.time:.6g}")
+    if msg.time and not now - max_age_s <= msg.time <= now + max_future_s:
+        raise EventError(
+            f"{where}.time: {msg.time:.6g} is {_offset(msg.time - now)} the gateway's clock; "
+            f"events may be at most {_offset(max_future_s, 'ahead')} and "
+            f"{_offset(-max_age_s, 'behind')} (0: now)"
+        )
     return Event(
         id=msg.event_id or uuid.uuid4().hex,
         type=kind,
@@ -132,11 +150,26 @@ def from_proto(i: int, msg: gateway_pb2.MemberEvent, now: float) -> Event:
     )
 
 
+def _offset(delta_s: float, word: str = "") -> str:
+    """A time offset for people: '3.2 days ahead of', or with `word`, '1 day ahead'."""
+    size = abs(delta_s)
+    if size >= 86400 * 2:
+        amount = f"{size / 86400:.4g} days"
+    elif size >= 86400:
+        amount = "1 day" if size == 86400 else f"{size / 86400:.4g} days"
+    else:
+        amount = f"{size:.4g} s"
+    if word:
+        return f"{amount} {word}"
+    return f"{amount} {'ahead of' if delta_s > 0 else 'behind'}"
+
+
 def check_features(features: dict[str, float], where: str) -> None:
     for name, value in features.items():
         if name not in ENTITY_COLUMNS:
+            shown = repr(name) if len(name) <= 64 else f"{name[:64]!r}... ({len(name)} characters)"
             raise EventError(
-                f"{where}: unknown feature {name!r}; expected some of "
+                f"{where}: unknown feature {shown}; expected some of "
                 f"{', '.join(ENTITY_COLUMNS[: len(ENTITY_COLUMNS) - EMBEDDING_DIM])} or all of "
                 f"embedding_0..embedding_{EMBEDDING_DIM - 1}"
             )
@@ -150,12 +183,18 @@ def check_features(features: dict[str, float], where: str) -> None:
         )
 
 
-def parse_request(request: gateway_pb2.PublishRequest) -> list[Event]:
+def parse_request(
+    request: gateway_pb2.PublishRequest,
+    max_future_s: float = MAX_FUTURE_S,
+    max_age_s: float = MAX_AGE_S,
+) -> list[Event]:
     n = len(request.events)
     if not 1 <= n <= MAX_EVENTS:
         raise EventError(f"events: between 1 and {MAX_EVENTS} per request, got {n}")
     now = time.time()
-    events = [from_proto(i, msg, now) for i, msg in enumerate(request.events)]
+    events = [
+        from_proto(i, msg, now, max_future_s, max_age_s) for i, msg in enumerate(request.events)
+    ]
     ids = [e.id for e in events]
     if len(set(ids)) != n:
         dup = next(x for x in ids if ids.count(x) > 1)

@@ -169,7 +169,7 @@ class Processor:
             return False
         graph = self.graph
         if graph is None or snapshot_of(graph) != current.decode():
-            graph = load_graph(self.client)
+            graph = load_graph(self.client, cache_dir=self.cfg.graph_dir)
         else:
             graph = read_deltas(self.client, graph)
         embeddings = cast(bytes | None, self.client.get(keys.EMBEDDINGS_CURRENT))
@@ -252,7 +252,7 @@ class Processor:
         if has_graph:
             self._recompute(outcome)
         if edges and has_graph:
-            compact_graph(self.client, COMPACT_DELTAS)
+            compact_graph(self.client, COMPACT_DELTAS, self.cfg.graph_dir)
         return outcome
 
     def _push_features(

@@ -47,7 +47,7 @@ def check_models(wf: Workflow, registry: ModelRegistry) -> None:
 def load_inputs(cfg: Config, client: redis.Redis, wf: Workflow) -> Inputs:
     """The graph (with its nearline changes), every member's features read once, the EBR
     index from the same embeddings, and the model registry."""
-    graph = load_graph(client)
+    graph = load_graph(client, cache_dir=cfg.graph_dir)
     table = FeatureTable.load(client, graph.ids)
     registry = ModelRegistry(cfg.model_dir)
     for problem in registry.refresh():

@@ -11,7 +11,7 @@ import time
 import grpc
 from opentelemetry import trace
 
-from edgeflow import metrics, tensor
+from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
 from edgeflow.scoring import oip
 from edgeflow.scoring.registry import ModelNotFoundError, ModelRegistry
@@ -20,8 +20,9 @@ from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
 
 log = logging.getLogger("edgeflow.scoring")
 
-# Batches above this run in a worker thread; below, the session call is sub-millisecond and
-# a thread hop would cost more than it saves.
+# OIP batches above this run in a worker thread; below, the session call is sub-millisecond
+# and a thread hop would cost more than it saves. (Score hands its batches to cpu.run, which
+# decides by the matrix's size.)
 THREAD_ROWS = 20_000
 SCORE_COLUMNS = ("score",)
 
@@ -49,11 +50,13 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
                 raise ValueError(f"it has no column names; the model needs {list(model.features)}")
             matrix = tensor.unpack(features)
             started = time.perf_counter()
-            if matrix.shape[0] > THREAD_ROWS:
-                scores = await asyncio.to_thread(model.score, matrix, features.columns)
-            else:
-                scores = model.score(matrix, features.columns)
+            with cpu.deadline_in(context.time_remaining()):
+                # A large batch runs on the CPU threads (onnxruntime releases the GIL); a
+                # call whose deadline has passed is not scored at all.
+                scores = await cpu.run("score", matrix.size, model.score, matrix, features.columns)
             inference_s = time.perf_counter() - started
+        except cpu.DeadlineExpired as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"score: {exc}")
         except ValueError as exc:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

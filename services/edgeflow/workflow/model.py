@@ -6,7 +6,7 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -22,15 +22,23 @@ EventType = Literal["connect", "disconnect", "block", "dismiss", "follow", "prof
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+    # NaN and infinities are refused wherever a number is taken: a NaN weight would pass
+    # every range check and then fail each request.
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class Node(_Model):
     """One step of the graph."""
 
     name: str = Field(..., pattern=NAME_PATTERN, description="Unique node name (DNS label).")
-    op: str = Field(..., description="Operation, e.g. candidates.graph or scoring.onnx.")
-    inputs: list[str] = Field(default_factory=list, description="Names of upstream nodes.")
+    op: str = Field(
+        ..., max_length=64, description="Operation, e.g. candidates.graph or scoring.onnx."
+    )
+    inputs: list[Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=list, description="Names of upstream nodes."
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Op parameters.")
     timeout_ms: int = Field(
         50, ge=1, le=60_000, description="Deadline of the node; capped by the request budget."
@@ -202,7 +210,9 @@ class WorkflowSpec(_Model):
     nodes: list[Node] = Field(
         ..., min_length=1, max_length=64, description="The graph's nodes, each naming its inputs."
     )
-    output: str = Field(..., description="Name of the node whose ranked list is served.")
+    output: str = Field(
+        ..., max_length=63, description="Name of the node whose ranked list is served."
+    )
     experiments: list[Experiment] = Field(
         default_factory=list,
         max_length=8,

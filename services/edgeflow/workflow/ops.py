@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -25,7 +25,15 @@ class Kind(StrEnum):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False
+    )
+
+
+# Blend weights travel as float32 to the merging service; bounded, so none overflows there.
+MAX_WEIGHT = 1_000_000.0
+Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+Quota = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
 class GraphParams(Params):
@@ -164,23 +172,16 @@ ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismisse
 class BlendParams(Params):
     """Blend, dedup, filter, apply quotas and cut to the request's top K."""
 
-    weights: dict[str, float] = Field(
-        default_factory=dict, description="Blend weight per input node (default 1)."
+    weights: dict[str, Weight] = Field(
+        default_factory=dict,
+        description=f"Blend weight per input node (default 1), 0..{MAX_WEIGHT:,.0f}.",
     )
-    quotas: dict[str, int] = Field(
+    quotas: dict[str, Quota] = Field(
         default_factory=dict, description="Most edges per candidate source node."
     )
     filters: list[FilterName] = Field(
         default_factory=lambda: list(ALL_FILTERS), description="Visibility filters to apply."
     )
-
-    def model_post_init(self, _: object) -> None:
-        for name, w in self.weights.items():
-            if w < 0:
-                raise ValueError(f"weight of {name!r} must be >= 0, got {w}")
-        for name, q in self.quotas.items():
-            if q < 0:
-                raise ValueError(f"quota of {name!r} must be >= 0, got {q}")
 
 
 class FilterParams(Params):

@@ -15,11 +15,16 @@ import yaml
 from pydantic import ValidationError
 
 from edgeflow.experiments.assign import Bucketing, assign
+from edgeflow.workflow import limits
 from edgeflow.workflow import variants as variants_mod
 from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, Shadow, WorkflowSpec
 from edgeflow.workflow.ops import OPS, Kind, OpSpec, Params
 
 DEFAULT_FALLBACK = {"candidates": "empty", "features": "passthrough", "scoring": "passthrough"}
+# A message lists at most this many problems, each at most this long: a document full of
+# errors (or of huge names) gives a readable message, not megabytes.
+MAX_PROBLEMS = 20
+MAX_PROBLEM_CHARS = 300
 
 
 class WorkflowError(ValueError):
@@ -27,8 +32,11 @@ class WorkflowError(ValueError):
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: invalid workflow:\n" + "\n".join(f"  - {p}" for p in problems))
+        shown = [limits.clip_text(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            shown.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
+        self.problems = shown
+        super().__init__(f"{source}: invalid workflow:\n" + "\n".join(f"  - {p}" for p in shown))
 
 
 @dataclass(frozen=True)
@@ -92,15 +100,22 @@ def _problems(exc: ValidationError, where: str, doc: Mapping[str, Any] | None = 
         named = _named_item(doc, loc)
         if named is not None:  # "experiment 'x' field variants" reads better than an index
             where_item, loc = named
-            field = ".".join(str(x) for x in loc)
+            field = _field(loc)
             out.append(f"{where_item} field {field}: {_message(err)}" if field else
                        f"{where_item}: {_message(err)}")  # fmt: skip
             continue
-        field = ".".join(str(x) for x in loc)
+        field = _field(loc)
         out.append(
             f"{where} field {field}: {_message(err)}" if field else f"{where}: {_message(err)}"
         )
     return out
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    """A location as a dotted path; a key the user wrote is quoted at most in part."""
+    return ".".join(
+        str(x) if len(str(x)) <= limits.QUOTE_CHARS else limits.clip(str(x)) for x in loc
+    )
 
 
 _ITEM_LISTS = {"experiments": "experiment", "shadows": "shadow"}
@@ -119,7 +134,11 @@ def _named_item(
     if not isinstance(items[loc[1]], Mapping):
         return None
     name = items[loc[1]].get("name")
-    label = f"{_ITEM_LISTS[loc[0]]} {name!r}" if name else f"{_ITEM_LISTS[loc[0]]} #{loc[1] + 1}"
+    label = (
+        f"{_ITEM_LISTS[loc[0]]} {limits.clip(name)}"
+        if name
+        else f"{_ITEM_LISTS[loc[0]]} #{loc[1] + 1}"
+    )
     return label, loc[2:]
 
 
@@ -132,7 +151,7 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
     if isinstance(raw_nodes, list):
         for idx, raw in enumerate(raw_nodes):
             label = raw.get("name") if isinstance(raw, Mapping) else None
-            where = f"node {label!r}" if label else f"node #{idx + 1}"
+            where = f"node {limits.clip(label)}" if label else f"node #{idx + 1}"
             try:
                 nodes.append(Node.model_validate(raw))
             except ValidationError as exc:
@@ -163,13 +182,15 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
         where = f"node {node.name!r}"
         op = OPS.get(node.op)
         if op is None:
-            problems.append(f"{where} field op: unknown op {node.op!r}; known: {sorted(OPS)}")
+            problems.append(
+                f"{where} field op: unknown op {limits.clip(node.op)}; known: {sorted(OPS)}"
+            )
             continue
         try:
             params = op.params.model_validate(node.params)
         except ValidationError as exc:
             for err in exc.errors():
-                field = ".".join(["params", *(str(x) for x in err["loc"])])
+                field = _field(("params", *err["loc"]))
                 problems.append(f"{where} field {field}: {_message(err)}")
             continue
         family = node.op.split(".", 1)[0]
@@ -188,7 +209,7 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
             problems.append(f"{where} field inputs: {node.op} takes {want}, got {n_in}")
         for dep in node.inputs:
             if dep not in names and dep not in raw_names:
-                problems.append(f"{where} field inputs: unknown node {dep!r}")
+                problems.append(f"{where} field inputs: unknown node {limits.clip(dep)}")
             elif dep == node.name:
                 problems.append(f"{where} field inputs: a node cannot be its own input")
         if len(set(node.inputs)) != n_in:
@@ -215,7 +236,7 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
         problems.extend(_semantic(node, params, names))
 
     if spec.output not in names and spec.output not in raw_names:
-        problems.append(f"spec.output: unknown node {spec.output!r}")
+        problems.append(f"spec.output: unknown node {limits.clip(spec.output)}")
     elif spec.output in kinds and kinds[spec.output] is not Kind.RANKED:
         problems.append(
             f"spec.output: node {spec.output!r} produces {kinds[spec.output].value}; the "
@@ -250,13 +271,15 @@ def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str
         for key in params.weights:
             if key not in node.inputs:
                 problems.append(
-                    f"node {node.name!r} field params.weights.{key}: not an input of this node"
+                    f"node {node.name!r} field {_field(('params', 'weights', key))}: not an "
+                    "input of this node"
                 )
         for key in params.quotas:
             src = names.get(key)
             if src is None or not src.op.startswith("candidates."):
                 problems.append(
-                    f"node {node.name!r} field params.quotas.{key}: not a candidates node"
+                    f"node {node.name!r} field {_field(('params', 'quotas', key))}: not a "
+                    "candidates node"
                 )
     return problems
 
@@ -382,16 +405,34 @@ def _topological(nodes: list[Node], problems: list[str]) -> list[str]:
     return order
 
 
+def check_size(doc: Any, source: str) -> None:
+    """Refuse a parsed document nested deeper or holding more values than a workflow may,
+    before anything walks it recursively (the operator copies what the API server sent)."""
+    try:
+        limits.check_nesting(doc)
+    except limits.LimitError as exc:
+        raise WorkflowError(source, [f"document: {exc}"]) from None
+
+
 def parse_document(doc: Any, source: str) -> Workflow:
-    """Accept a whole EdgeWorkflow resource or a bare spec."""
+    """Accept a whole EdgeWorkflow resource or a bare spec, parsed from YAML or JSON."""
+    check_size(doc, source)
+    try:
+        return _parse_document(doc, source)
+    except RecursionError:  # the limits make this unreachable; never a crash if they do not
+        raise WorkflowError(source, ["document: nested too deeply to validate"]) from None
+
+
+def _parse_document(doc: Any, source: str) -> Workflow:
     if not isinstance(doc, Mapping):
         raise WorkflowError(source, ["the document must be a mapping (an EdgeWorkflow or a spec)"])
     if "spec" in doc or "kind" in doc or "apiVersion" in doc:
         problems = []
         if doc.get("apiVersion") != API_VERSION:
-            problems.append(f"apiVersion: expected {API_VERSION!r}, got {doc.get('apiVersion')!r}")
+            got = limits.clip(doc.get("apiVersion"))
+            problems.append(f"apiVersion: expected {API_VERSION!r}, got {got}")
         if doc.get("kind") != KIND:
-            problems.append(f"kind: expected {KIND!r}, got {doc.get('kind')!r}")
+            problems.append(f"kind: expected {KIND!r}, got {limits.clip(doc.get('kind'))}")
         meta = doc.get("metadata")
         if not isinstance(meta, Mapping) or not meta.get("name"):
             problems.append("metadata.name: required")
@@ -416,33 +457,68 @@ def parse_document(doc: Any, source: str) -> Workflow:
 
 
 def load_workflow(path: Path) -> Workflow:
+    """Read, parse and validate one workflow file; every problem (unreadable, too large,
+    nested too deeply, not YAML, not a valid workflow) is a WorkflowError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = limits.read_text(path)
     except OSError as exc:
-        raise WorkflowError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+        raise WorkflowError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise WorkflowError(str(path), [f"byte {exc.start}: not UTF-8 text"]) from None
+    except limits.LimitError as exc:
+        raise WorkflowError(str(path), [f"file: {exc}"]) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Workflow:
+    """Parse and validate the text of one workflow file (`source` names it in errors)."""
+    path = source
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in limits.load_yaml(text) if d is not None]
+    except limits.LimitError as exc:
+        raise WorkflowError(path, [f"file: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "document"
-        raise WorkflowError(str(path), [f"{where}: not valid YAML ({exc})"]) from None
+        parts = (getattr(exc, "context", None), getattr(exc, "problem", None))
+        what = ", ".join(p for p in parts if p) or str(exc)
+        raise WorkflowError(path, [f"{where}: not valid YAML ({what})"]) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise WorkflowError(path, [f"document: not valid YAML ({exc})"]) from None
     if len(docs) != 1:
-        raise WorkflowError(str(path), [f"expected one YAML document, found {len(docs)}"])
-    return parse_document(docs[0], str(path))
+        raise WorkflowError(path, [f"expected one YAML document, found {len(docs)}"])
+    return parse_document(docs[0], path)
 
 
 def load_directory(directory: Path) -> tuple[dict[str, Workflow], list[WorkflowError]]:
     """Every *.yaml workflow in a directory, by surface; invalid ones are returned as errors."""
+    files, errors = load_files(directory)
+    return {wf.surface: wf for wf in files.values()}, errors
+
+
+def workflow_files(directory: Path) -> list[Path]:
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+
+
+def load_files(directory: Path) -> tuple[dict[str, Workflow], list[WorkflowError]]:
+    """Every *.yaml workflow in a directory, by file path; invalid files (and a surface
+    defined again by a later file) are returned as errors naming the file. Never raises for
+    a file's content."""
     workflows: dict[str, Workflow] = {}
+    surfaces: set[str] = set()
     errors: list[WorkflowError] = []
-    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+    for path in workflow_files(directory):
         try:
             wf = load_workflow(path)
         except WorkflowError as exc:
             errors.append(exc)
             continue
-        if wf.surface in workflows:
+        except Exception as exc:  # a bug here must cost one file, never the others
+            errors.append(WorkflowError(str(path), [f"could not be validated: {exc!r}"]))
+            continue
+        if wf.surface in surfaces:
             errors.append(WorkflowError(str(path), [f"surface {wf.surface!r} is defined twice"]))
             continue
-        workflows[wf.surface] = wf
+        surfaces.add(wf.surface)
+        workflows[str(path)] = wf
     return workflows, errors

@@ -1,0 +1,222 @@
+"""What every gRPC server refuses before its handlers run (edgeflow.guard): message sizes that
+follow from the documented limits, and concurrency bounds that shed load with
+RESOURCE_EXHAUSTED. Real grpc.aio servers started by the services' own start_server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+
+from edgeflow import guard, tensor
+from edgeflow.features.schema import ENTITY_COLUMNS, MODEL_COLUMNS
+from edgeflow.guard import MB, Limits, limits_for
+from edgeflow.server import Service, channel, start_server
+from edgeflow.v1 import (
+    candidates_pb2,
+    features_pb2,
+    gateway_pb2,
+    merging_pb2,
+    merging_pb2_grpc,
+    scoring_pb2,
+)
+from edgeflow.v1.inference import grpc_predict_v2_pb2 as oip_pb
+
+
+def test_the_documented_limits_are_the_enforced_ones() -> None:
+    from edgeflow.candidates.service import MAX_BATCH
+    from edgeflow.candidates.sources import MAX_LIMIT
+    from edgeflow.features.service import MAX_ENTITIES
+    from edgeflow.nearline import events
+    from edgeflow.scoring.service import THREAD_ROWS
+    from edgeflow.workflow.ops import OPS
+
+    assert guard.MAX_CANDIDATES == MAX_ENTITIES == MAX_LIMIT
+    for name, op in OPS.items():
+        if name.startswith("candidates."):
+            assert op.params.model_fields["limit"].metadata[-1].le == guard.MAX_CANDIDATES, name
+    assert OPS["merge.blend"].max_inputs == OPS["features.fetch"].max_inputs
+    assert OPS["merge.blend"].max_inputs == guard.MAX_NODE_INPUTS
+    assert guard.MAX_SOURCES_PER_CALL == MAX_BATCH
+    assert guard.MAX_EVENTS == events.MAX_EVENTS
+    assert guard.MAX_EVENT_ID_CHARS == events.MAX_ID_LENGTH
+    assert guard.MAX_SCORE_ROWS == THREAD_ROWS
+
+
+def _largest_requests() -> dict[str, list[object]]:
+    """Per service, its largest legitimate requests (the merging service's is built in
+    test_merging, which also sends it)."""
+    n, ids = guard.MAX_CANDIDATES, [2**62 + i for i in range(guard.MAX_CANDIDATES)]
+    event = gateway_pb2.MemberEvent(
+        type=gateway_pb2.MemberEvent.PROFILE_CHANGE, member=2**62, target=2**62,
+        event_id="\U0001f600" * guard.MAX_EVENT_ID_CHARS, time=1.7e9,
+        features={c: 1.0 for c in ENTITY_COLUMNS},
+    )  # fmt: skip
+    publish = gateway_pb2.PublishRequest(events=[event] * guard.MAX_EVENTS)
+    many = candidates_pb2.GenerateManyRequest()
+    for i in range(guard.MAX_SOURCES_PER_CALL):
+        many.requests.add(
+            member=2**62, source="precomputed", limit=n, timeout_ms=60_000,
+            params={"list": f"list-{i}-{'x' * 55}", "limit": str(n), "weight": "adamic_adar"},
+        )  # fmt: skip
+    get = features_pb2.GetFeaturesRequest(member=2**62, entities=ids, columns=list(MODEL_COLUMNS))
+    push = features_pb2.PushRequest(
+        entities=ids, values=tensor.pack(np.ones((n, len(ENTITY_COLUMNS))), ENTITY_COLUMNS)
+    )
+    rows = guard.MAX_SCORE_ROWS
+    matrix = np.ones((rows, len(MODEL_COLUMNS)), np.float32)
+    score = scoring_pb2.ScoreRequest(
+        model="pymk-ranker", version="v12", features=tensor.pack(matrix, MODEL_COLUMNS)
+    )
+    infer = oip_pb.ModelInferRequest(model_name="pymk-ranker", model_version="12", id="x" * 64)
+    infer.inputs.add(name="features", datatype="FP32", shape=[rows, len(MODEL_COLUMNS)])
+    infer.raw_input_contents.append(matrix.tobytes())
+    infer_contents = oip_pb.ModelInferRequest(model_name="pymk-ranker")
+    tensor_in = infer_contents.inputs.add(
+        name="features", datatype="FP32", shape=[rows, len(MODEL_COLUMNS)]
+    )
+    tensor_in.contents.fp32_contents.extend(matrix.ravel().tolist())
+    return {
+        "gateway": [publish],
+        "candidates": [many],
+        "features": [get, push],
+        "scoring": [score, infer, infer_contents],
+    }
+
+
+@pytest.mark.parametrize("service", ["gateway", "candidates", "features", "scoring"])
+def test_each_service_takes_its_largest_legitimate_request(service: str) -> None:
+    limits = limits_for(service)
+    for request in _largest_requests()[service]:
+        size = request.ByteSize()  # type: ignore[attr-defined]
+        assert size <= limits.max_receive_bytes, (type(request).__name__, size)
+    # and not far more: well under the 64 MB every server used to take
+    assert limits.max_receive_bytes <= 8 * MB
+    assert 0 < limits.max_concurrent_rpcs <= 1024
+
+
+# ---- concurrency, on a real server whose handler waits until released ---------------------
+class _Waiting(merging_pb2_grpc.MergingServiceServicer):
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.entered = 0
+
+    async def Merge(
+        self, request: merging_pb2.MergeRequest, context: grpc.aio.ServicerContext
+    ) -> merging_pb2.MergeResponse:
+        self.entered += 1
+        await self.release.wait()
+        return merging_pb2.MergeResponse()
+
+
+class _WaitingService(Service):
+    name = "waiting"
+    service_names = ("edgeflow.v1.MergingService",)
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.servicer = _Waiting()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        merging_pb2_grpc.add_MergingServiceServicer_to_server(self.servicer, server)
+
+
+class _Running:
+    def __init__(self, service: _WaitingService, server: grpc.aio.Server, port: int) -> None:
+        self.service, self.server = service, server
+        self.channel = channel(f"127.0.0.1:{port}")
+        self.stub = merging_pb2_grpc.MergingServiceStub(self.channel)
+
+    def call(self, request: merging_pb2.MergeRequest) -> asyncio.Task[merging_pb2.MergeResponse]:
+        return asyncio.ensure_future(self.stub.Merge(request, timeout=60))
+
+    async def entered(self, n: int) -> None:
+        for _ in range(3000):
+            if self.service.servicer.entered >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{n} calls never reached the handler")
+
+
+async def _running(limits: Limits) -> AsyncIterator[_Running]:
+    service = _WaitingService(limits)
+    server, port, _ = await start_server(service, "127.0.0.1:0")
+    running = _Running(service, server, port)
+    try:
+        yield running
+    finally:
+        service.servicer.release.set()
+        await running.channel.close()
+        await server.stop(None)
+
+
+def _big(ids: int) -> merging_pb2.MergeRequest:
+    return merging_pb2.MergeRequest(lists=[merging_pb2.ScoredList(name="l", ids=range(ids))])
+
+
+async def test_calls_over_the_concurrency_limit_are_shed_with_resource_exhausted() -> None:
+    async for srv in _running(Limits(max_receive_bytes=MB, max_concurrent_rpcs=3)):
+        held = [srv.call(merging_pb2.MergeRequest(k=i)) for i in range(3)]
+        await srv.entered(3)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.stub.Merge(merging_pb2.MergeRequest(), timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert srv.service.servicer.entered == 3  # the handler never saw it
+        srv.service.servicer.release.set()
+        for call in held:
+            await call
+        await srv.stub.Merge(merging_pb2.MergeRequest(), timeout=60)  # room again
+
+
+async def test_large_requests_beyond_the_in_flight_budget_are_shed() -> None:
+    limits = Limits(max_receive_bytes=8 * MB, inflight_bytes=2 * MB)
+    async for srv in _running(limits):
+        big = _big(400_000)  # about 1.5 MB on the wire
+        first = srv.call(big)
+        await srv.entered(1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.stub.Merge(big, timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "waiting: overloaded" in (err.value.details() or "")
+        # Small requests are not counted: the hot path is never shed by the budget.
+        small = [srv.call(merging_pb2.MergeRequest(k=i)) for i in range(5)]
+        await srv.entered(6)
+        srv.service.servicer.release.set()
+        for call in (first, *small):
+            await call
+        # The budget is free again: one request larger than all of it still runs alone.
+        srv.service.servicer.release.clear()
+        huge = srv.call(_big(700_000))
+        await srv.entered(7)
+        srv.service.servicer.release.set()
+        await huge
+
+
+async def test_a_message_over_the_services_size_is_refused_unread() -> None:
+    async for srv in _running(Limits(max_receive_bytes=64 * 1024)):
+        big = _big(100_000)
+        assert big.ByteSize() > 64 * 1024
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.stub.Merge(big, timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert srv.service.servicer.entered == 0
+
+
+async def test_undecodable_requests_are_logged_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async for srv in _running(Limits(max_receive_bytes=MB)):
+        call = srv.channel.unary_unary("/edgeflow.v1.MergingService/Merge")
+        for i in range(50):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"\x12\x7f" + bytes([i]) * 20, timeout=10)  # a truncated list
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert srv.service.servicer.entered == 0
+    lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
