@@ -12,15 +12,17 @@ import asyncio
 import io
 import json
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from edgeflow import tensor
 from edgeflow.cli import CliError
-from edgeflow.cli.bench import entity_features, top_by_cosine, unit_rows
+from edgeflow.cli.bench import entity_features, timed, top_by_cosine, unit_rows
 from edgeflow.cli.capacity import Step, open_loop, search_capacity, step_requests
 from edgeflow.cli.scale import (
     OverBudget,
@@ -311,3 +313,36 @@ def test_a_failed_measurement_is_recorded_and_the_next_one_runs(tmp_path: Path) 
         raise OverBudget("over the time budget of 10s")  # never swallowed
     with pytest.raises(ValueError), rec.phase("write", log=False):
         raise ValueError("not soft")
+
+
+async def test_timed_counts_failed_end_to_end_calls_when_asked() -> None:
+    n = 0
+
+    async def call() -> None:
+        nonlocal n
+        n += 1
+        if n % 4 == 0:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata()
+            )
+
+    failed: Counter[str] = Counter()
+    lat = await timed(call, 20, warmup=2, failures=failed)
+    assert len(lat) == 15 and failed == {"DEADLINE_EXCEEDED": 5}
+    with pytest.raises(grpc.aio.AioRpcError):
+        await timed(call, 20, warmup=0)
+
+
+def test_the_command_line_takes_the_scale_options(tmp_path: Path) -> None:
+    from edgeflow.cli import scale
+    from edgeflow.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--scale", "--sizes", "2000,5k", "--out", str(tmp_path), "--size-budget", "60"]
+    )
+    assert args.scale and args.sizes == "2000,5k" and args.out == tmp_path
+    assert args.size_budget == 60 and args.seed == 0
+    args.out = tmp_path / "scale.json"
+    with pytest.raises(CliError, match="directory"):
+        scale.run(args)
+    assert scale.default_budget(1_000_000) > scale.default_budget(10_000) >= 900

@@ -53,16 +53,17 @@ def time_summary(seconds: dict[str, float], training: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def command_name() -> str:
-    """How the user can call this command again: `edgeflow` if it is on PATH, else its path."""
-    here = Path(sys.executable).parent / "edgeflow"
+def activate_hint() -> str:
+    """How to get this `edgeflow` on PATH: empty when it is, else the venv's activate line."""
+    here = Path(sys.executable).parent
     found = shutil.which("edgeflow")
-    if found and Path(found).resolve() == here.resolve():
-        return "edgeflow"
+    if found and Path(found).resolve() == (here / "edgeflow").resolve():
+        return ""
     try:
-        return str(here.relative_to(Path.cwd()))
+        where = here.relative_to(Path.cwd())
     except ValueError:
-        return str(here)
+        where = here
+    return f"`source {where / 'activate'}`, then "
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,10 +143,9 @@ def run(args: argparse.Namespace) -> int:
         resp = fetch(suite.addr("gateway"), "pymk", member, 10, debug=False)
         render(resp, member, console, legend=member == shown[-1])  # the legend once, at the end
     if args.keep_running:
-        cmd = command_name()
         console.print(
-            f"\nThe suite is still running. Try `{cmd} recommend --member 0 --debug`; "
-            f"stop it with `{cmd} down`."
+            f"\nThe suite is still running. Try {activate_hint()}`edgeflow recommend "
+            "--member 0 --debug`; stop it with `edgeflow down`."
         )
     else:
         local.stop_suite(suite)

@@ -659,9 +659,11 @@ LATENCIES = [
 ]
 RATES = [
     ("capacity_qps", "capacity (open loop, p99 <= 100 ms, <= 1% partial+failed)", "QPS"),
-    ("offline_pairs_per_s", "offline pairs scored per second", "pairs/s"),
+    ("offline_pairs_per_s", "offline pairs scored per second, job (start-up included)", "pairs/s"),
+    ("offline_scoring_pairs_per_s", "offline pairs scored per second, shards scoring", "pairs/s"),
 ]
 QUALITY = [("ebr_recall_at_100", "EBR recall@100 against exact search", "")]
+QUALITY_KEYS = {key for key, _, _ in QUALITY}
 MEMORY = [
     ("rss_mb_total", "RSS of the suite's processes, total", "MiB"),
     ("redis_used_memory_mb", "Redis used_memory", "MiB"),
@@ -774,7 +776,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         for r in results:
             flat = _rows(r)
             value = flat.get(key)
-            cell = _fmt(value)
+            cell = f"{value:.4f}" if key in QUALITY_KEYS and value is not None else _fmt(value)
             ratio = report["ratios"].get(str(r["members"]), {}).get(key)
             if ratio is not None and r["members"] != base:
                 cell += f" ({ratio:.2f}x)"
