@@ -330,6 +330,7 @@ async def drive_recommend(
     lats: list[float] = []
     partial = 0
     failed: Counter[str] = Counter()
+    failed_why: Counter[str] = Counter()
     degraded: Counter[str] = Counter()
 
     async def call(m: int) -> None:
@@ -340,6 +341,7 @@ async def drive_recommend(
             resp = await stub.Recommend(req, timeout=CALL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             failed[exc.code().name] += 1
+            failed_why[(exc.details() or "")[:90]] += 1
             return
         lats.append((time.perf_counter() - t) * 1000)
         if resp.partial:
@@ -362,6 +364,7 @@ async def drive_recommend(
         "partial_share": round(partial / max(done, 1), 4),
         "failed_share": round(sum(failed.values()) / max(done, 1), 4),
         "failed_codes": dict(failed),
+        "failed_why": dict(failed_why.most_common(4)),
         "degraded": dict(degraded.most_common(8)),
         "cpu_cores": cpu,  # each process's CPU time over the block's wall time
     }
