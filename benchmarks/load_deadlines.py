@@ -13,7 +13,8 @@ environment, see CONFIGS) against the first one, the baseline, measured in the s
   counts as answered when its answer arrived while the gateway would still wait for it;
   latency percentiles are over the answers that came in time.
 - `recommend`: the whole suite (Redis and the services as real processes, trained once per
-  graph), N concurrent callers of `Recommend` (pymk, k=50) in a closed loop: throughput,
+  graph), N concurrent callers of `Recommend` (pymk, k=50) in a closed loop, for each N of
+  `--concurrency` (4: below saturation on 2 shared cores, 8: past it): throughput,
   p50/p99, the share of partial and failed responses and which nodes degraded and why.
 
 Each graph's configurations alternate over `--rounds`, so drift on a shared machine hits
@@ -26,8 +27,7 @@ Graphs: `facebook` (../shared/data/facebook_combined.txt), `synthetic:N` (the ge
 social graph of N members, seed 1), `powerlaw:N[:E]` (a heavy-tailed Chung-Lu graph of N
 members, E edges each, 5.4 by default: the shape of SNAP's Email-Enron at N=36692; with
 E=15 at N=100000, hubs of 10,000+ and two-hop neighbourhoods of a million), or a path to an
-edge list. Load goes to loopback only; every loop is bounded in
-count and in time.
+edge list. Load goes to loopback only; every loop is bounded in count and in time.
 """
 
 from __future__ import annotations
@@ -526,7 +526,12 @@ def run_level(
     info = describe(graph)
     note(f"{level} on {name}: {json.dumps(info)}")
     members = pick_members(graph, args.requests + 20, args.hub_share, args.seed)
-    blocks: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    callers = args.concurrency if level == "recommend" else [0]
+    # Per number of callers (recommend level; one open-loop entry for candidates), per
+    # configuration, one block per round.
+    blocks: dict[int, dict[str, list[dict[str, Any]]]] = {
+        n: {c: [] for c in configs} for n in callers
+    }
     with redis_suite(graph, args.seed, train=level == "recommend") as suite:
         if level == "candidates":
             write_lists_for(suite, graph, members)
@@ -540,14 +545,23 @@ def run_level(
                             suite.addr("candidates"), members, args.rate, batching, pid,
                             args.seed + r,
                         ))  # fmt: skip
-                else:
-                    with all_services(suite, env):
+                    note(f"{level} {name} round {r + 1} {c}: {json.dumps(block)}")
+                    blocks[0][c].append(block)
+                    continue
+                with all_services(suite, env):
+                    for n in callers:
                         block = asyncio.run(drive_recommend(
-                            suite.addr("gateway"), members, args.concurrency, dict(suite.pids)
+                            suite.addr("gateway"), members, n, dict(suite.pids)
                         ))  # fmt: skip
-                note(f"{level} {name} round {r + 1} {c}: {json.dumps(block)}")
-                blocks[c].append(block)
-    return {"graph": name, **info, **summarise(blocks)}
+                        note(f"{level} {name} round {r + 1} {c} c{n}: {json.dumps(block)}")
+                        blocks[n][c].append(block)
+    if level == "candidates":
+        return {"graph": name, "rate": args.rate, **info, **summarise(blocks[0])}
+    return {
+        "graph": name,
+        **info,
+        "by_callers": {f"c{n}": summarise(by_config) for n, by_config in blocks.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,15 +574,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--graphs",
-        default="facebook,synthetic:100000",
-        help="graphs of the recommend level: facebook, synthetic:N, powerlaw:N or a path",
+        default="facebook,synthetic:100000,powerlaw:100000:15",
+        help="graphs of the recommend level: facebook, synthetic:N, powerlaw:N[:E] or a path",
     )
     ap.add_argument(
         "--configs",
         default="baseline,defaults",
         help=f"comma-separated, the first is the baseline (known: {', '.join(CONFIGS)})",
     )
-    ap.add_argument("--concurrency", type=int, default=8, help="recommend level: callers")
+    ap.add_argument(
+        "--concurrency",
+        default="4,8",
+        help="recommend level: numbers of concurrent callers (comma-separated)",
+    )
     ap.add_argument(
         "--rate", type=float, default=150.0, help="candidates level: requests per second"
     )
@@ -583,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown configuration(s): {', '.join(unknown)}")
-    if not 1 <= args.concurrency <= 64 or not 20 < args.requests <= 20_000:
+    args.concurrency = [int(n) for n in str(args.concurrency).split(",") if n.strip()]
+    if not all(1 <= n <= 64 for n in args.concurrency) or not 20 < args.requests <= 20_000:
         ap.error("--concurrency must be 1..64 and --requests 21..20000")
     if not 1 <= args.rate <= 5000:
         ap.error("--rate must be 1..5000")
