@@ -1,7 +1,8 @@
 """Feast objects of edgeflow: the member entity and its features for ranking.
 
 Names come from edgeflow.features.schema, so the repo, the features service, training and
-scoring agree on them. `feast apply` executes this file in the rendered repo.
+scoring agree on them. `edgeflow train` applies this file in the rendered repo (`feast apply`
+there does the same).
 """
 
 from datetime import timedelta

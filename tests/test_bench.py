@@ -289,7 +289,7 @@ def test_scale_report_has_ratios_targets_and_failed_sizes(tmp_path: Path) -> Non
 
 
 def test_a_size_over_its_budget_is_reported_and_cleans_up(tmp_path: Path) -> None:
-    rec = run_size(2000, seed=0, budget_s=4.0, work=tmp_path, log=False)
+    rec = run_size(2000, seed=0, budget_s=1.0, work=tmp_path, log=False)
     assert rec["status"] == "over_budget", rec
     assert "budget" in rec["error"] and rec["members"] == 2000
     assert rec["phase"] is not None  # where it was when the budget ran out

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from edgeflow.build.feast_features import (
-    FeastCommandError,
+    FeastError,
     feast_connection_string,
     feature_store,
     publish_member_features,
@@ -182,7 +182,7 @@ def test_failed_feast_command_names_it_and_its_error(tmp_path: Path) -> None:
         home=tmp_path / "home", redis_url="redis://127.0.0.1:1/0", feature_repo_template=template
     )
     graph = random_graph()
-    with pytest.raises(FeastCommandError) as info:
+    with pytest.raises(FeastError) as info:
         publish_member_features(
             cfg, graph, member_features(graph), np.zeros((graph.n, EMBEDDING_DIM), np.float32)
         )

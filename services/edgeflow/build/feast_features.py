@@ -1,5 +1,6 @@
-"""Publishing member features into Feast: render the repo, write the parquet, apply and
-materialise with Feast's own CLI.
+"""Publishing member features into Feast: render the repo, write the parquet, apply the
+repo's definitions and materialise with Feast's SDK (in process: importing feast takes
+seconds, once, where each CLI command would pay it again).
 
 The template in `feature_repo/` is rendered per suite into `cfg.feature_repo`, because each
 suite has its own Redis; the registry and the parquet live inside the rendered repo.
@@ -7,13 +8,14 @@ suite has its own Redis; the registry and the parquet live inside the rendered r
 
 from __future__ import annotations
 
-import os
+import contextlib
+import hashlib
+import importlib.util
+import io
 import shutil
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -29,14 +31,14 @@ if TYPE_CHECKING:
 
 PARQUET = Path("data") / "member_features.parquet"
 _REDIS_TOKEN = "${EDGEFLOW_FEAST_REDIS}"
-_TEMPLATE_FILES = ("feature_store.yaml", "definitions.py", ".feastignore", "README.md")
-_CLI_TIMEOUT_S = 600.0
+_DEFINITIONS = "definitions.py"  # the repo's one file of Feast objects
+_TEMPLATE_FILES = ("feature_store.yaml", _DEFINITIONS, ".feastignore", "README.md")
 # Feast's Redis client gets short timeouts too, so a push to a dead Redis fails fast.
 _FEAST_REDIS_TIMEOUTS = "socket_connect_timeout=0.5,socket_timeout=5"
 
 
-class FeastCommandError(RuntimeError):
-    """A Feast CLI command failed; the message holds the command and its stderr tail."""
+class FeastError(RuntimeError):
+    """A Feast step failed; the message names the step, the repo and Feast's error."""
 
 
 def feast_connection_string(redis_url: str) -> str:
@@ -114,28 +116,46 @@ def write_parquet(
     pq.write_table(pa.table(columns), path)
 
 
-def _feast_cli() -> list[str]:
-    beside = Path(sys.executable).with_name("feast")
-    found = str(beside) if beside.exists() else shutil.which("feast")
-    if not found:
-        raise FeastCommandError("the `feast` command was not found (install feast[redis])")
-    return [found]
+def repo_objects(repo: Path) -> list[Any]:
+    """The Feast objects `definitions.py` defines, as `feast apply` would collect them.
 
+    The file is loaded under a name of its own per repo, so two repos in one process never
+    share a cached module."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
 
-def run_feast(repo: Path, *args: str) -> str:
-    """Run one Feast CLI command in the repo; raise FeastCommandError with its stderr tail."""
-    cmd = [*_feast_cli(), "--chdir", str(repo), *args]
-    env = {**os.environ, "FEAST_USAGE": "False", "PYTHONUNBUFFERED": "1"}
+    path = repo / _DEFINITIONS
+    name = "edgeflow_feast_repo_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FeastError(f"Feast apply: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=_CLI_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise FeastCommandError(f"`{' '.join(cmd)}` timed out after {exc.timeout:.0f}s") from None
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip()[-2000:]
-        raise FeastCommandError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{tail}")
-    return done.stdout
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise FeastError(f"Feast apply: {path} failed: {type(exc).__name__}: {exc}") from exc
+    kinds = (Entity, FeatureView, FeatureService, DataSource)
+    found: list[Any] = []
+    for value in vars(module).values():
+        if isinstance(value, kinds) and not any(value is f for f in found):
+            found.append(value)
+    if not found:
+        raise FeastError(f"Feast apply: {path} defines no Feast objects")
+    return found
+
+
+def _feast_step(step: str, repo: Path, run: Any) -> None:
+    """Run one Feast call with its prints and progress bars kept off our output (they are
+    shown only if it fails)."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            run()
+    except FeastError:
+        raise
+    except Exception as exc:
+        text = f"{said.getvalue().strip()[-1000:]}\n{type(exc).__name__}: {exc}".strip()
+        raise FeastError(f"Feast {step} in {repo} failed: {text[-2000:]}") from exc
 
 
 def publish_member_features(
@@ -145,7 +165,7 @@ def publish_member_features(
     embeddings: np.ndarray,
     stages: Stages | None = None,
 ) -> Path:
-    """Render the repo, write every member's features, `feast apply`, `feast materialize`.
+    """Render the repo, write every member's features, apply the definitions, materialise.
 
     `scalars` is (graph.n, len(SCALAR_FEATURES)) and `embeddings` (graph.n, EMBEDDING_DIM),
     rows in graph.ids order. Returns the rendered repo path.
@@ -159,13 +179,14 @@ def publish_member_features(
         write_parquet(repo / PARQUET, graph.ids, scalars, embeddings, now)
         st.note = f"{graph.n:,} rows in {repo / PARQUET}"
     with stages.stage("Feast apply (registers the feature views)") as st:
-        run_feast(repo, "apply")
+        store = feature_store(cfg)
+        _feast_step("apply", repo, lambda: store.apply(repo_objects(repo)))
         st.note = str(repo)
     # An explicit window around this publish: every row of the new parquet, and nothing
     # depends on the previous materialisation's bookmark.
     start, end = now - timedelta(days=1), now + timedelta(minutes=1)
     with stages.stage("Feast materialize into the Redis online store") as st:
-        run_feast(repo, "materialize", start.isoformat(), end.isoformat())
+        _feast_step("materialize", repo, lambda: store.materialize(start, end))
         st.note = f"{graph.n:,} members"
     return repo
 

@@ -180,8 +180,13 @@ class Record:
     @contextmanager
     def phase(self, name: str, log: bool, soft: bool = False) -> Iterator[None]:
         """Time a phase. A `soft` phase that fails has its error recorded in `phase_errors`
-        and the size goes on to its next phase (it ends `failed` all the same)."""
+        and the size goes on to its next phase (it ends `failed` all the same). A phase does
+        not start once the budget is spent (the alarm can land in an event loop, which
+        swallows it)."""
         self.data["phase"] = name
+        budget_s = self.data["budget_s"]
+        if time.perf_counter() - self.t0 > budget_s:
+            raise OverBudget(f"over the time budget of {budget_s:.0f}s before '{name}'")
         self.save()
         if log:
             print(f"[{self.data['members']:,} members] {name} ...", file=sys.stderr, flush=True)
@@ -432,7 +437,7 @@ def offline_run(h: Any, timeout_s: float) -> dict[str, Any]:
     import psutil
 
     if timeout_s <= 0:
-        raise OverBudget("no time left for the offline run")
+        raise OverBudget("over the time budget: no time left for the offline run")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         proc = subprocess.Popen(
