@@ -135,6 +135,11 @@ def test_in_cluster_or_external_stores() -> None:
     for store in ("redis", "qdrant"):
         sts = find(docs, "StatefulSet", f"demo-edgeflow-{store}")
         assert sts["spec"]["volumeClaimTemplates"], store
+    redis_args = find(docs, "StatefulSet", "demo-edgeflow-redis")["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
+    # Acknowledged writes are on the volume before Redis answers.
+    assert redis_args[redis_args.index("--appendonly") + 1] == "yes"
+    assert redis_args[redis_args.index("--appendfsync") + 1] == "always"
     env = {e["name"]: e["value"] for e in find(docs, "Deployment", "demo-edgeflow-candidates")[
         "spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
     assert env["REDIS_URL"] == "redis://demo-edgeflow-redis.edgeflow.svc:6379/0"
@@ -167,6 +172,7 @@ def test_in_cluster_or_external_stores() -> None:
         (["--set", "metrics.port=50065"], "metrics.port 50065 is also nearline.port"),
         (["--set", "metrics.serviceMonitor.interval=soon"], "metrics.serviceMonitor.interval"),
         (["--set", "metrics.port=0"], "metrics.port"),
+        (["--set", "redis.persistence.appendfsync=sometimes"], "appendfsync"),
     ],
 )
 def test_bad_values_fail_with_the_key(values: list[str], problem: str) -> None:

@@ -98,6 +98,23 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
     again = edgeflow("recommend", "--member", "7", "--k", "5", "--json", env=env)
     assert again.returncode == 0 and len(json.loads(again.stdout)["edges"]) == 5, again.stderr
 
+    # A block from the command line: acknowledged once stored, honoured by the next request,
+    # and the same event id sent again stores nothing.
+    shown = json.loads(again.stdout)["edges"][0]["target"]  # int64: a string in JSON
+    block = ("publish", "--type", "block", "--member", "7", "--target", str(shown),
+             "--event-id", "cli-block-7")  # fmt: skip
+    published = edgeflow(*block, env=env)
+    assert published.returncode == 0, published.stderr
+    assert f"published block 7 -> {shown}: event cli-block-7, stream entry " in published.stdout
+    after = edgeflow("recommend", "--member", "7", "--k", "50", "--json", env=env)
+    assert after.returncode == 0, after.stderr
+    assert shown not in [e["target"] for e in json.loads(after.stdout)["edges"]]
+    repeat = edgeflow(*block, "--json", env=env)
+    assert json.loads(repeat.stdout) == {"event_id": "cli-block-7", "entry_id": "",
+                                         "duplicate": True}, repeat.stdout  # fmt: skip
+    bad = edgeflow("publish", "--type", "block", "--member", "-3", "--target", "1", env=env)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT: events[0].member" in bad.stderr, bad
+
     status = edgeflow("status", env=env)
     assert status.stdout.count(" SERVING") == 6, status.stdout  # five services, the worker
 

@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--addr", help="gateway address (default: GATEWAY_ADDR)")
     s.set_defaults(func=_command("recommend"))
 
+    s = sub.add_parser("publish", help="send one member event (block, connect, ...) to the gateway")
+    s.add_argument("--type", required=True, choices=("connect", "disconnect", "block", "dismiss",
+                                                      "follow"))  # fmt: skip
+    s.add_argument("--member", type=int, required=True, help="the member who acted")
+    s.add_argument("--target", type=int, required=True, help="the other member")
+    s.add_argument("--event-id", default="", help="idempotency key (generated when empty)")
+    s.add_argument("--json", action="store_true", help="print the ids as JSON")
+    s.add_argument("--addr", help="gateway address (default: GATEWAY_ADDR)")
+    s.set_defaults(func=_command("publish"))
+
     s = sub.add_parser("explain", help="one request's funnel, top items, drops and DAG picture")
     s.add_argument("--member", type=int, required=True)
     s.add_argument("--surface", default="pymk")

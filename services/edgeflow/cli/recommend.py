@@ -168,7 +168,11 @@ def run(args: argparse.Namespace) -> int:
     addr = args.addr or config.load().gateway_addr
     if args.json:
         resp = fetch(addr, args.surface, args.member, args.k, args.debug)
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        # Every field, zeros too: member 0 is a member, not a missing target.
+        doc = MessageToDict(
+            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(doc, indent=2))
         return 0
     # The funnel is always asked for: an empty answer is explained from it.
     resp = fetch(addr, args.surface, args.member, args.k, debug=True)

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+RDB = "dump.rdb"
+AOF_FILES = ("appendonlydir", "appendonly.aof")  # Redis 7's directory, Redis 6's file
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,16 +54,42 @@ class RedisProcess:
         stop_pid(self.pid)
 
 
+# How often a persisting Redis fsyncs its append-only file: "always" (before it answers a
+# write, so an acknowledged write survives a crash of Redis or of the machine), "everysec" or
+# "no" (the kernel's choice; up to a second or more of acknowledged writes can be lost).
+FSYNC_POLICIES = ("always", "everysec", "no")
+FSYNC_ENV = "EDGEFLOW_REDIS_FSYNC"
+
+
+def fsync_policy() -> str:
+    policy = os.environ.get(FSYNC_ENV, "always")
+    if policy not in FSYNC_POLICIES:
+        raise ValueError(f"{FSYNC_ENV} must be one of {', '.join(FSYNC_POLICIES)}, got {policy!r}")
+    return policy
+
+
 def start_redis(
-    workdir: Path, port: int = 0, timeout_s: float = 30.0, persist: bool = False
+    workdir: Path,
+    port: int = 0,
+    timeout_s: float = 30.0,
+    persist: bool = False,
+    fsync: str | None = None,
 ) -> RedisProcess:
     """Start redis-server bound to 127.0.0.1 and wait until it answers.
 
-    With `persist`, the data set is saved to `workdir/dump.rdb` (at shutdown and after
-    writes) and loaded again at the next start; otherwise nothing touches disk.
+    With `persist`, every write goes to an append-only file in `workdir/appendonlydir`,
+    fsynced by `fsync` (default: $EDGEFLOW_REDIS_FSYNC, else "always"), and the data set is
+    loaded again at the next start; otherwise nothing touches disk.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    fsync = fsync or fsync_policy()
+    if fsync not in FSYNC_POLICIES:
+        raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+    # A home saved by snapshots only: Redis would start an empty AOF and ignore dump.rdb,
+    # so it starts from the snapshot and turns the AOF on while running (a rewrite).
+    has_aof = any((workdir / name).exists() for name in AOF_FILES)
+    from_snapshot = persist and not has_aof and (workdir / RDB).exists()
     pidfile = workdir / f"redis-{port}.pid"
     logfile = workdir / f"redis-{port}.log"
     pidfile.unlink(missing_ok=True)
@@ -70,8 +99,9 @@ def start_redis(
         "--bind", "127.0.0.1",
         # Redis's default save points also make it save at shutdown; "" turns saving off.
         *(() if persist else ("--save", "")),
-        "--dbfilename", "dump.rdb",
-        "--appendonly", "no",
+        "--dbfilename", RDB,
+        "--appendonly", "yes" if persist and not from_snapshot else "no",
+        "--appendfsync", fsync,
         "--daemonize", "yes",
         "--pidfile", str(pidfile),
         "--logfile", str(logfile),
@@ -82,10 +112,33 @@ def start_redis(
     while time.monotonic() < deadline:
         if pidfile.exists() and _ping(port):
             pid = int(pidfile.read_text().strip())
+            if from_snapshot:
+                _turn_on_aof(port, deadline)
             return RedisProcess(port=port, pid=pid, workdir=workdir)
         time.sleep(0.02)
     log = logfile.read_text() if logfile.exists() else ""
     raise RuntimeError(f"redis-server on port {port} did not start: {log[-500:]}")
+
+
+def _turn_on_aof(port: int, deadline: float) -> None:
+    """CONFIG SET appendonly yes, then wait for the rewrite that writes the data set."""
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        client.config_set("appendonly", "yes")
+        while time.monotonic() < deadline:
+            info = client.info("persistence")
+            if (
+                info["aof_enabled"]
+                and not info["aof_rewrite_in_progress"]
+                and not info.get("aof_rewrite_scheduled")
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {port}: the append-only file was not written")
+    finally:
+        client.close()
 
 
 def _ping(port: int) -> bool:

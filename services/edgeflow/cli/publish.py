@@ -1,0 +1,46 @@
+"""`edgeflow publish`: send one member event to the gateway's Publish, as a surface would."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import grpc
+
+from edgeflow import config
+from edgeflow.cli import CliError
+from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
+
+TYPES = {
+    "connect": gateway_pb2.MemberEvent.CONNECT,
+    "disconnect": gateway_pb2.MemberEvent.DISCONNECT,
+    "block": gateway_pb2.MemberEvent.BLOCK,
+    "dismiss": gateway_pb2.MemberEvent.DISMISS,
+    "follow": gateway_pb2.MemberEvent.FOLLOW,
+}
+
+
+def send(addr: str, event: gateway_pb2.MemberEvent) -> gateway_pb2.PublishResponse:
+    with grpc.insecure_channel(addr) as ch:
+        stub = gateway_pb2_grpc.RecommenderStub(ch)
+        try:
+            return stub.Publish(gateway_pb2.PublishRequest(events=[event]), timeout=10)
+        except grpc.RpcError as exc:
+            raise CliError(f"{exc.code().name}: {exc.details()}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    addr = args.addr or config.load().gateway_addr
+    event = gateway_pb2.MemberEvent(
+        type=TYPES[args.type], member=args.member, target=args.target, event_id=args.event_id
+    )
+    resp = send(addr, event)
+    entry, event_id = resp.entry_ids[0], resp.event_ids[0]
+    if args.json:
+        print(json.dumps({"event_id": event_id, "entry_id": entry, "duplicate": not entry}))
+    elif entry:
+        print(f"published {args.type} {args.member} -> {args.target}: event {event_id}, "
+              f"stream entry {entry} (stored before the gateway answered)")  # fmt: skip
+    else:
+        print(f"event {event_id} was published before; nothing new was stored")
+    return 0
