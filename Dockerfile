@@ -29,6 +29,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     EDGEFLOW_HOME=/var/lib/edgeflow \
+    BIND_HOST=0.0.0.0 \
+    METRICS_HOST=0.0.0.0 \
     EDGEFLOW_WORKFLOWS=/app/workflows \
     EDGEFLOW_FEATURE_REPO_TEMPLATE=/app/feature_repo
 WORKDIR /app

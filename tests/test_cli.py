@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from edgeflow.build.synthetic import social_graph, write_edge_list
@@ -220,6 +222,11 @@ def test_serve_drains_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
                 except grpc.RpcError:
                     time.sleep(0.1)
             assert status == health_pb2.HealthCheckResponse.SERVING
+        # Without BIND_HOST a service run by hand listens on loopback only.
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+        addrs = [ipaddress.ip_address(ip) for ip in listening]  # "::ffff:127.0.0.1" too
+        assert addrs and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addrs)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -192,8 +192,10 @@ def _container(
     }
     if port is not None:
         env["PORT"] = str(port)
+        env["BIND_HOST"] = "0.0.0.0"  # the pod's own network (the default is loopback)
     if metrics_port:
         env["METRICS_PORT"] = str(metrics_port)
+        env["METRICS_HOST"] = "0.0.0.0"
     container: dict[str, Any] = {
         "name": name,
         "image": cfg.image,

@@ -58,10 +58,13 @@ class Config:
     gateway_addr: str = field(default_factory=lambda: _env("GATEWAY_ADDR", "127.0.0.1:50060"))
     # Port a service listens on; set per process by `edgeflow serve` or the chart.
     port: int = field(default_factory=lambda: _env_int("PORT", 0))
+    # Interface the gRPC server listens on: loopback unless told otherwise (the image and the
+    # chart set 0.0.0.0, a pod's own network), so a service run by hand is not on the LAN.
+    bind_host: str = field(default_factory=lambda: _env("BIND_HOST", "127.0.0.1"))
     # Prometheus /metrics port of the process; 0: no endpoint. The chart names it "metrics".
     metrics_port: int = field(default_factory=lambda: _env_int("METRICS_PORT", 0))
-    # Interface it listens on: all of them in a pod; the local suite keeps it on loopback.
-    metrics_host: str = field(default_factory=lambda: _env("METRICS_HOST", "0.0.0.0"))
+    # Interface /metrics listens on: loopback too unless told otherwise (as bind_host).
+    metrics_host: str = field(default_factory=lambda: _env("METRICS_HOST", "127.0.0.1"))
     otlp_endpoint: str = field(default_factory=lambda: _env("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO"))
     # How often services poll Redis for a new graph version or new models (seconds).

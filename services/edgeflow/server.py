@@ -150,7 +150,7 @@ async def serve(service: Service, cfg: Config) -> None:
     if cfg.max_concurrent_rpcs > 0:
         own = service.limits or limits_for(service.name)
         service.limits = dataclasses.replace(own, max_concurrent_rpcs=cfg.max_concurrent_rpcs)
-    server, _, health_servicer = await start_server(service, f"0.0.0.0:{cfg.port}")
+    server, _, health_servicer = await start_server(service, f"{cfg.bind_host}:{cfg.port}")
     # What start-up loaded lives for the whole process: keep it out of the cyclic GC's
     # generations so collections on the request path stay short.
     gc.collect()

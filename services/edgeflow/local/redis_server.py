@@ -11,6 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 RDB = "dump.rdb"
 AOF_FILES = ("appendonlydir", "appendonly.aof")  # Redis 7's directory, Redis 6's file
@@ -128,7 +129,7 @@ def _turn_on_aof(port: int, deadline: float) -> None:
     try:
         client.config_set("appendonly", "yes")
         while time.monotonic() < deadline:
-            info = client.info("persistence")
+            info = cast(dict[str, Any], client.info("persistence"))
             if (
                 info["aof_enabled"]
                 and not info["aof_rewrite_in_progress"]
