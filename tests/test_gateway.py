@@ -283,6 +283,37 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
         await server.stop(None)
 
 
+async def test_no_candidate_source_answering_is_unavailable_not_an_empty_ok(
+    suite: Suite,
+) -> None:
+    """With the candidates service unreachable every source falls back to nothing: the
+    request fails UNAVAILABLE naming each source, rather than answering OK with no edges."""
+    from edgeflow.gateway.engine import Clients, Engine, NoCandidates
+    from edgeflow.local.redis_server import free_port
+    from edgeflow.workflow.validate import load_workflow
+
+    chans = [channel(a) for a in (f"127.0.0.1:{free_port()}", suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
+    engine = Engine(Clients.over(*chans))
+    try:
+        wf = load_workflow(suite.cfg.workflows_dir / "pymk.yaml")
+        member = members_with_degree(suite.graph, 8)[3]
+        with pytest.raises(NoCandidates) as info:
+            await engine.run(wf, member, 10, 5.0)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        sources = [cn.node.name for cn in wf.nodes if cn.node.op.startswith("candidates.")]
+        assert len(sources) >= 2
+        for name in sources:
+            assert f"{name}: " in str(info.value), (name, str(info.value))
+    finally:
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+    # The same member through the gateway, whose candidates service is up: served in full.
+    served = await suite.recommend(members_with_degree(suite.graph, 8)[3], k=10)
+    assert served.edges and not served.partial
+
+
 # ---- bad input gets a clear error and costs nothing ----------------------------------------
 def _service_descriptors() -> dict[str, list[Any]]:
     from edgeflow.v1 import (

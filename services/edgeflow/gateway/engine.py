@@ -50,6 +50,18 @@ class NodeFailed(Exception):
         self.code = code
 
 
+class NoCandidates(NodeFailed):
+    """Every candidate source of the request failed, so the answer would be empty: the
+    request fails UNAVAILABLE (a caller retries or shows its own fallback) instead of an OK
+    with nothing in it."""
+
+    def __init__(self, failures: list[str]) -> None:
+        Exception.__init__(self, "no candidates: every candidate source failed: "
+                           + "; ".join(failures))  # fmt: skip
+        self.node = ""
+        self.code = grpc.StatusCode.UNAVAILABLE
+
+
 class NodeError(Exception):
     """A node could not produce its output (the fallback decides what happens next)."""
 
@@ -231,6 +243,10 @@ class Engine:
             for batch in run.batches.values():  # every node waiting on it may have timed out
                 batch.task.cancel()
         outcome.frame = futures[wf.spec.output].result()
+        if not len(outcome.frame) and outcome.partial:
+            sources = [t for t in outcome.traces if t.op.startswith("candidates.")]
+            if sources and all(t.status == "fallback" for t in sources):
+                raise NoCandidates([f"{t.node}: {t.error}" for t in sources])
         outcome.total_ms = (time.perf_counter() - t0) * 1000
         order = {cn.node.name: i for i, cn in enumerate(wf.nodes)}
         outcome.traces.sort(key=lambda t: order[t.node])
