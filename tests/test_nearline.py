@@ -310,6 +310,11 @@ async def test_pymk_still_serves_its_offline_list_when_scoring_fails(suite: Suit
 
 
 # ---- the worker ------------------------------------------------------------------------------
+def _consumers(client: redis.Redis) -> set[str]:
+    rows = cast(list[dict[str, Any]], client.xinfo_consumers(keys.EVENTS, keys.NEARLINE_GROUP))
+    return {bytes(r["name"]).decode() for r in rows}
+
+
 async def _start_worker(suite: Suite, consumer: str, claim_idle_s: float = 30.0) -> tuple[
     NearlineWorker, grpc.aio.Server, Any
 ]:  # fmt: skip
@@ -403,6 +408,7 @@ async def test_at_least_once_through_a_worker_killed_before_acking(suite: Suite)
         await _until(lambda: sum(_pending(suite.client).values()) == len(events), "reads")
         [name] = _pending(suite.client)
         assert doomed.poll() is None
+        assert suite.client.exists(keys.nearline_lease(name))  # alive: it holds its lease
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(10)
     finally:
@@ -413,10 +419,13 @@ async def test_at_least_once_through_a_worker_killed_before_acking(suite: Suite)
     assert again.duplicates == 3 and int(cast(int, suite.client.xlen(keys.EVENTS))) == len(events)
     assert _applied(suite.client) == 0
 
-    worker, server, health = await _start_worker(suite, "rescuer", claim_idle_s=0.5)
+    # Claiming by idle time is off (600 s): the dead worker's lapsed lease is what lets the
+    # rescuer take its events over, and remove it from the group.
+    worker, server, health = await _start_worker(suite, "rescuer", claim_idle_s=600)
     try:
         await _until(lambda: _applied(suite.client) == len(events), "the claimed events")
         await _until(lambda: _pending(suite.client) == {}, "every entry acknowledged")
+        await _until(lambda: _consumers(suite.client) == {"rescuer"}, "the dead one removed")
         # An entry delivered again (a replayed append) is acknowledged, not applied again.
         fields = {"id": events[0].event_id, "type": "connect", "member": str(pairs[0][0]),
                   "target": str(pairs[0][1]), "time": "1", "features": "{}"}  # fmt: skip
@@ -429,6 +438,8 @@ async def test_at_least_once_through_a_worker_killed_before_acking(suite: Suite)
         await _until(replayed, "the replayed entry")
     finally:
         await drain(worker, server, health)
+    assert _consumers(suite.client) == set()  # a worker that stops leaves the group
+    assert not suite.client.exists(keys.nearline_lease("rescuer"))
     assert _applied(suite.client) == len(events)  # nothing lost, nothing doubled
     assert not suite.client.exists(keys.EVENTS_DEAD)
     assert name != "rescuer"

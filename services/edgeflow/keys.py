@@ -105,3 +105,9 @@ def event_done(event_id: str) -> str:
 EVENTS_DEAD = PREFIX + "events:dead"
 # HASH of the workers' counters (events applied, dead-lettered).
 NEARLINE_STATS = PREFIX + "nearline:stats"
+
+
+def nearline_lease(consumer: str) -> str:
+    """A worker's lease, renewed while it runs: once it expires, the worker is dead and
+    another takes over its pending events and removes it from the group."""
+    return f"{PREFIX}nearline:lease:{consumer}"

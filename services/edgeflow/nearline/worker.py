@@ -6,9 +6,10 @@ the changed features through the features service's Push (Feast's push source), 
 the affected members' lists with the offline batch runner for every workflow whose nearline
 mode listens to the event, and stores them with `lists.update_lists`. Only then are the
 events marked done and acknowledged, in one script: delivery is at least once, and an event
-id marked done is never applied twice. Entries a dead worker left pending are claimed
-(XAUTOCLAIM) once idle. The gRPC server carries health only: SERVING once the consumer
-group exists.
+id marked done is never applied twice. Each worker holds a lease it renews; when a worker's
+lease lapses (it died), another claims its pending entries at once and removes it from the
+group, and entries pending past NEARLINE_CLAIM_IDLE_S are claimed whoever holds them
+(XAUTOCLAIM). The gRPC server carries health only: SERVING once the consumer group exists.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ READ_COUNT = 64
 BLOCK_MS = 500
 # Entries pending this long with a consumer are taken over (its worker is presumed dead).
 CLAIM_IDLE_S = float(os.environ.get("NEARLINE_CLAIM_IDLE_S", "") or 30.0)
+# A worker renews its lease every third of this; a worker whose lease lapsed is dead: the
+# others take its pending entries over at once and remove it from the group.
+LEASE_S = float(os.environ.get("NEARLINE_LEASE_S", "") or 3.0)
+TAKEOVER_EVERY_S = 1.0
 # A delta stream this long is folded into a new graph snapshot.
 COMPACT_DELTAS = 10_000
 DONE_TTL_S = 7 * 24 * 3600
@@ -416,6 +421,7 @@ class NearlineWorker(Service):
         self.processor = Processor(cfg, self.client, self.consumer)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lease_thread: threading.Thread | None = None
         self.batches = 0
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -436,21 +442,83 @@ class NearlineWorker(Service):
             await asyncio.to_thread(self.processor.refresh, True)
         except (redis.RedisError, OSError) as exc:
             log.warning("not loaded yet: %s", exc)
+        self._lease_thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._lease_thread.start()
         self._thread = threading.Thread(target=self._run, name="nearline", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+        for thread in (self._thread, self._lease_thread):
+            if thread is not None:
+                await asyncio.to_thread(thread.join, 10.0)
+        try:  # leave the group tidy: no lease, and no consumer entry when nothing is pending
+            await asyncio.to_thread(self._leave)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not leave the consumer group: %s", exc)
         self.processor.close()
         self.client.close()
 
-    # ---- the consumer loop ---------------------------------------------------------------
-    def _run(self) -> None:
-        last_claim = last_backlog = 0.0
+    # ---- liveness: the lease, and taking over from dead workers -------------------------
+    def _renew(self) -> None:
+        lease_ms = int(LEASE_S * 1000)
         while not self._stop.is_set():
             try:
+                self.client.set(keys.nearline_lease(self.consumer), "1", px=lease_ms)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("lease not renewed: %s", exc)
+            self._stop.wait(LEASE_S / 3)
+
+    def _leave(self) -> None:
+        self.client.delete(keys.nearline_lease(self.consumer))
+        if not self._pending_of(self.consumer):
+            self.client.xgroup_delconsumer(keys.EVENTS, keys.NEARLINE_GROUP, self.consumer)
+
+    def _pending_of(self, consumer: str) -> list[int | bytes | str | memoryview]:
+        rows = self.client.xpending_range(
+            keys.EVENTS, keys.NEARLINE_GROUP, min="-", max="+", count=READ_COUNT,
+            consumername=consumer,
+        )  # fmt: skip
+        return [r["message_id"] for r in cast(list[dict[str, Any]], rows)]
+
+    def _take_over(self) -> None:
+        """Claim the pending entries of every consumer whose lease lapsed, apply them, and
+        remove the consumer once it holds none. A claim resets an entry's idle time, so two
+        workers taking over at once do not both claim it (min idle: half a lease)."""
+        consumers = cast(
+            list[dict[str, Any]], self.client.xinfo_consumers(keys.EVENTS, keys.NEARLINE_GROUP)
+        )
+        for c in consumers:
+            raw = c["name"]
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if name == self.consumer or int(c.get("idle", 0)) < LEASE_S * 1000:
+                continue  # itself, or a consumer that read within a lease (live workers poll)
+            if self.client.exists(keys.nearline_lease(name)):
+                continue
+            while not self._stop.is_set():
+                ids = self._pending_of(name)
+                if not ids:
+                    break
+                claimed = cast(list[_Entry], self.client.xclaim(
+                    keys.EVENTS, keys.NEARLINE_GROUP, self.consumer,
+                    min_idle_time=int(LEASE_S * 500), message_ids=ids,
+                ))  # fmt: skip
+                if not claimed:
+                    break  # another worker took them, or they are not idle long enough yet
+                log.info("took over %d events of %s (its lease lapsed)", len(claimed), name)
+                self._handle(claimed)
+            if not self._pending_of(name):
+                self.client.xgroup_delconsumer(keys.EVENTS, keys.NEARLINE_GROUP, name)
+                log.info("removed dead consumer %s", name)
+
+    # ---- the consumer loop ---------------------------------------------------------------
+    def _run(self) -> None:
+        last_claim = last_backlog = last_takeover = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - last_takeover >= TAKEOVER_EVERY_S:
+                    last_takeover = time.monotonic()
+                    self._take_over()
                 if time.monotonic() - last_backlog >= BACKLOG_EVERY_S:
                     last_backlog = time.monotonic()
                     pending = backlog(self.client)
