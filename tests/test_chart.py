@@ -158,6 +158,30 @@ def test_in_cluster_or_external_stores() -> None:
                                                        "merging")}  # fmt: skip
 
 
+def test_each_backend_survives_one_pod_or_node_going_away() -> None:
+    docs = render()
+    for name in ("candidates", "features", "scoring", "merging"):
+        dep = find(docs, "Deployment", f"demo-edgeflow-{name}")
+        assert dep["spec"]["replicas"] >= 2, name
+        labels = dep["spec"]["selector"]["matchLabels"]
+        (spread,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still runs
+        assert spread["labelSelector"]["matchLabels"] == labels
+        pdb = find(docs, "PodDisruptionBudget", f"demo-edgeflow-{name}")
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": labels}}
+    operator_cfg = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"][
+        "config.json"])  # fmt: skip
+    # The workflows' gateways and nearline workers, which the operator makes.
+    assert [operator_cfg[c]["replicas"] for c in ("gateway", "nearline")] == [2, 2], operator_cfg
+    # One replica has nothing to keep up through a drain: no budget that would block it.
+    single = render("--set", "services.merging.replicas=1")
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"
+                and d["metadata"]["name"] == "demo-edgeflow-merging"]  # fmt: skip
+    off = render("--set", "availability.podDisruptionBudget=false")
+    assert not [d for d in off if d["kind"] == "PodDisruptionBudget"]
+
+
 @pytest.mark.parametrize(
     ("values", "problem"),
     [
