@@ -11,6 +11,7 @@ only, and with `every` also a line with its count at most every `every` seconds.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,7 +186,9 @@ class Stages:
         every: float | None = None,
         indent: int = 0,
     ) -> None:
-        self.console = console if console is not None else Console(stderr=True)
+        # stderr as it is now: a step that captures sys.stderr for a while (Feast's own
+        # output, build/feast_features.py) must not swallow the live display meanwhile.
+        self.console = console if console is not None else Console(file=sys.stderr)
         self.enabled = enabled
         self.live = enabled and (self.console.is_terminal if live is None else live)
         self.every = every
