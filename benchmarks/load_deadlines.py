@@ -52,7 +52,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgeflow import lists
+from edgeflow import auth, lists
 from edgeflow.cli.harness import suite_config
 from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph, read_edge_file
@@ -319,10 +319,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def drive_recommend(
-    addr: str, members: list[int], concurrency: int, pids: dict[str, int]
+    addr: str, members: list[int], concurrency: int, pids: dict[str, int], key: str | None
 ) -> dict[str, Any]:
     """Closed-loop Recommend over `members` (each once, after 20 to warm up)."""
-    ch = channel(addr)
+    ch = channel(addr, key)
     stub = gateway_pb2_grpc.RecommenderStub(ch)
     for m in members[:20]:
         await stub.Recommend(gateway_pb2.RecommendRequest(surface="pymk", member=m, k=50),
@@ -551,7 +551,8 @@ def run_level(
                 with all_services(suite, env):
                     for n in callers:
                         block = asyncio.run(drive_recommend(
-                            suite.addr("gateway"), members, n, dict(suite.pids)
+                            suite.addr("gateway"), members, n, dict(suite.pids),
+                            auth.local_key(suite.home),
                         ))  # fmt: skip
                         note(f"{level} {name} round {r + 1} {c} c{n}: {json.dumps(block)}")
                         blocks[n][c].append(block)

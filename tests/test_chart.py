@@ -305,6 +305,47 @@ def test_operator_config_in_the_chart_is_what_the_operator_reads() -> None:
     assert roles == {"edgeflow", "experiments", "surfaces"}
 
 
+def test_gateways_check_api_keys_from_a_secret() -> None:
+    import base64
+    import hashlib
+
+    docs = render()
+    secret = find(docs, "Secret", "demo-edgeflow-auth")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    key = data["admin.key"]
+    assert key.startswith("ef_") and len(key) > 40
+    (entry,) = json.loads(data["keys.json"])["keys"]
+    assert entry["sha256"] == hashlib.sha256(key.encode()).hexdigest()
+    assert entry["scopes"] == ["admin"]
+    cfg = OperatorConfig.model_validate(
+        json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    )
+    assert cfg.auth_secret == "demo-edgeflow-auth"
+    # What the operator then makes: the gateway mounts only keys.json and checks keys.
+    wf = parse_document(yaml.safe_load((REPO_ROOT / "examples" / "pymk.yaml").read_text()), "pymk")
+    children, _ = desired_children(Owner("pymk", "edgeflow", "uid-1", {}), wf, cfg)
+    gateway = next(c for c in children if c["kind"] == "Deployment"
+                   and c["metadata"]["name"] == "pymk-gateway")  # fmt: skip
+    pod = gateway["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["EDGEFLOW_AUTH"] == "on"
+    assert env["EDGEFLOW_AUTH_KEYS"] == "/etc/edgeflow/auth/keys.json"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+    assert volume["secret"] == {"secretName": "demo-edgeflow-auth",
+                                "items": [{"key": "keys.json", "path": "keys.json"}]}  # fmt: skip
+    others = [c for c in children if c["kind"] == "Deployment" and c is not gateway]
+    for other in others:  # the nearline worker serves no API
+        assert "EDGEFLOW_AUTH" not in str(other["spec"]["template"]["spec"]["containers"])
+
+    own = render("--set", "auth.existingSecret=surface-keys")
+    assert not [d for d in own if d["kind"] == "Secret"]
+    raw = json.loads(find(own, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    assert raw["authSecret"] == "surface-keys"
+    off = render("--set", "auth.enabled=false")
+    raw = json.loads(find(off, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    assert raw["authSecret"] == "" and not [d for d in off if d["kind"] == "Secret"]
+
+
 def test_rbac_is_exactly_what_the_operator_uses() -> None:
     for values, kind in (([], "Role"), (VALUE_SETS["external-stores-cluster-wide"], "ClusterRole")):
         role = next(d for d in render(*values) if d["kind"] == kind)
@@ -435,3 +476,5 @@ def test_notes_tell_how_to_use_the_release(api: EmulatorThread) -> None:
     for condition in ("Valid=False", "Deployed=True", "Ready=True"):
         assert condition in notes
     assert "redis://demo-edgeflow-redis.notes.svc:6379/0" in notes
+    assert ("export EDGEFLOW_API_KEY=$(kubectl get secret -n notes demo-edgeflow-auth -o "
+            "jsonpath='{.data.admin\\.key}' | base64 -d)") in notes  # fmt: skip

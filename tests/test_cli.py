@@ -92,6 +92,15 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
     missing = edgeflow("recommend", "--member", "123456789", env=env)
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
 
+    # The gateway `up` started asks for a key; the CLI sent the local admin key until here.
+    stranger = edgeflow("recommend", "--member", "7", env=dict(env, EDGEFLOW_API_KEY="ef_x_y"))
+    assert stranger.returncode == 2 and "UNAUTHENTICATED: unknown API key" in stranger.stderr
+    made = edgeflow("auth", "create-key", "--scopes", "recommend", env=env)
+    reader = dict(env, EDGEFLOW_API_KEY=made.stdout.strip())
+    assert edgeflow("recommend", "--member", "7", "--k", "3", env=reader).returncode == 0
+    explain = edgeflow("recommend", "--member", "7", "--debug", env=reader)
+    assert explain.returncode == 2 and "PERMISSION_DENIED" in explain.stderr, explain.stderr
+
     # Training runs beside the suite: a fresh embedding shard (the candidates service reads
     # its own copy of the old one, then switches), new features, a new model version.
     retrain = edgeflow("train", env=env)

@@ -251,6 +251,22 @@ def _pod_spec(cfg: OperatorConfig, config_map: str, container: dict[str, Any]) -
     return spec
 
 
+AUTH_DIR = "/etc/edgeflow/auth"
+
+
+def _with_api_keys(container: dict[str, Any], pod: dict[str, Any], secret: str) -> None:
+    """The gateway checks callers' keys against the Secret's keys.json, mounted read-only
+    (only that item: the admin key itself stays out of the pod). The kubelet refreshes the
+    file when the Secret changes, and the gateway reads it again."""
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env.update(EDGEFLOW_AUTH="on", EDGEFLOW_AUTH_KEYS=f"{AUTH_DIR}/keys.json")
+    container["env"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
+    container["volumeMounts"].append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
+    pod["volumes"].append({"name": "auth", "secret": {
+        "secretName": secret, "items": [{"key": "keys.json", "path": "keys.json"}],
+    }})  # fmt: skip
+
+
 def _grpc_probes(port: int) -> dict[str, Any]:
     return {
         "startupProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 60},
@@ -274,6 +290,9 @@ def _deployment(
     )
     if comp.grpc_probes:
         container.update(_grpc_probes(comp.port))
+    pod = _pod_spec(cfg, config_map, container)
+    if component == "gateway" and cfg.auth_secret:
+        _with_api_keys(container, pod, cfg.auth_secret)
     spec: dict[str, Any] = {
         "revisionHistoryLimit": 3,
         "selector": {"matchLabels": _selector(owner, component)},
@@ -290,7 +309,7 @@ def _deployment(
                     HASH_ANNOTATION: digest,
                 },
             },
-            "spec": _pod_spec(cfg, config_map, container),
+            "spec": pod,
         },
     }
     if scale.autoscaling is None:

@@ -81,6 +81,11 @@ class OperatorConfig(_Model):
         "*_ADDR of the shared services, OTEL_EXPORTER_OTLP_ENDPOINT, LOG_LEVEL.",
     )
     reload_interval_s: float = Field(2.0, gt=0, alias="reloadIntervalSeconds")
+    auth_secret: str = Field(
+        "",
+        description="Secret whose keys.json holds the API keys every workflow's gateway "
+        "checks (edgeflow.auth); empty: the gateways take calls without keys.",
+    )
     gateway: Component = Field(
         default_factory=lambda: Component(
             port=50060, resources=_resources("100m", "256Mi", "1", "512Mi")

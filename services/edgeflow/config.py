@@ -56,6 +56,10 @@ class Config:
     scoring_addr: str = field(default_factory=lambda: _env("SCORING_ADDR", "127.0.0.1:50063"))
     merging_addr: str = field(default_factory=lambda: _env("MERGING_ADDR", "127.0.0.1:50064"))
     gateway_addr: str = field(default_factory=lambda: _env("GATEWAY_ADDR", "127.0.0.1:50060"))
+    # API keys on the gateway (edgeflow.auth): "on" in `edgeflow up` and the chart.
+    auth: bool = field(default_factory=lambda: _env("EDGEFLOW_AUTH", "off") == "on")
+    # The keys file; empty: $EDGEFLOW_HOME/auth/keys.json.
+    auth_keys: str = field(default_factory=lambda: _env("EDGEFLOW_AUTH_KEYS", ""))
     # Port a service listens on; set per process by `edgeflow serve` or the chart.
     port: int = field(default_factory=lambda: _env_int("PORT", 0))
     # Interface the gRPC server listens on: loopback unless told otherwise (the image and the
@@ -137,6 +141,11 @@ class Config:
         """This machine's graph snapshot files, each mapped by every process that holds the
         graph (graph_store.py). Local disk; in a pod, its emptyDir."""
         return Path(_env("EDGEFLOW_GRAPH_DIR", str(self.home / "graph")))
+
+    @property
+    def keys_path(self) -> Path:
+        """The API keys file the gateway checks callers against (edgeflow.auth)."""
+        return Path(self.auth_keys) if self.auth_keys else self.home / "auth" / "keys.json"
 
 
 def load() -> Config:

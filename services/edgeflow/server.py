@@ -66,6 +66,10 @@ class Service(ABC):
     @abstractmethod
     def register(self, server: grpc.aio.Server) -> None: ...
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Interceptors run before the server's own (the gateway's API keys)."""
+        return []
+
     async def start(self) -> None:
         """Load models, stores and indexes; the service reports SERVING only after this."""
 
@@ -100,7 +104,10 @@ async def start_server(
     """Bind, register health and reflection, start serving (NOT_SERVING), then load."""
     limits = service.limits or limits_for(service.name)
     server = grpc.aio.server(
-        interceptors=[tracing.ServerTracing(service.name, Guard(service.name, limits))],
+        interceptors=[
+            *service.interceptors(),
+            tracing.ServerTracing(service.name, Guard(service.name, limits)),
+        ],
         options=[
             ("grpc.max_receive_message_length", limits.max_receive_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -167,10 +174,27 @@ async def serve(service: Service, cfg: Config) -> None:
     log.info("%s stopped", service.name)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """A client channel to a peer service, sized for feature matrices."""
+class BearerKey(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer KEY` to each unary call of a channel."""
+
+    def __init__(self, key: str) -> None:
+        self._pair = ("authorization", f"Bearer {key}")
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._pair]
+        details = grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials,
+            details.wait_for_ready,
+        )  # fmt: skip
+        return await continuation(details, request)
+
+
+def channel(address: str, key: str | None = None) -> grpc.aio.Channel:
+    """A client channel to a peer service, sized for feature matrices; with `key`, every
+    call carries it as `authorization: Bearer` (the gateway's API keys)."""
     return grpc.aio.insecure_channel(
         address,
+        interceptors=[BearerKey(key)] if key else None,
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

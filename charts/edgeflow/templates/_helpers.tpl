@@ -103,3 +103,10 @@ rules:
     resources: [events]
     verbs: [create]
 {{- end }}
+
+{{/* The Secret whose keys.json the gateways check API keys against; empty: keys off. */}}
+{{- define "edgeflow.authSecret" -}}
+{{- if .Values.auth.enabled -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "edgeflow.fullname" .)) -}}
+{{- end -}}
+{{- end }}

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgeflow import config, tensor
+from edgeflow import auth, config, tensor
 from edgeflow.cli import CliError
 from edgeflow.cli.capacity import recommend_capacity
 from edgeflow.cli.harness import Harness, running_suite
@@ -211,7 +211,7 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     rng = np.random.default_rng(7)
     pool = graph.ids[graph.degree > 0]
     members = rng.choice(pool, size=min(requests, pool.size), replace=False)
-    gw = channel(h.suite.addr("gateway"))
+    gw = channel(h.suite.addr("gateway"), auth.local_key(h.suite.home))
     stub = gateway_pb2_grpc.RecommenderStub(gw)
     result: dict[str, Any] = {}
 

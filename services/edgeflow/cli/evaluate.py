@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+from edgeflow import auth
 from edgeflow.cli import CliError
 from edgeflow.cli.harness import running_suite
 from edgeflow.graph import (
@@ -44,9 +45,9 @@ def adamic_adar_top_k(graph: Graph, member: int, k: int, weights: np.ndarray) ->
 
 
 async def recommend_all(
-    addr: str, members: list[int], k: int
+    addr: str, members: list[int], k: int, key: str | None = None
 ) -> tuple[dict[int, list[int]], Counter[str], list[str]]:
-    ch = channel(addr)
+    ch = channel(addr, key)
     stub = gateway_pb2_grpc.RecommenderStub(ch)
     sem = asyncio.Semaphore(CONCURRENCY)
     results: dict[int, list[int]] = {}
@@ -101,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     weights = inverse_log_degree(graph)
     baseline = {m: adamic_adar_top_k(graph, m, args.k, weights) for m in members}
     with running_suite(graph, seed=args.seed, log=not args.json) as h:
-        recs, partial, errors = asyncio.run(recommend_all(h.suite.addr("gateway"), members, args.k))
+        recs, partial, errors = asyncio.run(
+            recommend_all(h.suite.addr("gateway"), members, args.k, auth.local_key(h.suite.home))
+        )
     result = {
         "recall_at_k": round(recall(recs, truth), 5),
         "baseline_adamic_adar_recall_at_k": round(recall(baseline, truth), 5),

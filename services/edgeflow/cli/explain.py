@@ -29,7 +29,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from edgeflow import config, tensor
+from edgeflow import auth, config, tensor
 from edgeflow.cli import CliError, dag_picture
 from edgeflow.cli.recommend import model_cell
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
@@ -58,7 +58,8 @@ def fetch(addr: str, surface: str, member: int, k: int) -> gateway_pb2.Recommend
     )
     with grpc.insecure_channel(addr) as ch:
         try:
-            return gateway_pb2_grpc.RecommenderStub(ch).Recommend(req, timeout=10)
+            stub = gateway_pb2_grpc.RecommenderStub(ch)
+            return stub.Recommend(req, timeout=10, metadata=auth.cli_metadata())
         except grpc.RpcError as exc:
             code: grpc.StatusCode = exc.code()
             details = " ".join((exc.details() or "").split())

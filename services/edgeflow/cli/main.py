@@ -122,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check model references against this registry")  # fmt: skip
     s.set_defaults(func=_command("validate"))
 
+    s = sub.add_parser("auth", help="API keys for the gateway: create one, list them")
+    keys_cmd = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = keys_cmd.add_parser("create-key", help="print a new key with these scopes")
+    k.add_argument("--scopes", required=True,
+                   help="comma-separated: recommend, publish, explain, admin")  # fmt: skip
+    k.add_argument("--name", default="", help="what the key is for (listed, never sent)")
+    k.add_argument(
+        "--keys-file", type=Path, help="default: EDGEFLOW_AUTH_KEYS, $EDGEFLOW_HOME/auth/keys.json"
+    )
+    k.set_defaults(func=_command("keys"))
+    k = keys_cmd.add_parser("list", help="the keys: id, scopes, created, name")
+    k.add_argument("--keys-file", type=Path)
+    k.set_defaults(func=_command("keys"))
+
     s = sub.add_parser("operator", help="run the Kubernetes operator for EdgeWorkflow resources")
     importlib.import_module("edgeflow_operator.main").add_arguments(s)
 

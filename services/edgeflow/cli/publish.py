@@ -7,7 +7,7 @@ import json
 
 import grpc
 
-from edgeflow import config
+from edgeflow import auth, config
 from edgeflow.cli import CliError
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -24,7 +24,8 @@ def send(addr: str, event: gateway_pb2.MemberEvent) -> gateway_pb2.PublishRespon
     with grpc.insecure_channel(addr) as ch:
         stub = gateway_pb2_grpc.RecommenderStub(ch)
         try:
-            return stub.Publish(gateway_pb2.PublishRequest(events=[event]), timeout=10)
+            req = gateway_pb2.PublishRequest(events=[event])
+            return stub.Publish(req, timeout=10, metadata=auth.cli_metadata())
         except grpc.RpcError as exc:
             raise CliError(f"{exc.code().name}: {exc.details()}") from None
 

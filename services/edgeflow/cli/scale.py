@@ -295,6 +295,7 @@ def _setup_times(rec: Record, seconds: dict[str, float], report: Any, stages: St
 
 def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float, log: bool) -> None:
     """The measurements on the running suite, each phase recorded as it ends."""
+    from edgeflow import auth
     from edgeflow.cli.bench import nearline_freshness, per_service
     from edgeflow.cli.capacity import recommend_capacity
     from edgeflow.server import channel
@@ -305,7 +306,7 @@ def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float,
     members = rng.choice(pool, size=min(SEQUENTIAL_REQUESTS, pool.size), replace=False)
 
     async def serving() -> None:
-        gw = channel(h.suite.addr("gateway"))
+        gw = channel(h.suite.addr("gateway"), auth.local_key(h.suite.home))
         stub = gateway_pb2_grpc.RecommenderStub(gw)
         try:
             with rec.phase("recommend sequential", log, soft=True):
@@ -322,7 +323,7 @@ def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float,
             await gw.close()
 
     async def nearline() -> None:
-        gw = channel(h.suite.addr("gateway"))
+        gw = channel(h.suite.addr("gateway"), auth.local_key(h.suite.home))
         try:
             rec.update(await nearline_freshness(h, graph, gateway_pb2_grpc.RecommenderStub(gw)))
         finally:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import grpc
 
-from edgeflow import config
+from edgeflow import auth, config
 from edgeflow.cli import CliError
 from edgeflow.local import suite as local
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
@@ -65,15 +66,15 @@ def _print_status(suite: local.Suite) -> None:
             f"{health:<11} {metrics}".rstrip()
         )
     if gateway_serving:
-        print_workflows(suite.addr("gateway"))
+        print_workflows(suite.addr("gateway"), suite.home)
 
 
-def print_workflows(addr: str) -> None:
+def print_workflows(addr: str, home: Path | None = None) -> None:
     """The gateway's surfaces and what is wrong with each (ListSurfaces)."""
     try:
         with grpc.insecure_channel(addr) as ch:
             resp = gateway_pb2_grpc.RecommenderStub(ch).ListSurfaces(
-                gateway_pb2.ListSurfacesRequest(), timeout=5
+                gateway_pb2.ListSurfacesRequest(), timeout=5, metadata=auth.cli_metadata(home)
             )
     except grpc.RpcError as exc:
         code: grpc.StatusCode = exc.code()

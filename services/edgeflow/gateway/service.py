@@ -13,7 +13,7 @@ import grpc
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import metrics
+from edgeflow import auth, metrics
 from edgeflow.config import Config
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
@@ -70,6 +70,15 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_RecommenderServicer_to_server(self, server)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if not self._cfg.auth:
+            return []
+        store = auth.KeyStore(self._cfg.keys_path)
+        if not store.key_count():
+            log.warning("API keys are on but %s holds none: every call is refused "
+                        "(`edgeflow auth create-key`)", self._cfg.keys_path)  # fmt: skip
+        return [auth.AuthInterceptor(store)]
 
     async def start(self) -> None:
         self._load_workflows()

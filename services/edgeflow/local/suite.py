@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgeflow import auth
 from edgeflow.local.redis_server import find_redis_server, free_port, start_redis, stop_pid
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
@@ -62,6 +63,9 @@ class Suite:
             SCORING_ADDR=self.addr("scoring"),
             MERGING_ADDR=self.addr("merging"),
             GATEWAY_ADDR=self.addr("gateway"),
+            # The gateway asks for API keys; the CLI sends the local admin key by itself.
+            EDGEFLOW_AUTH="on",
+            EDGEFLOW_AUTH_KEYS=str(self.home / auth.KEYS_FILE),
         )
         return env
 
@@ -155,6 +159,7 @@ def start_services(
         )
     log_dir = suite.home / "run"
     log_dir.mkdir(parents=True, exist_ok=True)
+    auth.ensure_admin_key(suite.home, suite.home / auth.KEYS_FILE)
     env = suite.env()
     for name in SERVICES:
         env_one = dict(
