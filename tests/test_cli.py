@@ -217,7 +217,9 @@ def test_serve_drains_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgeflow.cli.main", "serve", "merging"],
-            env=dict(env, PORT=str(port)), stdout=out, stderr=subprocess.STDOUT,
+            # No PORT: it listens on the port of its own address, where its peers look.
+            env=dict(env, MERGING_ADDR=f"127.0.0.1:{port}"), stdout=out,
+            stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import os
 import sys
@@ -26,6 +27,10 @@ def _serve(args: argparse.Namespace) -> int:
     from edgeflow import config, server
 
     cfg = config.load()
+    if not cfg.port:  # the port of the service's own address, where its peers look for it
+        from edgeflow.local.suite import service_port
+
+        cfg = dataclasses.replace(cfg, port=service_port(cfg, args.service))
     server.setup_logging(cfg.log_level)
     module = importlib.import_module(SERVICE_MODULES[args.service])
     try:

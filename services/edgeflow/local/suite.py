@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeflow import auth
+from edgeflow.config import Config
 from edgeflow.local.redis_server import find_redis_server, free_port, start_redis, stop_pid
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
@@ -103,15 +104,19 @@ def new_suite(home: Path, free_ports: bool) -> Suite:
     from edgeflow import config
 
     cfg = config.load()
-    addrs = {
-        "gateway": cfg.gateway_addr, "candidates": cfg.candidates_addr,
-        "features": cfg.features_addr, "scoring": cfg.scoring_addr, "merging": cfg.merging_addr,
-    }  # fmt: skip
-    addrs["nearline"] = os.environ.get("NEARLINE_ADDR", "").strip() or NEARLINE_ADDR
-    ports = {name: int(addr.rsplit(":", 1)[1]) for name, addr in addrs.items()}
+    ports = {name: service_port(cfg, name) for name in SERVICES}
     ports["redis"] = urlparse(cfg.redis_url).port or 6379
     metrics_ports = {name: metrics_port(ports[name]) for name in SERVICES}
     return Suite(home=home.resolve(), ports=ports, persist=True, metrics_ports=metrics_ports)
+
+
+def service_port(cfg: Config, name: str) -> int:
+    """The port of a service's address: GATEWAY_ADDR, ..., NEARLINE_ADDR (or its default)."""
+    if name == "nearline":
+        addr = os.environ.get("NEARLINE_ADDR", "").strip() or NEARLINE_ADDR
+    else:
+        addr = getattr(cfg, f"{name}_addr")
+    return int(addr.rsplit(":", 1)[1])
 
 
 def metrics_port(grpc_port: int) -> int:
