@@ -431,12 +431,21 @@ def test_replica_annotation(value: str | None, replicas: int, hpa: tuple[int, in
     assert bounds == hpa
 
 
-@pytest.mark.parametrize("value", ["ten", "10-2", "0-5", "-1", "3-"])
+@pytest.mark.parametrize("value", ["ten", "10-2", "0-5", "-1", "3-", "51", "2-9999"])
 def test_bad_replica_annotation_names_itself(value: str) -> None:
     with pytest.raises(AnnotationError, match=r"edgeflow\.dev/gateway-replicas"):
         scaling(
             _owner({"edgeflow.dev/gateway-replicas": value}), "gateway", OperatorConfig().gateway
         )
+
+
+def test_the_replica_cap_comes_from_the_chart() -> None:
+    owner = _owner({"edgeflow.dev/gateway-replicas": "2-80"})
+    with pytest.raises(AnnotationError, match="asks for 80 replicas; at most 50"):
+        scaling(owner, "gateway", OperatorConfig().gateway, OperatorConfig().max_replicas)
+    raised = OperatorConfig.model_validate({"maxReplicas": 100})
+    got = scaling(owner, "gateway", raised.gateway, raised.max_replicas)
+    assert got.autoscaling is not None and got.autoscaling.max_replicas == 80
 
 
 def test_deployment_readiness_follows_rollout_status() -> None:

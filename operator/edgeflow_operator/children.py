@@ -24,7 +24,12 @@ import yaml
 
 from edgeflow.workflow.model import API_VERSION, KIND
 from edgeflow.workflow.validate import Workflow
-from edgeflow_operator.config import Autoscaling, Component, OperatorConfig
+from edgeflow_operator.config import (
+    DEFAULT_MAX_REPLICAS,
+    Autoscaling,
+    Component,
+    OperatorConfig,
+)
 
 Manifest = dict[str, Any]
 
@@ -83,8 +88,11 @@ class Scaling:
     autoscaling: Autoscaling | None
 
 
-def scaling(owner: Owner, component: str, cfg: Component) -> Scaling:
-    """Replicas and autoscaling of a component: the chart's defaults or the annotation."""
+def scaling(
+    owner: Owner, component: str, cfg: Component, cap: int = DEFAULT_MAX_REPLICAS
+) -> Scaling:
+    """Replicas and autoscaling of a component: the chart's defaults or the annotation, which
+    may ask for at most `cap` replicas (the chart's operator.maxReplicas)."""
     key = REPLICAS_ANNOTATIONS[component]
     raw = owner.annotations.get(key)
     if raw is None:
@@ -95,6 +103,12 @@ def scaling(owner: Owner, component: str, cfg: Component) -> Scaling:
             f"annotation {key}: {raw!r} is not a replica count ('3') or a range ('2-10')"
         )
     low, high = int(m.group(1)), m.group(2)
+    most = max(low, int(high or 0))
+    if most > cap:
+        raise AnnotationError(
+            f"annotation {key}: {raw!r} asks for {most} replicas; at most {cap} "
+            "(the chart's operator.maxReplicas)"
+        )
     if high is None:
         return Scaling(low, None)
     try:
@@ -434,13 +448,13 @@ def desired_children(owner: Owner, wf: Workflow, cfg: OperatorConfig) -> tuple[l
     ]
     modes = wf.spec.modes
     if modes.online.enabled:
-        scale = scaling(owner, "gateway", cfg.gateway)
+        scale = scaling(owner, "gateway", cfg.gateway, cfg.max_replicas)
         children.append(_deployment(owner, wf, cfg, "gateway", cfg.gateway, scale, cm_name, digest))
         children.append(_service(owner, wf, cfg.gateway.port, cfg.metrics_port))
         if scale.autoscaling is not None:
             children.append(_hpa(owner, wf, "gateway", scale.autoscaling))
     if modes.nearline is not None:
-        scale = scaling(owner, "nearline", cfg.nearline)
+        scale = scaling(owner, "nearline", cfg.nearline, cfg.max_replicas)
         children.append(
             _deployment(owner, wf, cfg, "nearline", cfg.nearline, scale, cm_name, digest)
         )

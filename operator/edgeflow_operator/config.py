@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 CONFIG_ENV = "EDGEFLOW_OPERATOR_CONFIG"
+DEFAULT_MAX_REPLICAS = 50
 
 
 class _Model(BaseModel):
@@ -81,6 +82,12 @@ class OperatorConfig(_Model):
         "*_ADDR of the shared services, OTEL_EXPORTER_OTLP_ENDPOINT, LOG_LEVEL.",
     )
     reload_interval_s: float = Field(2.0, gt=0, alias="reloadIntervalSeconds")
+    max_replicas: int = Field(
+        DEFAULT_MAX_REPLICAS,
+        ge=1,
+        le=1000,
+        description="Most replicas a workflow's replicas annotation may ask for.",
+    )
     auth_secret: str = Field(
         "",
         description="Secret whose keys.json holds the API keys every workflow's gateway "
