@@ -158,6 +158,41 @@ def test_in_cluster_or_external_stores() -> None:
                                                        "merging")}  # fmt: skip
 
 
+def test_network_policies_admit_only_this_release_and_limit_egress() -> None:
+    release = {"matchLabels": {"app.kubernetes.io/instance": "demo"}}
+    docs = render("--set", "operator.watchNamespaces={surfaces}")
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {f"demo-edgeflow-{c}" for c in (
+        "redis", "qdrant", "candidates", "features", "scoring", "merging")}  # fmt: skip
+    for name, spec in policies.items():
+        assert spec["policyTypes"] == ["Ingress", "Egress"], name
+        peers = spec["ingress"][0]["from"]
+        # this namespace's release pods, and the release's pods in the served namespace
+        assert peers == [
+            {"podSelector": release},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "surfaces"}},
+             "podSelector": release},
+        ], name  # fmt: skip
+        assert all(peer for rule in spec["ingress"] for peer in rule["from"])  # no open rule
+        dns, own = spec["egress"][:2]
+        assert {p["port"] for p in dns["ports"]} == {53}
+        assert own == {"to": [{"podSelector": release}]}
+        assert len(spec["egress"]) == 2, name  # nothing outside unless the values say so
+    assert policies["demo-edgeflow-redis"]["ingress"][0]["ports"] == [
+        {"port": 6379, "protocol": "TCP"}]  # fmt: skip
+
+    external = render("--set", "redis.enabled=false",
+                      "--set", "redis.externalUrl=redis://redis.data:6380/0",
+                      "--set", "tracing.otlpEndpoint=http://otel.observability:4317",
+                      "--set", "operator.clusterWide=true")  # fmt: skip
+    spec = find(external, "NetworkPolicy", "demo-edgeflow-features")["spec"]
+    assert spec["egress"][2] == {"ports": [{"port": 6380, "protocol": "TCP"},
+                                           {"port": 4317, "protocol": "TCP"}]}  # fmt: skip
+    assert {"namespaceSelector": {}, "podSelector": release} in spec["ingress"][0]["from"]
+    assert not [d for d in render("--set", "networkPolicies.enabled=false")
+                if d["kind"] == "NetworkPolicy"]  # fmt: skip
+
+
 def test_each_backend_survives_one_pod_or_node_going_away() -> None:
     docs = render()
     for name in ("candidates", "features", "scoring", "merging"):
@@ -265,9 +300,11 @@ def test_service_monitor_when_enabled_and_nothing_when_metrics_are_off() -> None
         service = find(docs, "Service", f"demo-edgeflow-{svc}")
         assert service["metadata"]["labels"]["app.kubernetes.io/part-of"] == "edgeflow"
         assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
-        # With network policies on, Prometheus may still reach the metrics port.
+        # With network policies on, Prometheus (from its namespace) still reaches /metrics.
         rules = find(docs, "NetworkPolicy", f"demo-edgeflow-{svc}")["spec"]["ingress"]
-        assert {"ports": [{"port": 9090, "protocol": "TCP"}]} in rules, svc
+        monitoring = {"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}  # fmt: skip
+        assert {"from": [monitoring], "ports": [{"port": 9090, "protocol": "TCP"}]} in rules
     scoped = render("--set", "metrics.serviceMonitor.enabled=true",
                     "--set", "operator.watchNamespaces={surfaces}")  # fmt: skip
     (monitor,) = [d for d in scoped if d["kind"] == "ServiceMonitor"]
