@@ -145,6 +145,13 @@ def test_in_cluster_or_external_stores() -> None:
     assert env["REDIS_URL"] == "redis://demo-edgeflow-redis.edgeflow.svc:6379/0"
     assert env["QDRANT_URL"] == "http://demo-edgeflow-qdrant.edgeflow.svc:6333"
     assert env["SCORING_ADDR"] == "demo-edgeflow-scoring.edgeflow.svc:50063"
+    # scoring.remote may call the release's own scoring service, and nothing else by default.
+    assert env["EDGEFLOW_REMOTE_ENDPOINTS"] == "demo-edgeflow-scoring.edgeflow.svc:50063"
+    more = render("--set", "remoteScoring.allowedEndpoints={*.models.svc:8001}")
+    env = {e["name"]: e["value"] for e in find(more, "Deployment", "demo-edgeflow-candidates")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["EDGEFLOW_REMOTE_ENDPOINTS"] == (
+        "demo-edgeflow-scoring.edgeflow.svc:50063,*.models.svc:8001")
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
 
     external = render(*VALUE_SETS["external-stores-cluster-wide"])

@@ -217,6 +217,28 @@ async def test_unset_variable_fails_the_node_before_any_call() -> None:
     await scorer.close()
 
 
+async def test_an_endpoint_outside_the_allow_list_is_never_called() -> None:
+    allow = "scoring.edgeflow.svc:50063,*.models.svc:8001"
+    assert endpoints.allow_list({endpoints.ALLOW_ENV: f" {allow}, "}) == (
+        "scoring.edgeflow.svc:50063", "*.models.svc:8001")  # fmt: skip
+    assert endpoints.allowed("ranker.models.svc:8001", endpoints.allow_list(
+        {endpoints.ALLOW_ENV: allow}))  # fmt: skip
+    assert endpoints.allowed("anything:1", ())  # no list: any endpoint
+    scorer = RemoteScorer(env={endpoints.ALLOW_ENV: allow, "SCORING_ADDR": "10.0.0.9:80"})
+    frame = Frame(
+        ids=np.array([1, 2], np.int64),
+        info={"fof": SourceInfo("online")},
+        features=tensor.pack(np.zeros((2, 3), np.float32), ["a", "b", "c"]),
+    )
+    for endpoint, address in (("${SCORING_ADDR}", "10.0.0.9:80"), ("ranker.models.svc:8002",
+                                                                   "ranker.models.svc:8002")):
+        with pytest.raises(RemoteError, match=f"{address} is not allowed") as err:
+            await scorer.score(_params(endpoint=endpoint), 50, frame, 0.05)
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert scorer._stubs == {}  # no channel was even opened
+    await scorer.close()
+
+
 # ---- real peers ----------------------------------------------------------------------------
 
 

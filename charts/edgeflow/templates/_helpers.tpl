@@ -64,6 +64,9 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- if .Values.tracing.otlpEndpoint -}}
 {{- $_ := set $env "OTEL_EXPORTER_OTLP_ENDPOINT" .Values.tracing.otlpEndpoint -}}
 {{- end -}}
+{{- /* scoring.remote may call this release's scoring service and the allowed endpoints only */ -}}
+{{- $allow := prepend .Values.remoteScoring.allowedEndpoints (index $env "SCORING_ADDR" | default "") | compact -}}
+{{- $_ := set $env "EDGEFLOW_REMOTE_ENDPOINTS" (join "," $allow) -}}
 {{- toJson $env -}}
 {{- end -}}
 

@@ -43,6 +43,7 @@ class RemoteScorer:
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env = os.environ if env is None else env
+        self._allow = endpoints.allow_list(self._env)
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
 
     def stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
@@ -71,6 +72,12 @@ class RemoteScorer:
             raise RemoteError(
                 f"params.endpoint: {exc}", grpc.StatusCode.FAILED_PRECONDITION
             ) from None
+        if not endpoints.allowed(address, self._allow):
+            raise RemoteError(
+                f"params.endpoint: {address} is not allowed ({endpoints.ALLOW_ENV}: "
+                f"{', '.join(self._allow)})",
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
         where = f"{address} model {params.model!r}"
         try:
             request = infer_request(params, frame.features)

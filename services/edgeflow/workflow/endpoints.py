@@ -8,6 +8,7 @@ The syntax is checked when the workflow is validated; the variables are read whe
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 
@@ -16,6 +17,18 @@ _HOST_PORT = re.compile(
     r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})$"
 )
 FORMS = "host:port, ${VAR} or ${VAR:-host:port}"
+# Comma-separated host:port patterns (fnmatch: `*.models.svc:8001`) the gateway may call for
+# scoring.remote; unset or empty: any (the chart sets it, to its own scoring service and
+# what remoteScoring.allowedEndpoints adds).
+ALLOW_ENV = "EDGEFLOW_REMOTE_ENDPOINTS"
+
+
+def allow_list(env: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(p.strip() for p in env.get(ALLOW_ENV, "").split(",") if p.strip())
+
+
+def allowed(address: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(address, p) for p in patterns)
 
 
 def _check_address(address: str, what: str) -> None:
