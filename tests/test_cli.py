@@ -6,8 +6,10 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +130,25 @@ def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -
 
     status = edgeflow("status", env=env)
     assert status.stdout.count(" SERVING") == 6, status.stdout  # five services, the worker
+    assert re.search(r"^  supervisor +running", status.stdout, re.M), status.stdout
+
+    # A crashed service is started again by the suite's supervisor, on its port.
+    state = Path(env["EDGEFLOW_HOME"]) / "run" / "suite.json"
+    crashed = json.loads(state.read_text())["pids"]["merging"]
+    os.kill(crashed, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = json.loads(state.read_text())["pids"]
+        if pids["merging"] != crashed and "merging     running" in (
+            now := edgeflow("status", env=env).stdout
+        ) and now.count(" SERVING") == 6:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"merging was not restarted: {state.read_text()}")
+    assert "(restarted 1x)" in now, now
+    back = edgeflow("recommend", "--member", "7", "--k", "5", "--json", env=env)
+    assert back.returncode == 0 and not json.loads(back.stdout)["partial"], back.stdout
 
     # The suite serves the graph in its Redis: ingest refuses to swap it under the suite.
     refused = edgeflow("ingest", "--edges", str(edges), env=env)

@@ -341,3 +341,22 @@ async def test_usual_replies_read_as_a_matrix_equal_feast_sdk(
     finally:
         await pipe.close()
         client.delete(entity_keys(np.array([odd]))[0])
+
+
+
+def test_the_suite_does_not_inherit_feasts_metrics_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Importing feast points prometheus_client at a directory it deletes when the importing
+    process exits (feast/metrics.py); the services `quickstart` starts after training
+    outlive it, so they must not use it."""
+    from edgeflow.local.suite import new_suite
+
+    for name in ("PROMETHEUS_MULTIPROCESS_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "feast_metrics_x1y2"))
+    monkeypatch.setenv("OTHER", "kept")
+    env = new_suite(tmp_path, free_ports=True).env()
+    assert not [k for k in env if k.startswith("PROMETHEUS_MULTIPROC")]
+    assert env["OTHER"] == "kept"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "mine"))  # a user's own
+    assert new_suite(tmp_path, free_ports=True).env()["PROMETHEUS_MULTIPROC_DIR"].endswith("mine")

@@ -61,10 +61,16 @@ def _print_status(suite: local.Suite) -> None:
         state = "running" if alive else ("external" if name == "redis" and not pid else "stopped")
         mport = suite.metrics_ports.get(name)
         metrics = f"metrics http://127.0.0.1:{mport}/metrics" if mport and alive else ""
+        restarts = suite.restarts.get(name, 0)
+        again = f"  (restarted {restarts}x)" if restarts else ""
         print(
             f"  {name:<11} {state:<8} pid {pid or '-':<8} port {suite.ports[name]:<6} "
-            f"{health:<11} {metrics}".rstrip()
+            f"{health:<11} {metrics}".rstrip() + again
         )
+    supervisor = suite.pids.get("supervisor", 0)
+    if supervisor:
+        state = "running" if local._alive(supervisor) else "stopped: crashed processes stay down"
+        print(f"  {'supervisor':<11} {state:<8} pid {supervisor}")
     if gateway_serving:
         print_workflows(suite.addr("gateway"), suite.home)
 

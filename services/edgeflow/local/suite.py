@@ -41,6 +41,8 @@ class Suite:
     persist: bool = False
     # Each service's Prometheus /metrics port (on loopback).
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # How many times the supervisor restarted each process (local/supervisor.py).
+    restarts: dict[str, int] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -54,8 +56,10 @@ class Suite:
         return self.home / "run" / "suite.json"
 
     def env(self) -> dict[str, str]:
-        """The environment every process of this suite runs with."""
-        env = dict(os.environ)
+        """The environment every process of this suite runs with. Importing feast (training
+        does, in `quickstart`) points PROMETHEUS_MULTIPROC(ESS)_DIR at a directory it deletes
+        when that process exits: the suite's processes, which outlive it, must not use it."""
+        env = {k: v for k, v in os.environ.items() if not _feast_metrics_dir(k, v)}
         env.update(
             EDGEFLOW_HOME=str(self.home),
             REDIS_URL=self.redis_url,
@@ -71,9 +75,12 @@ class Suite:
         return env
 
     def save(self) -> None:
+        """Written whole and renamed: the supervisor rewrites it while others read it."""
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         data = asdict(self) | {"home": str(self.home)}
-        self.state_file.write_text(json.dumps(data, indent=2))
+        tmp = self.state_file.with_name(f".suite.{os.getpid()}.json")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.state_file)
 
     @classmethod
     def load(cls, home: Path) -> Suite | None:
@@ -88,7 +95,14 @@ class Suite:
             redis_started=data["redis_started"],
             persist=data.get("persist", False),
             metrics_ports=data.get("metrics_ports", {}),
+            restarts=data.get("restarts", {}),
         )
+
+
+def _feast_metrics_dir(name: str, value: str) -> bool:
+    return name.startswith("PROMETHEUS_MULTIPROC") and Path(value).name.startswith(
+        "feast_metrics_"
+    )
 
 
 def new_suite(home: Path, free_ports: bool) -> Suite:
@@ -162,27 +176,43 @@ def start_services(
             "FEATURES_ADDR, SCORING_ADDR, MERGING_ADDR and NEARLINE_ADDR (each service's "
             f"metrics port is {METRICS_OFFSET} above its own)"
         )
-    log_dir = suite.home / "run"
-    log_dir.mkdir(parents=True, exist_ok=True)
     auth.ensure_admin_key(suite.home, suite.home / auth.KEYS_FILE)
-    env = suite.env()
     for name in SERVICES:
-        env_one = dict(
-            env,
-            PORT=str(suite.ports[name]),
-            METRICS_PORT=str(suite.metrics_ports.get(name, 0)),
-            METRICS_HOST="127.0.0.1",
-        )
-        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeflow.cli.main", "serve", name],
-            env=env_one, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        suite.pids[name] = proc.pid
+        suite.pids[name] = spawn_service(suite, name)
     suite.save()
     wait_serving(suite, timeout_s, on_ready)
+    if suite.persist:  # `edgeflow up`: a crashed process is started again
+        suite.pids["supervisor"] = spawn_supervisor(suite)
+        suite.save()
+
+
+def spawn_service(suite: Suite, name: str) -> int:
+    """Start `edgeflow serve NAME` for the suite, detached, logging to run/NAME.log."""
+    log_dir = suite.home / "run"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        suite.env(),
+        PORT=str(suite.ports[name]),
+        METRICS_PORT=str(suite.metrics_ports.get(name, 0)),
+        METRICS_HOST="127.0.0.1",
+    )
+    with open(log_dir / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeflow.cli.main", "serve", name],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    return proc.pid
+
+
+def spawn_supervisor(suite: Suite) -> int:
+    with open(suite.home / "run" / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeflow.local.supervisor", str(suite.home)],
+            env=suite.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    return proc.pid
 
 
 def port_free(port: int) -> bool:
@@ -262,8 +292,16 @@ def log_tail(suite: Suite, name: str, lines: int = 25) -> str:
 
 
 def stop_suite(suite: Suite) -> list[str]:
-    """Stop the services (gracefully, SIGTERM) and the Redis this suite started."""
+    """Stop the supervisor (first: nothing is restarted after), the services (gracefully,
+    SIGTERM) and the Redis this suite started. The pids are read again after the supervisor
+    stopped, so a process it restarted is stopped too."""
     stopped = []
+    supervisor = suite.pids.pop("supervisor", 0)
+    if supervisor and _alive(supervisor):
+        stop_pid(supervisor)
+        latest = Suite.load(suite.home)
+        if latest is not None:
+            suite.pids.update({k: v for k, v in latest.pids.items() if k != "supervisor"})
     for name in reversed(SERVICES):
         pid = suite.pids.pop(name, 0)
         if pid and _alive(pid):
