@@ -314,6 +314,50 @@ async def test_no_candidate_source_answering_is_unavailable_not_an_empty_ok(
     assert served.edges and not served.partial
 
 
+async def test_with_merging_down_the_gateway_merges_and_filters_itself(suite: Suite) -> None:
+    """An unreachable merging service: the gateway runs merging's own blend and visibility
+    filters in process, so the answer is the same, a block is still honoured, and the
+    response says what happened."""
+    import redis as redis_sync
+
+    from edgeflow import keys
+    from edgeflow.gateway.engine import Clients, Engine
+    from edgeflow.local.redis_server import free_port
+    from edgeflow.merging.service import MergingService
+    from edgeflow.workflow.validate import load_workflow
+
+    member = members_with_degree(suite.graph, 8)[4]
+    served = await suite.recommend(member, k=10)
+    blocked = served.edges[0].target
+    local = MergingService(suite.cfg)
+    await local.start()
+    chans = [channel(a) for a in (suite.cfg.candidates_addr, suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, f"127.0.0.1:{free_port()}")]  # fmt: skip
+    engine = Engine(Clients.over(*chans), local_merging=local)
+    rds = redis_sync.Redis.from_url(suite.redis.url)
+    try:
+        wf = load_workflow(suite.cfg.workflows_dir / "pymk.yaml")
+        outcome = await engine.run(wf, member, 10, 5.0)
+        assert [e.target for e in outcome.frame.edges] == [e.target for e in served.edges]
+        assert outcome.partial
+        assert any(d.startswith("blend: merging UNAVAILABLE") and d.endswith("(fallback: local)")
+                   for d in outcome.degraded), outcome.degraded  # fmt: skip
+        blend = next(t for t in outcome.traces if t.node == "blend")
+        assert (blend.status, blend.fallback) == ("fallback", "local")
+
+        rds.sadd(keys.blocked(member), blocked)
+        again = await engine.run(wf, member, 10, 5.0)
+        assert blocked not in [e.target for e in again.frame.edges]
+        assert len(again.frame.edges) == 10
+    finally:
+        rds.srem(keys.blocked(member), blocked)
+        rds.close()
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+        await local.stop()
+
+
 # ---- bad input gets a clear error and costs nothing ----------------------------------------
 def _service_descriptors() -> dict[str, list[Any]]:
     from edgeflow.v1 import (

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -19,6 +19,8 @@ import numpy as np
 from edgeflow import tensor, tracing
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
+from edgeflow.merging.service import MergingService
+from edgeflow.server import RequestError
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,
@@ -33,6 +35,8 @@ from edgeflow.v1 import (
 )
 from edgeflow.workflow.ops import BlendParams, FetchParams, Kind, OnnxParams, RemoteParams
 from edgeflow.workflow.validate import CompiledNode, Workflow
+
+T = TypeVar("T")
 
 _tracer = tracing.tracer("edgeflow.gateway")
 
@@ -193,7 +197,9 @@ def _auto_groups(wf: Workflow, roots: list[CompiledNode]) -> list[_Group]:
 
 
 class Engine:
-    def __init__(self, clients: Clients, batching: str = "auto") -> None:
+    def __init__(
+        self, clients: Clients, batching: str = "auto", local_merging: MergingService | None = None
+    ) -> None:
         """`batching` says how a request's candidate sources are sent to the candidates
         service (EDGEFLOW_CANDIDATE_BATCHES): "all" in one GenerateMany, each node waiting
         its own timeout; "timeout" in one per node timeout; "auto" (see `_plan`) in one,
@@ -205,6 +211,9 @@ class Engine:
             )
         self._c = clients
         self._batching = batching
+        # The merging service's own code, run here when it is unreachable (UNAVAILABLE):
+        # blends and visibility filters stay exact, with the gateway's Redis connection.
+        self._local_merging = local_merging
         self._plans: dict[int, tuple[Workflow, list[_Group]]] = {}
         self._templates: dict[int, tuple[CompiledNode, candidates_pb2.GenerateRequest]] = {}
         # Whether the candidates service answers GenerateMany (an older one does not).
@@ -219,6 +228,13 @@ class Engine:
     async def close(self) -> None:
         """Close the channels the engine opened itself (those of remote model servers)."""
         await self._remote.close()
+
+    def _here(self, exc: grpc.aio.AioRpcError) -> MergingService:
+        """The in-process merging for a call that failed because the service is down;
+        any other failure is the node's."""
+        if self._local_merging is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise exc
+        return self._local_merging
 
     async def run(
         self, wf: Workflow, member: int, k: int, budget_s: float, explain: bool = False
@@ -339,6 +355,10 @@ class Engine:
                         "no time left in the request budget", grpc.StatusCode.DEADLINE_EXCEEDED
                     )
                 frame = await self._execute(cn, inputs, run, timeout, dropped)
+                if frame.ran_here:
+                    trace.status, trace.fallback, trace.error = "fallback", "local", frame.ran_here
+                    outcome.partial = True
+                    outcome.degraded.append(f"{name}: {frame.ran_here} (fallback: local)")
                 if dropped:
                     for item in dropped:
                         item.node = name
@@ -503,15 +523,21 @@ class Engine:
         frame = inputs[0]
         if not frame.ids.size:
             return frame
-        resp = await self._c.merging.Filter(
-            merging_pb2.FilterRequest(
-                member=member, ids=frame.ids.tolist(), filters=[cn.node.op.split(".", 1)[1]],
-                explain=dropped is not None,
-            ),
-            timeout=timeout,
-            metadata=tracing.outgoing_metadata(),
+        req = merging_pb2.FilterRequest(
+            member=member, ids=frame.ids.tolist(), filters=[cn.node.op.split(".", 1)[1]],
+            explain=dropped is not None,
         )  # fmt: skip
+        ran_here = ""
+        try:
+            resp = await self._c.merging.Filter(
+                req, timeout=timeout, metadata=tracing.outgoing_metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            local = self._here(exc)
+            ran_here = _ran_here(exc)
+            resp = await answer_here(local.filter(req, timeout))
         out = frame.take(np.asarray(resp.keep, dtype=np.int64))
+        out.ran_here = ran_here
         out.dropped = {d.reason: d.count for d in resp.dropped}
         if dropped is not None:
             dropped.extend(resp.dropped_items)
@@ -535,15 +561,36 @@ class Engine:
         for name, frame in zip(cn.node.inputs, inputs, strict=True):
             # Filled in place: a ScoredList passed to the constructor would be copied.
             _fill_scored_list(req.lists.add(), name, frame, cn.params.weights.get(name, 1.0))
-        resp = await self._c.merging.Merge(
-            req, timeout=timeout, metadata=tracing.outgoing_metadata()
-        )
+        ran_here = ""
+        try:
+            resp = await self._c.merging.Merge(
+                req, timeout=timeout, metadata=tracing.outgoing_metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            local = self._here(exc)
+            ran_here = _ran_here(exc)
+            resp = await answer_here(local.merge(req, timeout))
         out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
+        out.ran_here = ran_here
         out.edges = list(resp.edges)
         out.dropped = {d.reason: d.count for d in resp.dropped}
         if dropped is not None:
             dropped.extend(resp.dropped_items)
         return out
+
+
+def _ran_here(exc: grpc.aio.AioRpcError) -> str:
+    details = " ".join((exc.details() or "").split())[:200]
+    return f"merging {exc.code().name}: {details}; ran in the gateway"
+
+
+async def answer_here(work: Coroutine[Any, Any, T]) -> T:
+    """A request the gateway runs with a backend's own code: its RequestError becomes the
+    node's error, as the same failure over gRPC would."""
+    try:
+        return await work
+    except RequestError as exc:
+        raise NodeError(exc.message, exc.code) from None
 
 
 def _candidates(cn: CompiledNode, resp: candidates_pb2.GenerateResponse) -> Frame:

@@ -29,6 +29,8 @@ class Frame:
     dropped: dict[str, int] = field(default_factory=dict)
     # Why the node that made this frame served nothing, when it knows (NodeTrace.note).
     note: str = ""
+    # Set when the node's service was down and the gateway ran its op itself: why.
+    ran_here: str = ""
 
     def __len__(self) -> int:
         return len(self.edges) if self.edges else int(self.ids.size)

@@ -22,6 +22,7 @@ from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.models import ModelWatch, Move
 from edgeflow.gateway.shadow import ShadowRunner
 from edgeflow.guard import RateLimitedLog
+from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import connect_async
@@ -61,6 +62,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._reload_log = RateLimitedLog(log, 60.0)
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
+        self._local_merging: MergingService | None = None
         self._watch: asyncio.Task[None] | None = None
         self._rds: aioredis.Redis | None = None  # member events (Publish)
         self._logs_redis: RawPipeline | None = None  # exposure and shadow streams
@@ -89,7 +91,13 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         chans = [channel(a) for a in (cfg.candidates_addr, cfg.features_addr,
                                       cfg.scoring_addr, cfg.merging_addr)]  # fmt: skip
         self._channels = chans
-        self._engine = Engine(Clients.over(*chans), batching=cfg.candidate_batches)
+        # Merging's own code in process: the blend and filters still run if it is down.
+        self._local_merging = MergingService(cfg)
+        await self._local_merging.start()
+        self._engine = Engine(
+            Clients.over(*chans), batching=cfg.candidate_batches,
+            local_merging=self._local_merging,
+        )  # fmt: skip
         self.models = ModelWatch(chans[2], cfg.scoring_addr)
         # One quick look before serving, so that the first requests are already routed
         # around a broken variant; a scoring service that is not up yet is asked again later.
@@ -124,6 +132,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         closing = [ch.close() for ch in self._channels]
         if self._engine is not None:
             closing.append(self._engine.close())
+        if self._local_merging is not None:
+            closing.append(self._local_merging.stop())
         try:  # a peer that never answers must not keep the process from exiting
             await asyncio.wait_for(asyncio.gather(*closing), _CLOSE_TIMEOUT_S)
         except TimeoutError:
