@@ -314,6 +314,47 @@ async def test_no_candidate_source_answering_is_unavailable_not_an_empty_ok(
     assert served.edges and not served.partial
 
 
+async def test_with_candidates_down_the_gateway_serves_the_precomputed_list(
+    suite: Suite,
+) -> None:
+    """The gateway reads a precomputed source's list from Redis itself when the candidates
+    service is unreachable; the other sources fall back, and the answer says so."""
+    from edgeflow.candidates.service import ListsOnly
+    from edgeflow.gateway.engine import Clients, Engine
+    from edgeflow.local.redis_server import free_port
+    from edgeflow.workflow.validate import load_workflow
+
+    g = suite.graph
+    member = members_with_degree(g, 8)[5]
+    near = set(g.ids[g.neighbors(g.index_of(member))].tolist()) | {member}
+    picked = [int(m) for m in g.ids if int(m) not in near][:3]
+    rds = connect(suite.cfg.redis_url)
+    lists.write_lists(rds, "pymk", np.asarray([member]),
+                      [(np.asarray(picked), np.asarray([0.9, 0.8, 0.7], np.float32))])  # fmt: skip
+    rds.close()
+    local = ListsOnly(suite.cfg)
+    chans = [channel(a) for a in (f"127.0.0.1:{free_port()}", suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
+    engine = Engine(Clients.over(*chans), local_candidates=local)
+    try:
+        wf = load_workflow(suite.cfg.workflows_dir / "pymk.yaml")
+        outcome = await engine.run(wf, member, 10, 5.0)
+        assert sorted(e.target for e in outcome.frame.edges) == sorted(picked)
+        assert outcome.partial
+        traces = {t.node: t for t in outcome.traces}
+        pre = next(t for t in outcome.traces if t.op == "candidates.precomputed")
+        assert (pre.status, pre.fallback) == ("fallback", "local"), pre
+        assert pre.error.startswith("candidates UNAVAILABLE")
+        others = [t for t in traces.values()
+                  if t.op.startswith("candidates.") and t is not pre]  # fmt: skip
+        assert others and all(t.status == "fallback" and t.items_out == 0 for t in others)
+    finally:
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+        await local.close()
+
+
 async def test_with_merging_down_the_gateway_merges_and_filters_itself(suite: Suite) -> None:
     """An unreachable merging service: the gateway runs merging's own blend and visibility
     filters in process, so the answer is the same, a block is still honoured, and the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 
 import grpc
 import redis
@@ -159,53 +160,81 @@ class CandidatesService(Service):
         self, request: candidates_pb2.GenerateRequest
     ) -> candidates_pb2.GenerateResponse:
         """Run one request; raises RequestError with the status code for the caller."""
-        source = self._sources.get(request.source)
-        if source is None:
-            known = ", ".join(sorted(self._sources)) or "none (service not started)"
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"source: unknown candidate source {request.source!r} (expected one of {known})",
-            )
-        if not 1 <= request.limit <= MAX_LIMIT:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"limit: must be between 1 and {MAX_LIMIT}, got {request.limit}",
-            )
-        if request.member < 0:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"member: ids are non-negative, got {request.member}",
-            )
-        try:
-            cpu.check(source.name)  # a request already late does no work at all
-            out = await source.generate(request.member, request.limit, request.params)
-        except cpu.DeadlineExpired as exc:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{source.name}: {exc}") from exc
-        except InvalidParam as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        except MemberNotFound as exc:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
-        except (NotReady, GraphNotLoaded) as exc:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"{source.name}: {exc}"
-            ) from exc
-        except SourceUnavailable as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{source.name}: {exc}") from exc
-        except (redis.RedisError, OSError) as exc:
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"{source.name}: Redis at {self.cfg.redis_url} is unavailable: {exc}",
-            ) from exc
-        except ListError as exc:
-            raise RequestError(grpc.StatusCode.INTERNAL, f"{source.name}: {exc}") from exc
-        return candidates_pb2.GenerateResponse(
-            ids=out.ids.tolist(),
-            scores=tensor.pack(out.scores, (out.column,)),
-            age_seconds=out.age_seconds,
-            version=out.version,
-            mode=out.mode,
-            note=out.note,
+        return await generate_from(self._sources, request, self.cfg.redis_url)
+
+
+class ListsOnly:
+    """The precomputed source alone, for a process that is not the candidates service (the
+    gateway, while that service is unreachable): lists are read from Redis and no graph is
+    held, so only the member itself is left out (merging's filters do the rest)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._rds = connect_async(cfg.redis_url)  # connects on first use
+        self._source = PrecomputedSource(self._rds, GraphStore(self._rds))
+        self.sources: dict[str, Source] = {self._source.name: self._source}
+
+    async def generate(
+        self, request: candidates_pb2.GenerateRequest
+    ) -> candidates_pb2.GenerateResponse:
+        return await generate_from(self.sources, request, self.cfg.redis_url)
+
+    async def close(self) -> None:
+        await self._source.close()
+        await self._rds.aclose()
+
+
+async def generate_from(
+    sources: Mapping[str, Source], request: candidates_pb2.GenerateRequest, redis_url: str
+) -> candidates_pb2.GenerateResponse:
+    """One Generate request against `sources`; RequestError carries the status code."""
+    source = sources.get(request.source)
+    if source is None:
+        known = ", ".join(sorted(sources)) or "none (service not started)"
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"source: unknown candidate source {request.source!r} (expected one of {known})",
         )
+    if not 1 <= request.limit <= MAX_LIMIT:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"limit: must be between 1 and {MAX_LIMIT}, got {request.limit}",
+        )
+    if request.member < 0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"member: ids are non-negative, got {request.member}",
+        )
+    try:
+        cpu.check(source.name)  # a request already late does no work at all
+        out = await source.generate(request.member, request.limit, request.params)
+    except cpu.DeadlineExpired as exc:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{source.name}: {exc}") from exc
+    except InvalidParam as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+    except MemberNotFound as exc:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+    except (NotReady, GraphNotLoaded) as exc:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"{source.name}: {exc}"
+        ) from exc
+    except SourceUnavailable as exc:
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{source.name}: {exc}") from exc
+    except (redis.RedisError, OSError) as exc:
+        raise RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{source.name}: Redis at {redis_url} is unavailable: {exc}",
+        ) from exc
+    except ListError as exc:
+        raise RequestError(grpc.StatusCode.INTERNAL, f"{source.name}: {exc}") from exc
+    return candidates_pb2.GenerateResponse(
+        ids=out.ids.tolist(),
+        scores=tensor.pack(out.scores, (out.column,)),
+        age_seconds=out.age_seconds,
+        version=out.version,
+        mode=out.mode,
+        note=out.note,
+    )
 
 
 class _Servicer(candidates_pb2_grpc.CandidateServiceServicer):

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from edgeflow import tensor, tracing
+from edgeflow.candidates.service import ListsOnly
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
 from edgeflow.merging.service import MergingService
@@ -198,7 +199,11 @@ def _auto_groups(wf: Workflow, roots: list[CompiledNode]) -> list[_Group]:
 
 class Engine:
     def __init__(
-        self, clients: Clients, batching: str = "auto", local_merging: MergingService | None = None
+        self,
+        clients: Clients,
+        batching: str = "auto",
+        local_merging: MergingService | None = None,
+        local_candidates: ListsOnly | None = None,
     ) -> None:
         """`batching` says how a request's candidate sources are sent to the candidates
         service (EDGEFLOW_CANDIDATE_BATCHES): "all" in one GenerateMany, each node waiting
@@ -214,6 +219,8 @@ class Engine:
         # The merging service's own code, run here when it is unreachable (UNAVAILABLE):
         # blends and visibility filters stay exact, with the gateway's Redis connection.
         self._local_merging = local_merging
+        # Likewise the precomputed lists, read from Redis, when the candidates service is.
+        self._local_candidates = local_candidates
         self._plans: dict[int, tuple[Workflow, list[_Group]]] = {}
         self._templates: dict[int, tuple[CompiledNode, candidates_pb2.GenerateRequest]] = {}
         # Whether the candidates service answers GenerateMany (an older one does not).
@@ -235,6 +242,23 @@ class Engine:
         if self._local_merging is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise exc
         return self._local_merging
+
+    async def _generate_here(
+        self, cn: CompiledNode, member: int, exc: grpc.aio.AioRpcError
+    ) -> Frame:
+        """A candidate node whose service is down, from the gateway's own list reader (a
+        precomputed source); any other source, or any other failure, is the node's."""
+        local = self._local_candidates
+        req = self._generate_template(cn)
+        if (local is None or exc.code() != grpc.StatusCode.UNAVAILABLE
+                or req.source not in local.sources):  # fmt: skip
+            raise exc
+        one = candidates_pb2.GenerateRequest()
+        one.CopyFrom(req)
+        one.member = member
+        frame = _candidates(cn, await answer_here(local.generate(one)))
+        frame.ran_here = _ran_here("candidates", exc)
+        return frame
 
     async def run(
         self, wf: Workflow, member: int, k: int, budget_s: float, explain: bool = False
@@ -394,12 +418,15 @@ class Engine:
         when it is a list (explain runs)."""
         op, member, k = cn.node.op, run.member, run.k
         if op.startswith("candidates."):
-            batch = run.batches.get(cn.node.name)
-            if batch is not None:
-                resp = await self._batched(cn, batch, member, timeout)
-                if resp is not None:
-                    return _candidates(cn, resp)
-            return await self._generate(cn, member, timeout)
+            try:
+                batch = run.batches.get(cn.node.name)
+                if batch is not None:
+                    resp = await self._batched(cn, batch, member, timeout)
+                    if resp is not None:
+                        return _candidates(cn, resp)
+                return await self._generate(cn, member, timeout)
+            except grpc.aio.AioRpcError as exc:
+                return await self._generate_here(cn, member, exc)
         if op.startswith("filter."):
             return await self._filter(cn, inputs, member, timeout, dropped)
         if op == "merge.blend":
@@ -534,7 +561,7 @@ class Engine:
             )
         except grpc.aio.AioRpcError as exc:
             local = self._here(exc)
-            ran_here = _ran_here(exc)
+            ran_here = _ran_here("merging", exc)
             resp = await answer_here(local.filter(req, timeout))
         out = frame.take(np.asarray(resp.keep, dtype=np.int64))
         out.ran_here = ran_here
@@ -568,7 +595,7 @@ class Engine:
             )
         except grpc.aio.AioRpcError as exc:
             local = self._here(exc)
-            ran_here = _ran_here(exc)
+            ran_here = _ran_here("merging", exc)
             resp = await answer_here(local.merge(req, timeout))
         out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
         out.ran_here = ran_here
@@ -579,9 +606,9 @@ class Engine:
         return out
 
 
-def _ran_here(exc: grpc.aio.AioRpcError) -> str:
+def _ran_here(service: str, exc: grpc.aio.AioRpcError) -> str:
     details = " ".join((exc.details() or "").split())[:200]
-    return f"merging {exc.code().name}: {details}; ran in the gateway"
+    return f"{service} {exc.code().name}: {details}; ran in the gateway"
 
 
 async def answer_here(work: Coroutine[Any, Any, T]) -> T:

@@ -14,6 +14,7 @@ import redis
 import redis.asyncio as aioredis
 
 from edgeflow import auth, metrics
+from edgeflow.candidates.service import ListsOnly
 from edgeflow.config import Config
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
@@ -63,6 +64,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._channels: list[grpc.aio.Channel] = []
         self._engine: Engine | None = None
         self._local_merging: MergingService | None = None
+        self._local_candidates: ListsOnly | None = None
         self._watch: asyncio.Task[None] | None = None
         self._rds: aioredis.Redis | None = None  # member events (Publish)
         self._logs_redis: RawPipeline | None = None  # exposure and shadow streams
@@ -94,9 +96,10 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         # Merging's own code in process: the blend and filters still run if it is down.
         self._local_merging = MergingService(cfg)
         await self._local_merging.start()
+        self._local_candidates = ListsOnly(cfg)  # precomputed lists, if candidates is down
         self._engine = Engine(
             Clients.over(*chans), batching=cfg.candidate_batches,
-            local_merging=self._local_merging,
+            local_merging=self._local_merging, local_candidates=self._local_candidates,
         )  # fmt: skip
         self.models = ModelWatch(chans[2], cfg.scoring_addr)
         # One quick look before serving, so that the first requests are already routed
@@ -134,6 +137,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             closing.append(self._engine.close())
         if self._local_merging is not None:
             closing.append(self._local_merging.stop())
+        if self._local_candidates is not None:
+            closing.append(self._local_candidates.close())
         try:  # a peer that never answers must not keep the process from exiting
             await asyncio.wait_for(asyncio.gather(*closing), _CLOSE_TIMEOUT_S)
         except TimeoutError:
