@@ -20,15 +20,16 @@ BACKENDS = ("candidates", "features", "scoring", "merging", "nearline")
 def test_no_single_fault_takes_the_surface_down(tmp_path: Path) -> None:
     out = tmp_path / "faults.json"
     run = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "faults.py"), "--members", "1000",
-         "--rate", "20", "--before", "1", "--after", "3", "--settle", "1", "--out", str(out)],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "faults.py"), "--members", "500",
+         "--rate", "20", "--before", "0.5", "--after", "2.5", "--settle", "0.5",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["fault"]: r for r in json.loads(out.read_text())["faults"]}
     assert set(rows) == {*BACKENDS, "redis"}
     for row in rows.values():
-        assert row["requests"] >= 60, row
+        assert row["requests"] >= 50, row
         assert row["blocked_shown"] == 0, row  # a block holds through every fault
         assert row["recovery_s"] is not None, row  # the supervisor started it again
     for name in BACKENDS:  # served, partially where a fallback stood in, never failed
