@@ -108,3 +108,12 @@ async def suite(
     await ch.close()
     await stop_all(servers)
     redis.stop()
+
+
+# The longest end-to-end files first: the test workers take whole files in this order, so
+# neither ends the run alone on one of them.
+LONG_FILES = ("test_cli.py", "test_faults.py", "test_eval.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: order kept within

@@ -658,6 +658,9 @@ def _inverse_log(degree: np.ndarray) -> np.ndarray:
     return out
 
 
+CLOSE_WAIT_S = 1.0
+
+
 class GraphStore:
     """The current graph, mapped from this machine's snapshot file and refreshed when the
     pointer in Redis moves or deltas arrive."""
@@ -791,5 +794,6 @@ class GraphStore:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a refresh cancelled inside a Redis call may take the client's whole
+            # timeout to unwind, longer than a drain may last.
+            await asyncio.wait({self._task}, timeout=CLOSE_WAIT_S)
