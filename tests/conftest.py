@@ -110,8 +110,8 @@ async def suite(
     redis.stop()
 
 
-# The longest end-to-end files first: the test workers take whole files in this order, so
-# neither ends the run alone on one of them.
+# The longest end-to-end files first: the test workers take whole files in collection order,
+# and one of these started last would run on alone after everything else has finished.
 LONG_FILES = ("test_cli.py", "test_faults.py", "test_eval.py")
 
 

@@ -299,6 +299,7 @@ def stop_suite(suite: Suite) -> list[str]:
     supervisor = suite.pids.pop("supervisor", 0)
     if supervisor and _alive(supervisor):
         stop_pid(supervisor)
+        stopped.append("supervisor")
         latest = Suite.load(suite.home)
         if latest is not None:
             suite.pids.update({k: v for k, v in latest.pids.items() if k != "supervisor"})
