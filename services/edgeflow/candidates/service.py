@@ -8,7 +8,6 @@ training sealed (vectors.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -31,7 +30,7 @@ from edgeflow.candidates.sources import (
     SourceUnavailable,
 )
 from edgeflow.config import Config
-from edgeflow.graph_store import GraphNotLoaded, GraphStore
+from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
 from edgeflow.lists import ListError
 from edgeflow.redis_client import connect_async
 from edgeflow.server import RequestError, Service, answer
@@ -98,8 +97,8 @@ class CandidatesService(Service):
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            # Bounded, as the graph store's: a Redis call may take its timeout to unwind.
+            await asyncio.wait({self._watch}, timeout=CLOSE_WAIT_S)
         if self._store is not None:
             await self._store.close()
         precomputed = self._sources.get("precomputed")

@@ -122,11 +122,13 @@ def write_edges(path: Path, edges: np.ndarray, chunk: int = 1_000_000) -> int:
 
 # ---- training stages -------------------------------------------------------------------------
 class StageLog(Stages):
-    """Stages that also keep each finished stage's text and seconds."""
+    """Stages that also keep each finished stage's text and seconds, and do not start one
+    once the size's `deadline` (time.monotonic) has passed."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, deadline: float | None = None) -> None:
         super().__init__(enabled=enabled, live=False)
         self.times: list[tuple[str, float]] = []
+        self.deadline = deadline
 
     @contextmanager
     def stage(
@@ -138,6 +140,8 @@ class StageLog(Stages):
         unit: str = "",
         rates: tuple[str, ...] | None = None,
     ) -> Iterator[Stage]:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OverBudget(f"over the time budget before '{text}'")
         with super().stage(text, total, done=done, unit=unit, rates=rates) as st:
             yield st
         self.times.append((st.text, round(st.seconds, 3)))
@@ -247,7 +251,7 @@ def run_one(
                 rec.update({"write_s": round(time.perf_counter() - t, 3),
                             "edge_file_mb": round(size / 2**20, 1)})  # fmt: skip
                 del edges
-            stages = StageLog(enabled=log)
+            stages = StageLog(enabled=log, deadline=deadline)
             rec.data["phase"] = "ingest, train, start the services"
             rec.save()
             try:
