@@ -151,6 +151,22 @@ def _ping(port: int) -> bool:
         return False
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process runs: an exited one waiting to be reaped (a zombie, until its
+    parent or init collects it) does not."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: kill(0) is all there is
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
     """SIGTERM a process and wait for it to exit (SIGKILL after timeout)."""
     try:
@@ -161,9 +177,7 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):

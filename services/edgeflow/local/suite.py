@@ -21,7 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeflow import auth
 from edgeflow.config import Config
-from edgeflow.local.redis_server import find_redis_server, free_port, start_redis, stop_pid
+from edgeflow.local.redis_server import (
+    find_redis_server,
+    free_port,
+    process_alive,
+    start_redis,
+    stop_pid,
+)
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
 # The nearline worker serves health only; its port is not a peer address in Config.
@@ -256,18 +262,7 @@ def _serving(addr: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child still answers kill(0); ask the kernel for its state.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return process_alive(pid)
 
 
 def running_services(suite: Suite) -> list[str]:
