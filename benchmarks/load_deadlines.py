@@ -50,7 +50,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeflow import auth, lists
 from edgeflow.cli.harness import suite_config
@@ -230,7 +229,7 @@ def candidates_service(suite: local.Suite, env: dict[str, str]) -> Iterator[int]
     log.close()
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _serving(suite.addr("candidates")):
+        while not local._serving(suite.addr("candidates")):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (suite.home / "candidates.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"the candidates service did not start:\n{tail}")
@@ -239,15 +238,6 @@ def candidates_service(suite: local.Suite, env: dict[str, str]) -> Iterator[int]
     finally:
         stop_pid(proc.pid)
         _wait_ports_free([suite.ports["candidates"]])
-
-
-def _serving(addr: str) -> bool:
-    with grpc.insecure_channel(addr) as ch:
-        try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _wait_ports_free(ports: list[int], timeout_s: float = 30.0) -> None:

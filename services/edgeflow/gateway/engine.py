@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -236,12 +236,17 @@ class Engine:
         """Close the channels the engine opened itself (those of remote model servers)."""
         await self._remote.close()
 
-    def _here(self, exc: grpc.aio.AioRpcError) -> MergingService:
-        """The in-process merging for a call that failed because the service is down;
-        any other failure is the node's."""
-        if self._local_merging is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
-            raise exc
-        return self._local_merging
+    async def _merging(
+        self, call: Awaitable[T], here: Callable[[MergingService], Coroutine[Any, Any, T]]
+    ) -> tuple[T, str]:
+        """The merging service's answer to `call`; if it is down (UNAVAILABLE), `here` run
+        on the in-process merging, with why. Any other failure is the node's."""
+        try:
+            return await call, ""
+        except grpc.aio.AioRpcError as exc:
+            if self._local_merging is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return await answer_here(here(self._local_merging)), _ran_here("merging", exc)
 
     async def _generate_here(
         self, cn: CompiledNode, member: int, exc: grpc.aio.AioRpcError
@@ -554,15 +559,10 @@ class Engine:
             member=member, ids=frame.ids.tolist(), filters=[cn.node.op.split(".", 1)[1]],
             explain=dropped is not None,
         )  # fmt: skip
-        ran_here = ""
-        try:
-            resp = await self._c.merging.Filter(
-                req, timeout=timeout, metadata=tracing.outgoing_metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            local = self._here(exc)
-            ran_here = _ran_here("merging", exc)
-            resp = await answer_here(local.filter(req, timeout))
+        resp, ran_here = await self._merging(
+            self._c.merging.Filter(req, timeout=timeout, metadata=tracing.outgoing_metadata()),
+            lambda local: local.filter(req, timeout),
+        )
         out = frame.take(np.asarray(resp.keep, dtype=np.int64))
         out.ran_here = ran_here
         out.dropped = {d.reason: d.count for d in resp.dropped}
@@ -588,15 +588,10 @@ class Engine:
         for name, frame in zip(cn.node.inputs, inputs, strict=True):
             # Filled in place: a ScoredList passed to the constructor would be copied.
             _fill_scored_list(req.lists.add(), name, frame, cn.params.weights.get(name, 1.0))
-        ran_here = ""
-        try:
-            resp = await self._c.merging.Merge(
-                req, timeout=timeout, metadata=tracing.outgoing_metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            local = self._here(exc)
-            ran_here = _ran_here("merging", exc)
-            resp = await answer_here(local.merge(req, timeout))
+        resp, ran_here = await self._merging(
+            self._c.merging.Merge(req, timeout=timeout, metadata=tracing.outgoing_metadata()),
+            lambda local: local.merge(req, timeout),
+        )
         out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
         out.ran_here = ran_here
         out.edges = list(resp.edges)

@@ -261,8 +261,7 @@ def _serving(addr: str) -> bool:
     return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _alive(pid: int) -> bool:
-    return process_alive(pid)
+_alive = process_alive
 
 
 def running_services(suite: Suite) -> list[str]:
