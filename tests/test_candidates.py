@@ -335,12 +335,12 @@ async def test_a_broken_new_shard_keeps_the_previous_serving_and_says_why(
 
 
 async def test_precomputed_reads_the_live_list_and_drops_connections(
-    store: GraphStore, redis_client: redis.Redis, aclient: aioredis.Redis
+    store: GraphStore, redis_client: redis.Redis, redis_proc: RedisProcess
 ) -> None:
     # 2 became a connection after the list was computed, and 1 is the member itself.
     entry = (np.asarray([2, 9, 4, 1]), np.asarray([0.9, 0.8, 0.7, 0.6]))
     version = lists.write_lists(redis_client, "pymk", np.asarray([1]), [entry])
-    source = PrecomputedSource(aclient, store)
+    source = PrecomputedSource(redis_proc.url, store)
     out = await source.generate(1, 10, {"list": "pymk"})
     assert out.ids.tolist() == [9, 4] and out.version == version and out.column == "list_score"
     np.testing.assert_allclose(out.scores, [0.8, 0.7])

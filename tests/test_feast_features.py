@@ -137,9 +137,13 @@ def test_connection_string_from_url() -> None:
         feast_connection_string("rediss://u:p%40ss@cache:7000")
         == f"cache:7000,db=0,username=u,password=p@ss,ssl=true,{base}"
     )
-    with pytest.raises(ValueError, match="redis:// or rediss://"):
+    assert (
+        feast_connection_string("redis+cluster://127.0.0.1:7001,127.0.0.1:7002")
+        == f"127.0.0.1:7001,127.0.0.1:7002,{base}"
+    )
+    with pytest.raises(ValueError, match="scheme 'http' is not supported"):
         feast_connection_string("http://127.0.0.1:6390")
-    with pytest.raises(ValueError, match="database must be a number"):
+    with pytest.raises(ValueError, match="database 'x' must be a number"):
         feast_connection_string("redis://127.0.0.1:6390/x")
 
 
@@ -153,6 +157,11 @@ def test_render_fills_in_this_suites_redis(tmp_path: Path) -> None:
     assert (repo / "definitions.py").read_text() == (
         REPO_ROOT / "feature_repo" / "definitions.py"
     ).read_text()
+    assert "redis_type" not in text
+    cluster = Config(home=tmp_path / "c", redis_url="redis+cluster://127.0.0.1:7001,127.0.0.1:7002")
+    text = (render_repo(cluster) / "feature_store.yaml").read_text()
+    assert '  connection_string: "127.0.0.1:7001,127.0.0.1:7002,' in text
+    assert "\n  redis_type: redis_cluster\n" in text
     missing = Config(home=tmp_path, feature_repo_template=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"nowhere/feature_store\.yaml"):
         render_repo(missing)

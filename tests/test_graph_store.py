@@ -148,10 +148,9 @@ def test_chunked_snapshots_round_trip(redis_client: redis.Redis, tmp_path: Path)
     assert chunks == -(-len(g.to_bytes()) // 1000) and chunks > 5
     for i in range(chunks):
         assert redis_client.strlen(keys.graph_chunk(g.version, i)) <= 1000
-    # One snapshot's keys share its hash tag (one Redis Cluster slot).
-    tag = "{" + g.version + "}"
-    assert all(tag in k for k in (keys.graph_meta(g.version), keys.graph_deltas(g.version),
-                                  keys.graph_chunk(g.version, 3)))  # fmt: skip
+    # Every graph key shares the {graph} hash tag (one Redis Cluster slot).
+    assert all(k.startswith("ef:{graph}:") for k in (keys.graph_meta(g.version),
+               keys.graph_deltas(g.version), keys.graph_chunk(g.version, 3)))  # fmt: skip
     loaded = load_graph(redis_client, cache_dir=tmp_path)
     assert loaded.version == g.version
     assert_same(loaded, g)

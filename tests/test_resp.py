@@ -94,8 +94,8 @@ async def test_database_from_url(redis_proc: RedisProcess, redis_client: redis.R
         await pipe.close()
     assert redis_client.get("in-db-3") is None
     assert redis.Redis(port=redis_proc.port, db=3).get("in-db-3") == b"yes"
-    with pytest.raises(ValueError, match="unsupported Redis URL scheme"):
-        RawPipeline("rediss://127.0.0.1:6380/0")
+    with pytest.raises(ValueError, match="scheme 'unix' is not supported"):
+        RawPipeline("unix:///tmp/redis.sock")
 
 
 # ---- a Redis still loading its data set ---------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -149,4 +150,13 @@ class Config:
 
 
 def load() -> Config:
-    return Config()
+    """The settings of a CLI command. Without REDIS_URL, a command run beside a local suite
+    on a Redis Cluster (`edgeflow up --redis-cluster N`) talks to that cluster."""
+    cfg = Config()
+    if "REDIS_URL" not in os.environ:
+        from edgeflow.local.suite import Suite
+
+        suite = Suite.load(cfg.home)
+        if suite is not None and suite.redis_cluster:
+            cfg = dataclasses.replace(cfg, redis_url=suite.redis_url)
+    return cfg

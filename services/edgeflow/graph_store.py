@@ -1,11 +1,12 @@
 """The member graph in Redis: versioned, chunked snapshots behind an atomically swapped
 pointer, and one memory-mapped copy per machine.
 
-`save_graph` writes a snapshot as chunks of at most CHUNK_BYTES (`ef:graph:{V}:chunk:<i>`)
-and a meta HASH with each chunk's sha256 (`ef:graph:{V}:meta`), then the per-member
-adjacency sets that the merging filters read, then swaps `ef:graph:current`. Every key of a
-snapshot carries its version as the hash tag, so in Redis Cluster a snapshot lives in one
-slot; every script names the keys it touches in KEYS.
+`save_graph` writes a snapshot as chunks of at most CHUNK_BYTES (`ef:{graph}:<V>:chunk:<i>`)
+and a meta HASH with each chunk's sha256 (`ef:{graph}:<V>:meta`), then the per-member
+adjacency sets that the merging filters read, then swaps `ef:{graph}:current`. Every graph
+key carries the hash tag {graph}, so in Redis Cluster the pointer and the snapshots share a
+slot and the swap and compaction scripts may touch them together; every script names the
+keys it touches in KEYS.
 
 A process that needs the graph (`GraphStore`, `load_graph`) looks for the snapshot's file in
 the machine's cache directory (`$EDGEFLOW_HOME/graph/<version>.<sha>.graph`). The first one
@@ -40,10 +41,10 @@ from typing import IO, cast
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
 from edgeflow import keys
 from edgeflow.graph import Graph, SnapshotError
+from edgeflow.redis_client import AsyncClient, SyncClient, script
 
 log = logging.getLogger("edgeflow.graph")
 
@@ -132,7 +133,7 @@ def _chunks(graph: Graph, chunk_bytes: int) -> Iterator[bytes]:
 
 
 def _write_snapshot(
-    client: redis.Redis,
+    client: SyncClient,
     graph: Graph,
     chunk_bytes: int,
     data_hash: str | None = None,
@@ -179,18 +180,18 @@ def _snapshot_keys(version: str, chunks: int) -> list[str]:
     return [keys.graph_meta(version), *(keys.graph_chunk(version, i) for i in range(chunks))]
 
 
-def _old_keys(client: redis.Redis, version: str) -> list[str]:
+def _old_keys(client: SyncClient, version: str) -> list[str]:
     """Every key of a snapshot (meta, chunks, deltas), as far as its meta tells."""
     chunks = cast(bytes | None, client.hget(keys.graph_meta(version), "chunks"))
     return [*_snapshot_keys(version, int(chunks or 0)), keys.graph_deltas(version)]
 
 
-def save_graph(client: redis.Redis, graph: Graph, chunk_bytes: int = CHUNK_BYTES) -> None:
+def save_graph(client: SyncClient, graph: Graph, chunk_bytes: int = CHUNK_BYTES) -> None:
     """Write a snapshot and adjacency sets, then make it current in one atomic step."""
     version = graph.version
     _write_snapshot(client, graph, chunk_bytes)
     _write_adjacency(client, graph)
-    swap = client.register_script(_SWAP_LUA)
+    swap = script(client, _SWAP_LUA)
     for _ in range(_APPEND_TRIES):
         raw = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
         previous = raw.decode() if raw is not None else ""
@@ -209,7 +210,7 @@ def save_graph(client: redis.Redis, graph: Graph, chunk_bytes: int = CHUNK_BYTES
     )
 
 
-def _write_adjacency(client: redis.Redis, graph: Graph) -> None:
+def _write_adjacency(client: SyncClient, graph: Graph) -> None:
     """SET of each member's connections (external ids), replacing what was there."""
     if type(client) is not redis.Redis:  # a cluster client routes each command itself
         _write_adjacency_commands(client, graph)
@@ -288,7 +289,7 @@ def _adjacency_commands(
     return b"".join(parts), replies
 
 
-def _write_adjacency_commands(client: redis.Redis, graph: Graph) -> None:
+def _write_adjacency_commands(client: SyncClient, graph: Graph) -> None:
     """`_write_adjacency` through the client's own pipeline, one command at a time."""
     pipe = client.pipeline(transaction=False)
     pending = 0
@@ -476,7 +477,7 @@ class _Cache:
                     path.unlink()
 
 
-def _download(client: redis.Redis, meta: _Meta, cache: _Cache) -> Graph:
+def _download(client: SyncClient, meta: _Meta, cache: _Cache) -> Graph:
     if not cache.usable:
         buf = bytearray()
         for i in range(len(meta.digests)):
@@ -501,7 +502,7 @@ def _write_chunk(fh: IO[bytes], meta: _Meta, index: int, data: bytes | None) -> 
     fh.write(meta.check(index, data))
 
 
-async def _download_async(client: aioredis.Redis, meta: _Meta, cache: _Cache) -> Graph:
+async def _download_async(client: AsyncClient, meta: _Meta, cache: _Cache) -> Graph:
     """`_download` for the event loop: Redis reads awaited, hashing and disk off the loop."""
     if not cache.usable:
         buf = bytearray()
@@ -528,7 +529,7 @@ async def _download_async(client: aioredis.Redis, meta: _Meta, cache: _Cache) ->
         lock.__exit__(None, None, None)
 
 
-def open_snapshot(client: redis.Redis, version: str, cache_dir: Path | None = None) -> Graph:
+def open_snapshot(client: SyncClient, version: str, cache_dir: Path | None = None) -> Graph:
     """Snapshot `version` (without deltas), mapped from this machine's file, which is
     downloaded from Redis first if no process here has done it yet."""
     raw = cast(dict[bytes, bytes], client.hgetall(keys.graph_meta(version)))
@@ -542,7 +543,7 @@ def open_snapshot(client: redis.Redis, version: str, cache_dir: Path | None = No
     return graph if graph is not None else _download(client, meta, cache)
 
 
-def load_graph(client: redis.Redis, deltas: bool = True, cache_dir: Path | None = None) -> Graph:
+def load_graph(client: SyncClient, deltas: bool = True, cache_dir: Path | None = None) -> Graph:
     """The current snapshot, with the nearline edge changes made since it unless `deltas`
     is False."""
     version = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
@@ -583,11 +584,11 @@ def snapshot_of(graph: Graph) -> str:
     return graph.version.split("+", 1)[0]
 
 
-def append_deltas(client: redis.Redis, pairs: np.ndarray, present: np.ndarray) -> str | None:
+def append_deltas(client: SyncClient, pairs: np.ndarray, present: np.ndarray) -> str | None:
     """Record edge states against the current snapshot; returns the entry id (None without a
     graph). The adjacency SETs are the truth these states were read from."""
     packed = pack_changes(pairs, present)
-    append = client.register_script(_APPEND_LUA)
+    append = script(client, _APPEND_LUA)
     for _ in range(_APPEND_TRIES):  # again when a compaction moves the pointer in between
         current = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
         if current is None:
@@ -600,7 +601,7 @@ def append_deltas(client: redis.Redis, pairs: np.ndarray, present: np.ndarray) -
     raise RuntimeError(f"graph pointer {keys.GRAPH_CURRENT} kept moving; deltas not appended")
 
 
-def read_deltas(client: redis.Redis, graph: Graph) -> Graph:
+def read_deltas(client: SyncClient, graph: Graph) -> Graph:
     """`graph` with the deltas appended since it was loaded (the same graph when none)."""
     snapshot = snapshot_of(graph)
     after = graph.version.split("+", 1)[1] if "+" in graph.version else "0-0"
@@ -609,9 +610,7 @@ def read_deltas(client: redis.Redis, graph: Graph) -> Graph:
     return graph if last is None else _applied(graph, snapshot, last, changes)
 
 
-def compact_graph(
-    client: redis.Redis, min_deltas: int, cache_dir: Path | None = None
-) -> str | None:
+def compact_graph(client: SyncClient, min_deltas: int, cache_dir: Path | None = None) -> str | None:
     """Fold the current delta stream into a new snapshot once it holds `min_deltas` entries;
     returns the new version, or None when there was nothing (or someone else) to do it."""
     current = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
@@ -633,7 +632,7 @@ def compact_graph(
     meta = _write_snapshot(client, fresh, CHUNK_BYTES, digest,
                            {"compacted_from": old, "folded": last})  # fmt: skip
     old_chunks = int(cast(bytes | None, client.hget(keys.graph_meta(old), "chunks")) or 0)
-    moved = client.register_script(_COMPACT_LUA)(
+    moved = script(client, _COMPACT_LUA)(
         keys=[keys.GRAPH_CURRENT, keys.graph_deltas(old), keys.graph_deltas(fresh.version),
               *_snapshot_keys(old, old_chunks)],
         args=[old, fresh.version, last, _GRACE_S],
@@ -667,7 +666,7 @@ class GraphStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         reload_interval_s: float = 2.0,
         cache_dir: Path | None = None,
     ) -> None:

@@ -1,23 +1,30 @@
-"""The Redis key layout shared by every service (Feast's own keys are Feast's)."""
+"""The Redis key layout shared by every service (Feast's own keys are Feast's).
+
+Redis Cluster runs a Lua script or a multi-key command only on keys of one hash slot, and a
+key's slot comes from its hash tag, the part between its first "{" and "}". So keys that a
+script touches together share a tag: every key of the graph snapshots carries {graph}, every
+key of the event stream's bookkeeping {events}. Per-member keys carry no tag, so members
+spread over the cluster's nodes; they are read and written one key per command.
+"""
 
 from __future__ import annotations
 
 PREFIX = "ef:"
 
-# Pointer to the current graph snapshot version, and the snapshots themselves. Every key of
-# one snapshot carries its version as the hash tag ({version}): in Redis Cluster they share a
-# slot, so one script may touch them all.
-GRAPH_CURRENT = PREFIX + "graph:current"
+# Pointer to the current graph snapshot version, and the snapshots themselves: the pointer
+# swap and the compaction are scripts over the pointer and two snapshots' keys.
+GRAPH_TAG = "{graph}"
+GRAPH_CURRENT = f"{PREFIX}{GRAPH_TAG}:current"
 
 
 def graph_meta(version: str) -> str:
     """HASH of a snapshot: members, edges, its bytes, chunk count and each chunk's sha256."""
-    return f"{PREFIX}graph:{{{version}}}:meta"
+    return f"{PREFIX}{GRAPH_TAG}:{version}:meta"
 
 
 def graph_chunk(version: str, index: int) -> str:
     """STRING: bytes [index x chunk_bytes, (index + 1) x chunk_bytes) of a snapshot."""
-    return f"{PREFIX}graph:{{{version}}}:chunk:{index}"
+    return f"{PREFIX}{GRAPH_TAG}:{version}:chunk:{index}"
 
 
 def adjacency(member: int) -> str:
@@ -59,7 +66,7 @@ def list_nearline(name: str, version: str) -> str:
 
 # Graph changes since a snapshot (a STREAM of edge states), followed by every GraphStore.
 def graph_deltas(version: str) -> str:
-    return f"{PREFIX}graph:{{{version}}}:deltas"
+    return f"{PREFIX}{GRAPH_TAG}:{version}:deltas"
 
 
 def follows(member: int) -> str:
@@ -84,8 +91,10 @@ def offline_done(name: str, version: str) -> str:
 
 
 # ---- nearline -------------------------------------------------------------------------------
-# Member events (a STREAM) and the nearline workers' consumer group.
-EVENTS = PREFIX + "events"
+# Member events (a STREAM) and the nearline workers' consumer group. Publish's dedup markers,
+# the worker's done markers and its counters are written by scripts with the stream.
+EVENTS_TAG = "{events}"
+EVENTS = PREFIX + EVENTS_TAG
 NEARLINE_GROUP = "nearline"
 # Channel on which the worker announces the event ids whose lists it stored.
 NEARLINE_STORED = PREFIX + "nearline:stored"
@@ -93,18 +102,18 @@ NEARLINE_STORED = PREFIX + "nearline:stored"
 
 def event_seen(event_id: str) -> str:
     """Marks an event id accepted by Publish (dedup of retried publishes)."""
-    return f"{PREFIX}event:seen:{event_id}"
+    return f"{EVENTS}:seen:{event_id}"
 
 
 def event_done(event_id: str) -> str:
     """Marks an event id whose effects the nearline worker stored (dedup of redeliveries)."""
-    return f"{PREFIX}event:done:{event_id}"
+    return f"{EVENTS}:done:{event_id}"
 
 
 # Events the worker could not apply (malformed, or refused for good), with the reason.
-EVENTS_DEAD = PREFIX + "events:dead"
+EVENTS_DEAD = f"{EVENTS}:dead"
 # HASH of the workers' counters (events applied, dead-lettered).
-NEARLINE_STATS = PREFIX + "nearline:stats"
+NEARLINE_STATS = f"{EVENTS}:nearline:stats"
 
 
 def nearline_lease(consumer: str) -> str:

@@ -29,10 +29,11 @@ from typing import Any, cast
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
 from edgeflow import keys
+from edgeflow.redis_client import AsyncClient, SyncClient, is_cluster_client, script
 from edgeflow.resp import RawPipeline, RespReplyError, encode
+from edgeflow.resp_cluster import ClusterPipeline
 
 _HEADER = struct.Struct("<dB")
 _LEGACY_HEADER = struct.Struct("<d")
@@ -48,6 +49,8 @@ _SENTINEL = "\x00"
 PENDING_TTL_S = 24 * 3600
 # How long a replaced batch stays readable for clients that already resolved its version.
 GRACE_S = 300
+# On a Redis Cluster, how long the request path keeps a list's resolved version.
+POINTER_TTL_S = 1.0
 _PIPELINE_BATCH = 2000
 
 # KEYS[1] = pointer; ARGV = entry key before and after the version. Returns {version, entry}.
@@ -171,12 +174,12 @@ def _text(raw: Any) -> str | None:
     return None if raw is None else bytes(raw).decode()
 
 
-def current_version(client: redis.Redis, name: str) -> str | None:
+def current_version(client: SyncClient, name: str) -> str | None:
     return _text(client.get(keys.list_current(validate_name(name))))
 
 
 def write_lists(
-    client: redis.Redis,
+    client: SyncClient,
     name: str,
     members: np.ndarray,
     lists: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -251,7 +254,7 @@ def queue_entries(
 
 
 def publish_version(
-    client: redis.Redis,
+    client: SyncClient,
     name: str,
     version: str,
     meta: dict[str, str | int | float],
@@ -277,19 +280,60 @@ def publish_version(
     return previous
 
 
-def _swap(client: redis.Redis, name: str, version: str, started_at: float) -> str | None:
+def _swap(client: SyncClient, name: str, version: str, started_at: float) -> str | None:
+    if is_cluster_client(client):
+        return _swap_in_steps(client, name, version, started_at)
     before, _ = _entry_parts(name, 0)
     mid = keys.list_entry(name, _SENTINEL, 0).split(_SENTINEL)[1][:-1]
     nearline = keys.list_nearline(name, _SENTINEL).split(_SENTINEL)[1]
     if not keys.list_nearline(name, _SENTINEL).startswith(before):
         raise RuntimeError("keys.list_nearline must share the entry keys' prefix")
-    script = client.register_script(_SWAP_LUA)
+    swap = script(client, _SWAP_LUA)
     return _text(
-        script(keys=[keys.list_current(name)], args=[version, before, mid, nearline, started_at])
+        swap(keys=[keys.list_current(name)], args=[version, before, mid, nearline, started_at])
     )
 
 
-def expire_version(client: redis.Redis, name: str, version: str, ttl_s: int) -> int:
+def _swap_in_steps(client: SyncClient, name: str, version: str, started_at: float) -> str | None:
+    """`_SWAP_LUA` on a Redis Cluster, where the entries live in other slots than the pointer:
+    carry the nearline entries over, swap, then carry over those the worker wrote into the old
+    version meanwhile (it writes into the new one once it sees the swap)."""
+    old = current_version(client, name)
+    if old == version:
+        return old
+    if old is not None:
+        _carry_nearline(client, name, old, version, started_at)
+    client.set(keys.list_current(name), version)
+    if old is not None:
+        _carry_nearline(client, name, old, version, started_at)
+    return old
+
+
+def _carry_nearline(client: SyncClient, name: str, old: str, new: str, since: float) -> None:
+    """Copy the old version's nearline entries made since `since` into the new version,
+    unless the new version holds a newer entry for the member."""
+    held = cast(set[bytes], client.smembers(keys.list_nearline(name, old)))
+    members = sorted(int(m) for m in held)
+    for start in range(0, len(members), _PIPELINE_BATCH):
+        part = members[start : start + _PIPELINE_BATCH]
+        pipe = client.pipeline(transaction=False)
+        for m in part:
+            pipe.get(keys.list_entry(name, old, m))
+            pipe.get(keys.list_entry(name, new, m))
+        got = pipe.execute()
+        for m, entry, there in zip(part, got[0::2], got[1::2], strict=True):
+            made = _created_at(entry)
+            if made is not None and made >= since and made > (_created_at(there) or -1.0):
+                pipe.set(keys.list_entry(name, new, m), entry)
+                pipe.sadd(keys.list_nearline(name, new), m)
+        pipe.execute()
+
+
+def _created_at(entry: bytes | None) -> float | None:
+    return None if entry is None or len(entry) < 8 else float(struct.unpack_from("<d", entry)[0])
+
+
+def expire_version(client: SyncClient, name: str, version: str, ttl_s: int) -> int:
     """Give every key of one version a TTL; returns how many entries were found."""
     count = 0
     pipe = client.pipeline(transaction=False)
@@ -305,7 +349,7 @@ def expire_version(client: redis.Redis, name: str, version: str, ttl_s: int) -> 
 
 
 def update_lists(
-    client: redis.Redis,
+    client: SyncClient,
     name: str,
     members: np.ndarray,
     lists: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -321,6 +365,8 @@ def update_lists(
     now = time.time()
     values = [encode_entry(ids, scores, now, "nearline") for ids, scores in lists]
     pointer = keys.list_current(name)
+    if is_cluster_client(client):
+        return _update_in_steps(client, name, members, values)
     with client.pipeline() as pipe:
         while True:
             try:
@@ -329,19 +375,41 @@ def update_lists(
                 if version is None:
                     return None
                 pipe.multi()
-                for member, value in zip(members.tolist(), values, strict=True):
-                    pipe.set(keys.list_entry(name, version, member), value)
-                if members.size:
-                    pipe.sadd(keys.list_nearline(name, version), *members.tolist())
+                _queue_update(pipe, name, version, members, values)
                 pipe.execute()
                 return version
             except redis.WatchError:
                 continue  # a batch swapped the pointer meanwhile: write into the new one
 
 
-async def read_list(
-    client: RawPipeline | aioredis.Redis, name: str, member: int
-) -> StoredList | None:
+def _update_in_steps(
+    client: SyncClient, name: str, members: np.ndarray, values: list[bytes]
+) -> str | None:
+    """`update_lists` on a Redis Cluster, where no transaction spans the pointer and the
+    entries: write into the live version, then again if a swap moved the pointer meanwhile
+    (the swap carries what it saw over; this carries what it missed)."""
+    version = current_version(client, name)
+    while version is not None:
+        pipe = client.pipeline(transaction=False)
+        _queue_update(pipe, name, version, members, values)
+        pipe.execute()
+        now = current_version(client, name)
+        if now == version:
+            return version
+        version = now
+    return None
+
+
+def _queue_update(
+    pipe: Any, name: str, version: str, members: np.ndarray, values: list[bytes]
+) -> None:
+    for member, value in zip(members.tolist(), values, strict=True):
+        pipe.set(keys.list_entry(name, version, member), value)
+    if members.size:
+        pipe.sadd(keys.list_nearline(name, version), *members.tolist())
+
+
+async def read_list(client: RawPipeline | AsyncClient, name: str, member: int) -> StoredList | None:
     """The member's entry in the live version, in one round trip; None when there is none.
 
     The request path passes a RawPipeline: the same EVALSHA costs a fraction of redis-py's.
@@ -350,14 +418,16 @@ async def read_list(
 
 
 async def read_list_entry(
-    client: RawPipeline | aioredis.Redis, name: str, member: int
+    client: RawPipeline | AsyncClient, name: str, member: int
 ) -> tuple[str | None, StoredList | None]:
     """The list's live version (None when it was never published) and the member's entry in
     it (None when it has none), in the same one round trip as `read_list`."""
     before, after = _entry_parts(validate_name(name), member)
     args = (keys.list_current(name), before, after)
     try:
-        if isinstance(client, RawPipeline):
+        if isinstance(client, ClusterPipeline) or is_cluster_client(client):
+            reply = await _read_in_steps(client, name, member)
+        elif isinstance(client, RawPipeline):
             reply = await _eval_raw(client, *(a.encode() for a in args))
         else:
             reply = await _eval_redis(client, *args)
@@ -381,6 +451,28 @@ async def read_list_entry(
     )
 
 
+async def _read_in_steps(client: RawPipeline | AsyncClient, name: str, member: int) -> Any:
+    """`_READ_LUA`'s reply on a Redis Cluster, where the pointer and the entry live in other
+    slots: the pointer (a RawPipeline keeps it for POINTER_TTL_S, which the GRACE_S a
+    replaced version stays readable covers), then the entry."""
+    pointer = keys.list_current(name)
+    if isinstance(client, ClusterPipeline):
+        version = client.cached(pointer)
+        if version is None:
+            version = (await client.execute(encode(b"GET", pointer.encode()), 1))[0]
+            client.cache(pointer, version, POINTER_TTL_S)
+        if version is None:
+            return None
+        entry_key = keys.list_entry(name, version.decode(), member).encode()
+        return [version, (await client.execute(encode(b"GET", entry_key), 1))[0]]
+    assert not isinstance(client, RawPipeline)
+    version = await cast(Awaitable[Any], client.get(pointer))
+    if version is None:
+        return None
+    return [version, await cast(Awaitable[Any], client.get(
+        keys.list_entry(name, version.decode(), member)))]  # fmt: skip
+
+
 async def _eval_raw(pipe: RawPipeline, *args: bytes) -> Any:
     try:
         return (await pipe.execute(encode(b"EVALSHA", _READ_SHA.encode(), b"1", *args), 1))[0]
@@ -391,7 +483,7 @@ async def _eval_raw(pipe: RawPipeline, *args: bytes) -> Any:
     return (await pipe.execute(encode(b"EVAL", _READ_LUA.encode(), b"1", *args), 1))[0]
 
 
-async def _eval_redis(client: aioredis.Redis, *args: str) -> Any:
+async def _eval_redis(client: AsyncClient, *args: str) -> Any:
     try:
         return await cast(Awaitable[Any], client.evalsha(_READ_SHA, 1, *args))
     except redis.exceptions.NoScriptError:
@@ -399,7 +491,7 @@ async def _eval_redis(client: aioredis.Redis, *args: str) -> Any:
 
 
 def read_lists(
-    client: redis.Redis, name: str, members: Sequence[int] | np.ndarray
+    client: SyncClient, name: str, members: Sequence[int] | np.ndarray
 ) -> list[StoredList | None]:
     """Many members' entries of the live version with a blocking client (batch jobs, tests);
     None where a member has none."""
@@ -407,7 +499,11 @@ def read_lists(
     ids = np.asarray(members, dtype=np.int64).tolist()
     if version is None or not ids:
         return [None] * len(ids)
-    raw = cast(list[bytes | None], client.mget([keys.list_entry(name, version, m) for m in ids]))
+    entry_keys = [keys.list_entry(name, version, m) for m in ids]
+    if is_cluster_client(client):
+        raw = cast(list[bytes | None], cast(Any, client).mget_nonatomic(entry_keys))
+    else:
+        raw = cast(list[bytes | None], client.mget(entry_keys))
     now = time.time()
     out: list[StoredList | None] = []
     for member, data in zip(ids, raw, strict=True):

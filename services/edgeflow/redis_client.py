@@ -1,11 +1,26 @@
-"""Redis clients with short timeouts, so Redis going away fails a call fast, never hangs it."""
+"""Redis clients with short timeouts, so Redis going away fails a call fast, never hangs it.
+
+A REDIS_URL names either one server (`redis://[user:pass@]host:port/db`) or a Redis Cluster
+(`redis+cluster://[user:pass@]host:port[,host:port...]`, any of its masters; the rest are
+discovered). `rediss://` and `rediss+cluster://` are the same over TLS. Every client of
+edgeflow is made here or in `resp.py`, from the URL alone, so the URL is the one setting that
+says which kind of Redis a suite runs on.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, TypeAlias, cast
+from urllib.parse import unquote
+
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
+import redis.asyncio.cluster as aiocluster
+import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript, Script
+from redis.retry import Retry
 
 CONNECT_TIMEOUT_S = 0.5
 SOCKET_TIMEOUT_S = 2.0
@@ -16,20 +31,144 @@ SOCKET_TIMEOUT_S = 2.0
 RETRIES = 4
 RETRY_BACKOFF = ExponentialBackoff(cap=0.2, base=0.025)  # 0.05, 0.1, 0.2, 0.2 s
 
+CLUSTER_SCHEME = "redis+cluster"
+_SCHEMES = {  # scheme -> (cluster, TLS)
+    "": (False, False),
+    "redis": (False, False),
+    "rediss": (False, True),
+    CLUSTER_SCHEME: (True, False),
+    "rediss+cluster": (True, True),
+}
 
-def connect_async(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        retry_on_timeout=False,
-        retry=Retry(RETRY_BACKOFF, RETRIES, supported_errors=(redis.ConnectionError,)),
-        health_check_interval=0,
+# Either kind of client: single-server code paths and cluster code paths take the same calls,
+# except that a cluster refuses keys of different slots in one script or multi-key command.
+SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
+AsyncClient: TypeAlias = "aioredis.Redis | aiocluster.RedisCluster"
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """A parsed REDIS_URL: its nodes (one for a single server), credentials and database."""
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+    @property
+    def where(self) -> str:
+        """host:port of every node named (never the credentials)."""
+        return ",".join(f"{h}:{p}" for h, p in self.nodes)
+
+    def describe(self) -> str:
+        return f"Redis Cluster at {self.where}" if self.cluster else f"Redis at {self.where}"
+
+
+def parse_url(url: str) -> RedisAddress:
+    """Parse a REDIS_URL; a ValueError says what is wrong with it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if scheme not in _SCHEMES:
+        raise ValueError(
+            f"REDIS_URL {url!r}: scheme {scheme!r} is not supported; use redis[s]://host:port/db "
+            f"or redis[s]+cluster://host:port[,host:port...]"
+        )
+    cluster, tls = _SCHEMES[scheme]
+    netloc, _, path = rest.partition("/")
+    creds, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pwd = creds.partition(":")
+        username, password = (
+            (unquote(user) or None, unquote(pwd)) if colon else (None, unquote(user))
+        )
+    nodes = tuple(_host_port(part, url) for part in hosts.split(",") if part)
+    if not nodes:
+        nodes = (("127.0.0.1", 6379),)
+    if len(nodes) > 1 and not cluster:
+        raise ValueError(f"REDIS_URL {url!r}: several hosts need {CLUSTER_SCHEME}://")
+    db_text = path.split("?")[0] or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"REDIS_URL {url!r}: database {db_text!r} must be a number")
+    db = int(db_text)
+    if cluster and db:
+        raise ValueError(f"REDIS_URL {url!r}: a Redis Cluster has only database 0")
+    return RedisAddress(nodes, cluster, tls, username, password, db)
+
+
+def _host_port(part: str, url: str) -> tuple[str, int]:
+    host, colon, port = part.rpartition(":")
+    if not colon:
+        return part, 6379
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"REDIS_URL {url!r}: port {port!r} of {part!r} is not a port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_cluster(url: str) -> bool:
+    return parse_url(url).cluster
+
+
+def cluster_url(nodes: list[tuple[str, int]], tls: bool = False) -> str:
+    scheme = "rediss+cluster" if tls else CLUSTER_SCHEME
+    return f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in nodes)
+
+
+def _common(addr: RedisAddress) -> dict[str, Any]:
+    return {"username": addr.username, "password": addr.password, "ssl": addr.tls}
+
+
+def connect_async(url: str) -> AsyncClient:
+    addr = parse_url(url)
+    retry = AsyncRetry(RETRY_BACKOFF, RETRIES, supported_errors=(redis.ConnectionError,))
+    timeouts: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "health_check_interval": 0,
+    }
+    if addr.cluster:
+        return aiocluster.RedisCluster(
+            startup_nodes=[aiocluster.ClusterNode(h, p) for h, p in addr.nodes],
+            retry=retry,
+            **_common(addr),
+            **timeouts,
+        )
+    host, port = addr.nodes[0]
+    return aioredis.Redis(
+        host=host, port=port, db=addr.db, retry=retry, **_common(addr), **timeouts
     )
 
 
-def connect(url: str, socket_timeout_s: float = 30.0) -> redis.Redis:
+def connect(url: str, socket_timeout_s: float = 30.0) -> SyncClient:
     """A blocking client for the CLI and batch jobs (longer timeout for bulk writes)."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=socket_timeout_s
-    )
+    addr = parse_url(url)
+    timeouts: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": socket_timeout_s,
+    }
+    if addr.cluster:
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in addr.nodes],
+            retry=Retry(RETRY_BACKOFF, RETRIES),
+            **_common(addr),
+            **timeouts,
+        )
+    host, port = addr.nodes[0]
+    return redis.Redis(host=host, port=port, db=addr.db, **_common(addr), **timeouts)
+
+
+def is_cluster_client(client: object) -> bool:
+    return isinstance(client, (redis.cluster.RedisCluster, aiocluster.RedisCluster))
+
+
+def script(client: SyncClient, lua: str) -> Script:
+    """A Lua script on either kind of client (EVALSHA, loading it on NOSCRIPT). On a cluster
+    its keys must share a slot."""
+    return Script(cast(Any, client), lua)
+
+
+def async_script(client: AsyncClient, lua: str) -> AsyncScript:
+    return AsyncScript(cast(Any, client), lua)

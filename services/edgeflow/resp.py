@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import unquote, urlparse
 
 import hiredis
 import numpy as np
 
-from edgeflow.redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
+from edgeflow.redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, RedisAddress, parse_url
 
 _READ_CHUNK = 1 << 16
 T = TypeVar("T")
@@ -91,24 +91,30 @@ class BitsReply(FixedReply):
 
 
 class RawPipeline:
-    """A small pool of dedicated connections, one pipeline in flight on each."""
+    """A small pool of dedicated connections to one Redis server, one pipeline in flight on
+    each. `open_pipeline` makes the cluster variant for a redis+cluster:// URL."""
 
-    def __init__(self, url: str, size: int = 4, loading_wait_s: float = LOADING_WAIT_S) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("redis", ""):
-            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} in {url}")
-        self._host = parsed.hostname or "127.0.0.1"
-        self._port = parsed.port or 6379
-        self._password = unquote(parsed.password) if parsed.password else None
-        self._user = unquote(parsed.username) if parsed.username else None
-        self._db = int(parsed.path.lstrip("/") or 0)
+    def __init__(
+        self,
+        url: str | RedisAddress,
+        size: int = 4,
+        loading_wait_s: float = LOADING_WAIT_S,
+        node: tuple[str, int] | None = None,
+    ) -> None:
+        addr = parse_url(url) if isinstance(url, str) else url
+        self._addr = addr
+        self._host, self._port = node or addr.nodes[0]
+        self._password = addr.password
+        self._user = addr.username
+        self._db = addr.db
+        self._tls = ssl.create_default_context() if addr.tls else None
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._size = size
         self._loading_wait_s = loading_wait_s
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port), CONNECT_TIMEOUT_S
+            asyncio.open_connection(self._host, self._port, ssl=self._tls), CONNECT_TIMEOUT_S
         )
         hello: list[bytes] = []
         if self._password is not None:

@@ -44,11 +44,11 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 import qdrant_edge as qe
-import redis
 from qdrant_client import QdrantClient, models
 
 from edgeflow import keys
 from edgeflow.config import Config
+from edgeflow.redis_client import SyncClient
 
 log = logging.getLogger("edgeflow.vectors")
 
@@ -373,7 +373,7 @@ def open_store(cfg: Config) -> Store:
 
 def write_embeddings(
     store: Store,
-    rds: redis.Redis,
+    rds: SyncClient,
     ids: np.ndarray,
     vectors: np.ndarray,
     version: str,
@@ -386,7 +386,7 @@ def write_embeddings(
     return publish(store, rds, build.name)
 
 
-def publish(store: Store, rds: redis.Redis, name: str) -> str:
+def publish(store: Store, rds: SyncClient, name: str) -> str:
     """Move the pointer to the finished collection `name` (readers follow it), then delete
     what no reader needs any more."""
     previous = cast(bytes | None, rds.getset(keys.EMBEDDINGS_CURRENT, name))

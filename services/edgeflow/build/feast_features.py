@@ -12,17 +12,18 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 
 from edgeflow.config import Config
 from edgeflow.features.schema import EMBEDDING_DIM, EMBEDDING_FEATURE, JOIN_KEY, SCALAR_FEATURES
 from edgeflow.graph import Graph
+from edgeflow.redis_client import is_cluster, parse_url
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -42,21 +43,22 @@ class FeastError(RuntimeError):
 
 
 def feast_connection_string(redis_url: str) -> str:
-    """Feast's `host:port,db=N,...` form of a redis:// URL (password and TLS carried over)."""
-    url = urlparse(redis_url)
-    if url.scheme not in ("redis", "rediss"):
-        raise ValueError(f"REDIS_URL must be redis:// or rediss://, got {redis_url!r}")
-    host = url.hostname or "127.0.0.1"
-    parts = [f"{host}:{url.port or 6379}"]
-    db = url.path.lstrip("/") or "0"
-    if not db.isdigit():
-        raise ValueError(f"REDIS_URL database must be a number, got {db!r} in {redis_url!r}")
-    parts.append(f"db={db}")
-    if url.username:
-        parts.append(f"username={unquote(url.username)}")
-    if url.password:
-        parts.append(f"password={unquote(url.password)}")
-    if url.scheme == "rediss":
+    """Feast's `host:port[,host:port],db=N,...` form of a REDIS_URL (password, TLS carried
+    over; every node of a cluster URL)."""
+    try:
+        addr = parse_url(redis_url)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (Feast's online store needs a redis:// or rediss:// URL)"
+        ) from None
+    parts = [f"{host}:{port}" for host, port in addr.nodes]
+    if not addr.cluster:
+        parts.append(f"db={addr.db}")
+    if addr.username:
+        parts.append(f"username={addr.username}")
+    if addr.password:
+        parts.append(f"password={addr.password}")
+    if addr.tls:
         parts.append("ssl=true")
     parts.append(_FEAST_REDIS_TIMEOUTS)
     return ",".join(parts)
@@ -79,7 +81,13 @@ def render_repo(cfg: Config) -> Path:
     text = yaml_path.read_text()
     if _REDIS_TOKEN not in text:
         raise ValueError(f"{template / 'feature_store.yaml'} lacks the {_REDIS_TOKEN} placeholder")
-    yaml_path.write_text(text.replace(_REDIS_TOKEN, feast_connection_string(cfg.redis_url)))
+    text = text.replace(_REDIS_TOKEN, feast_connection_string(cfg.redis_url))
+    if is_cluster(cfg.redis_url):  # Feast's cluster client, on the line after the string
+        text = re.sub(
+            r"^(\s*)(connection_string:.*)$", r"\1\2\n\1redis_type: redis_cluster", text, count=1,
+            flags=re.MULTILINE,
+        )  # fmt: skip
+    yaml_path.write_text(text)
     return repo
 
 

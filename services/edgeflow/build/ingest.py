@@ -6,16 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-import redis
-
 from edgeflow import keys
 from edgeflow.config import Config
 from edgeflow.graph import Graph, read_edge_list
 from edgeflow.graph_store import save_graph
+from edgeflow.redis_client import SyncClient
 
 
 def ingest_file(
-    client: redis.Redis, path: Path, on_note: Callable[[str], object] | None = None
+    client: SyncClient, path: Path, on_note: Callable[[str], object] | None = None
 ) -> Graph:
     """Parse, build and store the graph; raises EdgeFileError naming the file (and the bad
     line), also when no edge between two different members is left. `on_note` hears what
@@ -30,7 +29,7 @@ def ingest_file(
     return graph
 
 
-def current_version(client: redis.Redis) -> str | None:
+def current_version(client: SyncClient) -> str | None:
     """The version of the graph in Redis, or None when none was ingested."""
     raw = cast(bytes | None, client.get(keys.GRAPH_CURRENT))
     return raw.decode() if raw is not None else None

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import grpc
 import redis
-import redis.asyncio as aioredis
 
 from edgeflow import cpu, tensor
 from edgeflow.candidates.sources import (
@@ -32,7 +31,7 @@ from edgeflow.candidates.sources import (
 from edgeflow.config import Config
 from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
 from edgeflow.lists import ListError
-from edgeflow.redis_client import connect_async
+from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
 
@@ -51,7 +50,7 @@ class CandidatesService(Service):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._rds: aioredis.Redis | None = None
+        self._rds: AsyncClient | None = None
         self._store: GraphStore | None = None
         self._emb = Embeddings(problem="the service has not started")
         self._sources: dict[str, Source] = {}
@@ -80,7 +79,7 @@ class CandidatesService(Service):
         sources: list[Source] = [
             GraphSource(self._store, self.cfg.fof_max_visits),
             EbrSource(self._store, self._emb),
-            PrecomputedSource(self._rds, self._store),
+            PrecomputedSource(self.cfg.redis_url, self._store),
             PopularSource(self._store),
         ]
         self._sources = {s.name: s for s in sources}
@@ -170,7 +169,7 @@ class ListsOnly:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._rds = connect_async(cfg.redis_url)  # connects on first use
-        self._source = PrecomputedSource(self._rds, GraphStore(self._rds))
+        self._source = PrecomputedSource(cfg.redis_url, GraphStore(self._rds))
         self.sources: dict[str, Source] = {self._source.name: self._source}
 
     async def generate(
@@ -214,9 +213,7 @@ async def generate_from(
     except MemberNotFound as exc:
         raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
     except (NotReady, GraphNotLoaded) as exc:
-        raise RequestError(
-            grpc.StatusCode.FAILED_PRECONDITION, f"{source.name}: {exc}"
-        ) from exc
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"{source.name}: {exc}") from exc
     except SourceUnavailable as exc:
         raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{source.name}: {exc}") from exc
     except (redis.RedisError, OSError) as exc:

@@ -15,10 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote
 
 import numpy as np
-import redis.asyncio as aioredis
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
@@ -26,7 +24,8 @@ from edgeflow import cpu, keys, lists, metrics, vectors
 from edgeflow.config import Config
 from edgeflow.graph import Graph, expansion_budget, friends_of_friends
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
-from edgeflow.resp import RawPipeline
+from edgeflow.redis_client import AsyncClient
+from edgeflow.resp_cluster import open_pipeline
 
 log = logging.getLogger("edgeflow.candidates")
 
@@ -282,7 +281,7 @@ class Embeddings:
     def collection(self) -> str | None:
         return None if self.reader is None else self.reader.name
 
-    async def refresh(self, rds: aioredis.Redis) -> bool:
+    async def refresh(self, rds: AsyncClient) -> bool:
         """Follow the pointer (and, in process, a shard rebuilt under the same name); True
         when the live collection changed."""
         raw = await rds.get(keys.EMBEDDINGS_CURRENT)
@@ -448,14 +447,13 @@ class PrecomputedSource:
     name = "precomputed"
     params: tuple[str, ...] = ("list",)
 
-    def __init__(self, rds: aioredis.Redis, store: GraphStore) -> None:
-        self._pipe = _raw_pipeline(rds)
-        self._reader: RawPipeline | aioredis.Redis = self._pipe or rds
+    def __init__(self, redis_url: str, store: GraphStore) -> None:
+        # Hand-encoded reads: a list read costs about half the CPU of redis-py's.
+        self._pipe = open_pipeline(redis_url)
         self._store = store
 
     async def close(self) -> None:
-        if self._pipe is not None:
-            await self._pipe.close()
+        await self._pipe.close()
 
     async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
         params = check_params(self, params)
@@ -466,7 +464,7 @@ class PrecomputedSource:
             lists.validate_name(name)
         except lists.ListError as exc:
             raise InvalidParam("params.list", str(exc)) from None
-        live, stored = await lists.read_list_entry(self._reader, name, member)
+        live, stored = await lists.read_list_entry(self._pipe, name, member)
         if stored is None:
             note = (
                 f"list {name!r} has no entry for member {member} (live version {live})"
@@ -500,21 +498,6 @@ class PrecomputedSource:
             stored.mode,
             note,
         )
-
-
-def _raw_pipeline(rds: aioredis.Redis) -> RawPipeline | None:
-    """A hand-encoded pipeline to the client's Redis (a list read then costs about half the
-    CPU); None for a Unix socket or TLS, which only redis-py speaks."""
-    pool = rds.connection_pool
-    if pool.connection_class is not aioredis.Connection:
-        return None
-    kw = pool.connection_kwargs
-    host = str(kw.get("host", "localhost"))
-    auth = ""
-    if kw.get("password") is not None:
-        auth = f"{quote(kw.get('username') or '', safe='')}:{quote(kw['password'], safe='')}@"
-    host = f"[{host}]" if ":" in host else host
-    return RawPipeline(f"redis://{auth}{host}:{kw.get('port', 6379)}/{kw.get('db', 0)}")
 
 
 class PopularSource:

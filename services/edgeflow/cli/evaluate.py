@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     weights = inverse_log_degree(graph)
     baseline = {m: adamic_adar_top_k(graph, m, args.k, weights) for m in members}
-    with running_suite(graph, seed=args.seed, log=not args.json) as h:
+    cluster = getattr(args, "redis_cluster", 0) or 0
+    with running_suite(graph, seed=args.seed, log=not args.json, redis_cluster=cluster) as h:
         recs, partial, errors = asyncio.run(
             recommend_all(h.suite.addr("gateway"), members, args.k, auth.local_key(h.suite.home))
         )

@@ -119,10 +119,11 @@ def run(args: argparse.Namespace) -> int:
 
     from edgeflow import config
     from edgeflow.experiments.report import ReportError
+    from edgeflow.redis_client import connect
 
     cfg = config.load()
     url = args.redis_url or cfg.redis_url
-    client = redis.Redis.from_url(url)
+    client = connect(url)
     try:
         if args.action == "report":
             _report(args, client, args.workflows or cfg.workflows_dir)

@@ -1,5 +1,5 @@
-"""A self-contained suite for `eval` and `bench`: its own Redis and services on free loopback
-ports in a temporary home, so it runs beside a suite that is already up."""
+"""A self-contained suite for `eval` and `bench`: its own Redis (or Redis Cluster) and services
+on free loopback ports in a temporary home, so it runs beside a suite that is already up."""
 
 from __future__ import annotations
 
@@ -55,12 +55,15 @@ def running_suite(
     edges: Path | None = None,
     stages: Stages | None = None,
     home_root: Path | None = None,
+    redis_cluster: int = 0,
 ) -> Iterator[Harness]:
     """Store the graph, train on it, start the services; stop and clean up afterwards.
 
     With `edges` (and no `graph`) the edge file is ingested as `edgeflow ingest` does. `stages`
     sees the training steps; the suite's home is made under `home_root` (default: the
     temporary directory), where its `run/suite.json` names its processes while it runs.
+    With `redis_cluster` N (at least 3) the suite runs on a Redis Cluster of N local masters
+    instead of one Redis server.
     """
     from edgeflow.build.train import train
     from edgeflow.graph_store import save_graph
@@ -68,7 +71,11 @@ def running_suite(
     if (graph is None) == (edges is None):
         raise ValueError("running_suite needs a graph or an edge file, not both")
     home = Path(tempfile.mkdtemp(prefix="edgeflow-", dir=home_root))
-    suite = local.new_suite(home, free_ports=True)
+    try:
+        suite = local.new_suite(home, free_ports=True, redis_cluster=redis_cluster)
+    except BaseException:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
     try:
         local.ensure_redis(suite)
         cfg = suite_config(suite)
@@ -123,9 +130,11 @@ def stop_leftovers(home_root: Path) -> list[str]:
 
 def _fresh_ports(suite: local.Suite) -> None:
     """Free loopback ports for the services and their metrics, Redis kept where it runs."""
-    from edgeflow.local.redis_server import free_port
+    from edgeflow.local.redis_server import CLUSTER_BUS_OFFSET, free_port
 
-    taken = {suite.ports["redis"]}
+    taken = set(suite.redis_ports)
+    if suite.redis_cluster:  # and each node's cluster bus
+        taken |= {port + CLUSTER_BUS_OFFSET for port in suite.redis_ports}
     for table in (suite.ports, suite.metrics_ports):
         for name in local.SERVICES:
             port = free_port()

@@ -53,6 +53,25 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _cluster_size(text: str) -> int:
+    """--redis-cluster N: at least 3 masters, the fewest `redis-cli --cluster create` takes."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of masters") from None
+    if n < 3:
+        raise argparse.ArgumentTypeError(
+            f"a Redis Cluster needs at least 3 masters (redis-cli creates none with fewer), got {n}"
+        )
+    return n
+
+
+def _add_redis_cluster(s: argparse.ArgumentParser, more: str = "") -> None:
+    s.add_argument("--redis-cluster", type=_cluster_size, default=0, metavar="N",
+                   help="run on a Redis Cluster of N local masters (N >= 3) instead of one "
+                   f"Redis server{more}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeflow", description="Serving for edge recommendations (people you may know)."
@@ -65,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--members", type=int, default=3, help="members to show recommendations for")
     s.add_argument("--keep-running", action=argparse.BooleanOptionalAction, default=True,
                    help="leave the suite up afterwards (stop it with `edgeflow down`)")  # fmt: skip
+    _add_redis_cluster(s, "; as for `up`, a home keeps the kind it was made with")
     s.set_defaults(func=_command("quickstart"))
 
     s = sub.add_parser("ingest", help="load an edge list into the member graph in Redis")
@@ -79,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_command("build"), action="train")
 
     s = sub.add_parser("up", help="start Redis, the five services and the nearline worker here")
+    _add_redis_cluster(s, ", on REDIS_URL's port and the N-1 after it; a home keeps the kind "
+                       "of Redis it was made with")  # fmt: skip
     s.set_defaults(func=_command("suite_cmd"), action="up")
     s = sub.add_parser("down", help="stop what `edgeflow up` started")
     s.set_defaults(func=_command("suite_cmd"), action="down")
@@ -174,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-members", type=int, default=1000)
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_redis_cluster(s)
     s.set_defaults(func=_command("evaluate"))
 
     s = sub.add_parser("bench", help="latency and throughput against the in-process baseline")
@@ -200,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --scale: seconds one size may take before it is stopped and "
         "reported as over budget (default: 900 + 15 per thousand members)",
     )
+    _add_redis_cluster(s, " (not with --scale)")
     s.set_defaults(func=_command("bench"))
     return p
 

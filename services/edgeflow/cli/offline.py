@@ -20,13 +20,13 @@ from threadpoolctl import threadpool_limits
 from edgeflow import config, lists
 from edgeflow.cli import CliError
 from edgeflow.offline.progress import Stages, timestamp
-from edgeflow.redis_client import connect
+from edgeflow.redis_client import SyncClient, connect
 
 # With --progress and no terminal, a count line at most this often (Kubernetes logs, CI).
 PROGRESS_EVERY_S = 10.0
 
 
-def _client(cfg: config.Config) -> redis.Redis:
+def _client(cfg: config.Config) -> SyncClient:
     client = connect(cfg.redis_url)
     try:
         client.ping()
@@ -181,7 +181,7 @@ def _print(reports: list[dict[str, Any]], seconds: float, as_json: bool, name: s
     print(f"list {name!r} version {summary['version']} {state}")
 
 
-def _status(client: redis.Redis, name: str) -> int:
+def _status(client: SyncClient, name: str) -> int:
     from edgeflow import keys
     from edgeflow.offline import job
 

@@ -79,12 +79,23 @@ def run(args: argparse.Namespace) -> int:
         console.print("stopping the suite that is already up (training rewrites its data)")
         local.stop_suite(existing)
 
-    suite = local.new_suite(cfg.home, free_ports=False)
+    try:
+        suite = local.new_suite(
+            cfg.home, free_ports=False, redis_cluster=getattr(args, "redis_cluster", 0) or 0
+        )
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
     stages = Stages(console)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    with stages.stage(f"Redis on port {suite.ports['redis']}") as st:
-        local.ensure_redis(suite)
+    where = f"Redis on port {suite.ports['redis']}"
+    if suite.redis_cluster:
+        where = f"Redis Cluster on ports {', '.join(map(str, suite.redis_ports))}"
+    with stages.stage(where) as st:
+        try:
+            local.ensure_redis(suite)
+        except RuntimeError as exc:
+            raise CliError(str(exc)) from None
         st.note = "started" if suite.redis_started else "already running"
     seconds["Redis"] = st.seconds
     with stages.stage("loading scikit-learn, ONNX and Qdrant") as st:

@@ -13,13 +13,25 @@ from edgeflow.local import suite as local
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 
-def up(cfg: config.Config) -> local.Suite:
+def up(cfg: config.Config, redis_cluster: int = 0) -> local.Suite:
+    """Start the suite under cfg.home; with `redis_cluster` N, on a Redis Cluster of N local
+    masters instead of one Redis server."""
     existing = local.Suite.load(cfg.home)
-    if existing and any(local._alive(p) for n, p in existing.pids.items() if n != "redis"):
+    if existing and any(
+        local._alive(p) for n, p in existing.pids.items() if not local.is_redis_name(n)
+    ):
         raise CliError(f"the suite under {cfg.home} is already up; `edgeflow down` stops it")
-    suite = local.new_suite(cfg.home, free_ports=False)
-    if existing and existing.redis_started and local._alive(existing.pids.get("redis", 0)):
-        suite.pids["redis"], suite.redis_started = existing.pids["redis"], True
+    try:
+        suite = local.new_suite(cfg.home, free_ports=False, redis_cluster=redis_cluster)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    if existing and existing.redis_started and existing.redis_cluster == suite.redis_cluster:
+        # The Redis (or cluster nodes) it started and left running: kept, and stopped by down.
+        alive = {n: existing.pids.get(n, 0) for n in suite.redis_names}
+        alive = {n: pid for n, pid in alive.items() if local._alive(pid)}
+        if alive:
+            suite.pids.update(alive)
+            suite.redis_started = True
     try:
         local.ensure_redis(suite)
         local.start_services(suite)
@@ -32,7 +44,7 @@ def up(cfg: config.Config) -> local.Suite:
 def run(args: argparse.Namespace) -> int:
     cfg = config.load()
     if args.action == "up":
-        started = up(cfg)
+        started = up(cfg, getattr(args, "redis_cluster", 0) or 0)
         print(f"edgeflow is up (home {started.home}):")
         _print_status(started)
         print(f"Recommend at {started.addr('gateway')}; stop everything with `edgeflow down`.")
@@ -51,14 +63,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_status(suite: local.Suite) -> None:
     gateway_serving = False
-    for name in ("redis", *local.SERVICES):
+    redis_names = suite.redis_names
+    for name in (*redis_names, *local.SERVICES):
         pid = suite.pids.get(name, 0)
         alive = local._alive(pid)
         health = ""
-        if name != "redis" and alive:
+        if name not in redis_names and alive:
             health = "SERVING" if local._serving(suite.addr(name)) else "NOT_SERVING"
             gateway_serving |= name == "gateway" and health == "SERVING"
-        state = "running" if alive else ("external" if name == "redis" and not pid else "stopped")
+        elif suite.redis_cluster and (alive or not pid):  # a cluster node: its view of it
+            health = _cluster_state(suite.ports[name])
+        external = name in redis_names and not pid
+        state = "running" if alive else ("external" if external else "stopped")
         mport = suite.metrics_ports.get(name)
         metrics = f"metrics http://127.0.0.1:{mport}/metrics" if mport and alive else ""
         restarts = suite.restarts.get(name, 0)
@@ -73,6 +89,18 @@ def _print_status(suite: local.Suite) -> None:
         print(f"  {'supervisor':<11} {state:<8} pid {supervisor}")
     if gateway_serving:
         print_workflows(suite.addr("gateway"), suite.home)
+
+
+def _cluster_state(port: int) -> str:
+    """The cluster state as the node on `port` sees it ("cluster:ok"); "" when it does not say."""
+    import redis
+
+    from edgeflow.local.redis_server import cluster_info
+
+    try:
+        return f"cluster:{cluster_info(port).get('cluster_state', '?')}"
+    except redis.RedisError:
+        return ""
 
 
 def print_workflows(addr: str, home: Path | None = None) -> None:

@@ -21,10 +21,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-import redis
-
 from edgeflow import keys
 from edgeflow.experiments.records import EXPOSURES, Exposure
+from edgeflow.redis_client import SyncClient
 
 ACCEPTANCES = frozenset({"connect", "follow"})
 DISMISS = "dismiss"
@@ -35,7 +34,7 @@ Fields = Mapping[bytes | str, bytes | str]
 
 
 def read_stream(
-    client: redis.Redis,
+    client: SyncClient,
     key: str,
     since: float | None = None,
     until: float | None = None,
@@ -111,7 +110,7 @@ def _text(fields: Fields, name: str) -> str:
 
 
 def read_outcomes(
-    client: redis.Redis, since: float | None, until: float | None
+    client: SyncClient, since: float | None, until: float | None
 ) -> tuple[dict[int, dict[int, dict[str, _Outcome]]], int]:
     """member -> target -> type -> outcome, and the count of malformed entries."""
     outcomes: dict[int, dict[int, dict[str, _Outcome]]] = {}
@@ -134,7 +133,7 @@ def read_outcomes(
 
 
 def join(
-    client: redis.Redis,
+    client: SyncClient,
     experiment: str,
     window_s: float = DEFAULT_WINDOW_S,
     since: float | None = None,

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
 from edgeflow.experiments import stats
 from edgeflow.experiments.join import DEFAULT_WINDOW_S, JoinResult, join
+from edgeflow.redis_client import SyncClient
 from edgeflow.workflow.validate import load_directory
 
 
@@ -149,7 +149,7 @@ def summarize(
 
 
 def report(
-    client: redis.Redis,
+    client: SyncClient,
     experiment: str,
     window_s: float = DEFAULT_WINDOW_S,
     control: str | None = None,

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis
 
 from edgeflow.experiments.join import read_stream
 from edgeflow.experiments.records import SHADOW, ShadowComparison
+from edgeflow.redis_client import SyncClient
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _pct(values: array[float], q: float) -> float:
 
 
 def summarize(
-    client: redis.Redis,
+    client: SyncClient,
     surface: str | None = None,
     since: float | None = None,
     until: float | None = None,

@@ -19,7 +19,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import mmh3
 import numpy as np
@@ -33,6 +33,7 @@ from edgeflow.features.schema import (
     JOIN_KEY,
     SCALAR_FEATURES,
 )
+from edgeflow.redis_client import SyncClient, is_cluster_client
 from edgeflow.resp import FixedReply, RawPipeline
 
 _LUA = """
@@ -315,12 +316,17 @@ class OnlineReader:
             return decode_usual(replies)
         return decode([v or b"" for rep in replies for v in rep], ids)
 
-    def read_sync(self, client: redis.Redis, members: Sequence[int] | np.ndarray) -> OnlineRows:
+    def read_sync(self, client: SyncClient, members: Sequence[int] | np.ndarray) -> OnlineRows:
         """The same read with a blocking client (batch jobs, benchmarks)."""
         ids = np.asarray(members, dtype=np.int64)
         if ids.size == 0:
             return decode([], ids)
         keys = entity_keys(ids, self.project)
+        if is_cluster_client(client):  # the members' hashes live in many slots
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(cast(Any, key), self.fields)
+            return decode([v or b"" for rep in pipe.execute() for v in rep], ids)
         args = [*keys, *self.fields]
         try:
             reply = cast(list[bytes], client.evalsha(_LUA_SHA, len(keys), *args))

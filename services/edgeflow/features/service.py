@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
 from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
@@ -33,8 +32,9 @@ from edgeflow.features.schema import (
 )
 from edgeflow.graph import pair_measures, pair_measures_work
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
-from edgeflow.redis_client import connect_async
-from edgeflow.resp import RawPipeline, RespError, RespReplyError
+from edgeflow.redis_client import AsyncClient, connect_async
+from edgeflow.resp import RespError, RespReplyError
+from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 
@@ -84,8 +84,8 @@ class FeaturesService(Service):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.reader = OnlineReader()
-        self._rds: aioredis.Redis | None = None
-        self._pipe = RawPipeline(cfg.redis_url)
+        self._rds: AsyncClient | None = None
+        self._pipe = open_pipeline(cfg.redis_url)
         self._store: GraphStore | None = None
         self._feast: FeatureStore | None = None
         self._feast_lock = asyncio.Lock()
@@ -185,7 +185,7 @@ class FeaturesService(Service):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "features: the service has not started")
         return self._store
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> AsyncClient:
         if self._rds is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "features: the service has not started")
         return self._rds

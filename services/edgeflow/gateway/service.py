@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import redis
-import redis.asyncio as aioredis
 
 from edgeflow import auth, metrics
 from edgeflow.candidates.service import ListsOnly
@@ -26,8 +25,9 @@ from edgeflow.guard import RateLimitedLog
 from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
-from edgeflow.redis_client import connect_async
+from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.resp import RawPipeline
+from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import Service, channel
 from edgeflow.v1 import (
     gateway_pb2,
@@ -66,7 +66,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._local_merging: MergingService | None = None
         self._local_candidates: ListsOnly | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._rds: aioredis.Redis | None = None  # member events (Publish)
+        self._rds: AsyncClient | None = None  # member events (Publish)
         self._logs_redis: RawPipeline | None = None  # exposure and shadow streams
         self.exposures: StreamLog | None = None
         self._shadow_log: StreamLog | None = None
@@ -109,7 +109,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._watch = asyncio.create_task(self._watch_workflows())
         self._rds = connect_async(cfg.redis_url)  # connects on first use
         # One writer per stream, each with one batch in flight: two connections at most.
-        self._logs_redis = RawPipeline(cfg.redis_url, size=2)
+        self._logs_redis = open_pipeline(cfg.redis_url, size=2)
         self.exposures = StreamLog(
             self._logs_redis,
             records.EXPOSURES,

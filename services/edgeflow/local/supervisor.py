@@ -1,5 +1,6 @@
 """Keeps the processes of `edgeflow up` running: a crashed service, worker or Redis is
-started again on its port, with a backoff that doubles from 1 s to 30 s while it keeps
+started again on its port (a Redis Cluster node in its own directory, where it rejoins the
+cluster from its nodes-PORT.conf), with a backoff that doubles from 1 s to 30 s while it keeps
 crashing (and starts over once it ran for a minute).
 
 `edgeflow up` starts one supervisor per suite (`python -m edgeflow.local.supervisor HOME`),
@@ -19,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
-from edgeflow.local.redis_server import start_redis
+from edgeflow.local.redis_server import start_cluster_node, start_redis
 from edgeflow.local.suite import SERVICES, Suite, _alive, spawn_service
 
 BACKOFF_START_S = 1.0
@@ -40,6 +41,9 @@ def _reap() -> None:
 
 
 def _start(suite: Suite, name: str) -> int:
+    if suite.redis_cluster and name in suite.redis_names:
+        node = start_cluster_node(suite.redis_dir, suite.ports[name], persist=suite.persist)
+        return node.pid
     if name == "redis":
         proc = start_redis(suite.home / "redis", port=suite.ports["redis"], persist=suite.persist)
         return proc.pid
@@ -59,7 +63,7 @@ def supervise(home: Path) -> None:
     if suite is None:
         _say(f"no suite under {home}")
         return
-    names = [*(["redis"] if suite.redis_started else []), *SERVICES]
+    names = [*(suite.redis_names if suite.redis_started else []), *SERVICES]
     now = time.monotonic()
     backoff = dict.fromkeys(names, BACKOFF_START_S)
     started = dict.fromkeys(names, now)

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
@@ -20,7 +19,9 @@ from edgeflow.config import Config
 from edgeflow.merging import blend, filters
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
+from edgeflow.redis_client import parse_url
 from edgeflow.resp import RawPipeline, RespError, RespReplyError
+from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
@@ -71,8 +72,7 @@ class MergingService(Service):
 
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
-        url = urlsplit(cfg.redis_url)
-        self._redis_at = f"{url.hostname}:{url.port or 6379}"  # never the credentials
+        self._redis_at = parse_url(cfg.redis_url).where  # never the credentials
         self._redis: RawPipeline | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -81,7 +81,7 @@ class MergingService(Service):
     async def start(self) -> None:
         # Nothing to load; the client connects on first use, so Merge works without Redis
         # whenever no Redis-backed filter is asked for.
-        self._redis = RawPipeline(self._cfg.redis_url)
+        self._redis = open_pipeline(self._cfg.redis_url)
 
     async def stop(self) -> None:
         if self._redis is not None:

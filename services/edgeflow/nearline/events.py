@@ -4,6 +4,13 @@ Publish runs one Lua script for the whole request. For each event whose id is ne
 updates the SETs that decide visibility at request time (adjacency, blocked, dismissed,
 follows) and appends the event to the stream, so a block is honoured by the next Recommend
 and the worker sees every event that changed those SETs. A repeated event id changes nothing.
+
+On a Redis Cluster the members' SETs live in other slots than the stream, and no script
+spans slots, so the same happens in three steps: new ids are found, their SET changes
+(idempotent) are written, then one script over the {events} slot marks each id seen and
+appends it. A crash between the steps leaves the id unseen, so the client's retry applies
+the same changes again and appends the event: nothing acknowledged is lost, nothing
+acknowledged twice.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from edgeflow import keys
 from edgeflow.features.schema import EMBEDDING_DIM, ENTITY_COLUMNS
+from edgeflow.redis_client import AsyncClient, async_script, is_cluster_client
 from edgeflow.v1 import gateway_pb2
 
 MAX_EVENTS = 1000
@@ -74,6 +82,22 @@ for e = 0, n - 1 do
     out[e + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
       'id', ARGV[a + 4], 'type', typ, 'member', m, 'target', t, 'time', ARGV[a + 5],
       'features', ARGV[a + 6])
+  else
+    out[e + 1] = ''
+  end
+end
+return out
+"""
+
+# The cluster's last step. KEYS[1] = stream, then a seen key per event; ARGV as above.
+_APPEND_LUA = """
+local out = {}
+for e = 0, #KEYS - 2 do
+  local a = 2 + e * 6
+  if redis.call('SET', KEYS[e + 2], '1', 'NX', 'EX', ARGV[1]) then
+    out[e + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+      'id', ARGV[a + 4], 'type', ARGV[a + 1], 'member', ARGV[a + 2], 'target', ARGV[a + 3],
+      'time', ARGV[a + 5], 'features', ARGV[a + 6])
   else
     out[e + 1] = ''
   end
@@ -202,11 +226,23 @@ def parse_request(
     return events
 
 
-async def publish(client: aioredis.Redis, events: Sequence[Event]) -> list[str]:
+async def publish(client: AsyncClient, events: Sequence[Event]) -> list[str]:
     """Append the events and apply their visibility changes atomically; returns the stream
     entry id of each event, "" for an event id seen before."""
-    key_list: list[str] = [keys.EVENTS]
     args: list[str | int | float] = [DEDUP_TTL_S, STREAM_MAXLEN]
+    for e in events:
+        args += [
+            e.type,
+            e.member,
+            e.target,
+            e.id,
+            repr(e.time),
+            json.dumps(e.features, separators=(",", ":")),
+        ]
+    if is_cluster_client(client):
+        return await _publish_in_steps(client, events, args)
+    assert isinstance(client, aioredis.Redis)
+    key_list: list[str] = [keys.EVENTS]
     for e in events:
         key_list += [
             keys.event_seen(e.id),
@@ -217,17 +253,48 @@ async def publish(client: aioredis.Redis, events: Sequence[Event]) -> list[str]:
             keys.dismissed(e.member),
             keys.follows(e.member),
         ]
-        args += [
-            e.type,
-            e.member,
-            e.target,
-            e.id,
-            repr(e.time),
-            json.dumps(e.features, separators=(",", ":")),
-        ]
     script = client.register_script(_PUBLISH_LUA)
     reply = cast(list[bytes], await script(keys=key_list, args=args))
     return [bytes(r).decode() for r in reply]
+
+
+async def _publish_in_steps(
+    client: AsyncClient, events: Sequence[Event], args: list[str | int | float]
+) -> list[str]:
+    """Publish on a Redis Cluster (see the module's docstring)."""
+    seen_keys = [keys.event_seen(e.id) for e in events]
+    pipe = client.pipeline(transaction=False)
+    for k in seen_keys:
+        pipe.exists(k)
+    fresh = [e for e, hit in zip(events, await pipe.execute(), strict=True) if not hit]
+    pipe = client.pipeline(transaction=False)
+    for e in fresh:
+        _set_changes(pipe, e)
+    if len(pipe):
+        await pipe.execute()
+    script = async_script(client, _APPEND_LUA)
+    reply = cast(list[bytes], await script(keys=[keys.EVENTS, *seen_keys], args=args))
+    return [bytes(r).decode() for r in reply]
+
+
+def _set_changes(pipe: Any, e: Event) -> None:
+    """The SET writes of one event, as the single-server script makes them."""
+    m, t = e.member, e.target
+    if e.type == "connect":
+        pipe.sadd(keys.adjacency(m), t)
+        pipe.sadd(keys.adjacency(t), m)
+    elif e.type == "disconnect":
+        pipe.srem(keys.adjacency(m), t)
+        pipe.srem(keys.adjacency(t), m)
+    elif e.type == "block":
+        pipe.sadd(keys.blocked(m), t)
+        pipe.sadd(keys.blocked(t), m)
+        pipe.srem(keys.adjacency(m), t)
+        pipe.srem(keys.adjacency(t), m)
+    elif e.type == "dismiss":
+        pipe.sadd(keys.dismissed(m), t)
+    elif e.type == "follow":
+        pipe.sadd(keys.follows(m), t)
 
 
 def from_fields(fields: dict[bytes, bytes]) -> Event:

@@ -44,7 +44,7 @@ from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
 from edgeflow.offline.executor import BatchRunner, OfflineError
 from edgeflow.offline.inputs import Inputs, LiveFeatures, embedding_index
 from edgeflow.offline.serving import list_name
-from edgeflow.redis_client import connect
+from edgeflow.redis_client import SyncClient, connect, script
 from edgeflow.scoring.registry import ModelRegistry
 from edgeflow.server import Service
 from edgeflow.v1 import features_pb2, features_pb2_grpc
@@ -70,19 +70,20 @@ _GRAPH_FEATURES = ("degree", "clustering", "avg_neighbor_degree")
 # Push failures that will not heal by retrying the same event.
 _PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
-# KEYS = stream, stats; ARGV = group, done TTL, done-key prefix, channel, payload, then
-# (entry id, event id) pairs. Marks each event done (counting only the first time), acks
-# its entry and announces the stored lists.
+# KEYS = stream, stats, then a done key per (entry id, event id) pair; ARGV = group, done
+# TTL, channel, payload, then the pairs. Marks each event done (counting only the first
+# time), acks its entry and announces the stored lists. Every key carries {events}.
 _FINISH_LUA = """
 local applied = 0
-for i = 6, #ARGV, 2 do
-  if ARGV[i + 1] ~= '' and redis.call('SET', ARGV[3] .. ARGV[i + 1], '1', 'NX', 'EX', ARGV[2]) then
+for i = 3, #KEYS do
+  local a = 5 + (i - 3) * 2
+  if ARGV[a + 1] ~= '' and redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
     applied = applied + 1
   end
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[a])
 end
 if applied > 0 then redis.call('HINCRBY', KEYS[2], 'applied', applied) end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return applied
 """
 
@@ -125,7 +126,7 @@ def graph_features(graph: Graph, members: np.ndarray) -> tuple[np.ndarray, np.nd
 class Processor:
     """Applies batches of events; blocking (Redis, gRPC and numpy), run on the worker thread."""
 
-    def __init__(self, cfg: Config, client: redis.Redis, consumer: str) -> None:
+    def __init__(self, cfg: Config, client: SyncClient, consumer: str) -> None:
         self.cfg = cfg
         self.client = client
         self.consumer = consumer
@@ -365,16 +366,12 @@ class Processor:
                 "stored_at": time.time(),
             }
         )
-        args: list[Any] = [
-            keys.NEARLINE_GROUP,
-            DONE_TTL_S,
-            keys.event_done(""),
-            keys.NEARLINE_STORED,
-            payload,
-        ]
+        args: list[Any] = [keys.NEARLINE_GROUP, DONE_TTL_S, keys.NEARLINE_STORED, payload]
+        done_keys = [keys.EVENTS, keys.NEARLINE_STATS]
         for entry_id, event_id in acks:
             args += [entry_id, event_id]
-        self.client.register_script(_FINISH_LUA)(keys=[keys.EVENTS, keys.NEARLINE_STATS], args=args)
+            done_keys.append(keys.event_done(event_id))
+        script(self.client, _FINISH_LUA)(keys=done_keys, args=args)
 
 
 def _observe(outcome: BatchOutcome, duplicates: int) -> None:
@@ -388,7 +385,7 @@ def _observe(outcome: BatchOutcome, duplicates: int) -> None:
             metrics.NEARLINE_EVENTS.labels(outcome_name).inc(n)
 
 
-def backlog(client: redis.Redis) -> int | None:
+def backlog(client: SyncClient) -> int | None:
     """Entries of the event stream the group has not acknowledged: pending, plus those not
     yet delivered where Redis (7+) reports the group's lag."""
     for group in cast(list[dict[str, Any]], client.xinfo_groups(keys.EVENTS)):
@@ -398,7 +395,7 @@ def backlog(client: redis.Redis) -> int | None:
     return None
 
 
-def ensure_group(client: redis.Redis) -> None:
+def ensure_group(client: SyncClient) -> None:
     """The consumer group, created at the start of the stream (so no event is skipped)."""
     try:
         client.xgroup_create(keys.EVENTS, keys.NEARLINE_GROUP, id="0", mkstream=True)

@@ -7,7 +7,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import redis
 from threadpoolctl import threadpool_limits
 
 from edgeflow import lists
@@ -17,6 +16,7 @@ from edgeflow.offline import job
 from edgeflow.offline.context import load_inputs
 from edgeflow.offline.executor import BatchRunner, OfflineError
 from edgeflow.offline.serving import list_name, served_workflows
+from edgeflow.redis_client import SyncClient
 from edgeflow.workflow.ops import PrecomputedParams
 from edgeflow.workflow.validate import Workflow, load_directory
 
@@ -65,7 +65,7 @@ def writers(workflows: Mapping[str, Workflow]) -> list[Workflow]:
 
 def compute_lists(
     cfg: Config,
-    client: redis.Redis,
+    client: SyncClient,
     workflows: Mapping[str, Workflow],
     batch_size: int = 256,
     threads: int = 2,
@@ -99,7 +99,7 @@ def compute_lists(
     return done
 
 
-def compute_served_lists(cfg: Config, client: redis.Redis) -> list[Computed]:
+def compute_served_lists(cfg: Config, client: SyncClient) -> list[Computed]:
     """`compute_lists` for the valid workflows of the configured workflows directory."""
     workflows, _ = load_directory(cfg.workflows_dir)
     return compute_lists(cfg, client, workflows)

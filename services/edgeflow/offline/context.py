@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import redis
-
 from edgeflow.config import Config
 from edgeflow.graph_store import load_graph
 from edgeflow.offline.executor import OfflineError
 from edgeflow.offline.inputs import FeatureTable, Inputs, embedding_index
+from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
 from edgeflow.workflow.ops import OnnxParams
 from edgeflow.workflow.validate import Workflow, WorkflowError, load_directory, load_workflow
@@ -44,7 +43,7 @@ def check_models(wf: Workflow, registry: ModelRegistry) -> None:
                 raise OfflineError(f"node {cn.node.name!r} field params.model: {exc}") from None
 
 
-def load_inputs(cfg: Config, client: redis.Redis, wf: Workflow) -> Inputs:
+def load_inputs(cfg: Config, client: SyncClient, wf: Workflow) -> Inputs:
     """The graph (with its nearline changes), every member's features read once, the EBR
     index from the same embeddings, and the model registry."""
     graph = load_graph(client, cache_dir=cfg.graph_dir)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import redis
 
 from edgeflow.candidates.sources import VectorIndex
 from edgeflow.features.online import OnlineReader, OnlineRows
 from edgeflow.graph import Graph, inverse_log_degree
 from edgeflow.offline.pairs import PairIndex
+from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
 
 _READ_CHUNK = 2000
@@ -33,7 +33,7 @@ class FeatureSource(Protocol):
 class LiveFeatures:
     """Reads the rows at each call (the nearline worker: pushes land between batches)."""
 
-    def __init__(self, client: redis.Redis, reader: OnlineReader | None = None) -> None:
+    def __init__(self, client: SyncClient, reader: OnlineReader | None = None) -> None:
         self._client = client
         self._reader = reader or OnlineReader()
 
@@ -50,7 +50,7 @@ class FeatureTable:
         self._fallback = fallback
 
     @classmethod
-    def load(cls, client: redis.Redis, ids: np.ndarray) -> FeatureTable:
+    def load(cls, client: SyncClient, ids: np.ndarray) -> FeatureTable:
         live = LiveFeatures(client)
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         return cls(ids, live.rows(ids), live)
@@ -64,7 +64,7 @@ class FeatureTable:
         return take(self.table, pos)
 
 
-def read_rows(client: redis.Redis, reader: OnlineReader, members: np.ndarray) -> OnlineRows:
+def read_rows(client: SyncClient, reader: OnlineReader, members: np.ndarray) -> OnlineRows:
     """Rows of many members in chunks, one round trip each."""
     members = np.asarray(members, dtype=np.int64)
     parts = [
@@ -93,7 +93,7 @@ class Inputs:
     features: FeatureSource
     index: VectorIndex | None
     registry: ModelRegistry
-    client: redis.Redis
+    client: SyncClient
     inv_log_degree: np.ndarray
     # The feature table and the EBR index hold exactly the graph's members, in its order.
     aligned: bool = False
@@ -111,7 +111,7 @@ class Inputs:
         graph: Graph,
         features: FeatureSource,
         registry: ModelRegistry,
-        client: redis.Redis,
+        client: SyncClient,
         index: VectorIndex | None = None,
     ) -> Inputs:
         aligned = (

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import cast
 
 import numpy as np
-import redis
 
 from edgeflow import keys, lists
 from edgeflow.offline.executor import BatchResult, BatchRunner
+from edgeflow.redis_client import SyncClient, is_cluster_client, script
 
 log = logging.getLogger("edgeflow.offline")
 
@@ -95,7 +95,7 @@ def _text(fields: dict[bytes, bytes], name: str) -> str:
     return fields[name.encode()].decode()
 
 
-def begin(client: redis.Redis, name: str, shards: int, workflow: str, _retry: bool = True) -> Run:
+def begin(client: SyncClient, name: str, shards: int, workflow: str, _retry: bool = True) -> Run:
     """Join the pending run of list `name`, or start one; raises RunConflict when the run in
     progress has another shard count or workflow."""
     lists.validate_name(name)
@@ -108,7 +108,7 @@ def begin(client: redis.Redis, name: str, shards: int, workflow: str, _retry: bo
     args = [str(x) for pair in fresh.items() for x in pair]
     flat = cast(
         list[bytes],
-        client.register_script(_BEGIN_LUA)(keys=[keys.offline_pending(name)], args=args),
+        script(client, _BEGIN_LUA)(keys=[keys.offline_pending(name)], args=args),
     )
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     run = Run(
@@ -133,7 +133,7 @@ def begin(client: redis.Redis, name: str, shards: int, workflow: str, _retry: bo
     return run
 
 
-def pending(client: redis.Redis, name: str) -> Run | None:
+def pending(client: SyncClient, name: str) -> Run | None:
     fields = cast(dict[bytes, bytes], client.hgetall(keys.offline_pending(name)))
     if not fields:
         return None
@@ -146,19 +146,19 @@ def pending(client: redis.Redis, name: str) -> Run | None:
     )
 
 
-def abandon(client: redis.Redis, name: str) -> str | None:
+def abandon(client: SyncClient, name: str) -> str | None:
     """Drop the list's pending run (its entries expire with the pending TTL); returns it."""
     run = pending(client, name)
     if run is None:
         return None
-    client.register_script(_CLEAR_LUA)(keys=[keys.offline_pending(name)], args=[run.version])
+    script(client, _CLEAR_LUA)(keys=[keys.offline_pending(name)], args=[run.version])
     lists.expire_version(client, name, run.version, 60)
     for key in (keys.offline_progress(name, run.version), keys.offline_done(name, run.version)):
         client.expire(key, 60)
     return run.version
 
 
-def checkpoint(client: redis.Redis, run: Run, shard: int) -> tuple[int | None, int, int]:
+def checkpoint(client: SyncClient, run: Run, shard: int) -> tuple[int | None, int, int]:
     """(last member done or None, members done, candidates written) of a shard."""
     last, done, cands = cast(
         list[bytes | None],
@@ -179,7 +179,7 @@ STAGE_LOADING = "loading the graph, features and models"
 STAGE_SCORING = "scoring"
 
 
-def set_stage(client: redis.Redis, run: Run, shard: int, text: str) -> None:
+def set_stage(client: SyncClient, run: Run, shard: int, text: str) -> None:
     """Record what a shard is doing (its start-up steps), for the local runner and status."""
     key = keys.offline_progress(run.list, run.version)
     pipe = client.pipeline(transaction=True)
@@ -188,14 +188,14 @@ def set_stage(client: redis.Redis, run: Run, shard: int, text: str) -> None:
     pipe.execute()
 
 
-def clear_stages(client: redis.Redis, run: Run) -> None:
+def clear_stages(client: SyncClient, run: Run) -> None:
     """Forget the shards' recorded stages (those of an earlier attempt of the run)."""
     client.hdel(
         keys.offline_progress(run.list, run.version), *[f"{s}:stage" for s in range(run.shards)]
     )
 
 
-def stages(client: redis.Redis, run: Run) -> dict[int, str]:
+def stages(client: SyncClient, run: Run) -> dict[int, str]:
     """Each shard's recorded stage; shards that recorded none are missing."""
     fields = cast(dict[bytes, bytes], client.hgetall(keys.offline_progress(run.list, run.version)))
     return {
@@ -203,7 +203,7 @@ def stages(client: redis.Redis, run: Run) -> dict[int, str]:
     }
 
 
-def progress(client: redis.Redis, run: Run) -> tuple[int, int]:
+def progress(client: SyncClient, run: Run) -> tuple[int, int]:
     """(members done over all shards, shards finished)."""
     fields = cast(dict[bytes, bytes], client.hgetall(keys.offline_progress(run.list, run.version)))
     done = sum(int(v) for k, v in fields.items() if k.endswith(b":members"))
@@ -211,7 +211,7 @@ def progress(client: redis.Redis, run: Run) -> tuple[int, int]:
 
 
 def run_shard(
-    client: redis.Redis,
+    client: SyncClient,
     runner: BatchRunner,
     run: Run,
     shard: int,
@@ -237,11 +237,18 @@ def run_shard(
     progress_key = keys.offline_progress(run.list, run.version)
     pairs = 0
     batches = [todo[i : i + batch_size] for i in range(0, todo.size, batch_size)]
+    # A batch's entries and its checkpoint are stored in one transaction; on a Redis Cluster,
+    # where the entries span slots, the entries first and then the checkpoint, so a crash
+    # between the two only makes the resumed shard write the batch again.
+    cluster = is_cluster_client(client)
     for batch, result in _results(runner, batches, threads):
-        pipe = client.pipeline(transaction=True)
+        pipe = client.pipeline(transaction=not cluster)
         cands += lists.queue_entries(
             pipe, run.list, run.version, batch, result.lists, run.started_at
         )
+        if cluster:
+            pipe.execute()
+            pipe = client.pipeline(transaction=True)
         done += batch.size
         pipe.hset(
             progress_key,
@@ -290,7 +297,7 @@ def _results(
             yield done, future.result()
 
 
-def finish_shard(client: redis.Redis, run: Run, shard: int) -> bool:
+def finish_shard(client: SyncClient, run: Run, shard: int) -> bool:
     """Record the shard as finished; the one that completes the set publishes. True when
     this call published the run."""
     done_key = keys.offline_done(run.list, run.version)
@@ -305,7 +312,7 @@ def finish_shard(client: redis.Redis, run: Run, shard: int) -> bool:
     return True
 
 
-def publish(client: redis.Redis, run: Run) -> None:
+def publish(client: SyncClient, run: Run) -> None:
     fields = cast(dict[bytes, bytes], client.hgetall(keys.offline_progress(run.list, run.version)))
     members = sum(int(v) for k, v in fields.items() if k.endswith(b":members"))
     candidates = sum(int(v) for k, v in fields.items() if k.endswith(b":candidates"))
@@ -318,7 +325,7 @@ def publish(client: redis.Redis, run: Run) -> None:
         "published_at": time.time(),
     }
     previous = lists.publish_version(client, run.list, run.version, meta, run.started_at)
-    client.register_script(_CLEAR_LUA)(keys=[keys.offline_pending(run.list)], args=[run.version])
+    script(client, _CLEAR_LUA)(keys=[keys.offline_pending(run.list)], args=[run.version])
     for key in (
         keys.offline_progress(run.list, run.version),
         keys.offline_done(run.list, run.version),

@@ -13,10 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-import redis
-
 from edgeflow.offline import job
 from edgeflow.offline.progress import Stages
+from edgeflow.redis_client import SyncClient
 
 _POLL_S = 0.2
 # A shard process that has recorded no stage yet is starting Python and importing.
@@ -28,7 +27,7 @@ class ShardFailed(RuntimeError):
 
 
 def run_local(
-    client: redis.Redis,
+    client: SyncClient,
     run: job.Run,
     workflow: str,
     total: int,
@@ -119,7 +118,7 @@ def _spawn(
 
 
 def _start_up(
-    client: redis.Redis, run: job.Run, procs: list[subprocess.Popen[bytes]]
+    client: SyncClient, run: job.Run, procs: list[subprocess.Popen[bytes]]
 ) -> tuple[int, str]:
     """(shards ready: scoring or exited, what the others are doing: '3 loading code')."""
     recorded = job.stages(client, run)

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import redis
 
 from edgeflow import keys
 from edgeflow.graph import Graph
 from edgeflow.merging import blend
 from edgeflow.offline.rows import best_first, codes_in, pair_keys
+from edgeflow.redis_client import SyncClient
 
 # Filters that read a SET per member; "self" and "connected" come from the graph.
 _SETS = {"blocked": keys.blocked, "dismissed": keys.dismissed}
@@ -41,7 +41,7 @@ class BlendInput:
 
 
 def hidden(
-    client: redis.Redis, graph: Graph, members: np.ndarray, filters: Sequence[str]
+    client: SyncClient, graph: Graph, members: np.ndarray, filters: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(owner, id) pairs the members must not get: the filters' sets, and whom they follow."""
     owners: list[np.ndarray] = []
