@@ -112,7 +112,7 @@ async def suite(
 
 # The longest end-to-end files first: the test workers take whole files in collection order,
 # and one of these started last would run on alone after everything else has finished.
-LONG_FILES = ("test_cli.py", "test_faults.py", "test_eval.py")
+LONG_FILES = ("test_cli.py", "test_faults.py", "test_eval.py", "test_cluster_e2e.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
