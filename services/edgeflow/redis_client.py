@@ -2,16 +2,19 @@
 
 A REDIS_URL names either one server (`redis://[user:pass@]host:port/db`) or a Redis Cluster
 (`redis+cluster://[user:pass@]host:port[,host:port...]`, any of its masters; the rest are
-discovered). `rediss://` and `rediss+cluster://` are the same over TLS. Every client of
+discovered). `rediss://` and `rediss+cluster://` are the same over TLS, verified against the
+system's CAs or `?ssl_ca_certs=FILE`, with `&ssl_certfile=FILE&ssl_keyfile=FILE` for a
+server that asks for client certificates (`tls-auth-clients yes`). Every client of
 edgeflow is made here or in `resp.py`, from the URL alone, so the URL is the one setting that
 says which kind of Redis a suite runs on.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import redis
 import redis.asyncio as aioredis
@@ -56,6 +59,18 @@ class RedisAddress:
     username: str | None = None
     password: str | None = None
     db: int = 0
+    ca_certs: str | None = None  # TLS: the CA bundle that signed the server's certificate
+    certfile: str | None = None  # TLS: this client's certificate and key, when asked for
+    keyfile: str | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of a rediss:// URL, for connections made by hand."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_certs)
+        if self.certfile:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        return context
 
     @property
     def where(self) -> str:
@@ -77,6 +92,7 @@ def parse_url(url: str) -> RedisAddress:
             f"or redis[s]+cluster://host:port[,host:port...]"
         )
     cluster, tls = _SCHEMES[scheme]
+    rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     creds, at, hosts = netloc.rpartition("@")
     username = password = None
@@ -90,13 +106,31 @@ def parse_url(url: str) -> RedisAddress:
         nodes = (("127.0.0.1", 6379),)
     if len(nodes) > 1 and not cluster:
         raise ValueError(f"REDIS_URL {url!r}: several hosts need {CLUSTER_SCHEME}://")
-    db_text = path.split("?")[0] or "0"
+    tls_files = _tls_files(query, url)
+    if tls_files and not tls:
+        raise ValueError(f"REDIS_URL {url!r}: TLS files need rediss:// or rediss+cluster://")
+    db_text = path or "0"
     if not db_text.isdigit():
         raise ValueError(f"REDIS_URL {url!r}: database {db_text!r} must be a number")
     db = int(db_text)
     if cluster and db:
         raise ValueError(f"REDIS_URL {url!r}: a Redis Cluster has only database 0")
-    return RedisAddress(nodes, cluster, tls, username, password, db)
+    return RedisAddress(nodes, cluster, tls, username, password, db, **tls_files)
+
+
+_TLS_PARAMS = {"ssl_ca_certs": "ca_certs", "ssl_certfile": "certfile", "ssl_keyfile": "keyfile"}
+
+
+def _tls_files(query: str, url: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        if name not in _TLS_PARAMS:
+            raise ValueError(
+                f"REDIS_URL {url!r}: parameter {name!r} is not supported; use "
+                + ", ".join(_TLS_PARAMS)
+            )
+        out[_TLS_PARAMS[name]] = values[-1]
+    return out
 
 
 def _host_port(part: str, url: str) -> tuple[str, int]:
@@ -118,7 +152,11 @@ def cluster_url(nodes: list[tuple[str, int]], tls: bool = False) -> str:
 
 
 def _common(addr: RedisAddress) -> dict[str, Any]:
-    return {"username": addr.username, "password": addr.password, "ssl": addr.tls}
+    out: dict[str, Any] = {"username": addr.username, "password": addr.password}
+    if addr.tls:
+        out.update(ssl=True, ssl_ca_certs=addr.ca_certs, ssl_certfile=addr.certfile,
+                   ssl_keyfile=addr.keyfile)  # fmt: skip
+    return out
 
 
 def connect_async(url: str) -> AsyncClient:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -107,7 +106,7 @@ class RawPipeline:
         self._password = addr.password
         self._user = addr.username
         self._db = addr.db
-        self._tls = ssl.create_default_context() if addr.tls else None
+        self._tls = addr.tls_context()
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._size = size
         self._loading_wait_s = loading_wait_s

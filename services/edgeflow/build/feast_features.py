@@ -60,6 +60,9 @@ def feast_connection_string(redis_url: str) -> str:
         parts.append(f"password={addr.password}")
     if addr.tls:
         parts.append("ssl=true")
+        tls_files = {"ssl_ca_certs": addr.ca_certs, "ssl_certfile": addr.certfile,
+                     "ssl_keyfile": addr.keyfile}  # fmt: skip
+        parts += [f"{k}={v}" for k, v in tls_files.items() if v]
     parts.append(_FEAST_REDIS_TIMEOUTS)
     return ",".join(parts)
 
