@@ -151,7 +151,8 @@ def test_in_cluster_or_external_stores() -> None:
     env = {e["name"]: e["value"] for e in find(more, "Deployment", "demo-edgeflow-candidates")[
         "spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
     assert env["EDGEFLOW_REMOTE_ENDPOINTS"] == (
-        "demo-edgeflow-scoring.edgeflow.svc:50063,*.models.svc:8001")
+        "demo-edgeflow-scoring.edgeflow.svc:50063,*.models.svc:8001"
+    )
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
 
     external = render(*VALUE_SETS["external-stores-cluster-wide"])
@@ -163,6 +164,34 @@ def test_in_cluster_or_external_stores() -> None:
     policies = {d["metadata"]["name"] for d in external if d["kind"] == "NetworkPolicy"}
     assert policies == {f"demo-edgeflow-{s}" for s in ("candidates", "features", "scoring",
                                                        "merging")}  # fmt: skip
+
+
+def _env_of(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    containers = find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in containers[0]["env"]}
+
+
+def test_qdrant_collections_and_an_external_redis_cluster(tmp_path: Path) -> None:
+    env = _env_of(render(), "demo-edgeflow-candidates")
+    assert [env[f"QDRANT_{k}"] for k in ("SHARDS", "REPLICAS", "HNSW_EF")] == ["1", "1", "128"]
+    tuned = _env_of(render(
+        "--set", "qdrant.collection.shards=6", "--set", "qdrant.collection.replicas=2",
+        "--set", "qdrant.collection.quantization=int8"), "demo-edgeflow-features")  # fmt: skip
+    assert (tuned["QDRANT_SHARDS"], tuned["QDRANT_REPLICAS"]) == ("6", "2")
+    assert tuned["QDRANT_QUANTIZATION"] == "int8"
+    with pytest.raises(AssertionError, match="quantization"):
+        render("--set", "qdrant.collection.quantization=fp4")
+    # A Redis Cluster named by two of its masters: every pod gets the URL, and the egress
+    # policies open both masters' ports.
+    values = tmp_path / "cluster.yaml"
+    url = "redis+cluster://r0.data:7000,r1.data:7001"
+    values.write_text(yaml.safe_dump({"redis": {"enabled": False, "externalUrl": url},
+                                      "networkPolicies": {"enabled": True}}))  # fmt: skip
+    docs = render("-f", str(values))
+    assert _env_of(docs, "demo-edgeflow-merging")["REDIS_URL"] == url
+    policy = find(docs, "NetworkPolicy", "demo-edgeflow-merging")
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {7000, 7001} <= ports
 
 
 def test_network_policies_admit_only_this_release_and_limit_egress() -> None:

@@ -58,6 +58,14 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- define "edgeflow.env" -}}
 {{- $fullname := include "edgeflow.fullname" . -}}
 {{- $env := dict "REDIS_URL" (include "edgeflow.redisUrl" .) "QDRANT_URL" (include "edgeflow.qdrantUrl" .) "LOG_LEVEL" .Values.logLevel -}}
+{{- with .Values.qdrant.collection -}}
+{{- $_ := set $env "QDRANT_SHARDS" (toString .shards) -}}
+{{- $_ := set $env "QDRANT_REPLICAS" (toString .replicas) -}}
+{{- $_ := set $env "QDRANT_HNSW_M" (toString .hnsw.m) -}}
+{{- $_ := set $env "QDRANT_HNSW_EF_CONSTRUCT" (toString .hnsw.efConstruct) -}}
+{{- $_ := set $env "QDRANT_HNSW_EF" (toString .hnsw.ef) -}}
+{{- $_ := set $env "QDRANT_QUANTIZATION" .quantization -}}
+{{- end -}}
 {{- range $name, $svc := .Values.services -}}
 {{- $_ := set $env (printf "%s_ADDR" (upper $name)) (printf "%s-%s.%s.svc:%d" $fullname $name $.Release.Namespace (int $svc.port)) -}}
 {{- end -}}
