@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import yaml
 
+from edgeflow import tls
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import Config
 from edgeflow.features.service import FeaturesService
@@ -53,11 +54,11 @@ def members_with_degree(graph: Graph, lo: int) -> list[int]:
 
 async def start_backends(cfg: Config) -> tuple[Config, Servers]:
     """Candidates, features, scoring and merging on free ports; the returned config (for the
-    gateway) carries their addresses."""
+    gateway) carries their addresses. With cfg.tls_dir, they serve mutual TLS."""
     servers: Servers = {}
     for svc in (CandidatesService(cfg), FeaturesService(cfg), ScoringService(cfg),
                 MergingService(cfg)):  # fmt: skip
-        server, port, _ = await start_server(svc, "127.0.0.1:0")
+        server, port, _ = await start_server(svc, "127.0.0.1:0", tls_files=tls.load(cfg.tls_dir))
         servers[svc.name] = (svc, server, port)
     addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
     cfg = dataclasses.replace(
@@ -69,7 +70,7 @@ async def start_backends(cfg: Config) -> tuple[Config, Servers]:
 
 async def start_gateway(cfg: Config, servers: Servers) -> int:
     gateway = GatewayService(cfg)
-    server, port, _ = await start_server(gateway, "127.0.0.1:0")
+    server, port, _ = await start_server(gateway, "127.0.0.1:0", tls_files=tls.load(cfg.tls_dir))
     servers["gateway"] = (gateway, server, port)
     return port
 

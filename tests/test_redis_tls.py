@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from certs import HAVE_OPENSSL, make_ca, sign
 
 from edgeflow import redis_client
 from edgeflow.build.feast_features import feast_connection_string
@@ -23,31 +23,15 @@ from edgeflow.local.redis_server import find_redis_server, free_port, stop_pid
 from edgeflow.resp import RespError, encode
 from edgeflow.resp_cluster import open_pipeline
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
-def _sign(d: Path, name: str, san: str | None) -> None:
-    """A key and a certificate for `name`, signed by the CA in `d`."""
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", d / f"{name}.key",
-             "-out", d / f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
-    ext = d / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    _openssl("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.crt", "-CAkey",
-             d / "ca.key", "-CAcreateserial", "-days", "1", "-out", d / f"{name}.crt",
-             "-extfile", ext)  # fmt: skip
+pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs openssl")
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d / "ca.key",
-             "-out", d / "ca.crt", "-days", "1", "-subj", "/CN=edgeflow test CA")  # fmt: skip
-    _sign(d, "server", "IP:127.0.0.1")
-    _sign(d, "client", None)
+    make_ca(d)
+    sign(d, "server", "IP:127.0.0.1")
+    sign(d, "client", None)
     return d
 
 

@@ -61,6 +61,11 @@ class Config:
     auth: bool = field(default_factory=lambda: _env("EDGEFLOW_AUTH", "off") == "on")
     # The keys file; empty: $EDGEFLOW_HOME/auth/keys.json.
     auth_keys: str = field(default_factory=lambda: _env("EDGEFLOW_AUTH_KEYS", ""))
+    # TLS between the processes: a directory of ca.crt, tls.crt and tls.key (see tls.py);
+    # empty: plaintext, as on loopback.
+    tls_dir: Path | None = field(
+        default_factory=lambda: Path(d) if (d := _env("EDGEFLOW_TLS_DIR", "")) else None
+    )
     # Port a service listens on; set per process by `edgeflow serve` or the chart.
     port: int = field(default_factory=lambda: _env_int("PORT", 0))
     # Interface the gRPC server listens on: loopback unless told otherwise (the image and the

@@ -7,10 +7,13 @@ gRPC itself (methods, codes), never member ids.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Generic, TypeVar
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+from wsgiref.simple_server import WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from edgeflow.v1 import gateway_pb2
 
@@ -240,11 +243,19 @@ def observe_recommend(
 
 # ---- the /metrics endpoint --------------------------------------------------------------
 class Endpoint:
-    """The process's /metrics HTTP server (prometheus_client's, on a daemon thread)."""
+    """The process's /metrics HTTP server (prometheus_client's, on a daemon thread). With
+    `healthy`, it also answers GET /healthz: 200 while `healthy()`, else 503; the probe that
+    works when the gRPC port speaks TLS only, which Kubernetes' gRPC probes cannot."""
 
-    def __init__(self, service: str, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self, service: str, port: int, host: str = "0.0.0.0",
+        healthy: Callable[[], bool] | None = None,
+    ) -> None:  # fmt: skip
         try:
-            self._server, self._thread = start_http_server(port, addr=host)
+            if healthy is None:
+                self._server, self._thread = start_http_server(port, addr=host)
+            else:
+                self._server, self._thread = _serve_with_health(port, host, healthy)
         except OSError as exc:
             raise RuntimeError(
                 f"{service}: cannot serve metrics on {host}:{port} (METRICS_PORT): "
@@ -256,3 +267,22 @@ class Endpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5.0)
+
+
+def _serve_with_health(
+    port: int, host: str, healthy: Callable[[], bool]
+) -> tuple[WSGIServer, threading.Thread]:
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok = healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])  # fmt: skip
+            return [b"SERVING\n" if ok else b"NOT_SERVING\n"]
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread

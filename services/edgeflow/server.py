@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
@@ -22,9 +23,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgeflow import cpu, metrics, tracing
+from edgeflow import cpu, metrics, tls, tracing
 from edgeflow.config import Config
 from edgeflow.guard import Guard, Limits, clip_message, limits_for
+from edgeflow.tls import TlsFiles, channel_credentials, server_credentials
 
 log = logging.getLogger("edgeflow")
 
@@ -62,6 +64,9 @@ class Service(ABC):
     service_names: tuple[str, ...]  # full proto service names, for health and reflection
     # Message size, concurrency and string limits (edgeflow.guard); None: the service's own.
     limits: Limits | None = None
+    # Called by edge surfaces, which authenticate with API keys: with TLS on, it asks for no
+    # client certificate. The others are reached by edgeflow's own processes only (mTLS).
+    edge_facing = False
 
     @abstractmethod
     def register(self, server: grpc.aio.Server) -> None: ...
@@ -99,9 +104,13 @@ def setup_logging(level: str) -> None:
 
 
 async def start_server(
-    service: Service, address: str, health_servicer: health.aio.HealthServicer | None = None
+    service: Service,
+    address: str,
+    health_servicer: health.aio.HealthServicer | None = None,
+    tls_files: TlsFiles | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Bind, register health and reflection, start serving (NOT_SERVING), then load."""
+    """Bind, register health and reflection, start serving (NOT_SERVING), then load. With
+    `tls_files` the port serves TLS only, and mutual TLS unless the service is edge-facing."""
     limits = service.limits or limits_for(service.name)
     server = grpc.aio.server(
         interceptors=[
@@ -120,7 +129,11 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (*service.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    if tls_files is None:
+        port = server.add_insecure_port(address)
+    else:
+        creds = server_credentials(tls_files, require_client_cert=not service.edge_facing)
+        port = server.add_secure_port(address, creds)
     if port == 0:
         raise RuntimeError(f"{service.name}: cannot bind {address}")
     for name in ("", *service.service_names):
@@ -151,13 +164,19 @@ async def serve(service: Service, cfg: Config) -> None:
     cpu.configure(threads=cfg.cpu_threads, deadline_checks=cfg.deadline_checks)
     # Bound before the (slow) load, so a taken port fails at once and names itself.
     endpoint = None
+    serving = threading.Event()  # also answered on the metrics port's /healthz
     if cfg.metrics_port:
-        endpoint = metrics.Endpoint(service.name, cfg.metrics_port, cfg.metrics_host)
+        endpoint = metrics.Endpoint(
+            service.name, cfg.metrics_port, cfg.metrics_host, healthy=serving.is_set
+        )
         log.info("%s metrics on %s:%d/metrics", service.name, cfg.metrics_host, endpoint.port)
     if cfg.max_concurrent_rpcs > 0:
         own = service.limits or limits_for(service.name)
         service.limits = dataclasses.replace(own, max_concurrent_rpcs=cfg.max_concurrent_rpcs)
-    server, _, health_servicer = await start_server(service, f"{cfg.bind_host}:{cfg.port}")
+    server, _, health_servicer = await start_server(
+        service, f"{cfg.bind_host}:{cfg.port}", tls_files=tls.load(cfg.tls_dir)
+    )
+    serving.set()
     # What start-up loaded lives for the whole process: keep it out of the cyclic GC's
     # generations so collections on the request path stay short.
     gc.collect()
@@ -168,6 +187,7 @@ async def serve(service: Service, cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s draining", service.name)
+    serving.clear()
     await drain(service, server, health_servicer)
     if endpoint is not None:
         endpoint.close()
@@ -189,19 +209,39 @@ class BearerKey(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
-def channel(address: str, key: str | None = None) -> grpc.aio.Channel:
+def channel(
+    address: str, key: str | None = None, tls_files: TlsFiles | None = None
+) -> grpc.aio.Channel:
     """A client channel to a peer service, sized for feature matrices; with `key`, every
-    call carries it as `authorization: Bearer` (the gateway's API keys)."""
-    return grpc.aio.insecure_channel(
-        address,
-        interceptors=[BearerKey(key)] if key else None,
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.enable_http_proxy", 0),
-            # A restarted peer is back in well under a second, not after gRPC's 1 s+ backoff.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-        ],
-    )
+    call carries it as `authorization: Bearer` (the gateway's API keys); with `tls_files`,
+    over TLS with this process's certificate."""
+    interceptors = [BearerKey(key)] if key else None
+    if tls_files is not None:
+        return grpc.aio.secure_channel(
+            address, channel_credentials(tls_files), _CHANNEL_OPTIONS, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, _CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def sync_channel(address: str, tls_files: TlsFiles | None = None) -> grpc.Channel:
+    """A blocking channel (the CLI, the nearline worker), over TLS with `tls_files`."""
+    if tls_files is not None:
+        return grpc.secure_channel(address, channel_credentials(tls_files), _CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, _CHANNEL_OPTIONS)
+
+
+def configured_channel(address: str) -> grpc.Channel:
+    """A blocking channel with this process's TLS setting (EDGEFLOW_TLS_DIR): the CLI's and
+    the local suite's health checks."""
+    return sync_channel(address, tls.load(Config().tls_dir))
+
+
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_http_proxy", 0),
+    # A restarted peer is back in well under a second, not after gRPC's 1 s+ backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]

@@ -31,7 +31,6 @@ from edgeflow.features.compute import model_matrix
 from edgeflow.features.service import MAX_ENTITIES
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree, read_edge_file
 from edgeflow.local.suite import SERVICES, peak_rss_mb
-from edgeflow.server import channel
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,
@@ -211,7 +210,7 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     rng = np.random.default_rng(7)
     pool = graph.ids[graph.degree > 0]
     members = rng.choice(pool, size=min(requests, pool.size), replace=False)
-    gw = channel(h.suite.addr("gateway"), auth.local_key(h.suite.home))
+    gw = h.channel("gateway", auth.local_key(h.suite.home))
     stub = gateway_pb2_grpc.RecommenderStub(gw)
     result: dict[str, Any] = {}
 
@@ -257,7 +256,7 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
     result.update(await per_service(h, graph, members))
 
     # Features for 500 entities against Feast's SDK on the same Redis.
-    fch = channel(h.suite.addr("features"))
+    fch = h.channel("features")
     fstub = features_pb2_grpc.FeatureServiceStub(fch)
     ents = rng.choice(graph.ids, size=500, replace=False).tolist()
     req = features_pb2.GetFeaturesRequest(entities=ents)
@@ -400,7 +399,7 @@ async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str
     out: dict[str, Any] = {}
     hub = int(graph.ids[int(np.argmax(graph.degree))])
     typical = int(members[0])
-    cch = channel(h.suite.addr("candidates"))
+    cch = h.channel("candidates")
     cstub = candidates_pb2_grpc.CandidateServiceStub(cch)
     for label, member, source, limit in (
         ("generate_graph_typical", typical, "graph", 400),
@@ -415,7 +414,7 @@ async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str
     ).ids
     await cch.close()
 
-    fch = channel(h.suite.addr("features"))
+    fch = h.channel("features")
     fstub = features_pb2_grpc.FeatureServiceStub(fch)
     freq = features_pb2.GetFeaturesRequest(member=hub, entities=cands)
     lat = await timed(lambda: fstub.GetFeatures(freq, timeout=5), 200)
@@ -423,7 +422,7 @@ async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str
     feats = (await fstub.GetFeatures(freq)).features
     await fch.close()
 
-    sch = channel(h.suite.addr("scoring"))
+    sch = h.channel("scoring")
     sstub = scoring_pb2_grpc.ScoringServiceStub(sch)
     sreq = scoring_pb2.ScoreRequest(model="pymk-ranker", features=feats)
     lat = await timed(lambda: sstub.Score(sreq, timeout=5), 200)
@@ -431,7 +430,7 @@ async def per_service(h: Harness, graph: Graph, members: np.ndarray) -> dict[str
     scores = tensor.unpack((await sstub.Score(sreq)).scores)[:, 0]
     await sch.close()
 
-    mch = channel(h.suite.addr("merging"))
+    mch = h.channel("merging")
     mstub = merging_pb2_grpc.MergingServiceStub(mch)
     mreq = merging_pb2.MergeRequest(
         member=hub, k=50, filters=["self", "connected", "blocked", "dismissed"],

@@ -9,6 +9,7 @@ import json
 import time
 from collections import Counter
 
+import grpc
 import numpy as np
 
 from edgeflow import auth
@@ -22,7 +23,6 @@ from edgeflow.graph import (
     read_edge_file,
     split_edges,
 )
-from edgeflow.server import channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 CONCURRENCY = 2  # a quality run, not a load test: keep every request within its deadlines
@@ -45,9 +45,8 @@ def adamic_adar_top_k(graph: Graph, member: int, k: int, weights: np.ndarray) ->
 
 
 async def recommend_all(
-    addr: str, members: list[int], k: int, key: str | None = None
+    ch: grpc.aio.Channel, members: list[int], k: int
 ) -> tuple[dict[int, list[int]], Counter[str], list[str]]:
-    ch = channel(addr, key)
     stub = gateway_pb2_grpc.RecommenderStub(ch)
     sem = asyncio.Semaphore(CONCURRENCY)
     results: dict[int, list[int]] = {}
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = getattr(args, "redis_cluster", 0) or 0
     with running_suite(graph, seed=args.seed, log=not args.json, redis_cluster=cluster) as h:
         recs, partial, errors = asyncio.run(
-            recommend_all(h.suite.addr("gateway"), members, args.k, auth.local_key(h.suite.home))
+            recommend_all(h.channel("gateway", auth.local_key(h.suite.home)), members, args.k)
         )
     result = {
         "recall_at_k": round(recall(recs, truth), 5),

@@ -32,6 +32,7 @@ from rich.text import Text
 from edgeflow import auth, config, tensor
 from edgeflow.cli import CliError, dag_picture
 from edgeflow.cli.recommend import model_cell
+from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 # More feature columns than this go in their own table, one column per item.
@@ -56,7 +57,7 @@ def fetch(addr: str, surface: str, member: int, k: int) -> gateway_pb2.Recommend
     req = gateway_pb2.RecommendRequest(
         surface=surface, member=member, k=k, debug=True, explain=True
     )
-    with grpc.insecure_channel(addr) as ch:
+    with configured_channel(addr) as ch:
         try:
             stub = gateway_pb2_grpc.RecommenderStub(ch)
             return stub.Recommend(req, timeout=10, metadata=auth.cli_metadata())

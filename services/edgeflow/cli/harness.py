@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeflow import config
+import grpc
+
+from edgeflow import config, server, tls
 from edgeflow.graph import Graph
 from edgeflow.local import suite as local
 from edgeflow.redis_client import connect
@@ -31,6 +33,10 @@ class Harness:
     # Seconds of each set-up step: ingest (or store), train, services.
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     train_report: TrainReport | None = None
+
+    def channel(self, service: str, key: str | None = None) -> grpc.aio.Channel:
+        """An async channel to one of the suite's services (over TLS if it serves TLS)."""
+        return server.channel(self.suite.addr(service), key, tls.load(self.cfg.tls_dir))
 
 
 def suite_config(suite: local.Suite) -> config.Config:

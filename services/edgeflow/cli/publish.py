@@ -9,6 +9,7 @@ import grpc
 
 from edgeflow import auth, config
 from edgeflow.cli import CliError
+from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 TYPES = {
@@ -21,7 +22,7 @@ TYPES = {
 
 
 def send(addr: str, event: gateway_pb2.MemberEvent) -> gateway_pb2.PublishResponse:
-    with grpc.insecure_channel(addr) as ch:
+    with configured_channel(addr) as ch:
         stub = gateway_pb2_grpc.RecommenderStub(ch)
         try:
             req = gateway_pb2.PublishRequest(events=[event])

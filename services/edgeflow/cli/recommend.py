@@ -14,6 +14,7 @@ from rich.text import Text
 
 from edgeflow import auth, config
 from edgeflow.cli import CliError
+from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 NO_MODEL = "\u2013"  # an en dash: no value (a minus sign would read as a number)
@@ -32,7 +33,7 @@ LEGEND = (
 def fetch(
     addr: str, surface: str, member: int, k: int, debug: bool
 ) -> gateway_pb2.RecommendResponse:
-    with grpc.insecure_channel(addr) as ch:
+    with configured_channel(addr) as ch:
         stub = gateway_pb2_grpc.RecommenderStub(ch)
         req = gateway_pb2.RecommendRequest(surface=surface, member=member, k=k, debug=debug)
         try:

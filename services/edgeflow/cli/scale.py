@@ -302,7 +302,6 @@ def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float,
     from edgeflow import auth
     from edgeflow.cli.bench import nearline_freshness, per_service
     from edgeflow.cli.capacity import recommend_capacity
-    from edgeflow.server import channel
     from edgeflow.v1 import gateway_pb2_grpc
 
     rng = np.random.default_rng(seed + 1)
@@ -310,7 +309,7 @@ def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float,
     members = rng.choice(pool, size=min(SEQUENTIAL_REQUESTS, pool.size), replace=False)
 
     async def serving() -> None:
-        gw = channel(h.suite.addr("gateway"), auth.local_key(h.suite.home))
+        gw = h.channel("gateway", auth.local_key(h.suite.home))
         stub = gateway_pb2_grpc.RecommenderStub(gw)
         try:
             with rec.phase("recommend sequential", log, soft=True):
@@ -327,7 +326,7 @@ def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float,
             await gw.close()
 
     async def nearline() -> None:
-        gw = channel(h.suite.addr("gateway"), auth.local_key(h.suite.home))
+        gw = h.channel("gateway", auth.local_key(h.suite.home))
         try:
             rec.update(await nearline_freshness(h, graph, gateway_pb2_grpc.RecommenderStub(gw)))
         finally:
@@ -388,10 +387,9 @@ async def ebr_recall(h: Any, graph: Any, rng: np.random.Generator) -> dict[str, 
     Both sides leave out the member and its connections."""
     from edgeflow.cli.bench import entity_features, top_by_cosine, unit_rows
     from edgeflow.features import schema
-    from edgeflow.server import channel
     from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, features_pb2_grpc
 
-    fch = channel(h.suite.addr("features"))
+    fch = h.channel("features")
     try:
         feats = await entity_features(features_pb2_grpc.FeatureServiceStub(fch), graph.ids)
     finally:
@@ -405,7 +403,7 @@ async def ebr_recall(h: Any, graph: Any, rng: np.random.Generator) -> dict[str, 
         chunk = rows[start : start + 16]
         excl = [np.append(graph.neighbors(i), i) for i in chunk.tolist()]
         exact += list(top_by_cosine(unit, unit[chunk], EBR_K, excl))
-    cch = channel(h.suite.addr("candidates"))
+    cch = h.channel("candidates")
     stub = candidates_pb2_grpc.CandidateServiceStub(cch)
     try:
         for i in rows[:10].tolist():  # warm-up

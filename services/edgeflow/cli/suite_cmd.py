@@ -10,6 +10,7 @@ import grpc
 from edgeflow import auth, config
 from edgeflow.cli import CliError
 from edgeflow.local import suite as local
+from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -106,7 +107,7 @@ def _cluster_state(port: int) -> str:
 def print_workflows(addr: str, home: Path | None = None) -> None:
     """The gateway's surfaces and what is wrong with each (ListSurfaces)."""
     try:
-        with grpc.insecure_channel(addr) as ch:
+        with configured_channel(addr) as ch:
             resp = gateway_pb2_grpc.RecommenderStub(ch).ListSurfaces(
                 gateway_pb2.ListSurfacesRequest(), timeout=5, metadata=auth.cli_metadata(home)
             )

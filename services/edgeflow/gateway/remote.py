@@ -11,12 +11,13 @@ import os
 import random
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import grpc
 import numpy as np
 from opentelemetry import trace
 
-from edgeflow import oip_tensor, tensor, tracing
+from edgeflow import oip_tensor, tensor, tls, tracing
 from edgeflow.gateway.frame import Frame, SourceInfo
 from edgeflow.server import channel
 from edgeflow.v1 import tensor_pb2
@@ -44,12 +45,16 @@ class RemoteScorer:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env = os.environ if env is None else env
         self._allow = endpoints.allow_list(self._env)
+        # With TLS between the processes, model servers are called over it too (the
+        # release's own scoring service requires this process's certificate).
+        tls_dir = self._env.get("EDGEFLOW_TLS_DIR")
+        self._tls = tls.load(Path(tls_dir)) if tls_dir else None
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
 
     def stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
         entry = self._stubs.get(address)
         if entry is None:
-            ch = channel(address)
+            ch = channel(address, tls_files=self._tls)
             entry = self._stubs[address] = (ch, pb_grpc.GRPCInferenceServiceStub(ch))
         return entry[1]
 

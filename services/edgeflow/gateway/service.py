@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from edgeflow import auth, metrics
+from edgeflow import auth, metrics, tls
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.config import Config
 from edgeflow.experiments import records
@@ -50,6 +50,7 @@ _RESPONSE_MARGIN_S = 0.002
 class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     name = "gateway"
     service_names = ("edgeflow.v1.Recommender",)
+    edge_facing = True
 
     def __init__(self, cfg: Config, workflows_dir: Path | None = None) -> None:
         self._cfg = cfg
@@ -90,8 +91,9 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             refused = f" ({len(self.rejected)} files refused: see the log)" if self.rejected else ""
             raise RuntimeError(f"no valid workflow in {self._dir}{refused}")
         cfg = self._cfg
-        chans = [channel(a) for a in (cfg.candidates_addr, cfg.features_addr,
-                                      cfg.scoring_addr, cfg.merging_addr)]  # fmt: skip
+        peers = (cfg.candidates_addr, cfg.features_addr, cfg.scoring_addr, cfg.merging_addr)
+        tls_files = tls.load(cfg.tls_dir)
+        chans = [channel(a, tls_files=tls_files) for a in peers]
         self._channels = chans
         # Merging's own code in process: the blend and filters still run if it is down.
         self._local_merging = MergingService(cfg)

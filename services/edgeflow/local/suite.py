@@ -41,6 +41,7 @@ from edgeflow.local.redis_server import (
     stop_pid,
 )
 from edgeflow.redis_client import cluster_url, parse_url
+from edgeflow.server import configured_channel
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
 # The nearline worker serves health only; its port is not a peer address in Config.
@@ -451,7 +452,7 @@ def wait_serving(
 
 
 def _serving(addr: str) -> bool:
-    with grpc.insecure_channel(addr) as ch:
+    with configured_channel(addr) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
         except grpc.RpcError:

@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import redis
 
-from edgeflow import keys, lists, metrics, tensor
+from edgeflow import keys, lists, metrics, tensor, tls
 from edgeflow.config import Config
 from edgeflow.features.schema import SCALAR_FEATURES
 from edgeflow.graph import Graph
@@ -46,7 +46,7 @@ from edgeflow.offline.inputs import Inputs, LiveFeatures, embedding_index
 from edgeflow.offline.serving import list_name
 from edgeflow.redis_client import SyncClient, connect, script
 from edgeflow.scoring.registry import ModelRegistry
-from edgeflow.server import Service
+from edgeflow.server import Service, sync_channel
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 from edgeflow.workflow.validate import Workflow, load_directory
 
@@ -139,7 +139,7 @@ class Processor:
         self._stamp: tuple[tuple[str, float], ...] = ()
         self._refreshed = 0.0
         self._features = LiveFeatures(client)
-        self._channel = grpc.insecure_channel(cfg.features_addr)
+        self._channel = sync_channel(cfg.features_addr, tls.load(cfg.tls_dir))
         self._push = features_pb2_grpc.FeatureServiceStub(self._channel)
         self._no_list: set[str] = set()
 
