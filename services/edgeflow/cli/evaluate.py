@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -45,8 +46,9 @@ def adamic_adar_top_k(graph: Graph, member: int, k: int, weights: np.ndarray) ->
 
 
 async def recommend_all(
-    ch: grpc.aio.Channel, members: list[int], k: int
+    connect: Callable[[], grpc.aio.Channel], members: list[int], k: int
 ) -> tuple[dict[int, list[int]], Counter[str], list[str]]:
+    ch = connect()  # made on this event loop: a grpc.aio channel belongs to one
     stub = gateway_pb2_grpc.RecommenderStub(ch)
     sem = asyncio.Semaphore(CONCURRENCY)
     results: dict[int, list[int]] = {}
@@ -102,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     baseline = {m: adamic_adar_top_k(graph, m, args.k, weights) for m in members}
     cluster = getattr(args, "redis_cluster", 0) or 0
     with running_suite(graph, seed=args.seed, log=not args.json, redis_cluster=cluster) as h:
+        key = auth.local_key(h.suite.home)
         recs, partial, errors = asyncio.run(
-            recommend_all(h.channel("gateway", auth.local_key(h.suite.home)), members, args.k)
+            recommend_all(lambda: h.channel("gateway", key), members, args.k)
         )
     result = {
         "recall_at_k": round(recall(recs, truth), 5),
