@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,17 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "operator.watchNamespaces={surfaces,experiments}",
         "--set", "networkPolicies.enabled=true", "--set", "imagePullSecrets[0].name=registry",
     ],
+    "tls-existing-secret-metrics-off": [
+        "--set", "tls.enabled=true", "--set", "tls.existingSecret=edgeflow-certs",
+        "--set", "metrics.enabled=false",
+    ],
+    "tls-cert-manager-multi-namespace": [
+        "--set", "tls.enabled=true", "--set", "tls.certManager.issuerRef.name=internal-ca",
+        "--set", "tls.certManager.issuerRef.kind=ClusterIssuer",
+        "--set", "tls.certManager.extraDnsNames={recs.example.com}",
+        "--set", "operator.watchNamespaces={surfaces}",
+    ],
+    "tls-self-signed": ["--set", "tls.enabled=true", "--set", "tls.selfSigned=true"],
     "services-only": [
         "--set", "operator.enabled=false", "--set", "services.merging.replicas=3",
         "--set", "models.existingClaim=shared-models", "--set", "image.tag=v9",
@@ -83,7 +95,7 @@ def test_helm_lint_strict() -> None:
 
 
 # Custom resources of other projects' CRDs: kubernetes-validate knows only built-in kinds.
-FOREIGN_KINDS = {"ServiceMonitor"}
+FOREIGN_KINDS = {"ServiceMonitor", "Certificate", "Issuer"}
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -120,13 +132,17 @@ def test_every_pod_is_locked_down_and_probed(name: str) -> None:
             assert set(c["resources"]) == {"requests", "limits"}, where
             assert "livenessProbe" in c and (where.endswith("-operator")
                                              or "readinessProbe" in c), where  # fmt: skip
+    tls = "tls.enabled=true" in VALUE_SETS[name]
     for svc in ("candidates", "features", "scoring", "merging"):
         (c,) = find(docs, "Deployment", f"demo-edgeflow-{svc}")["spec"]["template"]["spec"][
             "containers"
         ]
         port = c["ports"][0]["containerPort"]
-        assert c["readinessProbe"]["grpc"] == {"port": port}
-        assert c["livenessProbe"]["grpc"] == {"port": port}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if tls:  # the kubelet's gRPC probes speak no TLS
+                assert c[probe]["httpGet"] == {"path": "/healthz", "port": 9090}, svc
+            else:
+                assert c[probe]["grpc"] == {"port": port}, svc
         assert c["args"] == ["serve", svc]
 
 
@@ -268,6 +284,25 @@ def test_each_backend_survives_one_pod_or_node_going_away() -> None:
         (["--set", "metrics.serviceMonitor.interval=soon"], "metrics.serviceMonitor.interval"),
         (["--set", "metrics.port=0"], "metrics.port"),
         (["--set", "redis.persistence.appendfsync=sometimes"], "appendfsync"),
+        (["--set", "tls.enabled=true"], "tls.enabled needs exactly one of"),
+        (
+            ["--set", "tls.enabled=true,tls.existingSecret=certs,tls.selfSigned=true"],
+            "got tls.existingSecret, tls.selfSigned",
+        ),
+        (
+            ["--set", "tls.enabled=true,tls.selfSigned=true,operator.watchNamespaces={surfaces}"],
+            "tls.selfSigned keeps its CA",
+        ),
+        (["--set", "tls.certManager.issuerRef.kind=cluster issuer"], "tls.certManager"),
+        (["--set", "tls.certManager.extraDnsNames={Bad_Name}"], "extraDnsNames"),
+        (["--set", "tls.certManager.duration=90days"], "tls.certManager.duration"),
+        (
+            [
+                "--set",
+                "tls.enabled=true,tls.existingSecret=s,metrics.enabled=false,metrics.port=50060",
+            ],
+            "metrics.port 50060 is also gateway.port",
+        ),
     ],
 )
 def test_bad_values_fail_with_the_key(values: list[str], problem: str) -> None:
@@ -419,6 +454,199 @@ def test_gateways_check_api_keys_from_a_secret() -> None:
     assert raw["authSecret"] == "" and not [d for d in off if d["kind"] == "Secret"]
 
 
+# ---- TLS --------------------------------------------------------------------------------------
+TLS_SOURCES = {  # value set -> the Secret every pod mounts
+    "tls-existing-secret-metrics-off": "edgeflow-certs",
+    "tls-cert-manager-multi-namespace": "demo-edgeflow-tls",
+    "tls-self-signed": "demo-edgeflow-tls",
+}
+TLS_DIR = "/etc/edgeflow/tls"
+
+
+def _tls_mount(pod: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+    """The container's env and the Secret mounted read-only at EDGEFLOW_TLS_DIR (or None)."""
+    (c,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    mounts = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    if not mounts:
+        assert "EDGEFLOW_TLS_DIR" not in env
+        assert not [v for v in pod["volumes"] if v["name"] == "tls"]
+        return env, None
+    (mount,) = mounts
+    assert mount == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}  # no subPath
+    assert env["EDGEFLOW_TLS_DIR"] == TLS_DIR
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    secret = volume["secret"]
+    assert [i["key"] for i in secret["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    assert secret["defaultMode"] == 0o440  # the pod's fsGroup reads it, no one else
+    return env, str(secret["secretName"])
+
+
+@pytest.mark.parametrize("name", sorted(TLS_SOURCES))
+def test_tls_mounts_the_secret_in_every_pod_and_probes_healthz(name: str) -> None:
+    secret = TLS_SOURCES[name]
+    docs = render(*VALUE_SETS[name])
+    for svc in ("candidates", "features", "scoring", "merging"):
+        pod = find(docs, "Deployment", f"demo-edgeflow-{svc}")["spec"]["template"]["spec"]
+        env, mounted = _tls_mount(pod)
+        assert mounted == secret, svc
+        # /healthz is served on the metrics port, reachable by the kubelet, metrics on or off
+        assert (env["METRICS_PORT"], env["METRICS_HOST"]) == ("9090", "0.0.0.0"), svc
+        (c,) = pod["containers"]
+        assert 9090 in {p["containerPort"] for p in c["ports"]}
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # The operator gets the Secret's name, and mounts it in every child it makes.
+    raw = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    cfg = OperatorConfig.model_validate(raw)
+    assert cfg.tls_secret == secret and cfg.http_port == 9090
+    wf = parse_document(yaml.safe_load((REPO_ROOT / "examples" / "pymk.yaml").read_text()), "pymk")
+    children, _ = desired_children(Owner("pymk", "edgeflow", "uid-1", {}), wf, cfg)
+    pods = {c["metadata"]["name"]: c["spec"]["template"]["spec"] for c in children
+            if c["kind"] == "Deployment"}  # fmt: skip
+    (cron,) = [c for c in children if c["kind"] == "CronJob"]
+    pods["pymk-offline"] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert set(pods) == {"pymk-gateway", "pymk-nearline", "pymk-offline"}
+    for child, pod in pods.items():
+        env, mounted = _tls_mount(pod)
+        assert mounted == secret, child
+        (c,) = pod["containers"]
+        assert c["securityContext"] == raw["securityContext"], child
+        if child != "pymk-offline":
+            assert env["METRICS_PORT"] == "9090" and env["METRICS_HOST"] == "0.0.0.0"
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": "/healthz", "port": 9090}, child
+
+
+def test_without_tls_nothing_mounts_a_certificate() -> None:
+    docs = render()
+    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    for where, pod in _pods(docs):
+        if where.startswith("Deployment/demo-edgeflow-") and not where.endswith("-operator"):
+            assert _tls_mount(pod)[1] is None, where
+    raw = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    assert raw["tlsSecret"] == ""
+    # A Secret of one's own: the chart makes no certificate.
+    own = render(*VALUE_SETS["tls-existing-secret-metrics-off"])
+    assert not [d for d in own if d["apiVersion"].startswith("cert-manager.io/")]
+
+
+# cert-manager.io/v1 as its API reference documents it (kubernetes-validate knows only built-in
+# kinds, and cert-manager's CRDs are not vendored here).
+CERTIFICATE_FIELDS = {
+    "subject", "literalSubject", "commonName", "duration", "renewBefore",
+    "renewBeforePercentage", "dnsNames", "ipAddresses", "uris", "otherNames",
+    "emailAddresses", "secretName", "secretTemplate", "keystores", "issuerRef", "isCA",
+    "usages", "privateKey", "signatureAlgorithm", "encodeUsagesInRequest",
+    "revisionHistoryLimit", "additionalOutputFormats", "nameConstraints",
+}  # fmt: skip
+KEY_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime",
+    "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+}  # fmt: skip
+ISSUER_TYPES = {"acme", "ca", "vault", "selfSigned", "venafi"}
+DNS_NAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _check_certificate(doc: dict[str, Any]) -> dict[str, Any]:
+    assert doc["apiVersion"] == "cert-manager.io/v1"
+    spec = doc["spec"]
+    assert set(spec) <= CERTIFICATE_FIELDS, set(spec) - CERTIFICATE_FIELDS
+    assert spec["secretName"] and spec["issuerRef"]["name"]
+    assert set(spec["issuerRef"]) <= {"name", "kind", "group"}
+    assert set(spec.get("secretTemplate", {})) <= {"labels", "annotations"}
+    key = spec.get("privateKey", {})
+    assert set(key) <= {"algorithm", "size", "encoding", "rotationPolicy"}
+    assert key.get("algorithm", "RSA") in ("RSA", "ECDSA", "Ed25519")
+    if key.get("algorithm") == "ECDSA":
+        assert key.get("size", 256) in (256, 384, 521)
+    assert key.get("encoding", "PKCS1") in ("PKCS1", "PKCS8")
+    assert key.get("rotationPolicy", "Always") in ("Never", "Always")
+    assert set(spec.get("usages", [])) <= KEY_USAGES
+    for dns in spec.get("dnsNames", []):
+        assert DNS_NAME.match(dns) and len(dns) <= 253, dns
+    assert spec.get("commonName") or spec.get("dnsNames")
+    return dict(spec)
+
+
+def _check_issuer(doc: dict[str, Any]) -> dict[str, Any]:
+    assert doc["apiVersion"] == "cert-manager.io/v1"
+    spec = doc["spec"]
+    (kind,) = set(spec) & ISSUER_TYPES  # exactly one kind of issuer
+    assert set(spec) == {kind}
+    if kind == "ca":
+        assert spec["ca"]["secretName"]
+        assert set(spec["ca"]) <= {"secretName", "crlDistributionPoints", "ocspServers",
+                                   "issuingCertificateURLs"}  # fmt: skip
+    if kind == "selfSigned":
+        assert set(spec["selfSigned"]) <= {"crlDistributionPoints"}
+    return dict(spec)
+
+
+def _covers(dns_names: list[str], host: str) -> bool:
+    """Whether a certificate with these names is valid for host (one-label wildcards)."""
+    return any(n == host or (n.startswith("*.") and host.split(".", 1)[-1] == n[2:]
+                             and "." in host) for n in dns_names)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["tls-cert-manager-multi-namespace", "tls-self-signed"])
+def test_cert_manager_issues_one_certificate_for_every_name_dialled(name: str) -> None:
+    docs = render(*VALUE_SETS[name])
+    cert_manager = [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    certificates = {
+        (d["metadata"].get("namespace", "edgeflow"), d["metadata"]["name"]): _check_certificate(d)
+        for d in cert_manager
+        if d["kind"] == "Certificate"
+    }
+    issuers = {d["metadata"]["name"]: _check_issuer(d) for d in cert_manager
+               if d["kind"] == "Issuer"}  # fmt: skip
+    assert {d["kind"] for d in cert_manager} <= {"Certificate", "Issuer"}
+    served = ["edgeflow", "surfaces"] if "multi-namespace" in name else ["edgeflow"]
+    # The same Secret in each namespace the operator serves: the gateways there mount it.
+    leaves = {ns: certificates.pop((ns, "demo-edgeflow-tls")) for ns in served}
+    raw = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    for ns, spec in leaves.items():
+        assert spec["secretName"] == raw["tlsSecret"] == "demo-edgeflow-tls", ns
+        # The backends ask every caller for this certificate: client auth as well as server.
+        assert {"server auth", "client auth"} <= set(spec["usages"]), ns
+        dialled = [v.rsplit(":", 1)[0] for k, v in raw["env"].items() if k.endswith("_ADDR")]
+        assert len(dialled) == 4
+        for host in dialled:  # what the gateways and workers dial
+            assert _covers(spec["dnsNames"], host), (ns, host)
+        for other in served:  # every workflow's gateway Service
+            assert _covers(spec["dnsNames"], f"pymk-gateway.{other}.svc"), (ns, other)
+        assert not _covers(spec["dnsNames"], "pymk-gateway.elsewhere.svc")
+    if name == "tls-self-signed":
+        # cert-manager's bootstrap: a self-signed Issuer signs the CA, whose Issuer signs the
+        # certificate the pods mount.
+        ((_, ca_name), ca), *rest = certificates.items()
+        assert not rest and ca["isCA"] is True
+        assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
+        leaf_issuer = leaves["edgeflow"]["issuerRef"]
+        assert leaf_issuer["kind"] == "Issuer"
+        assert issuers[leaf_issuer["name"]] == {"ca": {"secretName": ca["secretName"]}}
+        assert ca_name != "demo-edgeflow-tls" and "localhost" in leaves["edgeflow"]["dnsNames"]
+    else:
+        assert not certificates and not issuers  # the issuer is the user's
+        for spec in leaves.values():
+            assert spec["issuerRef"] == {"name": "internal-ca", "kind": "ClusterIssuer",
+                                         "group": "cert-manager.io"}  # fmt: skip
+            assert "recs.example.com" in spec["dnsNames"]
+
+
+def test_tls_passes_helm_lint_with_a_values_file(tmp_path: Path) -> None:
+    values = tmp_path / "tls.yaml"
+    values.write_text(yaml.safe_dump({"tls": {"enabled": True, "certManager": {
+        "issuerRef": {"name": "vault", "kind": "VaultIssuer", "group": "vault.example.com"},
+        "extraDnsNames": ["localhost", "*.recs.example.com"]}}}))  # fmt: skip
+    out = helm("lint", "--strict", str(CHART), "-f", str(values))
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+    (leaf,) = [d for d in render("-f", str(values)) if d["kind"] == "Certificate"]
+    assert _check_certificate(leaf)["issuerRef"]["kind"] == "VaultIssuer"
+
+
 def test_rbac_is_exactly_what_the_operator_uses() -> None:
     for values, kind in (([], "Role"), (VALUE_SETS["external-stores-cluster-wide"], "ClusterRole")):
         role = next(d for d in render(*values) if d["kind"] == kind)
@@ -551,3 +779,14 @@ def test_notes_tell_how_to_use_the_release(api: EmulatorThread) -> None:
     assert "redis://demo-edgeflow-redis.notes.svc:6379/0" in notes
     assert ("export EDGEFLOW_API_KEY=$(kubectl get secret -n notes demo-edgeflow-auth -o "
             "jsonpath='{.data.admin\\.key}' | base64 -d)") in notes  # fmt: skip
+    assert "TLS" not in notes and "EDGEFLOW_TLS_DIR" not in notes
+    # (The emulator has no cert-manager CRDs: a Secret of one's own.)
+    out = helm("install", "demo", str(CHART), "--dry-run=client", "--disable-openapi-validation",
+               "--namespace", "notes", *VALUE_SETS["tls-existing-secret-metrics-off"],
+               env={"KUBECONFIG": str(api.kubeconfig)})  # fmt: skip
+    notes = out[out.index("NOTES:") :]
+    assert "TLS: every gRPC connection of the release uses Secret edgeflow-certs" in notes
+    assert ("kubectl get secret -n notes edgeflow-certs -o jsonpath='{.data.tls\\.key}' "
+            "| base64 -d > tls/tls.key") in notes  # fmt: skip
+    assert "EDGEFLOW_TLS_DIR=$PWD/tls" in notes
+    assert "edgeflow recommend --addr localhost:50060" in notes

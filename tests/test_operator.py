@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import time
@@ -20,11 +21,13 @@ from edgeflow_operator.children import (
     compiled_yaml,
     config_hash,
     deployment_ready,
+    desired_children,
     scaling,
 )
 from edgeflow_operator.config import OperatorConfig
 from kopf.testing import KopfRunner
 from kube_emulator import EmulatorThread
+from pydantic import ValidationError
 
 from edgeflow.config import REPO_ROOT
 from edgeflow.workflow.validate import parse_document
@@ -392,6 +395,29 @@ def test_permanent_api_errors_stop_with_a_condition(api: EmulatorThread, kubecon
     assert len(attempts) == 1
 
 
+def test_children_mount_the_tls_secret_the_config_names(
+    api: EmulatorThread, kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = "tls"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"tlsSecret": "edgeflow-tls", "metricsPort": 9090}))
+    monkeypatch.setenv("EDGEFLOW_OPERATOR_CONFIG", str(config))
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example())
+        wait_condition(api, ns, "pymk", "Deployed", "True")
+        deployments = children(api, ns, "Deployment")
+        (cron,) = children(api, ns, "CronJob").values()
+        pods = {name: d["spec"]["template"]["spec"] for name, d in deployments.items()}
+        pods["pymk-offline"] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert set(pods) == {"pymk-gateway", "pymk-nearline", "pymk-offline"}
+        for name, pod in pods.items():
+            (c,) = pod["containers"]
+            assert _tls_of(c, pod) == ("/etc/edgeflow/tls", "edgeflow-tls"), name
+            if name != "pymk-offline":  # a Job has no probes
+                assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 9090}
+    assert runner.exception is None and runner.exit_code == 0
+
+
 # ---- the pure parts ---------------------------------------------------------------------------
 def _owner(annotations: dict[str, str] | None = None) -> Owner:
     return Owner("pymk", "ns", "uid-1", annotations or {})
@@ -475,3 +501,109 @@ def test_operator_command_explains_a_bad_start(
     assert main(["operator", "-n", "default"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "gateway.port" in err
+
+
+def _tls_of(container: dict[str, Any], pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(EDGEFLOW_TLS_DIR, the Secret mounted there read-only), or None without TLS."""
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    volumes = [v for v in pod["volumes"] if v["name"] == "tls"]
+    if "EDGEFLOW_TLS_DIR" not in env and not mounts and not volumes:
+        return None
+    (mount,), (volume,) = mounts, volumes
+    assert mount == {"name": "tls", "mountPath": env["EDGEFLOW_TLS_DIR"], "readOnly": True}
+    assert "subPath" not in mount  # the kubelet must be able to swap in a renewed certificate
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    return env["EDGEFLOW_TLS_DIR"], volume["secret"]["secretName"]
+
+
+def _pods(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for c in children:
+        if c["kind"] == "Deployment":
+            out[c["metadata"]["name"]] = c["spec"]["template"]
+        elif c["kind"] == "CronJob":
+            out[c["metadata"]["name"]] = c["spec"]["jobTemplate"]["spec"]["template"]
+    return out
+
+
+def _without_tls(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod template less what TLS adds (mount, volume, env) and changes (probes)."""
+    pod = copy.deepcopy(pod)
+    spec = pod["spec"]
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "tls"]
+    for c in spec["containers"]:
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "tls"]
+        c["env"] = [e for e in c["env"] if e["name"] != "EDGEFLOW_TLS_DIR"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            c.pop(probe, None)
+    return pod
+
+
+def test_a_tls_secret_reaches_every_child_and_moves_the_probes_to_healthz() -> None:
+    wf = parse_document(example(), "pymk")
+    plain = OperatorConfig.model_validate({"metricsPort": 9090})
+    tls = OperatorConfig.model_validate({"metricsPort": 9090, "tlsSecret": "edgeflow-tls"})
+    before, digest = desired_children(_owner(), wf, plain)
+    after, digest_tls = desired_children(_owner(), wf, tls)
+    assert digest == digest_tls
+    pods_before, pods_after = _pods(before), _pods(after)
+    assert set(pods_after) == {"pymk-gateway", "pymk-nearline", "pymk-offline"}
+    for name, template in pods_after.items():
+        pod = template["spec"]
+        (c,) = pod["containers"]
+        assert _tls_of(c, pod) == ("/etc/edgeflow/tls", "edgeflow-tls"), name
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["defaultMode"] == 0o440  # group-readable: the pod's fsGroup
+        assert c["securityContext"] == tls.security_context, name  # still locked down
+        assert pod["securityContext"] == tls.pod_security_context, name
+        if name == "pymk-offline":
+            assert not any(p in c for p in ("readinessProbe", "livenessProbe")), name
+            continue
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert (env["METRICS_PORT"], env["METRICS_HOST"]) == ("9090", "0.0.0.0"), name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": 9090}, (name, probe)
+            assert "grpc" not in c[probe], (name, probe)
+        # Only the health check changed: the same thresholds as the gRPC probes.
+        (old,) = pods_before[name]["spec"]["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert {k: v for k, v in c[probe].items() if k != "httpGet"} == {
+                k: v for k, v in old[probe].items() if k != "grpc"}  # fmt: skip
+    # Without a Secret named, nothing of it; with one, nothing else changes.
+    for name, template in pods_before.items():
+        (c,) = template["spec"]["containers"]
+        assert _tls_of(c, template["spec"]) is None, name
+        if name != "pymk-offline":
+            assert c["readinessProbe"]["grpc"] == {"port": c["ports"][0]["containerPort"]}
+        assert _without_tls(template) == _without_tls(pods_after[name]), name
+    others = [(c["kind"], c) for c in before if c["kind"] not in ("Deployment", "CronJob")]
+    assert others == [(c["kind"], c) for c in after if c["kind"] not in ("Deployment", "CronJob")]
+
+
+def test_tls_without_metrics_still_serves_healthz() -> None:
+    wf = parse_document(example(), "pymk")
+    cfg = OperatorConfig.model_validate({"tlsSecret": "edgeflow-tls", "healthPort": 9090})
+    assert cfg.metrics_port == 0 and cfg.http_port == 9090
+    made = {(c["kind"], c["metadata"]["name"]): c for c in desired_children(_owner(), wf, cfg)[0]}
+    for name in ("pymk-gateway", "pymk-nearline"):
+        template = made["Deployment", name]["spec"]["template"]
+        (c,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert (env["METRICS_PORT"], env["METRICS_HOST"]) == ("9090", "0.0.0.0"), name
+        assert {"name": "health", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9090}
+        # metrics are off: nothing tells Prometheus to scrape
+        assert not any(k.startswith("prometheus.io/") for k in template["metadata"]["annotations"])
+    assert [p["name"] for p in made["Service", "pymk-gateway"]["spec"]["ports"]] == ["grpc"]
+    # The healthPort matters only with TLS; without either port the probes have nowhere to go.
+    assert OperatorConfig.model_validate({"healthPort": 9090}).http_port == 0
+    with pytest.raises(ValidationError, match="tlsSecret needs metricsPort or healthPort"):
+        OperatorConfig.model_validate({"tlsSecret": "edgeflow-tls"})
+    # Without an fsGroup to own the files, they stay world-readable (the default mode).
+    bare = OperatorConfig.model_validate(
+        {"tlsSecret": "s", "healthPort": 9090, "podSecurityContext": {"runAsNonRoot": True}}
+    )
+    pod = _pods(desired_children(_owner(), wf, bare)[0])["pymk-gateway"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert "defaultMode" not in volume["secret"]

@@ -8,6 +8,9 @@
 - nearline mode: a worker Deployment (a Redis Streams consumer group, so it scales out);
 - an HPA for the gateway or the worker when autoscaling is asked for.
 
+With the chart's TLS on (`tlsSecret`), every pod mounts that Secret at /etc/edgeflow/tls
+(EDGEFLOW_TLS_DIR) and the probes GET /healthz on the metrics port instead of gRPC.
+
 Every pod template carries a hash of the compiled workflow, so a spec change rolls the
 Deployments even before the kubelet refreshes the mounted ConfigMap.
 """
@@ -196,7 +199,7 @@ def _container(
     args: list[str],
     port: int | None,
     resources: dict[str, Any],
-    metrics_port: int = 0,
+    http_port: int = 0,
 ) -> dict[str, Any]:
     env = {
         **cfg.env,
@@ -207,8 +210,8 @@ def _container(
     if port is not None:
         env["PORT"] = str(port)
         env["BIND_HOST"] = "0.0.0.0"  # the pod's own network (the default is loopback)
-    if metrics_port:
-        env["METRICS_PORT"] = str(metrics_port)
+    if http_port:  # /metrics, and /healthz for the probes with TLS
+        env["METRICS_PORT"] = str(http_port)
         env["METRICS_HOST"] = "0.0.0.0"
     container: dict[str, Any] = {
         "name": name,
@@ -226,8 +229,9 @@ def _container(
     }
     if port is not None:
         container["ports"] = [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
-    if metrics_port:
-        metrics = {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}
+    if http_port:
+        port_name = "metrics" if cfg.metrics_port else "health"  # health: TLS on, metrics off
+        metrics = {"name": port_name, "containerPort": http_port, "protocol": "TCP"}
         container.setdefault("ports", []).append(metrics)
     return container
 
@@ -281,11 +285,39 @@ def _with_api_keys(container: dict[str, Any], pod: dict[str, Any], secret: str) 
     }})  # fmt: skip
 
 
-def _grpc_probes(port: int) -> dict[str, Any]:
+TLS_DIR = "/etc/edgeflow/tls"
+TLS_FILES = ("ca.crt", "tls.crt", "tls.key")
+
+
+def _with_tls(container: dict[str, Any], pod: dict[str, Any], cfg: OperatorConfig) -> None:
+    """gRPC over TLS (EDGEFLOW_TLS_DIR): the Secret's ca.crt, tls.crt and tls.key, mounted
+    read-only as a whole directory (no subPath), so the kubelet swaps in a renewed
+    certificate and the servers reload it."""
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env["EDGEFLOW_TLS_DIR"] = TLS_DIR
+    container["env"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
+    container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    secret: dict[str, Any] = {
+        "secretName": cfg.tls_secret,
+        "items": [{"key": f, "path": f} for f in TLS_FILES],
+    }
+    if cfg.pod_security_context.get("fsGroup") is not None:
+        secret["defaultMode"] = 0o440  # the key readable by the pod's group only
+    pod["volumes"].append({"name": "tls", "secret": secret})
+
+
+def _probes(port: int, cfg: OperatorConfig) -> dict[str, Any]:
+    """The gRPC health service on the port; with TLS, which the kubelet's gRPC probes do not
+    speak, GET /healthz on the HTTP port (200 while SERVING, 503 otherwise)."""
+    check: dict[str, Any] = (
+        {"httpGet": {"path": "/healthz", "port": cfg.http_port}}
+        if cfg.tls_secret
+        else {"grpc": {"port": port}}
+    )
     return {
-        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 60},
-        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 3},
+        "startupProbe": {**check, "periodSeconds": 2, "failureThreshold": 60},
+        "readinessProbe": {**check, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**check, "periodSeconds": 10, "failureThreshold": 3},
     }
 
 
@@ -300,13 +332,15 @@ def _deployment(
     digest: str,
 ) -> Manifest:
     container = _container(
-        cfg, component, ["serve", component], comp.port, comp.resources, cfg.metrics_port
+        cfg, component, ["serve", component], comp.port, comp.resources, cfg.http_port
     )
     if comp.grpc_probes:
-        container.update(_grpc_probes(comp.port))
+        container.update(_probes(comp.port, cfg))
     pod = _pod_spec(cfg, config_map, container)
     if component == "gateway" and cfg.auth_secret:
         _with_api_keys(container, pod, cfg.auth_secret)
+    if cfg.tls_secret:
+        _with_tls(container, pod, cfg)
     spec: dict[str, Any] = {
         "revisionHistoryLimit": 3,
         "selector": {"matchLabels": _selector(owner, component)},
@@ -395,6 +429,8 @@ def _cron_job(
     labels = _labels(owner, wf, "offline")
     pod_spec = _pod_spec(cfg, config_map, container)
     pod_spec["restartPolicy"] = "Never"
+    if cfg.tls_secret:  # a client of the backends: it presents the certificate too
+        _with_tls(container, pod_spec, cfg)
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",

@@ -57,7 +57,11 @@ class Component(_Model):
     port: int = Field(..., ge=1, le=65535)
     resources: dict[str, Any]
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    grpc_probes: bool = Field(True, description="Probe the gRPC health service on the port.")
+    grpc_probes: bool = Field(
+        True,
+        description="Probe the gRPC health service on the port (with tlsSecret: /healthz on "
+        "the metrics port).",
+    )
 
 
 class Offline(_Model):
@@ -128,11 +132,41 @@ class OperatorConfig(_Model):
         description="Prometheus /metrics port of the gateway and nearline containers "
         "(METRICS_PORT, a port named metrics, prometheus.io/* pod annotations); 0: none.",
     )
+    tls_secret: str = Field(
+        "",
+        description="Secret with ca.crt, tls.crt and tls.key (a cert-manager Certificate's) "
+        "that every child mounts at /etc/edgeflow/tls (EDGEFLOW_TLS_DIR): gRPC over TLS, "
+        "mutual towards the backends. The gateway's and worker's probes then GET /healthz on "
+        "the metrics port, as the kubelet's gRPC probes speak no TLS. Empty: plaintext.",
+    )
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="With tlsSecret and metricsPort 0 (metrics off): the port of the HTTP "
+        "server (METRICS_PORT) whose /healthz the probes ask; 0: metricsPort.",
+    )
     pod_labels: dict[str, str] = Field(default_factory=dict)
     pod_annotations: dict[str, str] = Field(default_factory=dict)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     ready_interval_s: float = Field(10.0, gt=0, alias="readyIntervalSeconds")
+
+    @model_validator(mode="after")
+    def _health_port_for_tls(self) -> OperatorConfig:
+        if self.tls_secret and not self.http_port:
+            raise ValueError(
+                "tlsSecret needs metricsPort or healthPort: with TLS the probes GET /healthz there"
+            )
+        return self
+
+    @property
+    def http_port(self) -> int:
+        """The port of a gateway's or worker's HTTP server (METRICS_PORT): /metrics when
+        metrics are on, /healthz for the probes when TLS is; 0: none."""
+        if self.metrics_port:
+            return self.metrics_port
+        return self.health_port if self.tls_secret else 0
 
 
 class ConfigError(ValueError):

@@ -121,3 +121,49 @@ rules:
 {{- .Values.auth.existingSecret | default (printf "%s-auth" (include "edgeflow.fullname" .)) -}}
 {{- end -}}
 {{- end }}
+
+{{/* The Secret (ca.crt, tls.crt, tls.key) every edgeflow pod mounts for TLS; empty: TLS off.
+     Fails unless exactly one source is named. */}}
+{{- define "edgeflow.tlsSecret" -}}
+{{- if .Values.tls.enabled -}}
+{{- $sources := list -}}
+{{- if .Values.tls.existingSecret }}{{ $sources = append $sources "tls.existingSecret" }}{{ end -}}
+{{- if .Values.tls.certManager.issuerRef.name }}{{ $sources = append $sources "tls.certManager.issuerRef.name" }}{{ end -}}
+{{- if .Values.tls.selfSigned }}{{ $sources = append $sources "tls.selfSigned" }}{{ end -}}
+{{- if ne (len $sources) 1 -}}
+{{- fail (printf "tls.enabled needs exactly one of tls.existingSecret, tls.certManager.issuerRef.name or tls.selfSigned (got %s)" (ternary "none" (join ", " $sources) (empty $sources))) -}}
+{{- end -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "edgeflow.fullname" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "edgeflow.tlsDir" -}}/etc/edgeflow/tls{{- end -}}
+
+{{/* With TLS on, the kubelet's probes GET /healthz on the metrics port (its gRPC probes
+     speak no TLS); without, they call the gRPC health service. Pass (dict "ctx" $ "port" N
+     "period" P "failures" F). */}}
+{{- define "edgeflow.probe" -}}
+{{- if .ctx.Values.tls.enabled -}}
+httpGet: {path: /healthz, port: {{ .ctx.Values.metrics.port }}}
+{{- else -}}
+grpc: {port: {{ .port }}}
+{{- end }}
+periodSeconds: {{ .period }}
+failureThreshold: {{ .failures }}
+{{- end -}}
+
+{{/* The TLS Secret as a pod volume: the whole directory (no subPath), so the kubelet swaps
+     in a renewed certificate and the services reload it; group-readable only when the pod
+     has an fsGroup to own it. */}}
+{{- define "edgeflow.tlsVolume" -}}
+- name: tls
+  secret:
+    secretName: {{ include "edgeflow.tlsSecret" . }}
+    items:
+      - {key: ca.crt, path: ca.crt}
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+    {{- if hasKey .Values.podSecurityContext "fsGroup" }}
+    defaultMode: 0440
+    {{- end }}
+{{- end -}}
