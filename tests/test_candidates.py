@@ -9,9 +9,14 @@ Member 1 knows 2 and 3; its friends of friends are 4 (via 2 and 3), then 5, 9, 1
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import json
 import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import cast
 
@@ -293,6 +298,89 @@ def test_server_collection_takes_shards_replicas_and_hnsw_from_the_environment(
     monkeypatch.setenv("QDRANT_SHARDS", "0")
     with pytest.raises(ValueError, match="QDRANT_SHARDS and QDRANT_REPLICAS must be at least 1"):
         vectors.open_store(Config(home=tmp_path))
+
+
+QDRANT_VERSION = importlib.metadata.version("qdrant-client")  # what the client checks for
+
+
+class _QdrantStub(ThreadingHTTPServer):
+    """A Qdrant server's REST answers to `GET /` and `GET /collections`, recording the
+    api-key header of every request."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, str | None]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stub.keys.append((self.path, self.headers.get("api-key")))
+                body: dict[str, object] = (
+                    {"result": {"collections": []}, "status": "ok", "time": 0.0}
+                    if self.path.startswith("/collections")
+                    else {"title": "qdrant - vector search engine", "version": QDRANT_VERSION}
+                )
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self, clients: int) -> None:
+        """Stop once the version check of each client made (its own thread) has come."""
+        deadline = time.monotonic() + 5
+        while sum(p == "/" for p, _ in self.keys) < clients and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.shutdown()
+        self.server_close()
+
+
+# Plain http to the stub: the client warns that the key travels unencrypted.
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_qdrant_api_key_reaches_the_server_in_the_api_key_header(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    server, keyless = _QdrantStub(), _QdrantStub()
+    try:
+        monkeypatch.setenv("QDRANT_URL", server.url)
+        monkeypatch.setenv("QDRANT_API_KEY", "k3y-for-qdrant")
+        cfg = Config(home=tmp_path)
+        assert cfg.qdrant_api_key == "k3y-for-qdrant"
+        assert "k3y-for-qdrant" not in repr(cfg)  # a logged Config does not show it
+        # Training's store and the candidates service's embeddings both send it.
+        store = vectors.open_store(cfg)
+        assert isinstance(store, vectors.ServerStore)
+        assert store.client.get_collections().collections == []
+        store.close()
+        embeddings = Embeddings.open(cfg)
+        assert embeddings.client is not None
+        assert embeddings.client.get_collections().collections == []
+        embeddings.close()
+        asked = [key for path, key in server.keys if path.startswith("/collections")]
+        assert asked == ["k3y-for-qdrant"] * 2
+        # (the clients' version checks, from their own threads, send it too)
+        assert {key for _, key in server.keys} == {"k3y-for-qdrant"}
+        # Without QDRANT_API_KEY, no api-key header at all.
+        monkeypatch.delenv("QDRANT_API_KEY")
+        monkeypatch.setenv("QDRANT_URL", keyless.url)
+        store = vectors.open_store(Config(home=tmp_path))
+        assert isinstance(store, vectors.ServerStore)
+        store.client.get_collections()
+        store.close()
+        assert keyless.keys and {key for _, key in keyless.keys} == {None}
+    finally:
+        server.stop(clients=2)
+        keyless.stop(clients=1)
 
 
 def test_a_missing_or_corrupt_shard_is_refused_naming_its_path(tmp_path: Path) -> None:

@@ -56,6 +56,17 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "operator.watchNamespaces={surfaces}",
     ],
     "tls-self-signed": ["--set", "tls.enabled=true", "--set", "tls.selfSigned=true"],
+    "store-secrets": [
+        "--set", "redis.enabled=false", "--set", "redis.existingSecret=redis-creds",
+        "--set", "redis.existingSecretKey=url", "--set", "redis.externalPorts={7000,7001}",
+        "--set", "qdrant.existingSecret=qdrant-key", "--set", "operator.watchNamespaces={surfaces}",
+    ],
+    "store-secrets-external-qdrant-tls": [
+        "--set", "redis.enabled=false", "--set", "redis.existingSecret=redis-creds",
+        "--set", "qdrant.enabled=false", "--set", "qdrant.externalUrl=https://qdrant.data:6333",
+        "--set", "qdrant.existingSecret=qdrant-key", "--set", "qdrant.existingSecretKey=key.txt",
+        "--set", "tls.enabled=true", "--set", "tls.existingSecret=edgeflow-certs",
+    ],
     "services-only": [
         "--set", "operator.enabled=false", "--set", "services.merging.replicas=3",
         "--set", "models.existingClaim=shared-models", "--set", "image.tag=v9",
@@ -210,6 +221,98 @@ def test_qdrant_collections_and_an_external_redis_cluster(tmp_path: Path) -> Non
     assert {7000, 7001} <= ports
 
 
+def _secret_refs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(where, variable, entry) of every env entry of every chart pod that names REDIS_URL,
+    QDRANT_API_KEY or a Secret."""
+    for where, pod in _pods(docs):
+        for c in pod["containers"]:
+            for e in c.get("env", []):
+                if e["name"] in ("REDIS_URL", "QDRANT_API_KEY") or "secretKeyRef" in e.get(
+                    "valueFrom", {}
+                ):
+                    yield where, e["name"], e
+
+
+REDIS_REF = {"secretKeyRef": {"name": "redis-creds", "key": "url"}}
+QDRANT_REF = {"secretKeyRef": {"name": "qdrant-key", "key": "api-key"}}
+
+
+def test_store_credentials_come_from_secrets_and_appear_nowhere() -> None:
+    text = helm("template", "demo", str(CHART), "--namespace", "edgeflow",
+                *VALUE_SETS["store-secrets"])  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    refs: dict[str, dict[str, Any]] = {}
+    for where, var, entry in _secret_refs(docs):
+        assert set(entry) == {"name", "valueFrom"}, (where, entry)  # no plain value beside
+        refs.setdefault(where, {})[var] = entry["valueFrom"]
+    backends = {f"Deployment/demo-edgeflow-{s}" for s in ("candidates", "features", "scoring",
+                                                          "merging")}  # fmt: skip
+    assert set(refs) == backends | {"StatefulSet/demo-edgeflow-qdrant"}
+    for where in backends:
+        assert refs[where] == {"REDIS_URL": REDIS_REF, "QDRANT_API_KEY": QDRANT_REF}, where
+    # The in-cluster Qdrant requires the key; its probes (/readyz, /livez) need none.
+    assert refs["StatefulSet/demo-edgeflow-qdrant"] == {"QDRANT__SERVICE__API_KEY": QDRANT_REF}
+    # No URL of Redis anywhere: not in the pods, the NOTES' sources or the operator's config.
+    assert "redis://" not in text and "rediss://" not in text
+    raw = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    assert not {"REDIS_URL", "QDRANT_API_KEY"} & set(raw["env"])
+    assert raw["redisUrlSecret"] == {"name": "redis-creds", "key": "url"}
+    assert raw["qdrantApiKeySecret"] == {"name": "qdrant-key", "key": "api-key"}
+    # The operator's children (here in a served namespace) read the same Secrets there.
+    cfg = OperatorConfig.model_validate(raw)
+    wf = parse_document(yaml.safe_load((REPO_ROOT / "examples" / "pymk.yaml").read_text()), "pymk")
+    children, _ = desired_children(Owner("pymk", "surfaces", "uid-1", {}), wf, cfg)
+    pods = {c["metadata"]["name"]: c["spec"]["template"]["spec"] for c in children
+            if c["kind"] == "Deployment"}  # fmt: skip
+    (cron,) = [c for c in children if c["kind"] == "CronJob"]
+    pods["pymk-offline"] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for name, pod in pods.items():
+        (c,) = pod["containers"]
+        made = {e["name"]: e for e in c["env"] if "valueFrom" in e}
+        assert made == {"REDIS_URL": {"name": "REDIS_URL", "valueFrom": REDIS_REF},
+                        "QDRANT_API_KEY": {"name": "QDRANT_API_KEY",
+                                           "valueFrom": QDRANT_REF}}, name  # fmt: skip
+
+    # An external Qdrant with its key under another name, beside TLS.
+    other = render(*VALUE_SETS["store-secrets-external-qdrant-tls"])
+    key_ref = {"secretKeyRef": {"name": "qdrant-key", "key": "key.txt"}}
+    redis_ref = {"secretKeyRef": {"name": "redis-creds", "key": "redis-url"}}  # the default key
+    found = list(_secret_refs(other))
+    assert len(found) == 8  # both variables in each of the four backends
+    for where, var, entry in found:
+        want = {"REDIS_URL": redis_ref, "QDRANT_API_KEY": key_ref}[var]
+        assert entry == {"name": var, "valueFrom": want}, where
+    raw = json.loads(find(other, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    assert raw["qdrantApiKeySecret"] == {"name": "qdrant-key", "key": "key.txt"}
+    assert raw["env"]["QDRANT_URL"] == "https://qdrant.data:6333"
+
+    # Without those values: plain REDIS_URL as before, no Secret named anywhere.
+    plain = render()
+    for where, var, entry in _secret_refs(plain):
+        assert var == "REDIS_URL" and set(entry) == {"name", "value"}, (where, entry)
+    raw = json.loads(find(plain, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"])
+    assert raw["env"]["REDIS_URL"] == "redis://demo-edgeflow-redis.edgeflow.svc:6379/0"
+    assert not {"redisUrlSecret", "qdrantApiKeySecret"} & set(raw)
+
+
+def test_egress_opens_the_redis_ports_the_values_name_when_the_url_is_secret() -> None:
+    def egress(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        spec = find(docs, "NetworkPolicy", "demo-edgeflow-features")["spec"]
+        assert len(spec["egress"]) == 3  # DNS, the release's pods, the external ports
+        return list(spec["egress"][2]["ports"])
+
+    assert egress(render(*VALUE_SETS["store-secrets"])) == [
+        {"port": 7000, "protocol": "TCP"}, {"port": 7001, "protocol": "TCP"}]  # fmt: skip
+    # redis.externalPorts defaults to Redis's own port; an external Qdrant adds its ports.
+    assert egress(render(*VALUE_SETS["store-secrets-external-qdrant-tls"])) == [
+        {"port": p, "protocol": "TCP"} for p in (6379, 6333, 6334)]  # fmt: skip
+    # With the URL in the values, its ports, and redis.externalPorts is not used.
+    assert egress(render("--set", "redis.enabled=false",
+                         "--set", "redis.externalUrl=redis://redis.data:6380/0",
+                         "--set", "redis.externalPorts={7000}")) == [
+        {"port": 6380, "protocol": "TCP"}]  # fmt: skip
+
+
 def test_network_policies_admit_only_this_release_and_limit_egress() -> None:
     release = {"matchLabels": {"app.kubernetes.io/instance": "demo"}}
     docs = render("--set", "operator.watchNamespaces={surfaces}")
@@ -284,6 +387,22 @@ def test_each_backend_survives_one_pod_or_node_going_away() -> None:
         (["--set", "metrics.serviceMonitor.interval=soon"], "metrics.serviceMonitor.interval"),
         (["--set", "metrics.port=0"], "metrics.port"),
         (["--set", "redis.persistence.appendfsync=sometimes"], "appendfsync"),
+        (
+            ["--set", "redis.existingSecret=redis-creds"],
+            "redis.existingSecret holds the URL of an external Redis: set redis.enabled=false",
+        ),
+        (
+            [
+                "--set",
+                "redis.enabled=false,redis.existingSecret=redis-creds,"
+                "redis.externalUrl=rediss://u:p@redis.data:6380/0",
+            ],
+            "redis.existingSecret and redis.externalUrl are both set",
+        ),
+        (["--set", "redis.existingSecretKey=a/b"], "redis.existingSecretKey"),
+        (["--set", "redis.externalPorts={0}"], "redis.externalPorts"),
+        (["--set", "qdrant.existingSecret=Qdrant_Key"], "qdrant.existingSecret"),
+        (["--set", "qdrant.existingSecretKey="], "qdrant.existingSecretKey"),
         (["--set", "tls.enabled=true"], "tls.enabled needs exactly one of"),
         (
             ["--set", "tls.enabled=true,tls.existingSecret=certs,tls.selfSigned=true"],
@@ -790,3 +909,16 @@ def test_notes_tell_how_to_use_the_release(api: EmulatorThread) -> None:
             "| base64 -d > tls/tls.key") in notes  # fmt: skip
     assert "EDGEFLOW_TLS_DIR=$PWD/tls" in notes
     assert "edgeflow recommend --addr localhost:50060" in notes
+    # The stores' credentials in Secrets: named, never printed.
+    out = helm("install", "demo", str(CHART), "--dry-run=client", "--disable-openapi-validation",
+               "--namespace", "notes", *VALUE_SETS["store-secrets"],
+               env={"KUBECONFIG": str(api.kubeconfig)})  # fmt: skip
+    notes = out[out.index("NOTES:") :]
+    assert "Redis:  the URL in Secret redis-creds (key url)" in notes
+    assert "API key in Secret qdrant-key (key api-key)" in notes
+    assert "every namespace the operator serves" in notes
+    assert ("export REDIS_URL=\"$(kubectl get secret -n notes redis-creds -o "
+            "jsonpath='{.data.url}' | base64 -d)\"") in notes  # fmt: skip
+    assert "jsonpath='{.data.api-key}'" in notes
+    assert "redis://" not in notes and "REDIS_URL=redis" not in notes
+    assert "     QDRANT_URL=http://demo-edgeflow-qdrant.notes.svc:6333 \\\n" in notes

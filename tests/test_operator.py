@@ -607,3 +607,130 @@ def test_tls_without_metrics_still_serves_healthz() -> None:
     pod = _pods(desired_children(_owner(), wf, bare)[0])["pymk-gateway"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
     assert "defaultMode" not in volume["secret"]
+
+
+# ---- store credentials from Secrets -------------------------------------------------------------
+STORE_SECRETS = {
+    "redisUrlSecret": {"name": "redis-creds", "key": "redis-url"},
+    "qdrantApiKeySecret": {"name": "qdrant-key", "key": "api-key"},
+}
+SECRET_ENV = {
+    "REDIS_URL": {"secretKeyRef": {"name": "redis-creds", "key": "redis-url"}},
+    "QDRANT_API_KEY": {"secretKeyRef": {"name": "qdrant-key", "key": "api-key"}},
+}
+PLAIN_STORES = {
+    "REDIS_URL": "rediss://edge:s3cret@redis.data:6380/0",
+    "QDRANT_URL": "http://q:6333",
+}
+
+
+def _without_store_env(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod template less REDIS_URL and QDRANT_API_KEY, however they are given."""
+    pod = copy.deepcopy(pod)
+    for c in pod["spec"]["containers"]:
+        c["env"] = [e for e in c["env"] if e["name"] not in SECRET_ENV]
+    return pod
+
+
+def test_store_secrets_reach_every_child_as_secret_key_refs() -> None:
+    wf = parse_document(example(), "pymk")
+    common = {"metricsPort": 9090, "tlsSecret": "edgeflow-tls", "authSecret": "keys"}
+    plain = OperatorConfig.model_validate({**common, "env": PLAIN_STORES})
+    secret = OperatorConfig.model_validate(
+        {**common, "env": {"QDRANT_URL": "http://q:6333"}, **STORE_SECRETS}
+    )
+    before, digest = desired_children(_owner(), wf, plain)
+    after, digest_secret = desired_children(_owner(), wf, secret)
+    assert digest == digest_secret
+    pods_before, pods_after = _pods(before), _pods(after)
+    assert set(pods_after) == {"pymk-gateway", "pymk-nearline", "pymk-offline"}
+    for name, template in pods_after.items():
+        (c,) = template["spec"]["containers"]
+        names = [e["name"] for e in c["env"]]
+        assert names == sorted(names), name  # TLS and API keys' env merged in, still sorted
+        refs = {e["name"]: e for e in c["env"] if "valueFrom" in e}
+        # The Secret's name and key, never a value; nothing else comes from a Secret.
+        assert refs == {k: {"name": k, "valueFrom": v} for k, v in SECRET_ENV.items()}, name
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["EDGEFLOW_TLS_DIR"] == "/etc/edgeflow/tls", name
+        assert env["QDRANT_URL"] == "http://q:6333", name
+        # Only those two variables changed.
+        assert _without_store_env(template) == _without_store_env(pods_before[name]), name
+    assert "s3cret" not in json.dumps(after)
+    others = [c for c in before if c["kind"] not in ("Deployment", "CronJob")]
+    assert others == [c for c in after if c["kind"] not in ("Deployment", "CronJob")]
+
+
+def test_without_store_secrets_the_children_keep_plain_env() -> None:
+    wf = parse_document(example(), "pymk")
+    for extra in ({}, {"tlsSecret": "edgeflow-tls", "authSecret": "keys"}):
+        cfg = OperatorConfig.model_validate({"metricsPort": 9090, "env": PLAIN_STORES, **extra})
+        assert cfg.secret_env() == {}
+        # A Secret's key alone (no name) is no Secret either.
+        keyed = OperatorConfig.model_validate(
+            {"metricsPort": 9090, "env": PLAIN_STORES, **extra,
+             "redisUrlSecret": {"key": "url"}, "qdrantApiKeySecret": {"name": "", "key": "k"}}
+        )  # fmt: skip
+        children, _ = desired_children(_owner(), wf, cfg)
+        assert desired_children(_owner(), wf, keyed)[0] == children
+        for name, template in _pods(children).items():
+            (c,) = template["spec"]["containers"]
+            # every entry a plain value, sorted by name, the stores' as the config gives them
+            assert all(set(e) == {"name", "value"} for e in c["env"]), name
+            assert [e["name"] for e in c["env"]] == sorted(e["name"] for e in c["env"])
+            env = {e["name"]: e["value"] for e in c["env"]}
+            assert env["REDIS_URL"] == PLAIN_STORES["REDIS_URL"], name
+            assert "QDRANT_API_KEY" not in env, name
+
+
+def test_a_store_secret_and_a_plain_value_conflict() -> None:
+    with pytest.raises(ValidationError, match="redisUrlSecret names Secret 'redis-creds' for "
+                       "REDIS_URL, which env sets too"):  # fmt: skip
+        OperatorConfig.model_validate({"env": PLAIN_STORES, **STORE_SECRETS})
+    with pytest.raises(ValidationError, match="qdrantApiKeySecret"):
+        OperatorConfig.model_validate(
+            {"env": {"QDRANT_API_KEY": "k"}, "qdrantApiKeySecret": {"name": "q", "key": "k"}}
+        )
+    for bad in ({"name": "Bad_Name", "key": "k"}, {"name": "s", "key": "a/b"}, {"name": "s"}):
+        with pytest.raises(ValidationError, match="redisUrlSecret"):
+            OperatorConfig.model_validate({"redisUrlSecret": bad})
+
+
+def test_moving_the_store_credentials_into_secrets_repatches_every_child(
+    api: EmulatorThread, kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = "secrets"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"env": PLAIN_STORES}))
+    monkeypatch.setenv("EDGEFLOW_OPERATOR_CONFIG", str(config))
+
+    def pods() -> dict[str, dict[str, Any]]:
+        out = {name: d["spec"]["template"]["spec"]
+               for name, d in children(api, ns, "Deployment").items()}  # fmt: skip
+        for name, cron in children(api, ns, "CronJob").items():
+            out[name] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        return out
+
+    def store_env(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        (c,) = pod["containers"]
+        return {e["name"]: e for e in c["env"] if e["name"] in SECRET_ENV}
+
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example())
+        wait_condition(api, ns, "pymk", "Deployed", "True")
+        for name, pod in pods().items():
+            plain = {"name": "REDIS_URL", "value": PLAIN_STORES["REDIS_URL"]}
+            assert store_env(pod) == {"REDIS_URL": plain}, name
+    assert runner.exception is None and runner.exit_code == 0
+    # The chart upgraded with redis.existingSecret and qdrant.existingSecret: the resumed
+    # reconcile patches each child, and no plain value stays beside the reference.
+    config.write_text(json.dumps({"env": {"QDRANT_URL": "http://q:6333"}, **STORE_SECRETS}))
+    want = {k: {"name": k, "valueFrom": v} for k, v in SECRET_ENV.items()}
+    with operator(ns) as runner:
+        done = wait_for(
+            lambda: (p := pods()) and all(store_env(pod) == want for pod in p.values()) and p,
+            "every child reading the stores' Secrets",
+        )
+    assert runner.exception is None and runner.exit_code == 0
+    assert set(done) == {"pymk-gateway", "pymk-nearline", "pymk-offline"}
+    assert "s3cret" not in json.dumps(done)

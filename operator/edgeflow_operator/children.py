@@ -10,6 +10,9 @@
 
 With the chart's TLS on (`tlsSecret`), every pod mounts that Secret at /etc/edgeflow/tls
 (EDGEFLOW_TLS_DIR) and the probes GET /healthz on the metrics port instead of gRPC.
+With `redisUrlSecret` / `qdrantApiKeySecret` (the chart's redis.existingSecret and
+qdrant.existingSecret), every pod reads REDIS_URL / QDRANT_API_KEY from that Secret in its
+own namespace (valueFrom.secretKeyRef): the operator names the Secret and never sees the value.
 
 Every pod template carries a hash of the compiled workflow, so a spec change rolls the
 Deployments even before the kubelet refreshes the mounted ConfigMap.
@@ -213,13 +216,19 @@ def _container(
     if http_port:  # /metrics, and /healthz for the probes with TLS
         env["METRICS_PORT"] = str(http_port)
         env["METRICS_HOST"] = "0.0.0.0"
+    entries: dict[str, dict[str, Any]] = {k: {"name": k, "value": v} for k, v in env.items()}
+    for var, ref in cfg.secret_env().items():  # the Secret's key, never its value
+        entries[var] = {
+            "name": var,
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+        }
     container: dict[str, Any] = {
         "name": name,
         "image": cfg.image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": ["edgeflow"],
         "args": args,
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "env": [entries[k] for k in sorted(entries)],
         "resources": resources,
         "securityContext": cfg.security_context,
         "volumeMounts": [
@@ -269,6 +278,13 @@ def _pod_spec(cfg: OperatorConfig, config_map: str, container: dict[str, Any]) -
     return spec
 
 
+def _set_env(container: dict[str, Any], **values: str) -> None:
+    """Set plain env values, keeping the other entries (valueFrom ones too), sorted by name."""
+    entries = {e["name"]: e for e in container["env"]}
+    entries.update({k: {"name": k, "value": v} for k, v in values.items()})
+    container["env"] = [entries[k] for k in sorted(entries)]
+
+
 AUTH_DIR = "/etc/edgeflow/auth"
 
 
@@ -276,9 +292,7 @@ def _with_api_keys(container: dict[str, Any], pod: dict[str, Any], secret: str) 
     """The gateway checks callers' keys against the Secret's keys.json, mounted read-only
     (only that item: the admin key itself stays out of the pod). The kubelet refreshes the
     file when the Secret changes, and the gateway reads it again."""
-    env = {e["name"]: e["value"] for e in container["env"]}
-    env.update(EDGEFLOW_AUTH="on", EDGEFLOW_AUTH_KEYS=f"{AUTH_DIR}/keys.json")
-    container["env"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
+    _set_env(container, EDGEFLOW_AUTH="on", EDGEFLOW_AUTH_KEYS=f"{AUTH_DIR}/keys.json")
     container["volumeMounts"].append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
     pod["volumes"].append({"name": "auth", "secret": {
         "secretName": secret, "items": [{"key": "keys.json", "path": "keys.json"}],
@@ -293,9 +307,7 @@ def _with_tls(container: dict[str, Any], pod: dict[str, Any], cfg: OperatorConfi
     """gRPC over TLS (EDGEFLOW_TLS_DIR): the Secret's ca.crt, tls.crt and tls.key, mounted
     read-only as a whole directory (no subPath), so the kubelet swaps in a renewed
     certificate and the servers reload it."""
-    env = {e["name"]: e["value"] for e in container["env"]}
-    env["EDGEFLOW_TLS_DIR"] = TLS_DIR
-    container["env"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
+    _set_env(container, EDGEFLOW_TLS_DIR=TLS_DIR)
     container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     secret: dict[str, Any] = {
         "secretName": cfg.tls_secret,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -75,6 +75,24 @@ class Offline(_Model):
     failed_jobs_history_limit: int = Field(3, ge=0, le=10)
 
 
+class SecretKeyRef(_Model):
+    """A key of a Secret in the workflow's namespace, read into a child's env var through
+    valueFrom.secretKeyRef (the value itself never passes through the operator)."""
+
+    name: str = Field(
+        "",
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
+        max_length=253,
+        description="The Secret; empty: none (the variable, if any, is a plain env value).",
+    )
+    key: str = Field(..., pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
+# Variables a child may read from a Secret instead of `env`: the field of OperatorConfig
+# naming the Secret, by variable.
+SECRET_ENV: Final = {"REDIS_URL": "redis_url_secret", "QDRANT_API_KEY": "qdrant_api_key_secret"}
+
+
 class OperatorConfig(_Model):
     image: str = "edgeflow:dev"
     image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
@@ -82,8 +100,9 @@ class OperatorConfig(_Model):
     service_account_name: str = ""
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Environment of every child container: REDIS_URL, QDRANT_URL, the "
-        "*_ADDR of the shared services, OTEL_EXPORTER_OTLP_ENDPOINT, LOG_LEVEL.",
+        description="Environment of every child container: REDIS_URL (unless "
+        "redisUrlSecret names a Secret), QDRANT_URL, the *_ADDR of the shared services, "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, LOG_LEVEL.",
     )
     reload_interval_s: float = Field(2.0, gt=0, alias="reloadIntervalSeconds")
     max_replicas: int = Field(
@@ -146,6 +165,17 @@ class OperatorConfig(_Model):
         description="With tlsSecret and metricsPort 0 (metrics off): the port of the HTTP "
         "server (METRICS_PORT) whose /healthz the probes ask; 0: metricsPort.",
     )
+    redis_url_secret: SecretKeyRef = Field(
+        default_factory=lambda: SecretKeyRef(key="redis-url"),
+        description="The Secret key holding REDIS_URL (the chart's redis.existingSecret), "
+        "which every child then reads through valueFrom.secretKeyRef; it must exist in each "
+        "namespace the operator serves. Empty name: REDIS_URL comes from env.",
+    )
+    qdrant_api_key_secret: SecretKeyRef = Field(
+        default_factory=lambda: SecretKeyRef(key="api-key"),
+        description="The Secret key holding QDRANT_API_KEY (the chart's "
+        "qdrant.existingSecret), read by every child like redisUrlSecret. Empty name: none.",
+    )
     pod_labels: dict[str, str] = Field(default_factory=dict)
     pod_annotations: dict[str, str] = Field(default_factory=dict)
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -159,6 +189,22 @@ class OperatorConfig(_Model):
                 "tlsSecret needs metricsPort or healthPort: with TLS the probes GET /healthz there"
             )
         return self
+
+    @model_validator(mode="after")
+    def _secrets_not_in_env(self) -> OperatorConfig:
+        for var, name in SECRET_ENV.items():
+            ref: SecretKeyRef = getattr(self, name)
+            if ref.name and var in self.env:
+                raise ValueError(
+                    f"{to_camel(name)} names Secret {ref.name!r} for {var}, which env sets "
+                    "too: keep the value in the Secret only"
+                )
+        return self
+
+    def secret_env(self) -> dict[str, SecretKeyRef]:
+        """Variables every child reads from a Secret, by name (only the configured ones)."""
+        refs = {var: getattr(self, name) for var, name in SECRET_ENV.items()}
+        return {var: ref for var, ref in refs.items() if ref.name}
 
     @property
     def http_port(self) -> int:

@@ -43,6 +43,9 @@ class Config:
     home: Path = field(default_factory=lambda: Path(_env("EDGEFLOW_HOME", ".edgeflow")).resolve())
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6390/0"))
     qdrant_url: str = field(default_factory=lambda: _env("QDRANT_URL", ""))
+    # API key of the Qdrant server (its service.api_key), sent as the api-key header; empty:
+    # none. A secret: never logged (repr=False keeps it out of the dataclass repr too).
+    qdrant_api_key: str = field(default_factory=lambda: _env("QDRANT_API_KEY", ""), repr=False)
     # Member embeddings (vectors.py). A server collection's shards and replication factor
     # (with QDRANT_URL), and the HNSW index of both engines: links per point, the candidate
     # list while building and while searching, and scalar quantization ("int8"; "none": off).

@@ -358,15 +358,18 @@ class _EdgeBuild:
 Store = ServerStore | EdgeStore
 
 
+def server_client(cfg: Config) -> QdrantClient:
+    """A client of the Qdrant server at QDRANT_URL, with QDRANT_API_KEY (the api-key header)
+    when one is set."""
+    return QdrantClient(url=cfg.qdrant_url, api_key=cfg.qdrant_api_key or None, timeout=5)
+
+
 def open_store(cfg: Config) -> Store:
     """Where `edgeflow train` writes embeddings: the server, or the in-process shards. A
     fresh in-process shard never collides with the running candidates service."""
     hnsw = Hnsw.from_config(cfg)
     if cfg.qdrant_url:
-        return ServerStore(
-            QdrantClient(url=cfg.qdrant_url, timeout=5), cfg.qdrant_shards, cfg.qdrant_replicas,
-            hnsw,
-        )  # fmt: skip
+        return ServerStore(server_client(cfg), cfg.qdrant_shards, cfg.qdrant_replicas, hnsw)
     cfg.qdrant_path.mkdir(parents=True, exist_ok=True)  # an unwritable home fails here
     return EdgeStore(cfg.qdrant_path, hnsw)
 

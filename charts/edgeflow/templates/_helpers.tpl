@@ -37,13 +37,43 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
 {{- end -}}
 
-{{/* Endpoints: in-cluster by default, or the external ones. */}}
+{{/* Endpoints: in-cluster by default, or the external ones. Empty when the URL is in
+     redis.existingSecret (edgeflow.redisSecret). */}}
 {{- define "edgeflow.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
 {{- printf "redis://%s-redis.%s.svc:6379/0" (include "edgeflow.fullname" .) .Release.Namespace -}}
-{{- else -}}
-{{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
+{{- else if not (include "edgeflow.redisSecret" .) -}}
+{{- required "redis.externalUrl (or redis.existingSecret) is required when redis.enabled is false" .Values.redis.externalUrl -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The Secret whose redis.existingSecretKey holds REDIS_URL (an external Redis's URL with
+     its password); empty: REDIS_URL is a plain value. Fails on values that contradict it. */}}
+{{- define "edgeflow.redisSecret" -}}
+{{- with .Values.redis.existingSecret -}}
+{{- if $.Values.redis.enabled -}}
+{{- fail "redis.existingSecret holds the URL of an external Redis: set redis.enabled=false (the chart's in-cluster Redis has no password)" -}}
+{{- end -}}
+{{- if $.Values.redis.externalUrl -}}
+{{- fail "redis.existingSecret and redis.externalUrl are both set: the URL belongs in the Secret only, leave redis.externalUrl empty (and list the Redis ports in redis.externalPorts)" -}}
+{{- end -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* REDIS_URL and QDRANT_API_KEY from the Secrets the values name, as container env entries
+     (valueFrom.secretKeyRef); nothing when neither is set. */}}
+{{- define "edgeflow.secretEnv" -}}
+{{- with include "edgeflow.redisSecret" . }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: {{ $.Values.redis.existingSecretKey | quote }}}
+{{- end }}
+{{- with .Values.qdrant.existingSecret }}
+- name: QDRANT_API_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: {{ $.Values.qdrant.existingSecretKey | quote }}}
+{{- end }}
 {{- end -}}
 
 {{- define "edgeflow.qdrantUrl" -}}
@@ -54,10 +84,15 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- end -}}
 {{- end -}}
 
-{{/* The environment every edgeflow process gets, as a name -> value map (JSON). */}}
+{{/* The environment every edgeflow process gets, as a name -> value map (JSON); the
+     secrets (edgeflow.secretEnv) are not in it. */}}
 {{- define "edgeflow.env" -}}
 {{- $fullname := include "edgeflow.fullname" . -}}
-{{- $env := dict "REDIS_URL" (include "edgeflow.redisUrl" .) "QDRANT_URL" (include "edgeflow.qdrantUrl" .) "LOG_LEVEL" .Values.logLevel -}}
+{{- $env := dict "QDRANT_URL" (include "edgeflow.qdrantUrl" .) "LOG_LEVEL" .Values.logLevel -}}
+{{- /* With redis.existingSecret the URL is never a plain value (edgeflow.secretEnv) */ -}}
+{{- if not (include "edgeflow.redisSecret" .) -}}
+{{- $_ := set $env "REDIS_URL" (include "edgeflow.redisUrl" .) -}}
+{{- end -}}
 {{- with .Values.qdrant.collection -}}
 {{- $_ := set $env "QDRANT_SHARDS" (toString .shards) -}}
 {{- $_ := set $env "QDRANT_REPLICAS" (toString .replicas) -}}

@@ -271,7 +271,7 @@ class Embeddings:
         try:
             hnsw = vectors.Hnsw.from_config(cfg)
             if cfg.qdrant_url:
-                return cls(client=QdrantClient(url=cfg.qdrant_url, timeout=5), hnsw=hnsw)
+                return cls(client=vectors.server_client(cfg), hnsw=hnsw)
         except (ValueError, OSError, RuntimeError) as exc:
             log.error("member embeddings not opened: %s", exc)
             return cls(problem=str(exc))
