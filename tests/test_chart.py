@@ -72,6 +72,10 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "models.existingClaim=shared-models", "--set", "image.tag=v9",
         "--set", "metrics.enabled=false",
     ],
+    "availability-off": [
+        "--set", "availability.podDisruptionBudget=false", "--set", "availability.topologyKey=",
+        "--set", "availability.zoneTopologyKey=",
+    ],
 }  # fmt: skip
 
 
@@ -109,11 +113,7 @@ def test_helm_lint_strict() -> None:
 FOREIGN_KINDS = {"ServiceMonitor", "Certificate", "Issuer"}
 
 
-@pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_rendered_manifests_pass_kubernetes_validate(name: str, tmp_path: Path) -> None:
-    out = tmp_path / "manifests.yaml"
-    text = helm("template", "demo", str(CHART), "--include-crds", *VALUE_SETS[name])
-    docs = [d for d in yaml.safe_load_all(text) if d]
+def kubernetes_validate(docs: list[dict[str, Any]], out: Path) -> None:
     out.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] not in FOREIGN_KINDS]))
     done = subprocess.run(
         [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
@@ -122,6 +122,12 @@ def test_rendered_manifests_pass_kubernetes_validate(name: str, tmp_path: Path) 
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "ERROR" not in done.stdout
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_manifests_pass_kubernetes_validate(name: str, tmp_path: Path) -> None:
+    text = helm("template", "demo", str(CHART), "--include-crds", *VALUE_SETS[name])
+    kubernetes_validate([d for d in yaml.safe_load_all(text) if d], tmp_path / "manifests.yaml")
 
 
 def _pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -348,20 +354,42 @@ def test_network_policies_admit_only_this_release_and_limit_egress() -> None:
                 if d["kind"] == "NetworkPolicy"]  # fmt: skip
 
 
+def _operator_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    raw: dict[str, Any] = json.loads(
+        find(docs, "ConfigMap", "demo-edgeflow-operator")["data"]["config.json"]
+    )
+    return raw
+
+
+def _workflow_children(raw: dict[str, Any], annotations: dict[str, str]) -> list[dict[str, Any]]:
+    """What the operator makes, with the chart's config.json, of the pymk example."""
+    wf = parse_document(yaml.safe_load((REPO_ROOT / "examples" / "pymk.yaml").read_text()), "pymk")
+    owner = Owner("pymk", "edgeflow", "uid-1", annotations)
+    return desired_children(owner, wf, OperatorConfig.model_validate(raw))[0]
+
+
+SPREAD_KEYS = ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+
+
+def _spread(dep: dict[str, Any]) -> list[str]:
+    """The keys a Deployment's pods spread over, each softly and over exactly its own pods."""
+    constraints = dep["spec"]["template"]["spec"].get("topologySpreadConstraints") or []
+    for c in constraints:
+        assert c["maxSkew"] == 1 and c["labelSelector"] == dep["spec"]["selector"]
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still runs
+    return [c["topologyKey"] for c in constraints]
+
+
 def test_each_backend_survives_one_pod_or_node_going_away() -> None:
     docs = render()
     for name in ("candidates", "features", "scoring", "merging"):
         dep = find(docs, "Deployment", f"demo-edgeflow-{name}")
         assert dep["spec"]["replicas"] >= 2, name
         labels = dep["spec"]["selector"]["matchLabels"]
-        (spread,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
-        assert spread["topologyKey"] == "kubernetes.io/hostname"
-        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still runs
-        assert spread["labelSelector"]["matchLabels"] == labels
+        assert _spread(dep) == SPREAD_KEYS[:1], name
         pdb = find(docs, "PodDisruptionBudget", f"demo-edgeflow-{name}")
         assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": labels}}
-    operator_cfg = json.loads(find(docs, "ConfigMap", "demo-edgeflow-operator")["data"][
-        "config.json"])  # fmt: skip
+    operator_cfg = _operator_config(docs)
     # The workflows' gateways and nearline workers, which the operator makes.
     assert [operator_cfg[c]["replicas"] for c in ("gateway", "nearline")] == [2, 2], operator_cfg
     # One replica has nothing to keep up through a drain: no budget that would block it.
@@ -370,6 +398,48 @@ def test_each_backend_survives_one_pod_or_node_going_away() -> None:
                 and d["metadata"]["name"] == "demo-edgeflow-merging"]  # fmt: skip
     off = render("--set", "availability.podDisruptionBudget=false")
     assert not [d for d in off if d["kind"] == "PodDisruptionBudget"]
+    # Zones on request (off by default: the scheduler would leave every node without the
+    # zone label out of the spread, on a cluster that has none).
+    zones = render("--set", f"availability.zoneTopologyKey={SPREAD_KEYS[1]}")
+    assert _spread(find(zones, "Deployment", "demo-edgeflow-scoring")) == SPREAD_KEYS
+    same = render("--set", "availability.zoneTopologyKey=kubernetes.io/hostname")
+    assert _spread(find(same, "Deployment", "demo-edgeflow-scoring")) == SPREAD_KEYS[:1]
+
+
+def test_workflow_gateways_and_workers_get_what_the_chart_gives_its_services(
+    tmp_path: Path,
+) -> None:
+    docs = render()
+    raw = _operator_config(docs)
+    assert raw["availability"] == {"podDisruptionBudget": True, "topologyKeys": SPREAD_KEYS[:1]}
+    # The chart's defaults: two replicas each, so both get a budget.
+    made = _workflow_children(raw, {})
+    deployments = {c["metadata"]["name"]: c for c in made if c["kind"] == "Deployment"}
+    budgets = {c["metadata"]["name"]: c for c in made if c["kind"] == "PodDisruptionBudget"}
+    assert set(deployments) == set(budgets) == {"pymk-gateway", "pymk-nearline"}
+    for name, dep in deployments.items():
+        assert _spread(dep) == SPREAD_KEYS[:1], name
+        assert budgets[name]["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+        # the same shape as the chart's own budgets
+        chart_pdb = find(docs, "PodDisruptionBudget", "demo-edgeflow-scoring")
+        assert budgets[name]["apiVersion"] == chart_pdb["apiVersion"]
+        assert budgets[name]["spec"].keys() == chart_pdb["spec"].keys()
+    kubernetes_validate(made, tmp_path / "children.yaml")
+    # One nearline replica: no budget for it.
+    single = _workflow_children(raw, {"edgeflow.dev/nearline-replicas": "1"})
+    assert [c["metadata"]["name"] for c in single if c["kind"] == "PodDisruptionBudget"] == [
+        "pymk-gateway"
+    ]
+
+    # Availability off in the chart: off for the operator's children too.
+    off = _operator_config(render(*VALUE_SETS["availability-off"]))
+    assert off["availability"] == {"podDisruptionBudget": False, "topologyKeys": []}
+    made = _workflow_children(off, {"edgeflow.dev/gateway-replicas": "3"})
+    assert not [c for c in made if c["kind"] == "PodDisruptionBudget"]
+    for dep in (c for c in made if c["kind"] == "Deployment"):
+        assert _spread(dep) == [], dep["metadata"]["name"]
+    zones = _operator_config(render("--set", f"availability.zoneTopologyKey={SPREAD_KEYS[1]}"))
+    assert zones["availability"]["topologyKeys"] == SPREAD_KEYS
 
 
 @pytest.mark.parametrize(
@@ -386,6 +456,8 @@ def test_each_backend_survives_one_pod_or_node_going_away() -> None:
         (["--set", "metrics.port=50065"], "metrics.port 50065 is also nearline.port"),
         (["--set", "metrics.serviceMonitor.interval=soon"], "metrics.serviceMonitor.interval"),
         (["--set", "metrics.port=0"], "metrics.port"),
+        (["--set", "availability.zoneTopologyKey=a zone"], "availability.zoneTopologyKey"),
+        (["--set", "availability.topologyKey=-host"], "availability.topologyKey"),
         (["--set", "redis.persistence.appendfsync=sometimes"], "appendfsync"),
         (
             ["--set", "redis.existingSecret=redis-creds"],
@@ -779,6 +851,7 @@ def test_rbac_is_exactly_what_the_operator_uses() -> None:
             if k != "EdgeWorkflow":
                 wanted |= {(group, plural, v) for v in ("get", "create", "patch", "delete")}
         assert granted == wanted
+        assert ("policy", "poddisruptionbudgets", "create") in granted  # the workflows' budgets
 
 
 def test_skaffold_builds_every_image_and_deploys_the_chart() -> None:

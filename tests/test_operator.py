@@ -24,7 +24,8 @@ from edgeflow_operator.children import (
     desired_children,
     scaling,
 )
-from edgeflow_operator.config import OperatorConfig
+from edgeflow_operator.config import HOSTNAME_KEY, ZONE_KEY, OperatorConfig
+from edgeflow_operator.kube import contains
 from kopf.testing import KopfRunner
 from kube_emulator import EmulatorThread
 from pydantic import ValidationError
@@ -44,6 +45,7 @@ PATHS = {
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
     "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
     "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "Event": "/api/v1/namespaces/{ns}/events",
 }
 T = TypeVar("T")
@@ -154,6 +156,7 @@ def test_valid_workflow_gets_owned_children_and_status(
         assert set(owned) == {
             ("ConfigMap", "pymk-workflow"), ("Deployment", "pymk-gateway"),
             ("Service", "pymk-gateway"), ("HorizontalPodAutoscaler", "pymk-gateway"),
+            ("PodDisruptionBudget", "pymk-gateway"),  # up to 10 replicas; nearline runs one
             ("Deployment", "pymk-nearline"), ("CronJob", "pymk-offline"),
         }  # fmt: skip
         for (kind, name), child in owned.items():
@@ -216,6 +219,7 @@ def test_valid_workflow_gets_owned_children_and_status(
         # Deleting the workflow leaves its children to ownerReference garbage collection.
         api.http.delete(f"{EWF.format(ns=ns)}/pymk").raise_for_status()
         assert children(api, ns, "Deployment") == {} and children(api, ns, "ConfigMap") == {}
+        assert children(api, ns, "PodDisruptionBudget") == {}
     assert runner.exception is None and runner.exit_code == 0
 
 
@@ -243,7 +247,8 @@ def test_spec_change_rolls_deployments_and_prunes_children(
         assert yaml.safe_load(text)["spec"]["budgetMs"] == 200
         assert "pymk-nearline" not in children(api, ns, "Deployment")
         assert children(api, ns, "HorizontalPodAutoscaler") == {}
-        assert condition(after, "Deployed")["message"] == "4 children match the spec"
+        assert set(children(api, ns, "PodDisruptionBudget")) == {"pymk-gateway"}
+        assert condition(after, "Deployed")["message"] == "5 children match the spec"
         messages = [e["message"] for e in api.items(PATHS["Event"].format(ns=ns))
                     if e["reason"] == "Reconciled"]  # fmt: skip
         assert any("2 deleted" in m for m in messages), messages  # nearline and its HPA
@@ -352,7 +357,7 @@ def test_a_second_run_changes_nothing(api: EmulatorThread, kubeconfig: Path) -> 
             return [i for i, r in enumerate(api.requests()) if i >= after
                     and r.method.value == "GET" and r.url.path.endswith(suffix)]  # fmt: skip
 
-        pruned = wait_for(lambda: gets("/horizontalpodautoscalers/pymk-nearline", mark),
+        pruned = wait_for(lambda: gets("/poddisruptionbudgets/pymk-nearline", mark),
                           "the resumed reconcile")[0]  # fmt: skip
         wait_for(lambda: len(gets("/deployments/pymk-nearline", pruned)) >= 2,
                  "a readiness check after the reconcile")  # fmt: skip
@@ -416,6 +421,91 @@ def test_children_mount_the_tls_secret_the_config_names(
             if name != "pymk-offline":  # a Job has no probes
                 assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 9090}
     assert runner.exception is None and runner.exit_code == 0
+
+
+def _spread_keys(dep: dict[str, Any]) -> list[str] | None:
+    """The keys a Deployment's pods are spread over, each selecting exactly its own pods."""
+    constraints = dep["spec"]["template"]["spec"].get("topologySpreadConstraints")
+    if constraints is None:
+        return None
+    for c in constraints:
+        assert c["labelSelector"] == dep["spec"]["selector"], dep["metadata"]["name"]
+        assert (c["maxSkew"], c["whenUnsatisfiable"]) == (1, "ScheduleAnyway")
+    return [c["topologyKey"] for c in constraints]
+
+
+def test_a_budget_follows_the_replicas_and_goes_with_the_workflow(
+    api: EmulatorThread, kubeconfig: Path
+) -> None:
+    ns = "budget"
+    path = f"{EWF.format(ns=ns)}/cold-start"
+
+    def replicas(value: str) -> None:
+        api.patch(path, {"metadata": {"annotations": {"edgeflow.dev/gateway-replicas": value}}})
+
+    def budgets() -> dict[str, dict[str, Any]]:
+        return children(api, ns, "PodDisruptionBudget")
+
+    with operator(ns) as runner:
+        created = api.create(EWF.format(ns=ns), example("cold-start"))  # 3 gateway replicas
+        wait_condition(api, ns, "cold-start", "Deployed", "True")
+        dep = children(api, ns, "Deployment")["cold-start-gateway"]
+        assert dep["spec"]["replicas"] == 3
+        assert _spread_keys(dep) == [HOSTNAME_KEY, ZONE_KEY]
+        pdb = budgets()["cold-start-gateway"]
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+        (ref,) = pdb["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["uid"], ref["controller"]) == (
+            "EdgeWorkflow", created["metadata"]["uid"], True)  # fmt: skip
+
+        # Down to one replica: the budget would only block drains, so it goes; the spread stays.
+        replicas("1")
+        wait_for(lambda: children(api, ns, "Deployment")["cold-start-gateway"]["spec"][
+            "replicas"] == 1 and not budgets(), "one replica and no budget")  # fmt: skip
+        dep = children(api, ns, "Deployment")["cold-start-gateway"]
+        assert _spread_keys(dep) == [HOSTNAME_KEY, ZONE_KEY]
+        # An HPA that may add a second replica: a budget again.
+        replicas("1-4")
+        wait_for(lambda: "cold-start-gateway" in budgets()
+                 and children(api, ns, "HorizontalPodAutoscaler"),
+                 "the HPA and its budget")  # fmt: skip
+
+        # Deleted with the workflow, by ownerReference garbage collection.
+        api.http.delete(path).raise_for_status()
+        assert budgets() == {} and children(api, ns, "Deployment") == {}
+    assert runner.exception is None and runner.exit_code == 0
+
+
+def test_turning_availability_off_takes_it_off_running_children(
+    api: EmulatorThread, kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = "availability"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"metricsPort": 9090}))  # availability as by default: on
+    monkeypatch.setenv("EDGEFLOW_OPERATOR_CONFIG", str(config))
+    with operator(ns) as runner:
+        api.create(EWF.format(ns=ns), example())
+        wait_condition(api, ns, "pymk", "Deployed", "True")
+        deployments = children(api, ns, "Deployment")
+        assert {n: _spread_keys(d) for n, d in deployments.items()} == {
+            "pymk-gateway": [HOSTNAME_KEY, ZONE_KEY],
+            "pymk-nearline": [HOSTNAME_KEY, ZONE_KEY],
+        }
+        assert set(children(api, ns, "PodDisruptionBudget")) == {"pymk-gateway"}
+    assert runner.exception is None and runner.exit_code == 0
+    # The chart upgraded with availability off: the resumed reconcile prunes the budget and
+    # patches the constraints away.
+    off = {"podDisruptionBudget": False, "topologyKeys": []}
+    config.write_text(json.dumps({"metricsPort": 9090, "availability": off}))
+    with operator(ns) as runner:
+        done = wait_for(
+            lambda: not children(api, ns, "PodDisruptionBudget")
+            and (d := children(api, ns, "Deployment"))
+            and all(_spread_keys(dep) is None for dep in d.values()) and d,
+            "no budget and no spread",
+        )  # fmt: skip
+    assert runner.exception is None and runner.exit_code == 0
+    assert set(done) == {"pymk-gateway", "pymk-nearline"}
 
 
 # ---- the pure parts ---------------------------------------------------------------------------
@@ -734,3 +824,93 @@ def test_moving_the_store_credentials_into_secrets_repatches_every_child(
     assert runner.exception is None and runner.exit_code == 0
     assert set(done) == {"pymk-gateway", "pymk-nearline", "pymk-offline"}
     assert "s3cret" not in json.dumps(done)
+
+
+# ---- availability: spread and disruption budgets -----------------------------------------------
+def _by_kind(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+@pytest.mark.parametrize(
+    ("gateway", "nearline", "budgets"),
+    [
+        ("3", "2", {"pymk-gateway", "pymk-nearline"}),
+        ("2-10", "1", {"pymk-gateway"}),  # an HPA's maximum counts, not its minimum
+        ("1-3", "0", {"pymk-gateway"}),
+        ("1", "1-1", set()),
+    ],
+)
+def test_deployments_that_may_run_two_replicas_get_a_budget_and_all_spread(
+    gateway: str, nearline: str, budgets: set[str]
+) -> None:
+    wf = parse_document(example(), "pymk")
+    owner = _owner(
+        {"edgeflow.dev/gateway-replicas": gateway, "edgeflow.dev/nearline-replicas": nearline}
+    )
+    made = _by_kind(desired_children(owner, wf, OperatorConfig())[0])
+    assert {n for k, n in made if k == "PodDisruptionBudget"} == budgets
+    deployments = {n: c for (k, n), c in made.items() if k == "Deployment"}
+    assert set(deployments) == {"pymk-gateway", "pymk-nearline"}
+    for name, dep in deployments.items():
+        assert _spread_keys(dep) == [HOSTNAME_KEY, ZONE_KEY], name
+        if name not in budgets:
+            continue
+        pdb = made["PodDisruptionBudget", name]
+        assert pdb["apiVersion"] == "policy/v1"
+        assert pdb["metadata"]["ownerReferences"] == [owner.reference()]
+        assert pdb["metadata"]["labels"] == dep["metadata"]["labels"]
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+        # It selects exactly this Deployment's pods: its own, and not the other one's.
+        wanted = pdb["spec"]["selector"]["matchLabels"].items()
+        for other, d in deployments.items():
+            pod_labels = d["spec"]["template"]["metadata"]["labels"].items()
+            assert (wanted <= pod_labels) == (other == name), (name, other)
+    # The offline job's pods run to completion: nothing to spread or keep up.
+    cron = made["CronJob", "pymk-offline"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in cron
+
+
+def test_availability_off_in_the_config_gives_neither_spread_nor_budgets() -> None:
+    wf = parse_document(example(), "pymk")
+    owner = _owner({"edgeflow.dev/gateway-replicas": "3", "edgeflow.dev/nearline-replicas": "2-4"})
+
+    def made(availability: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        cfg = OperatorConfig.model_validate({"availability": availability})
+        return _by_kind(desired_children(owner, wf, cfg)[0])
+
+    def budgets(children: dict[tuple[str, str], dict[str, Any]]) -> set[str]:
+        return {n for k, n in children if k == "PodDisruptionBudget"}
+
+    on, off = made({}), made({"podDisruptionBudget": False, "topologyKeys": []})
+    assert budgets(on) == {"pymk-gateway", "pymk-nearline"} and budgets(off) == set()
+    for name in ("pymk-gateway", "pymk-nearline"):
+        pod = off["Deployment", name]["spec"]["template"]["spec"]
+        # null, not absent: a merge patch then removes constraints an earlier config set
+        assert "topologySpreadConstraints" in pod and pod["topologySpreadConstraints"] is None
+    # Nothing else differs.
+    for children in (on, off):
+        for key in list(children):
+            if key[0] == "PodDisruptionBudget":
+                del children[key]
+            elif key[0] == "Deployment":
+                children[key]["spec"]["template"]["spec"].pop("topologySpreadConstraints")
+    assert on == off
+    # Each on its own: budgets without spread, spread over nodes only without budgets.
+    assert budgets(made({"topologyKeys": []})) == {"pymk-gateway", "pymk-nearline"}
+    nodes_only = made({"podDisruptionBudget": False, "topologyKeys": [HOSTNAME_KEY]})
+    assert budgets(nodes_only) == set()
+    assert _spread_keys(nodes_only["Deployment", "pymk-gateway"]) == [HOSTNAME_KEY]
+
+
+@pytest.mark.parametrize(
+    "keys", [[HOSTNAME_KEY, HOSTNAME_KEY], ["no spaces"], [""], ["-zone"], ["Zone.Example/x"]]
+)
+def test_bad_topology_keys_are_refused(keys: list[str]) -> None:
+    with pytest.raises(ValidationError, match="topologyKeys"):
+        OperatorConfig.model_validate({"availability": {"topologyKeys": keys}})
+
+
+def test_a_null_field_is_one_the_live_object_must_not_have() -> None:
+    assert contains({"a": 1}, {"a": 1, "b": None})
+    assert contains({"a": 1, "b": None}, {"b": None})
+    assert not contains({"a": 1, "b": [{"k": "v"}]}, {"b": None})

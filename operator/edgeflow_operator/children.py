@@ -6,7 +6,10 @@
   the others, scales on its own (HPA) and rolls out on its own;
 - offline mode: a CronJob whose Job is Indexed, one completion per shard;
 - nearline mode: a worker Deployment (a Redis Streams consumer group, so it scales out);
-- an HPA for the gateway or the worker when autoscaling is asked for.
+- an HPA for the gateway or the worker when autoscaling is asked for;
+- availability, as the chart gives its own services (`availability`): the gateway's and the
+  worker's pods spread over nodes and zones (soft), and a PodDisruptionBudget (maxUnavailable
+  1) for each of the two that may run two or more replicas, so a drain never takes them all.
 
 With the chart's TLS on (`tlsSecret`), every pod mounts that Secret at /etc/edgeflow/tls
 (EDGEFLOW_TLS_DIR) and the probes GET /healthz on the metrics port instead of gRPC.
@@ -51,7 +54,10 @@ REPLICAS_ANNOTATIONS: Final = {
 }
 
 # Every kind the operator may create, for pruning children a spec change made unneeded.
-CHILD_KINDS: Final = ("ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler", "CronJob")
+CHILD_KINDS: Final = (
+    "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+    "CronJob",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -333,6 +339,24 @@ def _probes(port: int, cfg: OperatorConfig) -> dict[str, Any]:
     }
 
 
+def _spread(owner: Owner, component: str, cfg: OperatorConfig) -> list[dict[str, Any]] | None:
+    """Soft spread of the Deployment's own pods over each topology key, like the chart's
+    services. None (not absent) without keys: the merge patch then removes constraints an
+    earlier config set."""
+    keys = cfg.availability.topology_keys
+    if not keys:
+        return None
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",  # a one-node or one-zone cluster still runs
+            "labelSelector": {"matchLabels": _selector(owner, component)},
+        }
+        for key in keys
+    ]
+
+
 def _deployment(
     owner: Owner,
     wf: Workflow,
@@ -353,6 +377,7 @@ def _deployment(
         _with_api_keys(container, pod, cfg.auth_secret)
     if cfg.tls_secret:
         _with_tls(container, pod, cfg)
+    pod["topologySpreadConstraints"] = _spread(owner, component, cfg)
     spec: dict[str, Any] = {
         "revisionHistoryLimit": 3,
         "selector": {"matchLabels": _selector(owner, component)},
@@ -406,6 +431,43 @@ def _hpa(owner: Owner, wf: Workflow, component: str, hpa: Autoscaling) -> Manife
             ],
         },
     }
+
+
+def _most_replicas(scale: Scaling) -> int:
+    """The most replicas the Deployment may run: its HPA's maximum, else its count."""
+    return scale.autoscaling.max_replicas if scale.autoscaling is not None else scale.replicas
+
+
+def _pdb(owner: Owner, wf: Workflow, component: str) -> Manifest:
+    """At most one of the Deployment's pods evicted at a time (drains, node upgrades)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, wf, child_name(owner.name, component), component),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(owner, component)}},
+    }
+
+
+def _scaled(
+    owner: Owner,
+    wf: Workflow,
+    cfg: OperatorConfig,
+    component: str,
+    config_map: str,
+    digest: str,
+) -> list[Manifest]:
+    """A gateway's or worker's Deployment, then its Service, HPA and PodDisruptionBudget."""
+    comp = cfg.gateway if component == "gateway" else cfg.nearline
+    scale = scaling(owner, component, comp, cfg.max_replicas)
+    made = [_deployment(owner, wf, cfg, component, comp, scale, config_map, digest)]
+    if component == "gateway":
+        made.append(_service(owner, wf, comp.port, cfg.metrics_port))
+    if scale.autoscaling is not None:
+        made.append(_hpa(owner, wf, component, scale.autoscaling))
+    # One replica has nothing to keep up through a drain: a budget would only block it.
+    if cfg.availability.pod_disruption_budget and _most_replicas(scale) >= 2:
+        made.append(_pdb(owner, wf, component))
+    return made
 
 
 def _service(owner: Owner, wf: Workflow, port: int, metrics_port: int) -> Manifest:
@@ -496,18 +558,9 @@ def desired_children(owner: Owner, wf: Workflow, cfg: OperatorConfig) -> tuple[l
     ]
     modes = wf.spec.modes
     if modes.online.enabled:
-        scale = scaling(owner, "gateway", cfg.gateway, cfg.max_replicas)
-        children.append(_deployment(owner, wf, cfg, "gateway", cfg.gateway, scale, cm_name, digest))
-        children.append(_service(owner, wf, cfg.gateway.port, cfg.metrics_port))
-        if scale.autoscaling is not None:
-            children.append(_hpa(owner, wf, "gateway", scale.autoscaling))
+        children.extend(_scaled(owner, wf, cfg, "gateway", cm_name, digest))
     if modes.nearline is not None:
-        scale = scaling(owner, "nearline", cfg.nearline, cfg.max_replicas)
-        children.append(
-            _deployment(owner, wf, cfg, "nearline", cfg.nearline, scale, cm_name, digest)
-        )
-        if scale.autoscaling is not None:
-            children.append(_hpa(owner, wf, "nearline", scale.autoscaling))
+        children.extend(_scaled(owner, wf, cfg, "nearline", cm_name, digest))
     if modes.offline is not None:
         children.append(_cron_job(owner, wf, cfg, cm_name, digest))
     return children, digest
@@ -520,8 +573,10 @@ def possible_children(owner_name: str) -> list[tuple[str, str]]:
         ("Deployment", child_name(owner_name, "gateway")),
         ("Service", child_name(owner_name, "gateway")),
         ("HorizontalPodAutoscaler", child_name(owner_name, "gateway")),
+        ("PodDisruptionBudget", child_name(owner_name, "gateway")),
         ("Deployment", child_name(owner_name, "nearline")),
         ("HorizontalPodAutoscaler", child_name(owner_name, "nearline")),
+        ("PodDisruptionBudget", child_name(owner_name, "nearline")),
         ("CronJob", child_name(owner_name, "offline", limit=52)),
     ]
 

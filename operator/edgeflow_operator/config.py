@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,6 +19,11 @@ from pydantic.alias_generators import to_camel
 
 CONFIG_ENV = "EDGEFLOW_OPERATOR_CONFIG"
 DEFAULT_MAX_REPLICAS = 50
+# A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
+_LABEL_KEY: Final = (
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
 
 
 class _Model(BaseModel):
@@ -62,6 +68,36 @@ class Component(_Model):
         description="Probe the gRPC health service on the port (with tlsSecret: /healthz on "
         "the metrics port).",
     )
+
+
+HOSTNAME_KEY: Final = "kubernetes.io/hostname"
+ZONE_KEY: Final = "topology.kubernetes.io/zone"
+
+
+class Availability(_Model):
+    """How the gateways and nearline workers survive a node going away (the chart's
+    `availability.*`, as its own services get it)."""
+
+    pod_disruption_budget: bool = Field(
+        True,
+        description="A PodDisruptionBudget (maxUnavailable 1) for each gateway and nearline "
+        "Deployment that may run two or more replicas (its replicas or its HPA's maximum).",
+    )
+    topology_keys: list[str] = Field(
+        default_factory=lambda: [HOSTNAME_KEY, ZONE_KEY],
+        max_length=8,
+        description="Node labels each Deployment's pods are spread over (maxSkew 1, "
+        "whenUnsatisfiable ScheduleAnyway); empty: no spread constraints.",
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> Availability:
+        for key in self.topology_keys:
+            if not re.fullmatch(_LABEL_KEY, key):
+                raise ValueError(f"topologyKeys: {key!r} is not a node label key")
+        if len(set(self.topology_keys)) != len(self.topology_keys):
+            raise ValueError(f"topologyKeys: {self.topology_keys} names a key twice")
+        return self
 
 
 class Offline(_Model):
@@ -127,6 +163,7 @@ class OperatorConfig(_Model):
         )
     )
     offline: Offline = Field(default_factory=Offline)
+    availability: Availability = Field(default_factory=Availability)
     pod_security_context: dict[str, Any] = Field(
         default_factory=lambda: {
             "runAsNonRoot": True,

@@ -24,6 +24,7 @@ KINDS: Final = {
     "Deployment": ("apps", "v1", "deployments"),
     "CronJob": ("batch", "v1", "cronjobs"),
     "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
     KIND: (GROUP, VERSION, PLURAL),
 }
 # Conflicts, throttling, timeouts and server trouble pass; the rest needs a person.
@@ -59,10 +60,12 @@ def _error(kind: str, name: str, action: str, exc: Exception) -> KubeError:
 
 def contains(live: Any, desired: Any) -> bool:
     """Whether the live object already has every field of the desired one (the server may
-    have added defaults and status)."""
+    have added defaults and status). A desired None is a field that must be unset, which a
+    merge patch removes."""
     if isinstance(desired, Mapping):
         return isinstance(live, Mapping) and all(
-            k in live and contains(live[k], v) for k, v in desired.items()
+            live.get(k) is None if v is None else k in live and contains(live[k], v)
+            for k, v in desired.items()
         )
     if isinstance(desired, list):
         return (

@@ -144,10 +144,24 @@ rules:
   - apiGroups: [autoscaling]
     resources: [horizontalpodautoscalers]
     verbs: [get, create, patch, delete]
+  - apiGroups: [policy]
+    resources: [poddisruptionbudgets]
+    verbs: [get, create, patch, delete]
   # Events about each workflow (invalid graphs, reconciles).
   - apiGroups: [""]
     resources: [events]
     verbs: [create]
+{{- end }}
+
+{{/* The node labels every edgeflow Deployment's pods are spread over (the chart's services and
+     the operator's gateways and workers alike), as a JSON list: the non-empty ones of
+     availability.topologyKey and zoneTopologyKey, each once. */}}
+{{- define "edgeflow.topologyKeys" -}}
+{{- $keys := list -}}
+{{- range $key := list .Values.availability.topologyKey .Values.availability.zoneTopologyKey -}}
+{{- if and $key (not (has $key $keys)) }}{{ $keys = append $keys $key }}{{ end -}}
+{{- end -}}
+{{- toJson $keys -}}
 {{- end }}
 
 {{/* The Secret whose keys.json the gateways check API keys against; empty: keys off. */}}
