@@ -42,6 +42,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (other := d / "other").mkdir()
     make_ca(other)  # a CA edgeflow does not trust
     sign(other, "stranger")
+    (rotated := d / "rotated").mkdir()
+    make_ca(rotated)  # the CA edgeflow moves to at the end
+    sign(rotated, "edgeflow")
     return d
 
 
@@ -58,7 +61,7 @@ async def tls_suite(
     home = tmp_path_factory.mktemp("tls-suite")
     tls_dir = secret_dir(pki, "edgeflow", home / "tls")
     cfg, redis = clone(suite_world, home / "world")
-    cfg = dataclasses.replace(cfg, tls_dir=tls_dir)
+    cfg = dataclasses.replace(cfg, tls_dir=tls_dir, reload_interval_s=0.3)
     servers: Servers = {}
     try:
         cfg, servers = await start_backends(cfg)
@@ -183,3 +186,32 @@ def test_healthz_on_the_metrics_port() -> None:
             assert b"# HELP" in page.read()
     finally:
         endpoint.close()
+
+
+async def test_a_new_ca_reaches_servers_and_clients_without_a_restart(
+    tls_suite: TlsSuite, pki: Path
+) -> None:
+    """Every file replaced by those of another CA: the backends now take only the new CA's
+    certificates, so the gateway's calls to them work only if it renewed its channels too.
+    (Last in the module: it moves the suite to the new CA.)"""
+    rotated = pki / "rotated"
+    secret_dir(rotated, "edgeflow", tls_suite.tls_dir)
+    port = tls_suite.ports["gateway"]
+    request = gateway_pb2.RecommendRequest(surface="pymk", member=1, k=5)
+    reply = None
+    for _ in range(100):
+        ch = grpc.aio.secure_channel(
+            f"127.0.0.1:{port}", _credentials(pki, None, ca=rotated / "ca.crt")
+        )
+        try:
+            reply = await gateway_pb2_grpc.RecommenderStub(ch).Recommend(request, timeout=5)
+        except grpc.aio.AioRpcError:
+            reply = None  # the gateway still shows the old certificate
+        finally:
+            await ch.close()
+        if reply is not None and not reply.partial:
+            break
+        await asyncio.sleep(0.1)
+    assert reply is not None and len(reply.edges) == 5 and not reply.partial, reply
+    # The old CA's certificate is refused everywhere now.
+    assert await _health(tls_suite.ports["merging"], _credentials(pki, "edgeflow")) != "SERVING"

@@ -7,8 +7,10 @@ edgeflow's own processes reach them; the gateway, which edge surfaces call with 
 does not. Every client presents the same certificate and checks the server's against the CA.
 
 A server reads the files again when they change (cert-manager renews them in place), so a
-renewed certificate is served without a restart; a client channel keeps the files it was made
-with, and channels are made per process start.
+renewed certificate is served without a restart. A channel keeps the certificate it was made
+with, so the long-lived clients (the gateway's channels to the backends and model servers,
+the nearline worker's to features) watch the files with `Renewal` and make new channels when
+they change, closing the old ones once calls on them have had time to finish.
 """
 
 from __future__ import annotations
@@ -55,7 +57,35 @@ class TlsFiles:
 
     def stamp(self) -> tuple[float, ...]:
         """The files' modification times, to notice a renewal."""
-        return tuple(_mtime(self.directory / name) for name in FILES)
+        return stamp(self.directory)
+
+
+def stamp(directory: Path) -> tuple[float, ...]:
+    return tuple(_mtime(directory / name) for name in FILES)
+
+
+class Renewal:
+    """Notices new certificate files for a client: `check()` returns them once per change
+    (None while unchanged, TLS is off, or the files are half-written)."""
+
+    def __init__(self, files: TlsFiles | None) -> None:
+        self._files = files
+        self._stamp = files.stamp() if files is not None else ()
+
+    def check(self) -> TlsFiles | None:
+        if self._files is None:
+            return None
+        now = stamp(self._files.directory)
+        if now == self._stamp:
+            return None
+        try:
+            fresh = TlsFiles.load(self._files.directory)
+        except TlsError as exc:
+            log.warning("client certificate not renewed yet: %s", exc)
+            return None
+        self._files, self._stamp = fresh, now
+        log.info("client channels take the renewed certificate from %s", fresh.directory)
+        return fresh
 
 
 def _mtime(path: Path) -> float:

@@ -22,6 +22,7 @@ from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
 from edgeflow.merging.service import MergingService
 from edgeflow.server import RequestError
+from edgeflow.tls import TlsFiles
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,
@@ -231,6 +232,13 @@ class Engine:
             "scoring.onnx": self._score,
             "scoring.remote": self._score_remote,
         }
+
+    def use(self, clients: Clients, tls_files: TlsFiles | None = None) -> None:
+        """Call the backends over new channels from now on (a renewed certificate); model
+        servers too, with `tls_files`."""
+        self._c = clients
+        if tls_files is not None:
+            self._remote.use(tls_files)
 
     async def close(self) -> None:
         """Close the channels the engine opened itself (those of remote model servers)."""

@@ -132,6 +132,11 @@ class ModelWatch:
         self.checks: dict[str, SurfaceCheck] = {}
         self._checked: dict[str, tuple[Workflow, Available]] = {}
 
+    def use(self, scoring: grpc.aio.Channel) -> None:
+        """Ask over a new channel from now on (a renewed certificate)."""
+        self._stub = scoring_pb2_grpc.ScoringServiceStub(scoring)
+        self._health = health_pb2_grpc.HealthStub(scoring)
+
     async def refresh(self, timeout_s: float = LIST_TIMEOUT_S) -> None:
         """Ask the scoring service which model versions it has loaded. When it cannot be
         asked, or is still loading them (not SERVING), the last answer stands (and why is

@@ -49,6 +49,7 @@ class RemoteScorer:
         # release's own scoring service requires this process's certificate).
         tls_dir = self._env.get("EDGEFLOW_TLS_DIR")
         self._tls = tls.load(Path(tls_dir)) if tls_dir else None
+        self._retired: list[grpc.aio.Channel] = []
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
 
     def stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
@@ -58,7 +59,17 @@ class RemoteScorer:
             entry = self._stubs[address] = (ch, pb_grpc.GRPCInferenceServiceStub(ch))
         return entry[1]
 
+    def use(self, tls_files: tls.TlsFiles) -> None:
+        """Call model servers with a renewed certificate: new channels from the next call on;
+        the old ones are closed with the scorer."""
+        self._tls = tls_files
+        self._retired.extend(ch for ch, _ in self._stubs.values())
+        self._stubs = {}
+
     async def close(self) -> None:
+        for ch in self._retired:
+            await ch.close()
+        self._retired = []
         stubs, self._stubs = self._stubs, {}
         for ch, _ in stubs.values():
             await ch.close()

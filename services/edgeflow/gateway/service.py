@@ -47,6 +47,15 @@ _CLOSE_TIMEOUT_S = 5.0
 _RESPONSE_MARGIN_S = 0.002
 
 
+# Seconds an old channel stays open after a certificate renewal, for the calls on it.
+RETIRE_S = 30.0
+
+
+async def _close_later(channels: list[grpc.aio.Channel], delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+
+
 class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     name = "gateway"
     service_names = ("edgeflow.v1.Recommender",)
@@ -63,6 +72,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._stamp: tuple[tuple[str, float, int], ...] = ()
         self._reload_log = RateLimitedLog(log, 60.0)
         self._channels: list[grpc.aio.Channel] = []
+        self._renewal = tls.Renewal(None)
+        self._retired: set[asyncio.Task[None]] = set()  # old channels closing after a grace
         self._engine: Engine | None = None
         self._local_merging: MergingService | None = None
         self._local_candidates: ListsOnly | None = None
@@ -93,6 +104,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         cfg = self._cfg
         peers = (cfg.candidates_addr, cfg.features_addr, cfg.scoring_addr, cfg.merging_addr)
         tls_files = tls.load(cfg.tls_dir)
+        self._renewal = tls.Renewal(tls_files)
         chans = [channel(a, tls_files=tls_files) for a in peers]
         self._channels = chans
         # Merging's own code in process: the blend and filters still run if it is down.
@@ -134,6 +146,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         for stream_log in (self.exposures, self._shadow_log):
             if stream_log is not None:
                 await stream_log.close()
+        for task in list(self._retired):
+            task.cancel()
         closing = [ch.close() for ch in self._channels]
         if self._engine is not None:
             closing.append(self._engine.close())
@@ -226,6 +240,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
                     self._apply(*scan)
             except Exception as exc:
                 self._reload_log.warning("workflow reload failed: %r", exc)
+            self._renew_channels()
             if self.models is None:
                 continue
             try:
@@ -233,6 +248,21 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
                 self.models.update(self.workflows)
             except Exception:  # a failed check must not end workflow reloading
                 log.exception("checking the workflows' model references failed")
+
+    def _renew_channels(self) -> None:
+        """New channels to the backends when the certificate files were renewed; the old
+        ones close once the calls on them have had time to finish."""
+        files = self._renewal.check()
+        if files is None or self._engine is None or self.models is None:
+            return
+        cfg = self._cfg
+        peers = (cfg.candidates_addr, cfg.features_addr, cfg.scoring_addr, cfg.merging_addr)
+        old, self._channels = self._channels, [channel(a, tls_files=files) for a in peers]
+        self._engine.use(Clients.over(*self._channels), files)
+        self.models.use(self._channels[2])
+        task = asyncio.create_task(_close_later(old, RETIRE_S))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     # ---- RPCs ----------------------------------------------------------------------------
     async def Recommend(

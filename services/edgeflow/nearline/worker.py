@@ -139,12 +139,21 @@ class Processor:
         self._stamp: tuple[tuple[str, float], ...] = ()
         self._refreshed = 0.0
         self._features = LiveFeatures(client)
-        self._channel = sync_channel(cfg.features_addr, tls.load(cfg.tls_dir))
+        tls_files = tls.load(cfg.tls_dir)
+        self._renewal = tls.Renewal(tls_files)  # a renewed certificate: a new channel
+        self._channel = sync_channel(cfg.features_addr, tls_files)
         self._push = features_pb2_grpc.FeatureServiceStub(self._channel)
         self._no_list: set[str] = set()
 
     def close(self) -> None:
         self._channel.close()
+
+    def _renew_channel(self) -> None:
+        files = self._renewal.check()
+        if files is not None:  # no call is in flight: this worker pushes one at a time
+            old, self._channel = self._channel, sync_channel(self.cfg.features_addr, files)
+            self._push = features_pb2_grpc.FeatureServiceStub(self._channel)
+            old.close()
 
     # ---- what it computes with ----------------------------------------------------------
     def refresh(self, force: bool = False) -> None:
@@ -301,6 +310,7 @@ class Processor:
             values=tensor.pack(values, tuple(columns)),
         )
         try:
+            self._renew_channel()
             self._push.Push(request, timeout=PUSH_TIMEOUT_S)
         except grpc.RpcError as exc:
             code = cast(grpc.Call, exc).code()
