@@ -33,7 +33,7 @@ from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.merging import blend
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
-from edgeflow.offline.executor import BatchRunner, OfflineError
+from edgeflow.offline.executor import BatchRunner, OfflineError, best_k, most_connected
 from edgeflow.offline.pairs import (
     PairIndex,
     TwoHop,
@@ -212,6 +212,40 @@ def test_two_hop_products_equal_the_graph_functions(built: Built) -> None:
         index_cosines(index, members, owner, np.concatenate(cands), emb, cemb),
         row_cosines(owner, emb, cemb), rtol=1e-5, atol=1e-6,
     )  # fmt: skip
+
+
+def test_best_k_finds_the_columns_argpartition_finds() -> None:
+    rng = np.random.default_rng(3)
+    for n, k in ((20_000, 50), (3_000, 200), (150, 100)):
+        sims = rng.normal(size=(6, n)).astype(np.float32)
+        sims[:, rng.random(n) < 0.1] = -np.inf  # members without an embedding
+        sims[1] = np.round(sims[1], 1)  # ties at the k-th value: argpartition's choice
+        sims[2, k // 2 :] = -np.inf  # fewer than k finite values
+        want = np.sort(np.argpartition(-sims, k - 1, axis=1)[:, :k], axis=1)
+        np.testing.assert_array_equal(np.sort(best_k(sims, k), axis=1), want)
+
+
+def test_most_connected_is_the_stable_sort_by_degree() -> None:
+    degree = np.random.default_rng(4).integers(0, 30, 5_000)
+    for head in (1, 100, 4_999, 5_000, 6_000):
+        want = np.argsort(-degree, kind="stable")[:head]
+        np.testing.assert_array_equal(most_connected(degree, head), want)
+
+
+def test_member_by_member_runs_give_the_batch_lists_without_the_pair_index(built: Built) -> None:
+    """The nearline worker's runner: its graph changes every batch, so it must not build the
+    whole-graph pair index for each; its lists are the bulk path's."""
+    wf = built.workflow()
+    inputs = load_inputs(built.cfg, built.client, wf)
+    members = np.sort(built.graph.ids)[:40]
+    per_member = BatchRunner(wf, inputs, per_member=True).run(members)
+    assert inputs._pairs is None
+    bulk = BatchRunner(wf, inputs).run(members)
+    assert inputs._pairs is not None
+    assert per_member.pairs_scored == bulk.pairs_scored > 0
+    for (ids_a, sc_a), (ids_b, sc_b) in zip(per_member.lists, bulk.lists, strict=True):
+        assert ids_a.tolist() == ids_b.tolist()
+        np.testing.assert_array_equal(sc_a, sc_b)
 
 
 def test_served_workflows_serve_offline_only_surfaces_from_their_list(built: Built) -> None:

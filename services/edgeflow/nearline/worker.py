@@ -114,9 +114,7 @@ def graph_features(graph: Graph, members: np.ndarray) -> tuple[np.ndarray, np.nd
         nbrs = graph.neighbors(i)
         d = float(nbrs.size)
         _, second = graph.gather(nbrs)
-        inside = np.zeros(graph.n, dtype=bool)
-        inside[nbrs] = True
-        triangles = float(inside[second].sum()) / 2.0
+        triangles = float(np.isin(second, nbrs).sum()) / 2.0  # not a mask of n: O(two hops)
         pairs = d * (d - 1) / 2.0
         rows.append([d, triangles / pairs if pairs > 0 else 0.0, deg[nbrs].sum() / d if d else 0.0])
     values = np.asarray(rows, dtype=np.float64).reshape(-1, len(_GRAPH_FEATURES))
@@ -212,8 +210,8 @@ class Processor:
     def runner(self, wf: Workflow) -> BatchRunner:
         assert self.inputs is not None
         runner = self.runners.get(wf.name)
-        if runner is None:
-            runner = self.runners[wf.name] = BatchRunner(wf, self.inputs)
+        if runner is None:  # member by member: the graph changes with every batch
+            runner = self.runners[wf.name] = BatchRunner(wf, self.inputs, per_member=True)
         return runner
 
     # ---- one batch ------------------------------------------------------------------------

@@ -46,8 +46,8 @@ _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 _EMPTY_SCORES = np.zeros(0, dtype=np.float32)
 # Most similarity cells computed at once by the batched EBR (memory bound: 4 bytes each).
 _EBR_CELLS = 1 << 24
-# Up to this many members (the nearline worker's batches), the graph work is done member by
-# member with graph.py's functions rather than with the batch's sparse product.
+# Up to this many members, the graph work is done member by member with graph.py's functions
+# rather than with the batch's sparse product (the nearline worker's runner always does).
 PER_MEMBER_MAX = 8
 
 
@@ -66,19 +66,16 @@ class _Batch:
     """One batch's members and what several nodes share: their dense indices and, built on
     first use, their two-hop products."""
 
-    def __init__(self, inputs: Inputs, members: np.ndarray) -> None:
+    def __init__(self, inputs: Inputs, members: np.ndarray, per_member: bool) -> None:
         self.inputs = inputs
         self.members = members
         self.dense = inputs.graph.indices_of(members)
+        self.per_member = per_member
         self._two_hop: TwoHop | None = None
 
     @property
     def size(self) -> int:
         return int(self.members.size)
-
-    @property
-    def per_member(self) -> bool:
-        return self.size <= PER_MEMBER_MAX
 
     @property
     def two_hop(self) -> TwoHop:
@@ -88,11 +85,19 @@ class _Batch:
 
 
 class BatchRunner:
-    """Runs `wf` for batches of members against `inputs`."""
+    """Runs `wf` for batches of members against `inputs`.
 
-    def __init__(self, wf: Workflow, inputs: Inputs, k: int | None = None) -> None:
+    With `per_member`, the graph work of every batch is done member by member: for inputs
+    whose graph changes between batches (the nearline worker's), where the whole-graph pair
+    index would be rebuilt, at O(edges), for each batch of more than PER_MEMBER_MAX members.
+    """
+
+    def __init__(
+        self, wf: Workflow, inputs: Inputs, k: int | None = None, per_member: bool = False
+    ) -> None:
         self.wf = wf
         self.inputs = inputs
+        self.per_member = per_member
         self.list = list_name(wf)
         self.k = k or list_size(wf)
         self._ops: dict[str, Callable[[CompiledNode, list[Rows], _Batch], Rows]] = {
@@ -113,9 +118,10 @@ class BatchRunner:
 
     def run(self, members: np.ndarray) -> BatchResult:
         """The output node's lists for a batch of members; safe to call from several threads.
-        A batch too big for the two-hop products' memory runs in parts."""
+        A batch too big for its similarity rows' memory (pairs.DENSE_CELLS) runs in parts."""
         members = np.asarray(members, dtype=np.int64)
-        step = self.inputs.pairs.members_per_batch() if members.size > PER_MEMBER_MAX else 0
+        per_member = self.per_member or members.size <= PER_MEMBER_MAX
+        step = 0 if per_member else self.inputs.pairs.members_per_batch()
         if step and members.size > step:
             parts = [self.run(members[i : i + step]) for i in range(0, members.size, step)]
             return BatchResult(
@@ -123,7 +129,7 @@ class BatchRunner:
                 [lst for part in parts for lst in part.lists],
                 sum(part.pairs_scored for part in parts),
             )
-        batch = _Batch(self.inputs, members)
+        batch = _Batch(self.inputs, members, per_member)
         pairs = 0
         out: dict[str, Rows] = {}
         ranked: dict[str, list[Ranked]] = {}
@@ -185,7 +191,7 @@ class BatchRunner:
             gone = index.rows(g.ids[nb])
             sims[known[owner][gone >= 0], gone[gone >= 0]] = -np.inf
             k = min(params.limit, index.ids.size)
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            top = best_k(sims, k)
             top_sims = np.take_along_axis(sims, top, axis=1)
             order = np.lexsort((index.ids[top], -top_sims), axis=1)
             top = np.take_along_axis(top, order, axis=1)
@@ -226,7 +232,7 @@ class BatchRunner:
         g = self.inputs.graph
         degree = g.degree
         head = min(g.n, params.limit + int(degree.max(initial=0)) + 1)
-        order = np.argsort(-degree, kind="stable")[:head]
+        order = most_connected(degree, head)
         ranked_ids, ranked_deg = g.ids[order], degree[order].astype(np.float32)
         dense = g.indices_of(members)
         parts = []
@@ -345,6 +351,41 @@ def _blend_input(name: str, rows: Rows, weight: float) -> BlendInput:
         rows.dense if len(rows) else np.zeros(0, dtype=np.int64),
         rows.unique or not len(rows),
     )
+
+
+def best_k(sims: np.ndarray, k: int) -> np.ndarray:
+    """Columns of each row's k highest values (in no order), as np.argpartition(-sims, k - 1,
+    axis=1)[:, :k] finds them, without partitioning whole rows: the k-th highest of the
+    maxima of disjoint groups of a row is a floor its k-th highest value cannot be under,
+    and few values reach it. A row tied at its k-th value takes argpartition's own choice."""
+    b, n = sims.shape
+    width = n // (8 * k)  # eight groups per value kept, so few of the best share one
+    if width < 2:
+        return np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    groups = sims[:, : n - n % width].reshape(b, width, -1).max(axis=1)  # strided groups
+    floor = -np.partition(-groups, k - 1, axis=1)[:, k - 1 : k]
+    row, col = np.divmod(np.flatnonzero(sims >= floor), n)  # at least k per row, in order
+    value = sims[row, col]
+    order = np.lexsort((-value, row))
+    col, value = col[order], value[order]
+    first = np.searchsorted(row, np.arange(b))
+    best = first[:, None] + np.arange(k)
+    top = col[best]
+    after = np.minimum(first + k, row.size - 1)
+    tied = (np.diff(np.append(first, row.size)) > k) & (value[after] == value[best[:, -1]])
+    if tied.any():
+        top[tied] = np.argpartition(-sims[tied], k - 1, axis=1)[:, :k]
+    return top
+
+
+def most_connected(degree: np.ndarray, head: int) -> np.ndarray:
+    """np.argsort(-degree, kind="stable")[:head] without sorting every member: only those
+    with at least the head-th highest degree."""
+    if head >= degree.size:
+        return np.argsort(-degree, kind="stable")[:head]
+    floor = np.partition(degree, degree.size - head)[degree.size - head]
+    rows = np.flatnonzero(degree >= floor)
+    return rows[np.argsort(-degree[rows], kind="stable")][:head]
 
 
 def _limit(rows: Rows, limit: int) -> Rows:

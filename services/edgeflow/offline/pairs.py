@@ -2,11 +2,12 @@
 
 For a batch, one sparse product of the members' adjacency rows with the graph (plain, and
 weighted per intermediate member by 1/log(degree) and by 1/degree) gives every two-hop
-pair's common-neighbour count, Adamic-Adar and resource-allocation sums. It adds the very
+pair's common-neighbour count, Adamic-Adar and resource-allocation sums, kept sparse: a
+member costs its two-hop neighbourhood, whatever the graph's size. It adds the very
 terms graph.friends_of_friends and graph.pair_measures add, in the same order, so the values
 are identical (tests hold them to that); the candidates are cut at the limit by
-(score, member id), which decides ties the same way for any batch. Batches of a few members
-(the nearline worker's) use those two functions directly.
+(score, member id), which decides ties the same way for any batch. Batches of a few members,
+and the nearline worker's, use those two functions directly.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from edgeflow.candidates.sources import VectorIndex
 from edgeflow.features.compute import adjacency_matrix
 from edgeflow.features.schema import MODEL_COLUMNS
 from edgeflow.graph import PAIR_COLUMNS, Graph, friends_of_friends, pair_measures
-from edgeflow.offline.rows import best_first
 
 _PAIR_START = MODEL_COLUMNS.index(PAIR_COLUMNS[0])
-# Most cells of a batch's dense two-hop product (three float64 blocks of n per member).
-DENSE_CELLS = 1 << 23
+# Most cells of a batch's dense member-by-member similarities (float32, n per member).
+DENSE_CELLS = 1 << 24
 
 
 class PairIndex:
@@ -42,33 +42,33 @@ class PairIndex:
         )
 
     def members_per_batch(self) -> int:
-        """Most members whose dense two-hop blocks fit DENSE_CELLS."""
-        return max(1, DENSE_CELLS // max(3 * self.graph.n, 1))
+        """Most members whose rows of similarities with every member fit DENSE_CELLS."""
+        return max(1, DENSE_CELLS // max(self.graph.n, 1))
 
 
 @dataclass
 class TwoHop:
     """Common neighbours, Adamic-Adar and resource allocation of each batch member (row) with
-    every graph member (column); rows of members unknown to the graph are all zero."""
+    the members two hops from it: the sparse product's entries, by row and then column. Every
+    other pair's sums are zero, so the cost is the two-hop neighbourhoods', not rows of n."""
 
     graph: Graph
     member_dense: np.ndarray  # (B,) dense index, -1 when unknown
-    cn: np.ndarray  # (B, n) float64
+    keys: np.ndarray  # (m,) int64 row * n + column, sorted
+    cn: np.ndarray  # (m,) float64
     aa: np.ndarray
     ra: np.ndarray
 
     @classmethod
     def build(cls, pairs: PairIndex, member_dense: np.ndarray) -> TwoHop:
-        g = pairs.graph
-        known = member_dense >= 0
-        if known.all():
-            blocks = (pairs.adj[member_dense] @ pairs.stacked).toarray()
-        else:
-            blocks = np.zeros((member_dense.size, 3 * g.n), dtype=np.float64)
-            if known.any():
-                blocks[known] = (pairs.adj[member_dense[known]] @ pairs.stacked).toarray()
-        n = g.n
-        return cls(g, member_dense, blocks[:, :n], blocks[:, n : 2 * n], blocks[:, 2 * n :])
+        n = pairs.graph.n
+        rows = np.flatnonzero(member_dense >= 0)
+        product = (pairs.adj[member_dense[rows]] @ pairs.stacked).tocoo()
+        block, col = np.divmod(product.col.astype(np.int64), max(n, 1))
+        keys, at = np.unique(rows[product.row] * n + col, return_inverse=True)
+        sums = np.zeros((3, keys.size), dtype=np.float64)
+        sums[block, at] = product.data  # a sum the product left out is zero
+        return cls(pairs.graph, member_dense, keys, sums[0], sums[1], sums[2])
 
     def friends_of_friends(
         self, limit: int, weighted: bool, min_common: int
@@ -76,39 +76,33 @@ class TwoHop:
         """(owner, candidate dense index, common-neighbour count) per member, best first:
         friends_of_friends' ranking (Adamic-Adar weight or count, then member id), cut at
         `limit` after dropping candidates with fewer than `min_common` common neighbours."""
-        g, b = self.graph, self.member_dense.size
-        score = (self.aa if weighted else self.cn).astype(np.float32)
-        allowed = self.cn >= max(min_common, 1)
-        rows = np.flatnonzero(self.member_dense >= 0)
-        allowed[rows, self.member_dense[rows]] = False
-        owner, nb = g.gather(self.member_dense[rows])
-        allowed[rows[owner], nb] = False
-        score = np.where(allowed, score, -np.inf)
+        g = self.graph
         k = min(limit, g.n)
-        if k <= 0 or b == 0:
+        if k <= 0 or self.member_dense.size == 0:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, np.zeros(0, dtype=np.float32)
-        # The k-th best score per row, then every better one and the lowest ids tied with it.
-        kth = -np.partition(-score, k - 1, axis=1)[:, k - 1 : k]
-        better = score > kth
-        tied = (score == kth) & np.isfinite(kth)
-        keep = better | tied
-        need = k - better.sum(axis=1)
-        cut = np.flatnonzero(tied.sum(axis=1) > need)  # rows with more ties than room
-        if cut.size:
-            room = np.cumsum(tied[cut], axis=1) <= need[cut, None]
-            keep[cut] = better[cut] | (tied[cut] & room)
-        owner, cand = np.nonzero(keep)  # row-major: by member, then by id
-        order = best_first(owner, score[owner, cand])
-        owner, cand = owner[order], cand[order]
-        return owner.astype(np.int64), cand.astype(np.int64), self.cn[owner, cand].astype("f4")
+        rows = np.flatnonzero(self.member_dense >= 0)
+        owner, nb = g.gather(self.member_dense[rows])
+        connected = rows[owner] * g.n + nb
+        row, col = np.divmod(self.keys, g.n)
+        allowed = (self.cn >= max(min_common, 1)) & (col != self.member_dense[row])
+        allowed &= ~np.isin(self.keys, connected)
+        row, col = row[allowed], col[allowed]
+        score = (self.aa if weighted else self.cn)[allowed].astype(np.float32)
+        # By member, then score (highest first), then id: the first k of each member.
+        order = np.lexsort((col, -score, row))
+        row, col = row[order], col[order]
+        first = np.searchsorted(row, row)  # each entry's member's first entry
+        keep = np.arange(row.size) - first < k
+        cn = self.cn[allowed][order][keep]
+        return row[keep], col[keep], cn.astype(np.float32)
 
     def measures(self, owner: np.ndarray, cand_dense: np.ndarray) -> np.ndarray:
         """graph.pair_measures for the pairs (member `owner`, candidate `cand_dense`)."""
         out = np.zeros((cand_dense.size, len(PAIR_COLUMNS)), dtype=np.float32)
         ok = (self.member_dense[owner] >= 0) & (cand_dense >= 0)
         rows, o, c = np.flatnonzero(ok), owner[ok], cand_dense[ok]
-        cn, aa, ra = self.cn[o, c], self.aa[o, c], self.ra[o, c]
+        cn, aa, ra = self._sums(o * self.graph.n + c)
         deg = self.graph.degree
         du = deg[self.member_dense[o]].astype(np.float64)
         dv = deg[c].astype(np.float64)
@@ -119,6 +113,16 @@ class TwoHop:
         out[rows, 3] = np.divide(cn, union, out=np.zeros_like(cn), where=union > 0)
         out[rows, 4] = np.log1p(du * dv)
         return out
+
+    def _sums(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The three sums of pairs given as row * n + column keys (zero past two hops)."""
+        if not self.keys.size:
+            zero = np.zeros(keys.size, dtype=np.float64)
+            return zero, zero, zero
+        at = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        hit = self.keys[at] == keys
+        cn, aa, ra = (np.where(hit, s[at], 0.0) for s in (self.cn, self.aa, self.ra))
+        return cn, aa, ra
 
 
 def member_friends_of_friends(
