@@ -19,7 +19,7 @@ from certs import HAVE_OPENSSL, make_ca, sign
 from edgeflow import redis_client
 from edgeflow.build.feast_features import feast_connection_string
 from edgeflow.build.synthetic import social_graph, write_edge_list
-from edgeflow.local.redis_server import find_redis_server, free_port, stop_pid
+from edgeflow.local.redis_server import find_redis_server, free_port, quick_client, stop_pid
 from edgeflow.resp import RespError, encode
 from edgeflow.resp_cluster import open_pipeline
 
@@ -95,7 +95,7 @@ def test_every_client_speaks_tls(certs: Path, tls_port: int) -> None:
         redis_client.connect(_url(certs, tls_port, client_cert=False)).ping()
     # Plain text to the TLS port gets nowhere either.
     with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=tls_port, socket_timeout=2, socket_connect_timeout=1).ping()
+        quick_client(tls_port, timeout_s=1.0).ping()
     feast = feast_connection_string(url)
     assert f"ssl=true,ssl_ca_certs={certs / 'ca.crt'},ssl_certfile=" in feast
 
