@@ -5,14 +5,14 @@ A REDIS_URL names either one server (`redis://[user:pass@]host:port/db`) or a Re
 discovered). `rediss://` and `rediss+cluster://` are the same over TLS, verified against the
 system's CAs or `?ssl_ca_certs=FILE`, with `&ssl_certfile=FILE&ssl_keyfile=FILE` for a
 server that asks for client certificates (`tls-auth-clients yes`). Every client of
-edgeflow is made here or in `resp.py`, from the URL alone, so the URL is the one setting that
-says which kind of Redis a suite runs on.
+edgeflow is made here or in `resp.py` / `resp_cluster.py`, from the URL alone, so the URL is
+the one setting that says which kind of Redis a suite runs on.
 """
 
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 from urllib.parse import parse_qs, unquote
 
@@ -57,7 +57,7 @@ class RedisAddress:
     cluster: bool
     tls: bool = False
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line
     db: int = 0
     ca_certs: str | None = None  # TLS: the CA bundle that signed the server's certificate
     certfile: str | None = None  # TLS: this client's certificate and key, when asked for

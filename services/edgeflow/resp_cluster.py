@@ -6,7 +6,8 @@ parses them), the commands are grouped by node, every node's group is sent at on
 node's own `RawPipeline`, and the replies are put back in the payload's order. A payload
 whose commands all live on one node is sent as it is. A node that answers MOVED (the slot
 moved) makes the slot map reload and those commands alone go again; ASK (a slot being
-migrated) sends them to the named node after ASKING.
+migrated) sends them to the named node after ASKING. A node that cannot be reached fails the
+call and makes the next one reload the map, so a failover is followed.
 """
 
 from __future__ import annotations
@@ -124,13 +125,20 @@ class ClusterPipeline(RawPipeline):
         groups: dict[Node, list[int]] = {}
         for i, node in enumerate(nodes):
             groups.setdefault(node, []).append(i)
-        if len(groups) == 1 and payload is not None:
-            parts = [await self._send(nodes[0], commands, shape, timeout_s, payload=payload)]
-        else:
-            parts = await asyncio.gather(
-                *(self._send(node, [commands[i] for i in idx], shape, timeout_s)
-                  for node, idx in groups.items())
-            )  # fmt: skip
+        try:
+            if len(groups) == 1 and payload is not None:
+                parts = [await self._send(nodes[0], commands, shape, timeout_s, payload=payload)]
+            else:
+                parts = await asyncio.gather(
+                    *(self._send(node, [commands[i] for i in idx], shape, timeout_s)
+                      for node, idx in groups.items())
+                )  # fmt: skip
+        except RespError:
+            # A master that cannot be reached may have failed over: the next call reloads
+            # the slot map from a node that answers (this one is not sent again: it may
+            # have run in part).
+            self._slot_owner = None
+            raise
         if shape is not None and all(isinstance(p, np.ndarray) for p in parts):
             matrix = np.empty((len(commands), shape.size), dtype=np.uint8)
             for idx, part in zip(groups.values(), parts, strict=True):
