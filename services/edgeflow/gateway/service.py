@@ -52,8 +52,10 @@ RETIRE_S = 30.0
 
 
 async def _close_later(channels: list[grpc.aio.Channel], delay_s: float) -> None:
-    await asyncio.sleep(delay_s)
-    await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+    try:
+        await asyncio.sleep(delay_s)
+    finally:  # at once when the gateway stops first
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 
 
 class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
@@ -146,8 +148,10 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         for stream_log in (self.exposures, self._shadow_log):
             if stream_log is not None:
                 await stream_log.close()
-        for task in list(self._retired):
+        retired = list(self._retired)
+        for task in retired:
             task.cancel()
+        await asyncio.gather(*retired, return_exceptions=True)
         closing = [ch.close() for ch in self._channels]
         if self._engine is not None:
             closing.append(self._engine.close())
