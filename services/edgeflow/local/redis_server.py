@@ -235,10 +235,11 @@ def find_redis_cli() -> str:
     )
 
 
-def _port_bindable(port: int) -> bool:
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a process could bind `host`:`port` now."""
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -254,7 +255,7 @@ def free_cluster_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -
             break
         port = free_port()
         bus = port + CLUSTER_BUS_OFFSET
-        if port > MAX_CLUSTER_PORT or {port, bus} & taken or not _port_bindable(bus):
+        if port > MAX_CLUSTER_PORT or {port, bus} & taken or not port_bindable(bus):
             continue
         ports.append(port)
         taken |= {port, bus}

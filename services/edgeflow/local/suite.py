@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from edgeflow.local.redis_server import (
     free_cluster_ports,
     free_port,
     nodes_conf,
+    port_bindable,
     process_alive,
     quick_client,
     start_cluster,
@@ -421,13 +421,8 @@ def spawn_supervisor(suite: Suite) -> int:
 
 
 def port_free(port: int) -> bool:
-    """Whether a service could bind the port (services listen on all interfaces)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
+    """Whether a service could bind the port (services may listen on all interfaces)."""
+    return port_bindable(port, "0.0.0.0")
 
 
 def wait_serving(
