@@ -116,6 +116,7 @@ def offline(
                  ids=np.concatenate([s.ids for s in stored]),
                  scores=np.concatenate([s.scores for s in stored]),
                  sizes=np.asarray([s.ids.size for s in stored]))  # fmt: skip
+    inputs.close()
     client.close()
     return {
         "offline_load_s": load_s,

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
 
@@ -30,6 +31,7 @@ from edgeflow.build.train import train
 from edgeflow.cli.recommend import empty_reasons
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.online import OnlineReader
+from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
 from edgeflow.graph_store import (
     GraphStore,
@@ -40,13 +42,16 @@ from edgeflow.graph_store import (
     snapshot_of,
 )
 from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
+from edgeflow.nearline import worker as worker_module
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
 from edgeflow.redis_client import connect
 from edgeflow.server import Service, channel, drain, start_server
+from edgeflow.vectors import EdgeReplica
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from edgeflow.workflow.ops import BlendParams
 
 Event = gateway_pb2.MemberEvent
 TIMEOUT_S = 60.0
@@ -104,6 +109,11 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
         job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0,
                       graph.ids, 64)  # fmt: skip
     cfg, servers = await start_backends(cfg)
+    # catch-up scores remotely, over the scoring service's OIP endpoint.
+    remote = yaml.safe_load(relaxed_copy(REPO_ROOT / "workflows" / "catch-up.yaml",
+                                         workflows).read_text())  # fmt: skip
+    remote["spec"]["modes"]["remote"]["endpoint"] = cfg.scoring_addr
+    (workflows / "catch-up.yaml").write_text(yaml.safe_dump(remote))
     port = await start_gateway(cfg, servers)
     gch, cch = channel(f"127.0.0.1:{port}"), channel(cfg.candidates_addr)
     yield Suite(graph, proc, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
@@ -173,6 +183,11 @@ def _pending(client: redis.Redis) -> dict[str, int]:
          "events[0].event_id: at most 128 characters, got 1048576"),
         (Event(type=Event.PROFILE_CHANGE, member=3, features={"f" * 1024 * 1024: 1.0}),
          "events[0].features (a key): at most 256 characters, got 1048576"),
+        (Event(type=Event.DEACTIVATE, member=3, target=4),
+         "events[0].target: a deactivate is about the member alone and names no target, got 4"),
+        (Event(type=Event.REACTIVATE, member=3, features={"degree": 1.0}),
+         "events[0].features: only a profile_change carries features"),
+        (Event(type=Event.DEACTIVATE, member=-3), "events[0].member: must be >= 0, got -3"),
     ],
 )  # fmt: skip
 async def test_publish_names_the_bad_field(
@@ -234,6 +249,89 @@ async def test_block_dismiss_and_connect_apply_before_any_recompute(suite: Suite
     assert connected not in suite.connected(member)
     suite.client.delete(keys.blocked(member), keys.blocked(blocked), keys.dismissed(member))
     assert int(cast(int, suite.client.xlen(keys.EVENTS))) == 4
+
+
+SURFACES = ("pymk", "follows", "catch-up")
+
+
+async def _served(suite: Suite, member: int) -> dict[str, gateway_pb2.RecommendResponse]:
+    return {s: await suite.recommend(member, s) for s in SURFACES}
+
+
+async def test_a_deactivated_member_is_never_served_until_reactivated(suite: Suite) -> None:
+    _fresh_stream(suite.client)
+    member, other = members_with_degree(suite.graph, 6)[6:8]
+    [listed] = lists.read_lists(suite.client, "pymk", [member])
+    assert listed is not None
+    stored = next(int(t) for t in listed.ids[::-1] if int(t) not in suite.connected(member))
+    lists.update_lists(suite.client, "pymk", np.asarray([member]),
+                       [(np.asarray([stored]), np.asarray([9.0], np.float32))])  # fmt: skip
+    before = await _served(suite, member)
+    assert all(r.edges and not r.partial for r in before.values())
+    # Online (pymk's ranker), remote (catch-up's), offline (follows' list as the job wrote
+    # it) and nearline (pymk's list entry as the worker writes it): each one's best edge.
+    gone = {stored, *(r.edges[0].target for r in before.values())}
+    deactivate = [Event(type=Event.DEACTIVATE, member=m) for m in sorted(gone)]
+    assert (await suite.publish(*deactivate)).published == len(gone)
+
+    after = await _served(suite, member)
+    for surface, resp in after.items():
+        shown = {e.target for e in resp.edges}
+        assert shown and not shown & gone, surface
+        assert resp.funnel.dropped["deactivated"] >= 1, surface
+    assert stored not in {e.target for e in (await suite.recommend(member, k=500)).edges}
+    explained = await suite.stub.Recommend(gateway_pb2.RecommendRequest(
+        surface="follows", member=member, k=10, explain=True), timeout=10)  # fmt: skip
+    assert (before["follows"].edges[0].target, "deactivated", "blend") in {
+        (d.target, d.reason, d.node) for d in explained.explanation.dropped
+    }
+    # Nor are they served to a member whose lists never held them.
+    assert not {e.target for e in (await suite.recommend(other, k=500)).edges} & gone
+    # A deactivated member asking is refused, on every surface, and says why.
+    for surface in SURFACES:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await suite.recommend(min(gone), surface)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"member: {min(gone)} is deactivated (since " in (err.value.details() or "")
+        assert "after a reactivate event" in (err.value.details() or "")
+
+    reactivate = [Event(type=Event.REACTIVATE, member=m) for m in sorted(gone)]
+    assert (await suite.publish(*reactivate)).published == len(gone)
+    again = await _served(suite, member)
+    for surface, resp in again.items():
+        assert resp.edges[0].target == before[surface].edges[0].target, surface
+        assert "deactivated" not in resp.funnel.dropped
+    assert stored in {e.target for e in (await suite.recommend(member, k=500)).edges}
+    assert (await suite.recommend(min(gone))).edges
+    # The worker takes both kinds of event: applied, none dead-lettered.
+    worker, server, health = await _start_worker(suite, "states")
+    try:
+        await _until(lambda: _applied(suite.client) == 2 * len(gone), "the events applied")
+    finally:
+        await drain(worker, server, health)
+    assert not suite.client.exists(keys.EVENTS_DEAD)
+
+
+async def test_the_safety_filters_apply_whatever_the_served_graph_says(suite: Suite) -> None:
+    """A graph whose blend lost its filters (one validated before they were required, or
+    changed in memory) still serves no one the member blocked, is connected to or is."""
+    member = members_with_degree(suite.graph, 6)[8]
+    gateway = cast(GatewayService, suite.servers["gateway"][0])
+    params = gateway.workflows["follows"].node("blend").params
+    assert isinstance(params, BlendParams)
+    saved = list(params.filters)
+    top = (await suite.recommend(member, "follows")).edges[0].target
+    suite.client.sadd(keys.blocked(member), top)
+    params.filters[:] = []
+    try:
+        resp = await suite.recommend(member, "follows", k=500)
+    finally:
+        params.filters[:] = saved
+        suite.client.delete(keys.blocked(member))
+    shown = {e.target for e in resp.edges}
+    assert shown and top not in shown and member not in shown
+    assert not shown & suite.connected(member)
+    assert resp.funnel.dropped["blocked"] == 1
 
 
 async def test_a_repeated_event_id_is_stored_once(suite: Suite) -> None:
@@ -474,3 +572,34 @@ async def test_graph_deltas_are_followed_and_compacted(suite: Suite) -> None:
     restored = load_graph(client)
     assert restored.edge_count == base.edge_count
     await store.close()
+
+
+async def test_past_the_exact_limit_the_worker_searches_the_hnsw_collection(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large graph's worker does not read every member's embedding into an exact index
+    (at start, after a compaction, after an embedding push): EBR searches the live HNSW
+    collection through the worker's own copy, which closing the worker deletes."""
+    monkeypatch.setattr(worker_module, "EXACT_EBR_MAX", 0)
+    processor = worker_module.Processor(suite.cfg, suite.client, "ann")
+    try:
+        processor.refresh(force=True)
+        assert processor.sync_graph()
+        inputs = processor.inputs
+        assert inputs is not None and inputs.index is None
+        assert isinstance(inputs.ann, EdgeReplica)
+        copy = inputs.ann.path
+        processor.rebuild_index()  # an embedding push: the collection stays
+        assert inputs.index is None and inputs.ann is not None
+        wf = find_workflow(suite.cfg, "pymk")
+        member = members_with_degree(suite.graph, 6)[5]
+        exact = BatchRunner(wf, load_inputs(suite.cfg, suite.client, wf), per_member=True)
+        [want], [got] = (
+            exact.run(np.array([member])).lists,
+            processor.runner(wf).run(np.array([member])).lists,
+        )
+        assert got[0].size > 0
+        assert np.intersect1d(got[0], want[0]).size >= 0.9 * want[0].size
+    finally:
+        processor.close()
+    assert not copy.exists()

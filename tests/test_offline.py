@@ -33,7 +33,13 @@ from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.merging import blend
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
-from edgeflow.offline.executor import BatchRunner, OfflineError, best_k, most_connected
+from edgeflow.offline.executor import (
+    BatchRunner,
+    OfflineError,
+    _Batch,
+    best_k,
+    most_connected,
+)
 from edgeflow.offline.pairs import (
     PairIndex,
     TwoHop,
@@ -47,6 +53,7 @@ from edgeflow.offline.ranking import BlendInput, _exact, blend_batch
 from edgeflow.offline.rows import Rows, union
 from edgeflow.offline.serving import list_name, precomputed_view, served_workflows
 from edgeflow.redis_client import connect
+from edgeflow.vectors import MARKER, EdgeReplica
 from edgeflow.workflow.validate import Workflow, WorkflowError
 
 MEMBERS = 300
@@ -516,3 +523,48 @@ def test_offline_run_says_what_it_does_from_the_start(built: Built) -> None:
     for s, line in enumerate(lines[2:]):
         shard = rf"pymk shard {s}/2: (\d+)/\1 members, [\d,]+ members/s, [\d,]+ pairs/s {TOOK}"
         assert re.fullmatch(shard, line), lines
+
+
+def test_large_graphs_search_ebr_on_the_live_hnsw_collection(
+    built: Built, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past EXACT_EBR_MAX members (here 0), EBR searches the candidates service's HNSW
+    collection through the run's own copy of the shard: what the exact search finds, never
+    the member or its connections; closing the inputs deletes the copy; a collection that
+    cannot be opened leaves the run on the exact search, with a warning that says why."""
+    wf = built.workflow()
+    [ebr] = [cn for cn in wf.nodes if cn.node.op == "candidates.ebr"]
+    members = np.sort(built.graph.ids)[::7]
+    exact = load_inputs(built.cfg, built.client, wf)
+    assert exact.ann is None
+    ann = load_inputs(built.cfg, built.client, wf, exact_ebr_max=0)
+    assert isinstance(ann.ann, EdgeReplica)
+    copy = ann.ann.path
+    assert copy.is_dir()
+    want = BatchRunner(wf, exact)._ebr(ebr, [], _Batch(exact, members, per_member=True))
+    got = BatchRunner(wf, ann)._ebr(ebr, [], _Batch(ann, members, per_member=True))
+    assert got.ids.size > 0 and got.modes == {"ebr": "offline"}
+    g = built.graph
+    for j, i in enumerate(g.indices_of(members).tolist()):
+        found = got.ids[got.owner == j]
+        assert members[j] not in found and not np.isin(found, g.ids[g.neighbors(i)]).any()
+    hits = sum(
+        np.intersect1d(got.ids[got.owner == j], want.ids[want.owner == j]).size
+        for j in range(members.size)
+    )
+    assert hits / want.ids.size >= 0.95
+    ann.close()
+    assert ann.ann is None and not copy.exists()
+
+    name = cast(bytes, built.client.get(keys.EMBEDDINGS_CURRENT)).decode()
+    marker = built.cfg.qdrant_path / "shards" / name / MARKER
+    saved = marker.read_bytes()
+    marker.write_text("{not json")
+    try:
+        with caplog.at_level("WARNING", logger="edgeflow.offline"):
+            fallback = load_inputs(built.cfg, built.client, wf, exact_ebr_max=0)
+    finally:
+        marker.write_bytes(saved)
+    assert fallback.ann is None and fallback.index is not None
+    assert f"embedding collection {name} not opened, EBR searches exactly" in caplog.text
+    assert str(built.cfg.qdrant_path / "shards" / name) in caplog.text

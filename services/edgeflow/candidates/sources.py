@@ -225,8 +225,11 @@ class ServerCollection:
     """A collection on a Qdrant server (QDRANT_URL), searched there by HNSW; the member and
     its connections are dropped after retrieval."""
 
-    def __init__(self, client: QdrantClient, name: str, hnsw: vectors.Hnsw) -> None:
+    def __init__(
+        self, client: QdrantClient, name: str, hnsw: vectors.Hnsw, owns_client: bool = False
+    ) -> None:
         self.client, self.name, self.hnsw = client, name, hnsw
+        self._owns_client = owns_client
 
     def nearest(
         self, member: int, limit: int, exclude: np.ndarray
@@ -237,7 +240,8 @@ class ServerCollection:
         return ids[keep][:limit], scores[keep][:limit]
 
     def close(self) -> None:
-        pass
+        if self._owns_client:
+            self.client.close()
 
 
 Reader = ServerCollection | vectors.EdgeReplica
@@ -327,6 +331,16 @@ class Embeddings:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def open_collection(cfg: Config, name: str) -> Reader:
+    """The embedding collection `name` as the candidates service reads it, opened now (a
+    batch run's own reader: close it when the run ends). Raises vectors.ShardUnavailable,
+    or the server client's error, naming what could not be opened."""
+    hnsw = vectors.Hnsw.from_config(cfg)
+    if cfg.qdrant_url:
+        return ServerCollection(vectors.server_client(cfg), name, hnsw, owns_client=True)
+    return vectors.EdgeReplica.open(cfg.qdrant_path, name, hnsw)
 
 
 def _sealed_build(root: Path, name: str) -> str | None:

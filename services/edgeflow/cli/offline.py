@@ -128,26 +128,29 @@ def run(args: argparse.Namespace) -> int:
                 st.note = f"{inputs.graph.n:,} members, {inputs.graph.edge_count:,} edges"
             if shard is not None:
                 job.set_stage(client, run_, shard, job.STAGE_SCORING)
-            ids = inputs.graph.ids
-            reports = []
-            for s in range(shards) if shard is None else [shard]:
-                members = job.shard_members(ids, s, shards)
-                _, done, _ = job.checkpoint(client, run_, s)
-                label = f"{name} shard {s}/{shards}" if shards > 1 else name
-                with stages.stage(
-                    label, int(members.size), done=done, unit="members", rates=("pairs",)
-                ) as bar:
-                    report = job.run_shard(
-                        client,
-                        runner,
-                        run_,
-                        s,
-                        members,
-                        args.batch_size,
-                        lambda n, pairs: bar.advance(n, pairs=pairs),
-                        args.threads,
-                    )
-                reports.append(report.as_dict())
+            try:
+                ids = inputs.graph.ids
+                reports = []
+                for s in range(shards) if shard is None else [shard]:
+                    members = job.shard_members(ids, s, shards)
+                    _, done, _ = job.checkpoint(client, run_, s)
+                    label = f"{name} shard {s}/{shards}" if shards > 1 else name
+                    with stages.stage(
+                        label, int(members.size), done=done, unit="members", rates=("pairs",)
+                    ) as bar:
+                        report = job.run_shard(
+                            client,
+                            runner,
+                            run_,
+                            s,
+                            members,
+                            args.batch_size,
+                            lambda n, pairs: bar.advance(n, pairs=pairs),
+                            args.threads,
+                        )
+                    reports.append(report.as_dict())
+            finally:
+                inputs.close()
     except (OfflineError, ShardFailed, job.RunConflict, GraphNotLoaded) as exc:
         raise CliError(str(exc)) from None
     except redis.RedisError as exc:

@@ -30,6 +30,7 @@ import numpy as np
 import redis
 
 from edgeflow import keys, lists, metrics, tensor, tls
+from edgeflow.candidates.sources import Reader, VectorIndex
 from edgeflow.config import Config
 from edgeflow.features.schema import SCALAR_FEATURES
 from edgeflow.graph import Graph
@@ -41,8 +42,9 @@ from edgeflow.graph_store import (
     snapshot_of,
 )
 from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
+from edgeflow.offline.context import live_collection
 from edgeflow.offline.executor import BatchRunner, OfflineError
-from edgeflow.offline.inputs import Inputs, LiveFeatures, embedding_index
+from edgeflow.offline.inputs import EXACT_EBR_MAX, Inputs, LiveFeatures, embedding_index
 from edgeflow.offline.serving import list_name
 from edgeflow.redis_client import SyncClient, connect, script
 from edgeflow.scoring.registry import ModelRegistry
@@ -145,6 +147,8 @@ class Processor:
 
     def close(self) -> None:
         self._channel.close()
+        if self.inputs is not None:
+            self.inputs.close()
 
     def _renew_channel(self) -> None:
         files = self._renewal.check()
@@ -178,6 +182,8 @@ class Processor:
         """Follow the graph pointer and its deltas; True when a graph is loaded."""
         current = cast(bytes | None, self.client.get(keys.GRAPH_CURRENT))
         if current is None:
+            if self.inputs is not None:
+                self.inputs.close()
             self.graph = self.inputs = None
             return False
         graph = self.graph
@@ -192,19 +198,35 @@ class Processor:
                 or embeddings != self._embeddings
                 or (self.graph is None or snapshot_of(self.graph) != snapshot_of(graph))
             )
-            index = (
-                embedding_index(self._features, graph.ids)
-                if rebuild or self.inputs is None
-                else self.inputs.index
-            )
+            old = self.inputs
+            if rebuild or old is None:
+                index, ann = self._embedding_search(graph)
+            else:
+                index, ann = old.index, old.ann
+            if old is not None and old.ann is not ann:
+                old.close()
             self.graph, self._embeddings = graph, embeddings
-            self.inputs = Inputs.build(graph, self._features, self.registry, self.client, index)
+            self.inputs = Inputs.build(
+                graph, self._features, self.registry, self.client, index, ann
+            )
             for runner in self.runners.values():
                 runner.inputs = self.inputs
         return True
 
+    def _embedding_search(self, graph: Graph) -> tuple[VectorIndex | None, Reader | None]:
+        """The exact index of every member's embedding from Feast's rows, or, past
+        EXACT_EBR_MAX members, the live HNSW collection the candidates service searches
+        (reading a million rows again on each change would stall the stream)."""
+        if graph.n > EXACT_EBR_MAX:
+            ann = live_collection(self.cfg, self.client)
+            if ann is not None:
+                return None, ann
+        return embedding_index(self._features, graph.ids), None
+
     def rebuild_index(self) -> None:
-        if self.inputs is not None and self.graph is not None:
+        """After an embedding push: the exact index reads the rows again; the HNSW
+        collection changes only when training publishes a new one."""
+        if self.inputs is not None and self.graph is not None and self.inputs.ann is None:
             self.inputs.index = embedding_index(self._features, self.graph.ids)
 
     def runner(self, wf: Workflow) -> BatchRunner:

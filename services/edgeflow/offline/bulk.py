@@ -85,9 +85,12 @@ def compute_lists(
                 job.abandon(client, name)
                 run = job.begin(client, name, 1, wf.name)
                 inputs = load_inputs(cfg, client, wf)
-                runner = BatchRunner(wf, inputs)
-                ids = inputs.graph.ids
-                report = job.run_shard(client, runner, run, 0, ids, batch_size, threads=threads)
+                try:
+                    runner = BatchRunner(wf, inputs)
+                    ids = inputs.graph.ids
+                    report = job.run_shard(client, runner, run, 0, ids, batch_size, threads=threads)
+                finally:
+                    inputs.close()
             except (OfflineError, job.RunConflict, GraphNotLoaded, lists.ListError) as exc:
                 took = time.perf_counter() - t0
                 done.append(Computed(name, wf.name, "", 0, 0, took, error=str(exc)))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
+from edgeflow import keys
+from edgeflow.candidates.sources import Reader, open_collection
 from edgeflow.config import Config
 from edgeflow.graph_store import load_graph
 from edgeflow.offline.executor import OfflineError
-from edgeflow.offline.inputs import FeatureTable, Inputs, embedding_index
+from edgeflow.offline.inputs import EXACT_EBR_MAX, FeatureTable, Inputs, embedding_index
 from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
 from edgeflow.workflow.ops import OnnxParams
@@ -43,13 +46,35 @@ def check_models(wf: Workflow, registry: ModelRegistry) -> None:
                 raise OfflineError(f"node {cn.node.name!r} field params.model: {exc}") from None
 
 
-def load_inputs(cfg: Config, client: SyncClient, wf: Workflow) -> Inputs:
-    """The graph (with its nearline changes), every member's features read once, the EBR
-    index from the same embeddings, and the model registry."""
+def load_inputs(
+    cfg: Config, client: SyncClient, wf: Workflow, exact_ebr_max: int = EXACT_EBR_MAX
+) -> Inputs:
+    """The graph (with its nearline changes), every member's features read once, the exact
+    EBR index from the same embeddings, the live HNSW collection past `exact_ebr_max`
+    members, and the model registry. Close the result when the run ends."""
     graph = load_graph(client, cache_dir=cfg.graph_dir)
     table = FeatureTable.load(client, graph.ids)
     registry = ModelRegistry(cfg.model_dir)
     for problem in registry.refresh():
         log.warning("model registry: %s", problem)
     check_models(wf, registry)
-    return Inputs.build(graph, table, registry, client, embedding_index(table, graph.ids))
+    index = embedding_index(table, graph.ids)
+    ann = live_collection(cfg, client) if graph.n > exact_ebr_max and index is not None else None
+    return Inputs.build(graph, table, registry, client, index, ann)
+
+
+def live_collection(cfg: Config, client: SyncClient) -> Reader | None:
+    """The embedding collection the candidates service searches, opened for this process;
+    None, with a warning saying why, when there is none or it cannot be opened (the run
+    then searches exactly, at O(members) a member)."""
+    raw = cast(bytes | None, client.get(keys.EMBEDDINGS_CURRENT))
+    if raw is None:
+        log.warning("no live embedding collection (%s unset): EBR searches exactly",
+                    keys.EMBEDDINGS_CURRENT)  # fmt: skip
+        return None
+    try:
+        return open_collection(cfg, raw.decode())
+    except Exception as exc:  # the shard's or the server client's own error types
+        log.warning("embedding collection %s not opened, EBR searches exactly: %s",
+                    raw.decode(), exc)  # fmt: skip
+        return None

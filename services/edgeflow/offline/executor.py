@@ -26,6 +26,7 @@ from edgeflow.offline.pairs import (
     member_measures,
     model_rows,
     row_cosines,
+    unit_cosines,
 )
 from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pair_in
 from edgeflow.offline.rows import Rows, union
@@ -170,6 +171,8 @@ class BatchRunner:
         members = batch.members
         params = cn.params
         assert isinstance(params, EbrParams)
+        if self.inputs.ann is not None:
+            return self._ebr_ann(cn, params, batch)
         index = self.inputs.index
         if index is None:
             return Rows.from_parts(cn.node.name, [], "offline")
@@ -206,6 +209,22 @@ class BatchRunner:
             rows_out.ids = np.concatenate(ids)
             rows_out.sources[cn.node.name] = np.concatenate(scores)
         return rows_out
+
+    def _ebr_ann(self, cn: CompiledNode, params: EbrParams, batch: _Batch) -> Rows:
+        """EBR member by member on the live HNSW collection, as the candidates service
+        searches it: never the member or its connections."""
+        ann, g = self.inputs.ann, self.inputs.graph
+        assert ann is not None
+        parts = []
+        for member, i in zip(batch.members.tolist(), batch.dense.tolist(), strict=True):
+            gone = [member] if i < 0 else [member, *g.ids[g.neighbors(i)].tolist()]
+            try:
+                parts.append(ann.nearest(member, params.limit, np.unique(gone)))
+            except Exception as exc:  # the shard's or the server client's own error types
+                raise OfflineError(
+                    f"node {cn.node.name!r}: embedding collection {ann.name}: {exc}"
+                ) from exc
+        return Rows.from_parts(cn.node.name, parts, "offline")
 
     def _precomputed(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
         members = batch.members
@@ -255,10 +274,10 @@ class BatchRunner:
             measures = self._measures(batch, rows, rows.dense)
             table = cast(FeatureTable, features).table
             index = cast(VectorIndex, self.inputs.index)
-            sims = index.vectors[batch.dense] @ index.vectors.T
+            cosines = unit_cosines(index.vectors, batch.dense[rows.owner], rows.dense)
             matrix = model_rows(
                 rows.owner, measures, table.scalars[batch.dense], table.scalars[rows.dense],
-                sims[rows.owner, rows.dense].astype(np.float32),
+                cosines,
             )  # fmt: skip
         else:
             if isinstance(features, FeatureTable):  # in memory: look rows up directly

@@ -1,8 +1,10 @@
 """What a batch run reads: the graph, entity features, embeddings, models and Redis.
 
 Entity features come from Feast's Redis layout through the features service's own reader,
-and the EBR index is built from the same embeddings (which training writes to Feast as well
-as Qdrant), so a run never opens Qdrant's local storage that the candidates service owns.
+and the exact EBR index is built from the same embeddings (which training writes to Feast as
+well as Qdrant). Past EXACT_EBR_MAX members, EBR searches the live HNSW collection the
+candidates service searches instead, through a reader of the run's own (a private copy of
+the in-process shard, or the Qdrant server).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeflow.candidates.sources import VectorIndex
+from edgeflow.candidates.sources import Reader, VectorIndex
 from edgeflow.features.online import OnlineReader, OnlineRows
 from edgeflow.graph import Graph, inverse_log_degree
 from edgeflow.offline.pairs import PairIndex
@@ -20,6 +22,10 @@ from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
 
 _READ_CHUNK = 2000
+# Above this many members a batch run's EBR searches the HNSW collection: an exact search
+# costs O(members) a member: 0.29 ms at 100k members against 0.42 for an HNSW search and
+# reading its answer, 2.9 ms at 1M (benchmarks/scale_costs.py).
+EXACT_EBR_MAX = 150_000
 
 
 def take(rows: OnlineRows, index: np.ndarray) -> OnlineRows:
@@ -97,6 +103,8 @@ class Inputs:
     inv_log_degree: np.ndarray
     # The feature table and the EBR index hold exactly the graph's members, in its order.
     aligned: bool = False
+    # The live HNSW collection EBR searches instead of `index` (None: search `index`).
+    ann: Reader | None = None
     _pairs: PairIndex | None = field(default=None, repr=False)
 
     @property
@@ -113,6 +121,7 @@ class Inputs:
         registry: ModelRegistry,
         client: SyncClient,
         index: VectorIndex | None = None,
+        ann: Reader | None = None,
     ) -> Inputs:
         aligned = (
             isinstance(features, FeatureTable)
@@ -120,4 +129,12 @@ class Inputs:
             and np.array_equal(features.ids, graph.ids)
             and np.array_equal(index.ids, graph.ids)
         )
-        return cls(graph, features, index, registry, client, inverse_log_degree(graph), aligned)
+        return cls(
+            graph, features, index, registry, client, inverse_log_degree(graph), aligned, ann
+        )
+
+    def close(self) -> None:
+        """Release the HNSW reader (an in-process one deletes its copy of the shard)."""
+        ann, self.ann = self.ann, None
+        if ann is not None:
+            ann.close()

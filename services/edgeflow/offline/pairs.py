@@ -187,14 +187,19 @@ def index_cosines(
     member_embeddings: np.ndarray,
     cand_embeddings: np.ndarray,
 ) -> np.ndarray:
-    """The same cosines from the EBR index's unit vectors (one small product per batch);
+    """The same cosines from the EBR index's unit vectors;
     rows whose member or candidate the index lacks fall back to `row_cosines`."""
     member_rows, cand_rows = index.rows(members), index.rows(cand_ids)
     known = (member_rows[owner] >= 0) & (cand_rows >= 0)
     out = np.empty(owner.size, dtype=np.float32)
-    sims = index.vectors[np.maximum(member_rows, 0)] @ index.vectors.T
-    out[known] = sims[owner[known], cand_rows[known]]
+    out[known] = unit_cosines(index.vectors, member_rows[owner[known]], cand_rows[known])
     if not known.all():
         rest = ~known
         out[rest] = row_cosines(owner[rest], member_embeddings, cand_embeddings[rest])
     return out
+
+
+def unit_cosines(vectors: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosines of row pairs (vectors[a[i]], vectors[b[i]]) of a matrix of unit rows: one dot
+    product a pair, never a product with every row (that costs O(members) a member)."""
+    return np.einsum("ij,ij->i", vectors[a], vectors[b])
