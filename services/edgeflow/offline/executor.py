@@ -119,17 +119,11 @@ class BatchRunner:
 
     def run(self, members: np.ndarray) -> BatchResult:
         """The output node's lists for a batch of members; safe to call from several threads.
-        A batch too big for its similarity rows' memory (pairs.DENSE_CELLS) runs in parts."""
+        Nothing a batch holds grows with the graph's size (the exact EBR search bounds its
+        own similarity rows), so a batch runs whole: every sparse product costs O(members)
+        of scratch, and parts of a few members at 1M would pay it thousands of times."""
         members = np.asarray(members, dtype=np.int64)
         per_member = self.per_member or members.size <= PER_MEMBER_MAX
-        step = 0 if per_member else self.inputs.pairs.members_per_batch()
-        if step and members.size > step:
-            parts = [self.run(members[i : i + step]) for i in range(0, members.size, step)]
-            return BatchResult(
-                members,
-                [lst for part in parts for lst in part.lists],
-                sum(part.pairs_scored for part in parts),
-            )
         batch = _Batch(self.inputs, members, per_member)
         pairs = 0
         out: dict[str, Rows] = {}

@@ -23,8 +23,6 @@ from edgeflow.features.schema import MODEL_COLUMNS
 from edgeflow.graph import PAIR_COLUMNS, Graph, friends_of_friends, pair_measures
 
 _PAIR_START = MODEL_COLUMNS.index(PAIR_COLUMNS[0])
-# Most cells of a batch's dense member-by-member similarities (float32, n per member).
-DENSE_CELLS = 1 << 24
 
 
 class PairIndex:
@@ -40,10 +38,6 @@ class PairIndex:
             [adj, sp.diags(inv_log_degree) @ adj, sp.diags(1.0 / np.maximum(deg, 1.0)) @ adj],
             format="csr",
         )
-
-    def members_per_batch(self) -> int:
-        """Most members whose rows of similarities with every member fit DENSE_CELLS."""
-        return max(1, DENSE_CELLS // max(self.graph.n, 1))
 
 
 @dataclass
