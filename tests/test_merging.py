@@ -377,6 +377,45 @@ def test_bulk_strings_match_resp_encoding() -> None:
     assert filters.bulk_strings(np.zeros(0, np.int64)) == b""
 
 
+def test_bulk_strings_take_a_command_head_and_a_key_prefix() -> None:
+    ids = np.array([0, 7, 12345678901, -3], dtype=np.int64)
+    head, prefix = b"*2\r\n$6\r\nEXISTS\r\n", b"ef:deactivated:"
+    expected = b"".join(
+        head + f"${len(prefix) + len(str(i))}\r\n".encode() + prefix + str(i).encode() + b"\r\n"
+        for i in ids.tolist()
+    )
+    assert filters.bulk_strings(ids, head=head, prefix=prefix) == expected
+
+
+def test_every_served_list_keeps_the_safety_filters() -> None:
+    assert filters.served(["dismissed"]) == [
+        "dismissed", "self", "connected", "blocked", "deactivated",
+    ]  # fmt: skip
+    assert filters.served(["blocked", "self", "connected", "dismissed"]) == [
+        "blocked", "self", "connected", "dismissed", "deactivated",
+    ]  # fmt: skip
+
+
+async def test_deactivated_filter_reads_each_candidates_own_key(
+    redis_client: redis.Redis, redis_proc: RedisProcess
+) -> None:
+    redis_client.set(keys.deactivated(3), "1700000000.0")
+    redis_client.set(keys.deactivated(10**12), "1700000000.0")
+    redis_client.sadd(keys.adjacency(7), 3)
+    client = RawPipeline(redis_proc.url)
+    try:
+        ids = np.array([1, 3, 5, 10**12, 6], dtype=np.int64)
+        keep, dropped = await filters.visible(client, 7, ids, ("deactivated",))
+        assert ids[keep].tolist() == [1, 5, 6] and dropped == {"deactivated": 2}
+        # 3 is also connected: counted under the first filter asked for.
+        keep, dropped = await filters.visible(client, 7, ids, ("connected", "deactivated"))
+        assert ids[keep].tolist() == [1, 5, 6]
+        assert dropped == {"connected": 1, "deactivated": 1}
+        assert (await filters.deactivated(client, np.zeros(0, np.int64))).size == 0
+    finally:
+        await client.close()
+
+
 async def test_self_filter_needs_no_redis() -> None:
     client = RawPipeline(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
@@ -518,6 +557,30 @@ async def test_filter_rpc_keeps_order(merging: Running, redis_client: redis.Redi
     assert drops(response) == {"connected": 2, "self": 1}
     empty = await merging.stub.Filter(merging_pb2.FilterRequest(member=7, ids=[1, 2]), timeout=5)
     assert list(empty.keep) == [0, 1] and not empty.dropped
+
+
+async def test_merge_drops_deactivated_members_and_fills_the_top_k(
+    merging: Running, redis_client: redis.Redis
+) -> None:
+    ranked = wire("ranked", [11, 12, 13, 14, 15, 16], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    for gone in (11, 13, 14):
+        redis_client.set(keys.deactivated(gone), "1700000000.0")
+    request = merging_pb2.MergeRequest(
+        member=7, lists=[ranked], k=3, filters=["self", "deactivated"], explain=True
+    )
+    response = await merging.stub.Merge(request, timeout=5)
+    # The first top 3 held 11 and 13, the next 14: each place went to the next member.
+    assert targets(response.edges) == [12, 15, 16]
+    assert drops(response)["deactivated"] == 3
+    assert [(d.target, d.reason) for d in response.dropped_items] == [
+        (11, "deactivated"), (13, "deactivated"), (14, "deactivated"),
+    ]  # fmt: skip
+    # Not asked for, nothing is read: Merge keeps them.
+    del request.filters[:]
+    assert targets((await merging.stub.Merge(request, timeout=5)).edges) == [11, 12, 13]
+    redis_client.delete(keys.deactivated(13))  # reactivated
+    request.filters.append("deactivated")
+    assert targets((await merging.stub.Merge(request, timeout=5)).edges) == [12, 13, 15]
 
 
 async def test_wrong_redis_type_is_failed_precondition(

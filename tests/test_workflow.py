@@ -110,6 +110,50 @@ def test_fallback_that_would_skip_visibility_filters_is_rejected(doc: dict[str, 
     assert p.startswith("node 'blend' field fallback: 'passthrough' is not allowed")
 
 
+SAFETY = "self, connected, blocked apply to every served list and cannot be switched off"
+
+
+def test_a_blend_without_the_safety_filters_is_rejected(doc: dict[str, Any]) -> None:
+    node(doc, "blend")["params"]["filters"] = ["self", "dismissed"]
+    assert problems(doc) == [
+        "node 'blend' field params.filters: workflow 'pymk' removes the safety filters "
+        f"['connected', 'blocked']; {SAFETY}"
+    ]
+    node(doc, "blend")["params"]["filters"] = []
+    [p] = problems(doc)
+    assert "removes the safety filters ['self', 'connected', 'blocked']" in p
+    del node(doc, "blend")["params"]["filters"]  # the default: every filter
+    assert parse_document(doc, "wf.yaml").node("blend").params.filters == [  # type: ignore[union-attr]
+        "self", "connected", "blocked", "dismissed",
+    ]  # fmt: skip
+
+
+def test_an_experiment_or_shadow_cannot_remove_the_safety_filters(doc: dict[str, Any]) -> None:
+    blend = copy.deepcopy(node(doc, "blend"))
+    loose = {**blend, "name": "loose", "params": {**blend["params"], "filters": ["dismissed"]}}
+    doc["spec"]["experiments"] = [{
+        "name": "unsafe", "control": "control",
+        "variants": [
+            {"name": "control", "weight": 50},
+            {"name": "params", "weight": 25,
+             "overrides": {"params": {"blend": {"filters": ["self", "dismissed"]}}}},
+            {"name": "node", "weight": 25,
+             "overrides": {"nodes": [loose], "output": "loose"}},
+        ],
+    }]  # fmt: skip
+    doc["spec"]["shadows"] = [{"name": "bare", "share": 0.1,
+                               "overrides": {"params": {"blend": {"filters": []}}}}]  # fmt: skip
+    found = problems(doc)
+    assert found == [
+        "experiment 'unsafe' variant 'params': node 'blend' field params.filters: workflow "
+        f"'pymk' removes the safety filters ['connected', 'blocked']; {SAFETY}",
+        "experiment 'unsafe' variant 'node': node 'loose' field params.filters: workflow "
+        f"'pymk' removes the safety filters ['self', 'connected', 'blocked']; {SAFETY}",
+        "shadow 'bare': node 'blend' field params.filters: workflow 'pymk' removes the "
+        f"safety filters ['self', 'connected', 'blocked']; {SAFETY}",
+    ]
+
+
 def test_field_errors_and_references_do_not_cascade(doc: dict[str, Any]) -> None:
     node(doc, "rank")["timeoutMs"] = -1
     node(doc, "rank")["retries"] = 3

@@ -42,6 +42,12 @@ def dismissed(member: int) -> str:
     return f"{PREFIX}dismissed:{member}"
 
 
+def deactivated(member: int) -> str:
+    """STRING, present while the member is deactivated: the time of the deactivate event.
+    Read for the candidates of a served list and for the member asking."""
+    return f"{PREFIX}deactivated:{member}"
+
+
 def list_current(name: str) -> str:
     """Pointer to the live version of a precomputed list set (swapped atomically)."""
     return f"{PREFIX}list:{name}:current"

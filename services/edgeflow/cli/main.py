@@ -23,6 +23,11 @@ SERVICE_MODULES = {
 }
 
 
+# `edgeflow publish --type` (edgeflow.cli.publish.TYPES; not imported: a command's modules
+# load only when it runs).
+EVENT_TYPES = ("connect", "disconnect", "block", "dismiss", "follow", "deactivate", "reactivate")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from edgeflow import config, server
 
@@ -121,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_command("recommend"))
 
     s = sub.add_parser("publish", help="send one member event (block, connect, ...) to the gateway")
-    s.add_argument("--type", required=True, choices=("connect", "disconnect", "block", "dismiss",
-                                                      "follow"))  # fmt: skip
+    s.add_argument("--type", required=True, choices=EVENT_TYPES)
     s.add_argument("--member", type=int, required=True, help="the member who acted")
-    s.add_argument("--target", type=int, required=True, help="the other member")
+    s.add_argument("--target", type=int,
+                   help="the other member (every type but deactivate and reactivate)")  # fmt: skip
     s.add_argument("--event-id", default="", help="idempotency key (generated when empty)")
     s.add_argument("--json", action="store_true", help="print the ids as JSON")
     s.add_argument("--addr", help="gateway address (default: GATEWAY_ADDR)")

@@ -20,6 +20,7 @@ from edgeflow import tensor, tracing
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
+from edgeflow.merging import filters
 from edgeflow.merging.service import MergingService
 from edgeflow.server import RequestError
 from edgeflow.tls import TlsFiles
@@ -589,7 +590,7 @@ class Engine:
     ) -> Frame:
         assert isinstance(cn.params, BlendParams)
         req = merging_pb2.MergeRequest(
-            member=member, k=k, filters=cn.params.filters,
+            member=member, k=k, filters=filters.served(cn.params.filters),
             quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
             explain=dropped is not None,
         )  # fmt: skip

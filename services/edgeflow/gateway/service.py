@@ -7,12 +7,13 @@ import contextlib
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import redis
 
-from edgeflow import auth, metrics, tls
+from edgeflow import auth, keys, metrics, tls
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.config import Config
 from edgeflow.experiments import records
@@ -26,7 +27,7 @@ from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import AsyncClient, connect_async
-from edgeflow.resp import RawPipeline
+from edgeflow.resp import RawPipeline, RespError, RespReplyError, encode
 from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import Service, channel
 from edgeflow.v1 import (
@@ -82,6 +83,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._watch: asyncio.Task[None] | None = None
         self._rds: AsyncClient | None = None  # member events (Publish)
         self._logs_redis: RawPipeline | None = None  # exposure and shadow streams
+        self._state: RawPipeline | None = None  # members' deactivated markers
         self.exposures: StreamLog | None = None
         self._shadow_log: StreamLog | None = None
         self._shadows: ShadowRunner | None = None
@@ -126,6 +128,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._rds = connect_async(cfg.redis_url)  # connects on first use
         # One writer per stream, each with one batch in flight: two connections at most.
         self._logs_redis = open_pipeline(cfg.redis_url, size=2)
+        self._state = open_pipeline(cfg.redis_url)
         self.exposures = StreamLog(
             self._logs_redis,
             records.EXPOSURES,
@@ -165,8 +168,9 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             log.warning("peer channels did not close within %.0f s", _CLOSE_TIMEOUT_S)
         if self._rds is not None:
             await self._rds.aclose()
-        if self._logs_redis is not None:
-            await self._logs_redis.close()
+        for pipe in (self._logs_redis, self._state):
+            if pipe is not None:
+                await pipe.close()
 
     # ---- workflows -----------------------------------------------------------------------
     def _files_stamp(self) -> tuple[tuple[str, float, int], ...]:
@@ -312,17 +316,32 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining - _RESPONSE_MARGIN_S)
+        # The member's own state is read while the graph runs: it costs no time unless set.
+        state = asyncio.ensure_future(self._deactivated(request.member, max(budget, 0.001)))
+        failure: tuple[grpc.StatusCode, str] | None = None
         try:
             outcome = await self._engine.run(
                 wf, request.member, request.k, budget, explain=request.explain
             )
         except MemberNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            failure = grpc.StatusCode.NOT_FOUND, str(exc)
         except NodeFailed as exc:
             code = exc.code
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 code = grpc.StatusCode.INTERNAL  # our own graph's call was wrong, not the caller's
-            await context.abort(code, clip_text(f"surface {wf.surface!r}: {exc}", MAX_ERROR_CHARS))
+            failure = code, clip_text(f"surface {wf.surface!r}: {exc}", MAX_ERROR_CHARS)
+        except BaseException:
+            state.cancel()
+            raise
+        refused = await state
+        # A deactivated member is refused whatever the graph did; a state that could not be
+        # read is named only when the graph (which says more about an outage) succeeded.
+        if refused is not None and refused[0] == grpc.StatusCode.FAILED_PRECONDITION:
+            await context.abort(*refused)
+        if failure is not None:
+            await context.abort(*failure)
+        if refused is not None:
+            await context.abort(*refused)
         request_id = request.request_id or uuid.uuid4().hex
         resp = gateway_pb2.RecommendResponse(
             edges=outcome.frame.edges,
@@ -349,6 +368,29 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         )
         self._start_shadows(base, request, request_id, served, outcome.total_ms, context)
         return resp
+
+    async def _deactivated(
+        self, member: int, timeout_s: float
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """The refusal of a deactivated member (FAILED_PRECONDITION: it exists, but is not
+        served until it is reactivated), or of a member whose state cannot be read."""
+        assert self._state is not None
+        try:
+            [since] = await self._state.execute(
+                encode(b"GET", keys.deactivated(member).encode()), 1, timeout_s
+            )
+        except (RespError, RespReplyError) as exc:
+            return grpc.StatusCode.UNAVAILABLE, f"member: its state could not be read: {exc}"
+        if since is None:
+            return None
+        try:
+            when = f" (since {datetime.fromtimestamp(float(since), UTC):%Y-%m-%d %H:%M:%S} UTC)"
+        except (ValueError, OverflowError):
+            when = ""
+        return grpc.StatusCode.FAILED_PRECONDITION, (
+            f"member: {member} is deactivated{when}; it is served again, and recommended to "
+            "others, after a reactivate event"
+        )
 
     def _record(
         self,

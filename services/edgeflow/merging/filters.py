@@ -1,9 +1,11 @@
-"""Visibility filters: self, connected, blocked, dismissed.
+"""Visibility filters: self, connected, blocked, dismissed, deactivated.
 
 They decide what a member may see, so they run before ranking and top-K. The Redis-backed
 ones ask only about the candidates, all in one round trip: a pipeline of SMISMEMBER commands
 (Redis >= 6.2) against the member's SETs. An item several filters drop is counted once, under
-the first of them in request order.
+the first of them in request order. `deactivated` is a state of each candidate, not a SET of
+the member's: one EXISTS per candidate on its own key (so a Redis Cluster spreads them), which
+Merge asks only for the items that reach its top K (see MergingService.merge).
 
 The commands are encoded here with numpy rather than by redis-py, whose pure-Python argument
 packing costs about 0.7 ms per command of 1,000 ids; the ids are encoded once for all sets.
@@ -19,15 +21,25 @@ import numpy as np
 
 from edgeflow import keys
 from edgeflow.resp import BitsReply, RawPipeline
+from edgeflow.workflow.ops import SAFETY_FILTERS
 
-# Filter name -> the member's SET of hidden ids (None: decided without Redis).
+# Filter name -> the member's SET of hidden ids (None: decided without a SET of the member's).
 _SETS: dict[str, Callable[[int], str] | None] = {
     "self": None,
     "connected": keys.adjacency,
     "blocked": keys.blocked,
     "dismissed": keys.dismissed,
+    "deactivated": None,
 }
 KNOWN: tuple[str, ...] = tuple(_SETS)
+DEACTIVATED = "deactivated"
+# What every served list goes through, whatever its workflow says.
+ALWAYS: tuple[str, ...] = (*SAFETY_FILTERS, DEACTIVATED)
+
+
+def served(names: Iterable[str]) -> list[str]:
+    """The filters of a served list: `names`, then whichever of ALWAYS they lack."""
+    return list(dict.fromkeys([*names, *ALWAYS]))
 
 
 class FilterError(ValueError):
@@ -64,6 +76,8 @@ async def visible(
     remote = [(name, key_of(member)) for name in names if (key_of := _SETS[name]) is not None]
     replies = await smismember(client, [key for _, key in remote], ids) if remote else []
     hidden = dict(zip([name for name, _ in remote], replies, strict=True))
+    if DEACTIVATED in names:
+        hidden[DEACTIVATED] = await deactivated(client, ids)
     for name in names:
         hit = ids == member if name == "self" else hidden[name]
         newly = hit & keep
@@ -98,6 +112,24 @@ async def smismember(
     return [np.asarray(rep, dtype=bool) for rep in out]
 
 
+_EXISTS_HEAD = b"*2\r\n$6\r\nEXISTS\r\n"
+_EXISTS_PREFIX = keys.deactivated(0)[:-1].encode()
+# The usual reply to one EXISTS: ":0" or ":1".
+_EXISTS_SHAPE = BitsReply(b":0\r\n", np.array([0, 1, 0, 0], dtype=np.uint8))
+
+
+async def deactivated(client: RawPipeline, ids: np.ndarray) -> np.ndarray:
+    """Which of `ids` are deactivated: one EXISTS per id on its own key, pipelined (each
+    routed to its slot's node on a Redis Cluster). Raises as `smismember` does."""
+    if ids.size == 0:
+        return np.zeros(0, dtype=bool)
+    payload = bulk_strings(ids, head=_EXISTS_HEAD, prefix=_EXISTS_PREFIX)
+    out = await client.execute_fixed(payload, ids.size, _EXISTS_SHAPE)
+    if isinstance(out, np.ndarray):
+        return out[:, 1] == ord("1")
+    return np.asarray(out, dtype=bool)
+
+
 _SHAPES: dict[int, BitsReply] = {}
 _SHAPES_MAX = 64
 
@@ -116,11 +148,12 @@ def _reply_shape(n: int) -> BitsReply:
     return shape
 
 
-def bulk_strings(ids: np.ndarray) -> bytes:
-    """RESP bulk strings of the decimal ids ("$<len>\\r\\n<digits>\\r\\n" each), vectorised.
+def bulk_strings(ids: np.ndarray, head: bytes = b"", prefix: bytes = b"") -> bytes:
+    """RESP bulk strings of the decimal ids ("$<len>\\r\\n<digits>\\r\\n" each), vectorised;
+    each preceded by `head` and its digits by `prefix` (a key prefix), when given.
 
-    Each id gets a fixed-width row (length, sign, digits right-aligned); a mask keeps the bytes
-    that belong to it, and flattening in row order yields the concatenated encoding.
+    Each id gets a fixed-width row (head, length, prefix, sign, digits right-aligned); a mask
+    keeps the bytes that belong to it, and flattening in row order yields the encoding.
     """
     v = np.asarray(ids, dtype=np.int64)
     if v.size == 0:
@@ -128,22 +161,26 @@ def bulk_strings(ids: np.ndarray) -> bytes:
     neg = v < 0
     mag = np.abs(v).view(np.uint64)  # int64 min wraps to 2**63, exact as uint64
     width = len(str(int(mag.max())))
-    rows = np.empty((v.size, width + 8), dtype=np.uint8)
+    h, p = len(head), len(prefix)
+    sign = h + 5 + p  # column of the sign; the digits follow
+    rows = np.empty((v.size, sign + width + 3), dtype=np.uint8)
     ndig = np.ones(v.size, dtype=np.int64)
     rest = mag
     for j in range(width - 1, -1, -1):  # one pass per digit column, not per id
-        rows[:, 6 + j] = 48 + rest % np.uint64(10)
+        rows[:, sign + 1 + j] = 48 + rest % np.uint64(10)
         rest = rest // np.uint64(10)
         ndig += rest != 0
-    length = ndig + neg
-    rows[:, 0] = ord("$")
-    rows[:, 1] = 48 + length // 10
-    rows[:, 2] = 48 + length % 10
-    rows[:, 3], rows[:, 4] = 13, 10
-    rows[:, 5] = ord("-")
+    length = p + ndig + neg
+    rows[:, :h] = np.frombuffer(head, dtype=np.uint8)
+    rows[:, h] = ord("$")
+    rows[:, h + 1] = 48 + length // 10
+    rows[:, h + 2] = 48 + length % 10
+    rows[:, h + 3], rows[:, h + 4] = 13, 10
+    rows[:, h + 5 : sign] = np.frombuffer(prefix, dtype=np.uint8)
+    rows[:, sign] = ord("-")
     rows[:, -2], rows[:, -1] = 13, 10
     keep = np.ones(rows.shape, dtype=bool)
-    keep[:, 1] = length >= 10
-    keep[:, 5] = neg
-    keep[:, 6 : 6 + width] = np.arange(width) >= (width - ndig)[:, None]
+    keep[:, h + 1] = length >= 10
+    keep[:, sign] = neg
+    keep[:, sign + 1 : sign + 1 + width] = np.arange(width) >= (width - ndig)[:, None]
     return rows[keep].tobytes()

@@ -101,12 +101,48 @@ class MergingService(Service):
         except (BlendError, FilterError) as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         why: list[tuple[str, np.ndarray]] | None = [] if request.explain else None
-        keep, dropped = await self.visible(request.member, pool.ids, names, deadline_s, why)
+        sets = [n for n in names if n != filters.DEACTIVATED]
+        keep, dropped = await self.visible(request.member, pool.ids, sets, deadline_s, why)
         sel = blend.select(pool, request.k, quotas, keep, dropped, explain=request.explain)
+        if filters.DEACTIVATED in names:
+            sel = await self._drop_deactivated(request, pool, quotas, keep, dropped, why, sel,
+                                               deadline_s)  # fmt: skip
         out = blend.response(pool, sel)
         if why is not None:
             blend.explain(out.dropped_items, lists, pool, why, sel)
         return out
+
+    async def _drop_deactivated(
+        self,
+        request: merging_pb2.MergeRequest,
+        pool: blend.Blended,
+        quotas: dict[str, int],
+        keep: np.ndarray,
+        dropped: dict[str, int],
+        why: list[tuple[str, np.ndarray]] | None,
+        sel: blend.Selection,
+        deadline_s: float | None,
+    ) -> blend.Selection:
+        """The selection without deactivated members. Deactivation is rare and checked per
+        candidate, so only the items that reach the top K are asked about; each one found
+        is dropped and the selection made again, until a top K holds none."""
+        asked = np.zeros(pool.ids.size, dtype=bool)
+        while True:
+            fresh = sel.index[~asked[sel.index]]
+            if not fresh.size:
+                return sel
+            asked[fresh] = True
+            shown, _ = await self.visible(
+                request.member, pool.ids[fresh], (filters.DEACTIVATED,), deadline_s
+            )
+            gone = fresh[~shown]
+            if not gone.size:
+                return sel
+            keep[gone] = False
+            dropped[filters.DEACTIVATED] = dropped.get(filters.DEACTIVATED, 0) + gone.size
+            if why is not None:
+                why.append((filters.DEACTIVATED, gone))
+            sel = blend.select(pool, request.k, quotas, keep, dropped, explain=why is not None)
 
     async def filter(
         self, request: merging_pb2.FilterRequest, deadline_s: float | None

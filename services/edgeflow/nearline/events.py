@@ -1,9 +1,10 @@
 """Member events: validation of Publish requests, the atomic append, and the stream format.
 
 Publish runs one Lua script for the whole request. For each event whose id is new it
-updates the SETs that decide visibility at request time (adjacency, blocked, dismissed,
-follows) and appends the event to the stream, so a block is honoured by the next Recommend
-and the worker sees every event that changed those SETs. A repeated event id changes nothing.
+updates the keys that decide visibility at request time (the adjacency, blocked, dismissed
+and follows SETs, and the member's deactivated marker) and appends the event to the
+stream, so a block or a deactivation is honoured by the next Recommend and the worker sees
+every event that changed those keys. A repeated event id changes nothing.
 
 On a Redis Cluster the members' SETs live in other slots than the stream, and no script
 spans slots, so the same happens in three steps: new ids are found, their SET changes
@@ -48,19 +49,23 @@ _TYPES = {
     gateway_pb2.MemberEvent.DISMISS: "dismiss",
     gateway_pb2.MemberEvent.FOLLOW: "follow",
     gateway_pb2.MemberEvent.PROFILE_CHANGE: "profile_change",
+    gateway_pb2.MemberEvent.DEACTIVATE: "deactivate",
+    gateway_pb2.MemberEvent.REACTIVATE: "reactivate",
 }
 GRAPH_TYPES = ("connect", "disconnect", "block")
+# Events about the member alone: no target, no features.
+STATE_TYPES = ("deactivate", "reactivate")
 _EMBEDDING = {f"embedding_{j}" for j in range(EMBEDDING_DIM)}
 
 # KEYS[1] = stream, then per event: seen, adj(m), adj(t), blocked(m), blocked(t),
-# dismissed(m), follows(m). ARGV[1..2] = dedup TTL, stream max length, then per event:
-# type, member, target, event id, time, features (JSON). Returns an entry id per event,
-# "" where the event id was seen before.
+# dismissed(m), follows(m), deactivated(m). ARGV[1..2] = dedup TTL, stream max length, then
+# per event: type, member, target, event id, time, features (JSON). Returns an entry id per
+# event, "" where the event id was seen before.
 _PUBLISH_LUA = """
 local out = {}
 local n = (#ARGV - 2) / 6
 for e = 0, n - 1 do
-  local k, a = 1 + e * 7, 2 + e * 6
+  local k, a = 1 + e * 8, 2 + e * 6
   local typ, m, t = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
     if typ == 'connect' then
@@ -78,6 +83,10 @@ for e = 0, n - 1 do
       redis.call('SADD', KEYS[k + 6], t)
     elseif typ == 'follow' then
       redis.call('SADD', KEYS[k + 7], t)
+    elseif typ == 'deactivate' then
+      redis.call('SET', KEYS[k + 8], ARGV[a + 5])
+    elseif typ == 'reactivate' then
+      redis.call('DEL', KEYS[k + 8])
     end
     out[e + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
       'id', ARGV[a + 4], 'type', typ, 'member', m, 'target', t, 'time', ARGV[a + 5],
@@ -113,7 +122,7 @@ class EventError(ValueError):
 @dataclass(frozen=True)
 class Event:
     id: str
-    type: str  # connect, disconnect, block, dismiss, follow, profile_change
+    type: str  # connect, disconnect, block, dismiss, follow, profile_change, (de|re)activate
     member: int
     target: int
     time: float
@@ -148,9 +157,15 @@ def from_proto(
     else:
         if features:
             raise EventError(f"{where}.features: only a profile_change carries features")
-        if msg.target < 0:
+        if kind in STATE_TYPES:
+            if msg.target:  # proto3 cannot tell an unset target from member 0
+                raise EventError(
+                    f"{where}.target: a {kind} is about the member alone and names no target, "
+                    f"got {msg.target}"
+                )
+        elif msg.target < 0:
             raise EventError(f"{where}.target: must be >= 0, got {msg.target}")
-        if msg.target == msg.member:
+        elif msg.target == msg.member:
             raise EventError(f"{where}.target: a member cannot {kind} themselves")
     if len(msg.event_id) > MAX_ID_LENGTH:
         raise EventError(
@@ -168,7 +183,7 @@ def from_proto(
         id=msg.event_id or uuid.uuid4().hex,
         type=kind,
         member=msg.member,
-        target=msg.target if kind != "profile_change" else 0,
+        target=0 if kind == "profile_change" or kind in STATE_TYPES else msg.target,
         time=msg.time or now,
         features=features,
     )
@@ -252,6 +267,7 @@ async def publish(client: AsyncClient, events: Sequence[Event]) -> list[str]:
             keys.blocked(e.target),
             keys.dismissed(e.member),
             keys.follows(e.member),
+            keys.deactivated(e.member),
         ]
     script = client.register_script(_PUBLISH_LUA)
     reply = cast(list[bytes], await script(keys=key_list, args=args))
@@ -295,6 +311,10 @@ def _set_changes(pipe: Any, e: Event) -> None:
         pipe.sadd(keys.dismissed(m), t)
     elif e.type == "follow":
         pipe.sadd(keys.follows(m), t)
+    elif e.type == "deactivate":
+        pipe.set(keys.deactivated(m), repr(e.time))
+    elif e.type == "reactivate":
+        pipe.delete(keys.deactivated(m))
 
 
 def from_fields(fields: dict[bytes, bytes]) -> Event:

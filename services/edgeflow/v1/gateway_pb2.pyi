@@ -158,6 +158,8 @@ class MemberEvent(_message.Message):
         DISMISS: _ClassVar[MemberEvent.Type]
         FOLLOW: _ClassVar[MemberEvent.Type]
         PROFILE_CHANGE: _ClassVar[MemberEvent.Type]
+        DEACTIVATE: _ClassVar[MemberEvent.Type]
+        REACTIVATE: _ClassVar[MemberEvent.Type]
     TYPE_UNSPECIFIED: MemberEvent.Type
     CONNECT: MemberEvent.Type
     DISCONNECT: MemberEvent.Type
@@ -165,6 +167,8 @@ class MemberEvent(_message.Message):
     DISMISS: MemberEvent.Type
     FOLLOW: MemberEvent.Type
     PROFILE_CHANGE: MemberEvent.Type
+    DEACTIVATE: MemberEvent.Type
+    REACTIVATE: MemberEvent.Type
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]

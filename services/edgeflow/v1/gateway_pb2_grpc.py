@@ -57,7 +57,9 @@ class RecommenderServicer:
     """
 
     def Recommend(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A deactivated member (MemberEvent.DEACTIVATE) is FAILED_PRECONDITION; an unknown one
+        NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -70,8 +72,8 @@ class RecommenderServicer:
 
     def Publish(self, request, context):
         """Member events for the nearline worker, appended to a Redis Stream. Connects,
-        disconnects, blocks and dismissals change what Recommend serves at once, before
-        any list is recomputed.
+        disconnects, blocks, dismissals, deactivations and reactivations change what
+        Recommend serves at once, before any list is recomputed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

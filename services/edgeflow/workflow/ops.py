@@ -167,6 +167,8 @@ class RemoteParams(Params):
 
 FilterName = Literal["self", "connected", "blocked", "dismissed"]
 ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismissed")
+# Every served list goes through these (and the deactivated filter); a blend must keep them.
+SAFETY_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked")
 
 
 class BlendParams(Params):

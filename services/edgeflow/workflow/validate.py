@@ -233,7 +233,7 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
         kind = op.output or (in_kinds[0] if in_kinds else Kind.CANDIDATES)
         kinds[name] = kind
         result.append(CompiledNode(node, op, params, fallback, kind))
-        problems.extend(_semantic(node, params, names))
+        problems.extend(_semantic(node, params, names, workflow_name or spec.surface))
 
     if spec.output not in names and spec.output not in raw_names:
         problems.append(f"spec.output: unknown node {limits.clip(spec.output)}")
@@ -262,12 +262,20 @@ def check(spec_doc: Mapping[str, Any], name: str = "", source: str = "<workflow>
     )
 
 
-def _semantic(node: Node, params: Params, names: Mapping[str, Node]) -> list[str]:
-    """Checks that need the whole graph: references from params to other nodes."""
-    from edgeflow.workflow.ops import BlendParams
+def _semantic(node: Node, params: Params, names: Mapping[str, Node], workflow: str) -> list[str]:
+    """Checks that need the whole graph: references from params to other nodes, and the
+    safety filters that no workflow or experiment may switch off."""
+    from edgeflow.workflow.ops import SAFETY_FILTERS, BlendParams
 
     problems = []
     if isinstance(params, BlendParams):
+        missing = [f for f in SAFETY_FILTERS if f not in params.filters]
+        if missing:
+            problems.append(
+                f"node {node.name!r} field params.filters: workflow {limits.clip(workflow)} "
+                f"removes the safety filters {missing}; {', '.join(SAFETY_FILTERS)} apply to "
+                "every served list and cannot be switched off"
+            )
         for key in params.weights:
             if key not in node.inputs:
                 problems.append(
