@@ -49,8 +49,8 @@ from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
 from edgeflow.redis_client import connect
 from edgeflow.server import Service, channel, drain, start_server
-from edgeflow.vectors import EdgeReplica
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from edgeflow.vectors import EdgeReplica
 from edgeflow.workflow.ops import BlendParams
 
 Event = gateway_pb2.MemberEvent
