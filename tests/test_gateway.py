@@ -45,6 +45,20 @@ async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None
     assert resp.surface == "pymk" and resp.workflow == "pymk" and resp.request_id
 
 
+async def test_every_served_edge_carries_its_mutual_connections(suite: Suite) -> None:
+    g = suite.graph
+    member = members_with_degree(g, 8)[4]
+    mine = set(g.ids[g.neighbors(g.index_of(member))].tolist())
+    resp = await suite.recommend(member, k=30)
+    assert len(resp.edges) == 30
+    for edge in resp.edges:
+        shared = sorted(mine & set(g.ids[g.neighbors(g.index_of(edge.target))].tolist()))
+        assert edge.HasField("social_proof")
+        assert edge.social_proof.mutual_count == len(shared)
+        assert list(edge.social_proof.mutual_ids) == shared[:3]
+    assert any(e.social_proof.mutual_count > 3 for e in resp.edges)  # counted, not just named
+
+
 async def test_debug_funnel(suite: Suite) -> None:
     member = members_with_degree(suite.graph, 8)[1]
     resp = await suite.recommend(member, k=5, debug=True)

@@ -16,6 +16,7 @@ from edgeflow.graph import (
     Graph,
     friends_of_friends,
     inverse_log_degree,
+    mutual_connections,
     pair_measures,
     parse_edge_lines,
     parse_edge_list,
@@ -215,3 +216,27 @@ def test_measures_on_isolated_and_unknown_members() -> None:
     cands, counts, _ = friends_of_friends(g, g.index_of(9), 10, w)
     assert cands.size == 0 and counts.size == 0
     assert pair_measures(g, -1, np.array([0, 1]), w).sum() == 0.0
+
+
+def test_mutual_connections_match_set_intersections(
+    sample: tuple[Graph, dict[int, set[int]]],
+) -> None:
+    g, adj = sample
+    member = int(g.ids[np.argmax(g.degree)])
+    others = [int(m) for m in g.ids[:60] if m != member]
+    cands = np.append(g.indices_of(np.array(others)), -1)  # and one member the graph lacks
+    counts, owner, mutual = mutual_connections(g, g.index_of(member), cands, 3)
+    for pos, other in enumerate(others):
+        shared = sorted(adj[member] & adj[other])
+        assert counts[pos] == len(shared)
+        assert g.ids[mutual[owner == pos]].tolist() == shared[:3]
+    assert counts[-1] == 0 and not (owner == len(others)).any()
+    assert mutual_connections(g, -1, cands, 3)[0].sum() == 0
+    # A graph with an overlay (nearline deltas) answers from it: a new shared connection.
+    other = next(o for o in others if not adj[member] & adj[o] and o not in adj[member])
+    via = next(iter(adj[member]))
+    moved = g.with_edges(np.array([[via, other]]), np.array([True]))
+    counts, owner, mutual = mutual_connections(
+        moved, moved.index_of(member), moved.indices_of(np.array([other])), 3
+    )
+    assert counts.tolist() == [1] and moved.ids[mutual].tolist() == [via]

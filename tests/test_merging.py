@@ -15,9 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeflow import keys, tensor
 from edgeflow.config import Config
+from edgeflow.graph import Graph
+from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
 from edgeflow.merging import blend, filters
 from edgeflow.merging import service as merging_service
+from edgeflow.merging import wire as edge_wire
 from edgeflow.merging.blend import BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.merging.service import MergingService, create
@@ -581,6 +584,43 @@ async def test_merge_drops_deactivated_members_and_fills_the_top_k(
     redis_client.delete(keys.deactivated(13))  # reactivated
     request.filters.append("deactivated")
     assert targets((await merging.stub.Merge(request, timeout=5)).edges) == [12, 13, 15]
+
+
+def test_social_proof_wire_bytes_equal_a_field_by_field_message() -> None:
+    for count, ids in ((0, []), (12, [4, 9, 31]), (1, [2**40]), (3, [-1])):
+        edge = tensor_pb2.Edge.FromString(edge_wire.social_proof(count, ids))
+        expected = tensor_pb2.Edge(social_proof=tensor_pb2.SocialProof(
+            mutual_count=count, mutual_ids=ids))  # fmt: skip
+        assert edge == expected and edge.HasField("social_proof")
+
+
+async def test_merge_names_the_mutual_connections_of_each_edge(
+    redis_proc: RedisProcess, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    # 7 knows 1..5; 20 shares all five, 21 shares 5, 22 none; 1 is deactivated.
+    pairs = [(7, m) for m in range(1, 6)] + [(20, m) for m in range(1, 6)] + [(21, 5), (22, 30)]
+    edges = np.array(pairs, dtype=np.int64)
+    save_graph(redis_client, Graph.from_edges(edges[:, 0], edges[:, 1]))
+    redis_client.set(keys.deactivated(1), "1700000000.0")
+    service = MergingService(Config(redis_url=redis_proc.url, home=tmp_path))
+    server, port, _ = await start_server(service, "127.0.0.1:0")
+    running = Running(server, port)
+    try:
+        request = merging_pb2.MergeRequest(
+            member=7, lists=[wire("fof", [20, 21, 22, 99], [0.9, 0.8, 0.7, 0.6])], k=4,
+            filters=["self", "deactivated"],
+        )  # fmt: skip
+        response = await running.stub.Merge(request, timeout=5)
+        proofs = {e.target: (e.social_proof.mutual_count, list(e.social_proof.mutual_ids))
+                  for e in response.edges}  # fmt: skip
+        # The count is the graph's; the ones named skip the deactivated member.
+        assert proofs == {20: (5, [2, 3, 4]), 21: (1, [5]), 22: (0, []), 99: (0, [])}
+        assert all(e.HasField("social_proof") for e in response.edges)
+        del request.filters[:]  # without the deactivated filter nothing is looked up
+        response = await running.stub.Merge(request, timeout=5)
+        assert list(response.edges[0].social_proof.mutual_ids) == [1, 2, 3]
+    finally:
+        await shut(service, running)
 
 
 async def test_wrong_redis_type_is_failed_precondition(

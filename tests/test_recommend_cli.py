@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from edgeflow.cli.recommend import NO_MODEL, empty_reasons, model_cell, render
+from edgeflow.cli.recommend import NO_MODEL, empty_reasons, model_cell, mutual_cell, render
 from edgeflow.v1 import gateway_pb2, tensor_pb2
 
 
@@ -34,12 +34,29 @@ def test_table_has_a_legend_and_no_made_up_model_scores() -> None:
     out = _text(resp)
     rows = [line for line in out.splitlines() if "│" in line and ("7 │" in line or "8 │" in line)]
     assert len(rows) == 2
-    assert f"{NO_MODEL} │ precomputed: 1, offline, 30s old" in rows[0]
+    assert f"1.0000 │      {NO_MODEL} │" in rows[0]
+    assert "│ precomputed: 1, offline, 30s old" in rows[0]
     assert "0.6200" in rows[1] and "0.0000" not in out
-    legend = [line.split()[0] for line in out.splitlines()[-6:] if line.strip()]
-    assert {"score", "model", "provenance"} <= set(legend)
+    legend = [line.split()[0] for line in out.splitlines()[-8:] if line.strip()]
+    assert {"score", "model", "mutual", "provenance"} <= set(legend)
     assert "what the rows are ranked by" in out
     assert f"{NO_MODEL} when no model scored it in this request" in out
+
+
+def test_the_mutual_column_shows_the_count_and_the_named_connections() -> None:
+    proof = tensor_pb2.SocialProof
+    assert mutual_cell(tensor_pb2.Edge(target=1, social_proof=proof(mutual_count=12,
+                                                                    mutual_ids=[4, 9, 31]))) == (
+        "12: 4, 9, 31"
+    )  # fmt: skip
+    assert mutual_cell(tensor_pb2.Edge(target=1, social_proof=proof())) == "0"
+    assert mutual_cell(tensor_pb2.Edge(target=1)) == NO_MODEL  # no graph: nothing to say
+    resp = gateway_pb2.RecommendResponse(surface="pymk")
+    resp.edges.add(target=7, score=1.0, social_proof=proof(mutual_count=2, mutual_ids=[3, 8]))
+    out = _text(resp)
+    row = next(line for line in out.splitlines() if "│" in line and " 7 │" in line)
+    assert "│ 2: 3, 8 " in row
+    assert "the connections the member and the edge's member share" in out
 
 
 def test_an_empty_answer_without_a_funnel_says_how_to_see_why() -> None:

@@ -784,6 +784,32 @@ def _sorted_isin(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[pos] == values
 
 
+def mutual_connections(
+    graph: Graph, i: int, cands: np.ndarray, most: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The connections dense member i shares with each dense candidate (-1: unknown).
+
+    Returns (count per candidate, then the first `most` shared connections of each, lowest
+    index first, as (candidate position, dense index) pairs grouped by candidate). It walks
+    the candidates' neighbour lists once, so it suits a short list (a response's top K).
+    """
+    cands = np.asarray(cands, dtype=np.int64)
+    counts = np.zeros(cands.size, dtype=np.int64)
+    none = np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(cands >= 0)
+    if i < 0 or not rows.size:
+        return counts, none, none
+    owner, nb = graph.gather(cands[rows])
+    shared = _sorted_isin(nb, graph.neighbors(i))
+    owner, nb = rows[owner[shared]], nb[shared].astype(np.int64)
+    order = np.lexsort((nb, owner))
+    owner, nb = owner[order], nb[order]
+    counts += np.bincount(owner, minlength=cands.size)
+    rank = np.arange(owner.size) - np.searchsorted(owner, owner)  # place within its candidate
+    first = rank < most
+    return counts, owner[first], nb[first]
+
+
 PAIR_COLUMNS = (
     "common_neighbors",
     "adamic_adar",

@@ -31,7 +31,7 @@ from rich.text import Text
 
 from edgeflow import auth, config, tensor
 from edgeflow.cli import CliError, dag_picture
-from edgeflow.cli.recommend import model_cell
+from edgeflow.cli.recommend import model_cell, mutual_cell
 from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
@@ -136,13 +136,14 @@ def top_tables(resp: gateway_pb2.RecommendResponse, top: int) -> list[Table]:
     table = _table(f"top {len(edges)} of {len(resp.edges)}")
     for col in ("#", "member", "score", "model"):
         _column(table, col, "right")
+    _column(table, "mutual")
     _column(table, "sources (own score)")
     for col in columns if inline else ():
         _column(table, col, "right")
     for i, e in enumerate(edges):
         feats = [_num(float(v)) for v in rows[i]] if inline else []
         table.add_row(str(i + 1), str(e.target), f"{e.score:.4f}", model_cell(e),
-                      Text(_sources(e)), *feats)  # fmt: skip
+                      mutual_cell(e), Text(_sources(e)), *feats)  # fmt: skip
     if inline or not edges:
         return [table]
     sub = _table(f"features of the top {len(edges)}")

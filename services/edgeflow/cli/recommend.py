@@ -25,6 +25,8 @@ LEGEND = (
     ("model", f"the ranker's own output for the edge, before the blend; {NO_MODEL} when no "
      "model scored it in this request (the surface is served from its precomputed list, or "
      "scoring fell back)"),
+    ("mutual", "the connections the member and the edge's member share: how many, then up "
+     f"to three of them; {NO_MODEL} when the merge had no member graph"),
     ("provenance", "each source that found the edge, with its own score (fof: common "
      "neighbours, ebr: cosine, precomputed: the list's score), its mode and its age"),
 )  # fmt: skip
@@ -46,6 +48,15 @@ def fetch(
 def model_cell(edge: tensor_pb2.Edge) -> str:
     """The model score, or NO_MODEL when no model scored the edge (never a made-up 0)."""
     return f"{edge.model_score:.4f}" if edge.HasField("model_score") else NO_MODEL
+
+
+def mutual_cell(edge: tensor_pb2.Edge) -> str:
+    """The social proof: '12: 4, 9, 31' (count, then the named ones), NO_MODEL when none."""
+    if not edge.HasField("social_proof"):
+        return NO_MODEL
+    proof = edge.social_proof
+    named = ", ".join(str(m) for m in proof.mutual_ids)
+    return f"{proof.mutual_count}: {named}" if named else str(proof.mutual_count)
 
 
 def print_legend(console: Console) -> None:
@@ -73,6 +84,7 @@ def render(
     table.add_column("member", justify="right")
     table.add_column("score", justify="right")
     table.add_column("model", justify="right")
+    table.add_column("mutual")
     table.add_column("provenance (source: score, mode)")
     for rank, edge in enumerate(resp.edges, start=1):
         prov = "; ".join(
@@ -80,7 +92,8 @@ def render(
             + (f", {p.age_seconds:.0f}s old" if p.age_seconds >= 1 else "")
             for p in edge.provenance
         )
-        table.add_row(str(rank), str(edge.target), f"{edge.score:.4f}", model_cell(edge), prov)
+        table.add_row(str(rank), str(edge.target), f"{edge.score:.4f}", model_cell(edge),
+                      mutual_cell(edge), prov)  # fmt: skip
     console.print(table)
     for line in resp.degraded:
         console.print(f"  degraded: {line}", style="yellow")

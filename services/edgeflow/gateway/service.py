@@ -112,7 +112,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         chans = [channel(a, tls_files=tls_files) for a in peers]
         self._channels = chans
         # Merging's own code in process: the blend and filters still run if it is down.
-        self._local_merging = MergingService(cfg)
+        self._local_merging = MergingService(cfg, graph=False)  # no social proof: no graph here
         await self._local_merging.start()
         self._local_candidates = ListsOnly(cfg)  # precomputed lists, if candidates is down
         self._engine = Engine(

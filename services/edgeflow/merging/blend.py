@@ -293,8 +293,9 @@ def select(
     )
 
 
-def _edges_wire(pool: Blended, sel: Selection) -> bytes:
-    """The selected items, best first, as MergeResponse.edges wire bytes with provenance."""
+def _edges_wire(pool: Blended, sel: Selection, proof: Sequence[bytes] = ()) -> bytes:
+    """The selected items, best first, as MergeResponse.edges wire bytes with provenance
+    (and each one's social proof bytes, when given)."""
     idx = sel.index
     if idx.size == 0:
         return b""
@@ -311,7 +312,7 @@ def _edges_wire(pool: Blended, sel: Selection) -> bytes:
         prov_head.append(head)
     return wire.edges(
         pool.ids[idx], pool.score[idx], pool.model[idx], rows, prov_head,
-        pool.source_score[idx][rows, cols],
+        pool.source_score[idx][rows, cols], proof,
     )  # fmt: skip
 
 
@@ -352,10 +353,13 @@ def drop_counts(dropped: Mapping[str, int]) -> list[merging_pb2.DropCount]:
     return [merging_pb2.DropCount(reason=r, count=c) for r, c in dropped.items()]
 
 
-def response(pool: Blended, sel: Selection) -> merging_pb2.MergeResponse:
-    """The MergeResponse for a selection: edges with provenance and drop counts by reason."""
+def response(
+    pool: Blended, sel: Selection, proof: Sequence[bytes] = ()
+) -> merging_pb2.MergeResponse:
+    """The MergeResponse for a selection: edges with provenance (and social proof, from
+    wire.social_proof per selected edge, when given) and drop counts by reason."""
     return merging_pb2.MergeResponse.FromString(
-        _edges_wire(pool, sel) + wire.drop_counts(sel.dropped)
+        _edges_wire(pool, sel, proof) + wire.drop_counts(sel.dropped)
     )
 
 

@@ -1,7 +1,10 @@
-"""The merging service over gRPC: Merge (blend, filters, quotas, top-K) and Filter.
+"""The merging service over gRPC: Merge (blend, filters, quotas, top-K, social proof) and
+Filter.
 
 Input errors are INVALID_ARGUMENT naming the field; Redis going away during the filters is
 UNAVAILABLE within a bounded time, and a Redis that refuses SMISMEMBER is FAILED_PRECONDITION.
+Social proof comes from the member graph, mapped as the other services map it; until one is
+loaded (or in the gateway's in-process fallback, which maps none) edges carry none.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from collections.abc import Sequence
 
 import grpc
 import numpy as np
+import redis
 
 from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.merging import blend, filters
+from edgeflow.graph import mutual_connections
+from edgeflow.graph_store import GraphNotLoaded, GraphStore
+from edgeflow.merging import blend, filters, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
-from edgeflow.redis_client import parse_url
+from edgeflow.redis_client import AsyncClient, connect_async, parse_url
 from edgeflow.resp import RawPipeline, RespError, RespReplyError
 from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import RequestError, Service, answer
@@ -29,6 +35,10 @@ log = logging.getLogger("edgeflow.merging")
 
 # Upper bound on the filters' Redis round trip, below any sensible request budget.
 REDIS_BUDGET_S = 1.0
+# Mutual connections named per edge, and how many are looked at to find them (some may be
+# deactivated).
+MUTUALS_SHOWN = 3
+_MUTUALS_READ = 2 * MUTUALS_SHOWN
 
 
 def to_list(i: int, msg: merging_pb2.ScoredList) -> ScoredList:
@@ -70,10 +80,14 @@ class MergingService(Service):
     name = "merging"
     service_names = ("edgeflow.v1.MergingService",)
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, graph: bool = True) -> None:
+        """`graph`: map the member graph for social proof (the gateway's fallback does not)."""
         self._cfg = cfg
         self._redis_at = parse_url(cfg.redis_url).where  # never the credentials
         self._redis: RawPipeline | None = None
+        self._with_graph = graph
+        self._rds: AsyncClient | None = None
+        self._store: GraphStore | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         merging_pb2_grpc.add_MergingServiceServicer_to_server(_Servicer(self), server)
@@ -82,8 +96,21 @@ class MergingService(Service):
         # Nothing to load; the client connects on first use, so Merge works without Redis
         # whenever no Redis-backed filter is asked for.
         self._redis = open_pipeline(self._cfg.redis_url)
+        if not self._with_graph:
+            return
+        self._rds = connect_async(self._cfg.redis_url)
+        self._store = GraphStore(self._rds, self._cfg.reload_interval_s, self._cfg.graph_dir)
+        try:
+            await self._store.load()
+        except (redis.RedisError, OSError, GraphNotLoaded) as exc:
+            log.warning("no member graph for social proof yet: %s", exc)
+        self._store.start_watching()
 
     async def stop(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+        if self._rds is not None:
+            await self._rds.aclose()
         if self._redis is not None:
             await self._redis.close()
             self._redis = None
@@ -107,10 +134,39 @@ class MergingService(Service):
         if filters.DEACTIVATED in names:
             sel = await self._drop_deactivated(request, pool, quotas, keep, dropped, why, sel,
                                                deadline_s)  # fmt: skip
-        out = blend.response(pool, sel)
+        proof = await self._social_proof(
+            request.member, pool.ids[sel.index], filters.DEACTIVATED in names, deadline_s
+        )
+        out = blend.response(pool, sel, proof)
         if why is not None:
             blend.explain(out.dropped_items, lists, pool, why, sel)
         return out
+
+    async def _social_proof(
+        self, member: int, targets: np.ndarray, hide_deactivated: bool, deadline_s: float | None
+    ) -> list[bytes]:
+        """Each served edge's wire.social_proof: the connections the member and the target
+        share, counted in the graph, and the first few of them that are not deactivated.
+        Nothing (no field) without a graph."""
+        try:
+            graph = self._store.graph if self._store is not None else None
+        except GraphNotLoaded:
+            graph = None
+        if graph is None or not targets.size:
+            return []
+        most = _MUTUALS_READ if hide_deactivated else MUTUALS_SHOWN
+        counts, owner, mutual = mutual_connections(
+            graph, graph.index_of(member), graph.indices_of(targets), most
+        )
+        named = graph.ids[mutual]
+        if hide_deactivated and named.size:
+            shown, _ = await self.visible(member, named, (filters.DEACTIVATED,), deadline_s)
+            owner, named = owner[shown], named[shown]
+        per_edge: list[list[int]] = [[] for _ in range(targets.size)]
+        for edge, m in zip(owner.tolist(), named.tolist(), strict=True):
+            if len(per_edge[edge]) < MUTUALS_SHOWN:
+                per_edge[edge].append(m)
+        return [wire.social_proof(c, ids) for c, ids in zip(counts.tolist(), per_edge, strict=True)]
 
     async def _drop_deactivated(
         self,

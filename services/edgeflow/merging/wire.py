@@ -47,6 +47,15 @@ def provenance_head(source: str, mode: str, age_seconds: float) -> bytes:
     return b"\x22" + varint(len(body) + 4) + body
 
 
+def social_proof(count: int, mutual_ids: Sequence[int]) -> bytes:
+    """Edge.social_proof (field 5): SocialProof{mutual_count, mutual_ids (packed)}."""
+    body = (b"\x08" + varint(count)) if count else b""
+    if mutual_ids:
+        packed = b"".join(varint(m) for m in mutual_ids)
+        body += b"\x12" + varint(len(packed)) + packed
+    return b"\x2a" + varint(len(body)) + body
+
+
 def edges(
     ids: np.ndarray,
     score: np.ndarray,
@@ -54,13 +63,15 @@ def edges(
     prov_edge: np.ndarray,
     prov_head: Sequence[bytes],
     prov_score: np.ndarray,
+    proof: Sequence[bytes] = (),
 ) -> bytes:
     """Repeated MergeResponse.edges (field 1) for edges in order.
 
     `model` is NaN where unscored: Edge.model_score is then left out (absent, so a reader
     can tell it from a score of 0); ±inf is sent as ±float32 max, as numpy's nan_to_num.
     Each provenance entry p belongs to edge `prov_edge[p]` (ascending), with `prov_head[p]`
-    from provenance_head and the float32 score `prov_score[p]`.
+    from provenance_head and the float32 score `prov_score[p]`. `proof`, when given, holds
+    each edge's `social_proof` bytes.
     """
     n = ids.size
     if n == 0:
@@ -84,6 +95,8 @@ def edges(
         while p < end:
             parts += (prov_head[p], scores[4 * p : 4 * p + 4])
             p += 1
+        if proof:
+            parts.append(proof[e])
         body = b"".join(parts)
         out += (b"\x0a", varint(len(body)), body)
     return b"".join(out)

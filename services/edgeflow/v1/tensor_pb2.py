@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64geflow/v1/tensor.proto\x12\x0b\x65\x64geflow.v1\"C\n\x06Tensor\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"N\n\nProvenance\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\"|\n\x04\x45\x64ge\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x0bmodel_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12+\n\nprovenance\x18\x04 \x03(\x0b\x32\x17.edgeflow.v1.ProvenanceB\x0e\n\x0c_model_score\";\n\x0b\x44roppedItem\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64geflow/v1/tensor.proto\x12\x0b\x65\x64geflow.v1\"C\n\x06Tensor\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"N\n\nProvenance\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\"\xac\x01\n\x04\x45\x64ge\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x0bmodel_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12+\n\nprovenance\x18\x04 \x03(\x0b\x32\x17.edgeflow.v1.Provenance\x12.\n\x0csocial_proof\x18\x05 \x01(\x0b\x32\x18.edgeflow.v1.SocialProofB\x0e\n\x0c_model_score\"7\n\x0bSocialProof\x12\x14\n\x0cmutual_count\x18\x01 \x01(\r\x12\x12\n\nmutual_ids\x18\x02 \x03(\x03\";\n\x0b\x44roppedItem\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_end=108
   _globals['_PROVENANCE']._serialized_start=110
   _globals['_PROVENANCE']._serialized_end=188
-  _globals['_EDGE']._serialized_start=190
-  _globals['_EDGE']._serialized_end=314
-  _globals['_DROPPEDITEM']._serialized_start=316
-  _globals['_DROPPEDITEM']._serialized_end=375
+  _globals['_EDGE']._serialized_start=191
+  _globals['_EDGE']._serialized_end=363
+  _globals['_SOCIALPROOF']._serialized_start=365
+  _globals['_SOCIALPROOF']._serialized_end=420
+  _globals['_DROPPEDITEM']._serialized_start=422
+  _globals['_DROPPEDITEM']._serialized_end=481
 # @@protoc_insertion_point(module_scope)

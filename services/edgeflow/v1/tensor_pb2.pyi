@@ -31,16 +31,26 @@ class Provenance(_message.Message):
     def __init__(self, source: _Optional[str] = ..., score: _Optional[float] = ..., mode: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class Edge(_message.Message):
-    __slots__ = ("target", "score", "model_score", "provenance")
+    __slots__ = ("target", "score", "model_score", "provenance", "social_proof")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     MODEL_SCORE_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    SOCIAL_PROOF_FIELD_NUMBER: _ClassVar[int]
     target: int
     score: float
     model_score: float
     provenance: _containers.RepeatedCompositeFieldContainer[Provenance]
-    def __init__(self, target: _Optional[int] = ..., score: _Optional[float] = ..., model_score: _Optional[float] = ..., provenance: _Optional[_Iterable[_Union[Provenance, _Mapping]]] = ...) -> None: ...
+    social_proof: SocialProof
+    def __init__(self, target: _Optional[int] = ..., score: _Optional[float] = ..., model_score: _Optional[float] = ..., provenance: _Optional[_Iterable[_Union[Provenance, _Mapping]]] = ..., social_proof: _Optional[_Union[SocialProof, _Mapping]] = ...) -> None: ...
+
+class SocialProof(_message.Message):
+    __slots__ = ("mutual_count", "mutual_ids")
+    MUTUAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    mutual_count: int
+    mutual_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, mutual_count: _Optional[int] = ..., mutual_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DroppedItem(_message.Message):
     __slots__ = ("target", "reason", "node")
