@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Sequence
@@ -610,7 +611,11 @@ async def test_merge_names_the_mutual_connections_of_each_edge(
             member=7, lists=[wire("fof", [20, 21, 22, 99], [0.9, 0.8, 0.7, 0.6])], k=4,
             filters=["self", "deactivated"],
         )  # fmt: skip
-        response = await running.stub.Merge(request, timeout=5)
+        for _ in range(200):  # the graph is mapped in the background, after start
+            response = await running.stub.Merge(request, timeout=5)
+            if response.edges[0].HasField("social_proof"):
+                break
+            await asyncio.sleep(0.05)
         proofs = {e.target: (e.social_proof.mutual_count, list(e.social_proof.mutual_ids))
                   for e in response.edges}  # fmt: skip
         # The count is the graph's; the ones named skip the deactivated member.

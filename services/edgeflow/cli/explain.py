@@ -25,13 +25,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 from rich.console import Console, JustifyMethod, RenderableType
-from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from edgeflow import auth, config, tensor
 from edgeflow.cli import CliError, dag_picture
-from edgeflow.cli.recommend import model_cell, mutual_cell
+from edgeflow.cli.recommend import fit_pipe, model_cell, mutual_cell
 from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
@@ -39,7 +38,6 @@ from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 INLINE_FEATURES = 6
 EXAMPLES = 5
 _STATUS_STYLE = {"ok": "green", "fallback": "yellow", "skipped": "dim"}
-_UNBOUNDED = 100_000  # columns: as wide as the widest line needs
 
 
 def _table(title: str) -> Table:
@@ -183,12 +181,7 @@ def render(resp: gateway_pb2.RecommendResponse, member: int, top: int, console: 
         parts.append(drops)
     else:
         parts.append("no item was dropped by a filter or a quota")
-    if not console.is_terminal:
-        # A pipe or a file has no width: rich would assume 80 columns and squeeze the tables.
-        # Give them what they need instead, so that every line is whole.
-        unbounded = console.options.update_width(_UNBOUNDED)
-        needed = (Measurement.get(console, unbounded, p).maximum for p in parts)
-        console.width = max(console.width, *needed)
+    fit_pipe(console, parts)
     for part in parts:
         console.print(part)
 

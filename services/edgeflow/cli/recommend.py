@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
@@ -18,6 +20,7 @@ from edgeflow.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 NO_MODEL = "\u2013"  # an en dash: no value (a minus sign would read as a number)
+_UNBOUNDED = 100_000  # columns: as wide as the widest line needs
 
 LEGEND = (
     ("score", "what the rows are ranked by: the output node's blend scales each of its input "
@@ -59,6 +62,15 @@ def mutual_cell(edge: tensor_pb2.Edge) -> str:
     return f"{proof.mutual_count}: {named}" if named else str(proof.mutual_count)
 
 
+def fit_pipe(console: Console, parts: Sequence[RenderableType]) -> None:
+    """A pipe or a file has no width: rich would assume 80 columns and squeeze the tables.
+    Give them what they need instead, so that every line is whole."""
+    if not console.is_terminal:
+        unbounded = console.options.update_width(_UNBOUNDED)
+        needed = (Measurement.get(console, unbounded, p).maximum for p in parts)
+        console.width = max(console.width, *needed)
+
+
 def print_legend(console: Console) -> None:
     """What the table's columns are (under the table)."""
     grid = Table.grid(padding=(0, 2))
@@ -94,7 +106,10 @@ def render(
         )
         table.add_row(str(rank), str(edge.target), f"{edge.score:.4f}", model_cell(edge),
                       mutual_cell(edge), prov)  # fmt: skip
+    width = console.width
+    fit_pipe(console, [table])
     console.print(table)
+    console.width = width  # the notes and legend below wrap as before
     for line in resp.degraded:
         console.print(f"  degraded: {line}", style="yellow")
     if not resp.edges:

@@ -21,7 +21,7 @@ import redis
 from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.graph import mutual_connections
-from edgeflow.graph_store import GraphNotLoaded, GraphStore
+from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
 from edgeflow.merging import blend, filters, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
@@ -88,6 +88,7 @@ class MergingService(Service):
         self._with_graph = graph
         self._rds: AsyncClient | None = None
         self._store: GraphStore | None = None
+        self._loading: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         merging_pb2_grpc.add_MergingServiceServicer_to_server(_Servicer(self), server)
@@ -100,13 +101,21 @@ class MergingService(Service):
             return
         self._rds = connect_async(self._cfg.redis_url)
         self._store = GraphStore(self._rds, self._cfg.reload_interval_s, self._cfg.graph_dir)
+        # In the background: Merge serves at once, with social proof once the graph is mapped.
+        self._loading = asyncio.create_task(self._load_graph(self._store))
+
+    @staticmethod
+    async def _load_graph(store: GraphStore) -> None:
         try:
-            await self._store.load()
+            await store.load()
         except (redis.RedisError, OSError, GraphNotLoaded) as exc:
             log.warning("no member graph for social proof yet: %s", exc)
-        self._store.start_watching()
+        store.start_watching()
 
     async def stop(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+            await asyncio.wait({self._loading}, timeout=CLOSE_WAIT_S)
         if self._store is not None:
             await self._store.close()
         if self._rds is not None:
