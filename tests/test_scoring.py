@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from edgeflow.scoring.registry import (
     publish_model,
     published_versions,
 )
+from edgeflow.scoring.rollout import RolloutError, promote, set_canary
 from edgeflow.scoring.service import ScoringService
 from edgeflow.server import channel, drain, start_server
 from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
@@ -421,3 +425,112 @@ async def test_health_is_not_serving_until_start_returns(
             assert [m.version for m in service.registry.models()] == ["v1"]
         finally:
             await drain(service, server, health_servicer)
+
+
+# --- rollout: stable and canary --------------------------------------------------------------
+
+
+async def test_a_canary_takes_its_share_of_members_until_promoted_or_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logreg: Trained, gbdt: Trained
+) -> None:
+    """`edgeflow models canary/promote/rollback` through the real CLI, applied by a serving
+    scoring process on its next scan: the canary gets about its share of members, always the
+    same ones; a version published later takes no traffic; batch callers get stable."""
+    model_dir = tmp_path / "models"
+    for onnx in (logreg.onnx, gbdt.onnx, logreg.onnx):
+        publish_model(model_dir, "ranker", onnx, card())
+    x = batch(20)
+
+    def models(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgeflow.cli.main", "models", *argv,
+             "--model-dir", str(model_dir)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    async def versions(stub: scoring_pb2_grpc.ScoringServiceStub, members: range) -> list[str]:
+        out = []
+        for m in members:
+            req = request(x, FEATURES)
+            req.member = m
+            out.append((await stub.Score(req)).version)
+        return out
+
+    async def settled(stub: scoring_pb2_grpc.ScoringServiceStub, want: set[str]) -> list[str]:
+        for _ in range(200):  # the reload loop runs every 0.05 s
+            got = await versions(stub, range(400))
+            if set(got) == want:
+                return got
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"versions served stayed {sorted(set(got))}, not {sorted(want)}")
+
+    async with serving(model_dir, monkeypatch) as stub:
+        assert set(await versions(stub, range(50))) == {"v3"}  # no aliases: the newest
+        done = models("canary", "ranker", "v3", "--share", "0.25")
+        assert done.returncode == 0, done.stderr
+        assert "ranker: stable v2, canary v3 for 25.0% of members" in done.stdout
+        await settled(stub, {"v2", "v3"})
+        first = await versions(stub, range(400))  # every request after the scan
+        assert 0.17 < first.count("v3") / len(first) < 0.33
+        assert await versions(stub, range(400)) == first  # sticky per member
+        assert (await stub.Score(request(x, FEATURES))).version == "v2"  # no member: stable
+        assert (await stub.Score(request(x, FEATURES, version="canary"))).version == "v3"
+        listed = await stub.ListModels(scoring_pb2.ListModelsRequest())
+        assert [(m.version, list(m.aliases), round(m.traffic_share, 2))
+                for m in listed.models] == [("v1", [], 0.0), ("v2", ["stable"], 0.75),
+                                            ("v3", ["canary"], 0.25)]  # fmt: skip
+
+        publish_model(model_dir, "ranker", gbdt.onnx, card())  # v4: no traffic of its own
+        assert models("promote", "ranker").returncode == 0
+        await settled(stub, {"v3"})
+        table = models("list").stdout
+        assert re.search(r"ranker\s+v3\s+stable\s+100.0%", table), table
+        assert re.search(r"ranker\s+v4\s+-\s+0.0%", table), table
+
+        assert models("rollback", "ranker").returncode == 0  # no canary: stable v2 again
+        await settled(stub, {"v2"})
+        again = models("rollback", "ranker")
+        assert again.returncode == 2
+        assert "no canary and no earlier stable version to roll back to" in again.stderr
+
+        (model_dir / "ranker" / "aliases.json").write_text('{"stable": "v9"}')
+        for _ in range(100):
+            listed = await stub.ListModels(scoring_pb2.ListModelsRequest())
+            if not any(m.traffic_share == 1.0 and m.version == "v2" for m in listed.models):
+                break
+            await asyncio.sleep(0.05)
+        # A broken file keeps the aliases read before and says why.
+        assert set(await versions(stub, range(50))) == {"v2"}
+        bad = models("list")
+        assert bad.returncode == 2
+        assert (
+            "stable 'v9' is not a loaded version of ranker (loaded: v1, v2, v3, v4)" in bad.stderr
+        )
+
+
+def test_rollout_commands_name_what_is_wrong(tmp_path: Path, logreg: Trained) -> None:
+    model_dir = tmp_path / "models"
+    publish_model(model_dir, "ranker", logreg.onnx, card())
+    versions = published_versions(model_dir)["ranker"]
+    with pytest.raises(RolloutError, match="is the only version: there is no stable one"):
+        set_canary(model_dir, "ranker", versions, "v1", 0.1)
+    with pytest.raises(RolloutError, match=r"no version 'v7' .* \(published: v1\)"):
+        set_canary(model_dir, "ranker", versions, "v7", 0.1)
+    for share in (0.0, 1.5, float("nan")):
+        with pytest.raises(RolloutError, match=r"--share must be in \(0, 1\]"):
+            set_canary(model_dir, "ranker", versions, "v1", share)
+    with pytest.raises(RolloutError, match="has no canary to promote"):
+        promote(model_dir, "ranker", versions)
+    with pytest.raises(RolloutError, match="has no published version"):
+        promote(model_dir, "other", [])
+    registry = ModelRegistry(tmp_path / "models")
+    registry.refresh()
+    with pytest.raises(ModelNotFoundError, match="has no canary"):
+        registry.get("ranker", "canary")
+    assert registry.get("ranker", "stable").version == "v1"
+    (model_dir / "ranker" / "aliases.json").write_text("[1]")
+    assert registry.refresh() == [
+        f"{model_dir / 'ranker' / 'aliases.json'}: must be a JSON object, got list "
+        "(serving the newest version)"
+    ]
+    assert registry.get("ranker").version == "v1"

@@ -384,3 +384,20 @@ def test_a_document_with_very_many_problems_lists_the_first_ones(doc: dict[str, 
     doc["spec"]["nodes"] += [{"name": f"n{i}", "op": "nope"} for i in range(50)]
     found = problems(doc)
     assert len(found) == 21 and found[-1].startswith("... and ")
+
+
+def test_rollout_aliases_as_model_versions(doc: dict[str, Any]) -> None:
+    """`stable` always names a version of a published model; `canary` only while one is set
+    (the registry lists it among the versions then)."""
+    node(doc, "rank")["params"]["version"] = "stable"
+    assert check_models(parse_document(doc, "wf.yaml"), {"pymk-ranker": ["v1"]}) == []
+    node(doc, "rank")["params"]["version"] = "canary"
+    canary = parse_document(doc, "wf.yaml")
+    assert check_models(canary, {"pymk-ranker": ["v1", "v2", "canary"]}) == []
+    assert check_models(canary, {"pymk-ranker": ["v1"]}) == [
+        "node 'rank' field params.version: model 'pymk-ranker' has no version 'canary' "
+        "(it has ['v1'])"
+    ]
+    node(doc, "rank")["params"]["version"] = "beta"
+    with pytest.raises(WorkflowError, match=r"params.version"):
+        parse_document(doc, "wf.yaml")

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("experiments", help="A/B experiment reports and shadow comparisons")
     importlib.import_module("edgeflow.cli.experiments").add_arguments(s)
 
+    s = sub.add_parser("models", help="the model registry: versions, canary, promote, rollback")
+    importlib.import_module("edgeflow.cli.models").add_arguments(s)
+    s.set_defaults(func=_command("models"))
+
     s = sub.add_parser("offline", help="the offline job: a workflow's lists for every member")
     off = s.add_subparsers(dest="action", required=True, metavar="ACTION")
     o = off.add_parser("run", help="compute the list for every member, or for one shard")

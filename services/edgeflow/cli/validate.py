@@ -12,8 +12,16 @@ def run(args: argparse.Namespace) -> int:
     available = None
     if args.model_dir is not None:
         from edgeflow.scoring.registry import published_versions
+        from edgeflow.scoring.rollout import RolloutError, read_aliases
 
         available = published_versions(args.model_dir)
+        for name, versions in available.items():  # "canary" exists while one is set
+            try:
+                aliases = read_aliases(args.model_dir, name, set(versions))
+            except RolloutError:
+                continue  # scoring reports the file; the canary is not available
+            if aliases is not None and aliases.canary is not None:
+                versions.append("canary")
     failed = 0
     for path in args.files:
         try:

@@ -533,7 +533,10 @@ class Engine:
             raise NodeError("no features to score (the features node fell back)")
         resp = await self._c.scoring.Score(
             scoring_pb2.ScoreRequest(
-                model=cn.params.model, version=cn.params.version, features=frame.features
+                model=cn.params.model,
+                version=cn.params.version,
+                features=frame.features,
+                member=member,
             ),
             timeout=timeout,
             metadata=tracing.outgoing_metadata(),

@@ -159,8 +159,8 @@ class ModelWatch:
                      self._addr)  # fmt: skip
         self.error = ""
         available: Available = {}
-        for m in resp.models:
-            available.setdefault(m.name, []).append(m.version)
+        for m in resp.models:  # a version, and the rollout alias it holds ("canary")
+            available.setdefault(m.name, []).extend([m.version, *m.aliases])
         self.available = available
 
     def _failed(self, error: str) -> None:

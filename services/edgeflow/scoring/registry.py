@@ -18,12 +18,22 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from edgeflow.scoring.rollout import (
+    ALIASES_FILE,
+    CANARY,
+    STABLE,
+    Aliases,
+    RolloutError,
+    read_aliases,
+    traffic,
+)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -312,6 +322,7 @@ class _State:
     models: dict[str, dict[str, LoadedModel]]
     latest: dict[str, LoadedModel]
     errors: dict[str, str]  # "name/version" -> why it is not (re)loaded
+    aliases: dict[str, Aliases] = field(default_factory=dict)  # rollout.py
 
 
 class ModelRegistry:
@@ -324,8 +335,12 @@ class ModelRegistry:
         self._failed: dict[Path, tuple[Signature | None, str]] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str, version: str | None = None) -> LoadedModel:
-        """The model's version; "", "latest" or None mean the highest loaded version."""
+    def get(
+        self, name: str, version: str | None = None, member: int | None = None
+    ) -> LoadedModel:
+        """The model's version. "", "latest" or None mean the highest loaded version, or,
+        for a model with rollout aliases, the one `Aliases.route` picks for `member`;
+        "stable" and "canary" name the aliases."""
         state = self._state
         versions = state.models.get(name)
         if versions is None:
@@ -335,8 +350,20 @@ class ModelRegistry:
                 f"model {name!r} is not loaded from the registry at {self.root}; "
                 f"loaded models: {_describe(state)}{detail}"
             )
+        aliases = state.aliases.get(name)
         if not version or version == LATEST:
-            return state.latest[name]
+            if aliases is None:
+                return state.latest[name]
+            version = aliases.route(name, member)
+        elif version == STABLE:
+            version = state.latest[name].version if aliases is None else aliases.stable
+        elif version == CANARY:
+            if aliases is None or aliases.canary is None:
+                raise ModelNotFoundError(
+                    f"model {name!r} has no canary in the registry at {self.root}; set one "
+                    f"with `edgeflow models canary {name} VERSION --share S`"
+                )
+            version = aliases.canary
         model = versions.get(version)
         if model is None:
             error = state.errors.get(f"{name}/{version}")
@@ -354,6 +381,13 @@ class ModelRegistry:
 
     def is_latest(self, model: LoadedModel) -> bool:
         return self._state.latest.get(model.name) is model
+
+    def rollout(self, model: LoadedModel) -> tuple[list[str], float]:
+        """The aliases this version holds and its share of members under the default
+        version."""
+        state = self._state
+        newest = state.latest[model.name].version if model.name in state.latest else ""
+        return traffic(state.aliases.get(model.name), model.version, newest)
 
     @property
     def errors(self) -> list[str]:
@@ -382,8 +416,35 @@ class ModelRegistry:
                     log.info("model %s %s removed from %s", model.name, model.version, self.root)
             self._failed = {p: v for p, v in self._failed.items() if p in seen}
             latest = {n: max(vs.values(), key=_order) for n, vs in models.items()}
-            self._state = _State(models, latest, errors)
+            aliases = self._read_aliases(models, old.aliases, errors)
+            self._state = _State(models, latest, errors, aliases)
             return list(errors.values())
+
+    def _read_aliases(
+        self,
+        models: dict[str, dict[str, LoadedModel]],
+        old: dict[str, Aliases],
+        errors: dict[str, str],
+    ) -> dict[str, Aliases]:
+        """Each model's rollout aliases. A broken file keeps the aliases read before while
+        their versions are loaded (else the newest version serves), and says so."""
+        out: dict[str, Aliases] = {}
+        for name, versions in models.items():
+            try:
+                found = read_aliases(self.root, name, set(versions))
+            except RolloutError as exc:
+                before = old.get(name)
+                if before is not None and {before.stable, before.canary} - {None} <= set(versions):
+                    out[name] = before
+                    errors[f"{name}/{ALIASES_FILE}"] = f"{exc} (keeping stable {before.stable})"
+                else:
+                    errors[f"{name}/{ALIASES_FILE}"] = f"{exc} (serving the newest version)"
+                continue
+            if found is not None:
+                if old.get(name) != found:
+                    log.info("model %s rollout: %s", name, found.as_json())
+                out[name] = found
+        return out
 
     def _load_one(
         self, name: str, vdir: Path, prev: LoadedModel | None

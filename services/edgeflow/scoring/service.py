@@ -41,7 +41,8 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
                 f"ScoreRequest.model is empty; loaded models: {registry.describe()}",
             )
         try:
-            model = registry.get(request.model, request.version)
+            member = request.member if request.HasField("member") else None
+            model = registry.get(request.model, request.version, member)
         except ModelNotFoundError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         features = request.features
@@ -80,8 +81,10 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
         self, request: scoring_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.ListModelsResponse:
         registry = self._registry
-        return scoring_pb2.ListModelsResponse(
-            models=[
+        infos = []
+        for m in registry.models():
+            aliases, share = registry.rollout(m)
+            infos.append(
                 scoring_pb2.ModelInfo(
                     name=m.name,
                     version=m.version,
@@ -89,10 +92,11 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
                     training_data_hash=str(m.card.get("training_data_hash", "")),
                     metrics=m.metrics,
                     latest=registry.is_latest(m),
+                    aliases=aliases,
+                    traffic_share=share,
                 )
-                for m in registry.models()
-            ]
-        )
+            )
+        return scoring_pb2.ListModelsResponse(models=infos)
 
 
 class ScoringService(Service):

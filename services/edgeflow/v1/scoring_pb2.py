@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeflow.v1 import tensor_pb2 as edgeflow_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geflow/v1/scoring.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"U\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\"T\n\rScoreResponse\x12#\n\x06scores\x18\x01 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"\xce\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\x12\x1a\n\x12training_data_hash\x18\x04 \x01(\t\x12\x34\n\x07metrics\x18\x05 \x03(\x0b\x32#.edgeflow.v1.ModelInfo.MetricsEntry\x12\x0e\n\x06latest\x18\x06 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.edgeflow.v1.ModelInfo2\x9f\x01\n\x0eScoringService\x12>\n\x05Score\x12\x19.edgeflow.v1.ScoreRequest\x1a\x1a.edgeflow.v1.ScoreResponse\x12M\n\nListModels\x12\x1e.edgeflow.v1.ListModelsRequest\x1a\x1f.edgeflow.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geflow/v1/scoring.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"u\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\x13\n\x06member\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\t\n\x07_member\"T\n\rScoreResponse\x12#\n\x06scores\x18\x01 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"\xf6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\x12\x1a\n\x12training_data_hash\x18\x04 \x01(\t\x12\x34\n\x07metrics\x18\x05 \x03(\x0b\x32#.edgeflow.v1.ModelInfo.MetricsEntry\x12\x0e\n\x06latest\x18\x06 \x01(\x08\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\x12\x15\n\rtraffic_share\x18\x08 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.edgeflow.v1.ModelInfo2\x9f\x01\n\x0eScoringService\x12>\n\x05Score\x12\x19.edgeflow.v1.ScoreRequest\x1a\x1a.edgeflow.v1.ScoreResponse\x12M\n\nListModels\x12\x1e.edgeflow.v1.ListModelsRequest\x1a\x1f.edgeflow.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_SCOREREQUEST']._serialized_start=68
-  _globals['_SCOREREQUEST']._serialized_end=153
-  _globals['_SCORERESPONSE']._serialized_start=155
-  _globals['_SCORERESPONSE']._serialized_end=239
-  _globals['_LISTMODELSREQUEST']._serialized_start=241
-  _globals['_LISTMODELSREQUEST']._serialized_end=260
-  _globals['_MODELINFO']._serialized_start=263
-  _globals['_MODELINFO']._serialized_end=469
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=423
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=469
-  _globals['_LISTMODELSRESPONSE']._serialized_start=471
-  _globals['_LISTMODELSRESPONSE']._serialized_end=531
-  _globals['_SCORINGSERVICE']._serialized_start=534
-  _globals['_SCORINGSERVICE']._serialized_end=693
+  _globals['_SCOREREQUEST']._serialized_end=185
+  _globals['_SCORERESPONSE']._serialized_start=187
+  _globals['_SCORERESPONSE']._serialized_end=271
+  _globals['_LISTMODELSREQUEST']._serialized_start=273
+  _globals['_LISTMODELSREQUEST']._serialized_end=292
+  _globals['_MODELINFO']._serialized_start=295
+  _globals['_MODELINFO']._serialized_end=541
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=495
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=541
+  _globals['_LISTMODELSRESPONSE']._serialized_start=543
+  _globals['_LISTMODELSRESPONSE']._serialized_end=603
+  _globals['_SCORINGSERVICE']._serialized_start=606
+  _globals['_SCORINGSERVICE']._serialized_end=765
 # @@protoc_insertion_point(module_scope)

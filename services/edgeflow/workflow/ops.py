@@ -89,7 +89,10 @@ class OnnxParams(Params):
         description="Model name in the registry.",
     )  # fmt: skip
     version: str = Field(
-        "latest", pattern=r"^(latest|v[0-9]+)$", description="Model version, or latest."
+        "latest",
+        pattern=r"^(latest|stable|canary|v[0-9]+)$",
+        description="Model version, or latest (with rollout aliases: stable, and the "
+        "canary for its share of members), stable or canary.",
     )
 
 

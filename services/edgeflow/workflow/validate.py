@@ -322,7 +322,7 @@ def model_problems_at(wf: Workflow, available: Mapping[str, list[str]]) -> list[
                 f"{where}.model: no model {params.model!r} in the registry "
                 f"(it has {sorted(available) or 'no models'})"
             )
-        elif params.version != "latest" and params.version not in versions:
+        elif params.version not in ("latest", "stable") and params.version not in versions:
             problem = (
                 f"{where}.version: model {params.model!r} has no version {params.version!r} "
                 f"(it has {versions})"
