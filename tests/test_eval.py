@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from edgeflow.cli.evaluate import recall_by_degree
+from edgeflow.graph import Graph
 
 pytestmark = pytest.mark.e2e
 
@@ -29,3 +33,22 @@ def test_eval_on_facebook_beats_adamic_adar(facebook_edges: Path, tmp_path: Path
     assert result["members"] == 400 and result["k"] == 50
     assert result["failed_requests"] == 0, result["failed_examples"]
     assert result["recall_at_k"] >= result["baseline_adamic_adar_recall_at_k"], result
+    # Recall per training-degree bucket; the buckets partition the members and their edges.
+    buckets = result["recall_at_k_by_degree"]
+    assert list(buckets) == ["0", "1-2", "3-9", "10-49", "50+"]
+    assert sum(b["members"] for b in buckets.values()) == result["members"]
+    assert sum(b["hidden_edges"] for b in buckets.values()) == result["hidden_edges_of_members"]
+    assert all(0 <= b["recall_at_k"] <= 1 for b in buckets.values())
+
+
+def test_recall_by_degree_splits_members_by_training_degree() -> None:
+    graph = Graph.from_edges(np.asarray([1, 1, 2]), np.asarray([2, 3, 3]),
+                             members=np.asarray([1, 2, 3, 4, 5]))  # fmt: skip
+    truth = {1: {4}, 4: {1, 5}, 5: {4}}
+    recs = {1: [4], 4: [1, 3], 5: []}
+    buckets = recall_by_degree(graph, recs, {1: [], 4: [5], 5: [4]}, truth)
+    assert buckets["0"] == {"members": 2, "hidden_edges": 3, "recall_at_k": round(1 / 3, 5),
+                            "baseline_adamic_adar_recall_at_k": round(2 / 3, 5)}  # fmt: skip
+    assert buckets["1-2"] == {"members": 1, "hidden_edges": 1, "recall_at_k": 1.0,
+                              "baseline_adamic_adar_recall_at_k": 0.0}  # fmt: skip
+    assert buckets["50+"]["members"] == 0 and buckets["50+"]["recall_at_k"] == 0.0

@@ -79,6 +79,37 @@ def recall(recs: dict[int, list[int]], truth: dict[int, set[int]]) -> float:
     return hits / total if total else 0.0
 
 
+# Members by their degree in the training graph (what serving sees): 0 is a cold start (every
+# edge hidden), 1-2 nearly one.
+DEGREE_BUCKETS = ((0, 0), (1, 2), (3, 9), (10, 49), (50, None))
+
+
+def bucket_name(lo: int, hi: int | None) -> str:
+    return str(lo) if hi == lo else f"{lo}+" if hi is None else f"{lo}-{hi}"
+
+
+def recall_by_degree(
+    graph: Graph,
+    recs: dict[int, list[int]],
+    baseline: dict[int, list[int]],
+    truth: dict[int, set[int]],
+) -> dict[str, dict[str, float | int]]:
+    """recall@k of Recommend and of Adamic-Adar per training-degree bucket of the members."""
+    degree = {m: int(graph.degree[graph.index_of(m)]) for m in recs}
+    out: dict[str, dict[str, float | int]] = {}
+    for lo, hi in DEGREE_BUCKETS:
+        mine = [m for m, d in degree.items() if d >= lo and (hi is None or d <= hi)]
+        out[bucket_name(lo, hi)] = {
+            "members": len(mine),
+            "hidden_edges": sum(len(truth[m]) for m in mine),
+            "recall_at_k": round(recall({m: recs[m] for m in mine}, truth), 5),
+            "baseline_adamic_adar_recall_at_k": round(
+                recall({m: baseline[m] for m in mine}, truth), 5
+            ),
+        }
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.holdout < 1:
         raise CliError(f"--holdout must be between 0 and 1, got {args.holdout}")
@@ -113,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "baseline_adamic_adar_recall_at_k": round(recall(baseline, truth), 5),
         "members": len(members),
         "k": args.k,
+        "recall_at_k_by_degree": recall_by_degree(graph, recs, baseline, truth),
         "seconds": round(time.perf_counter() - t0, 1),
         "holdout": args.holdout,
         "seed": args.seed,
@@ -130,7 +162,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
+            if key == "recall_at_k_by_degree":
+                continue
             print(f"{key:>34}: {value}")
+        for name, row in result["recall_at_k_by_degree"].items():
+            print(
+                f"{'recall_at_k, degree ' + name:>34}: {row['recall_at_k']} "
+                f"(Adamic-Adar {row['baseline_adamic_adar_recall_at_k']}, "
+                f"{row['members']} members, {row['hidden_edges']} hidden edges)"
+            )
         for line in errors[:5]:
             print(f"  error: {line}")
     return 0
