@@ -80,7 +80,7 @@ class CandidatesService(Service):
             GraphSource(self._store, self.cfg.fof_max_visits),
             EbrSource(self._store, self._emb),
             PrecomputedSource(self.cfg.redis_url, self._store),
-            PopularSource(self._store),
+            PopularSource(self._store, self._emb),
         ]
         self._sources = {s.name: s for s in sources}
 

@@ -514,17 +514,75 @@ class PrecomputedSource:
         )
 
 
+# "Popular within what is known of the member" (PopularSource, within=neighbourhood): the
+# member's neighbourhood is its connections (or, with none, its SEEDS nearest members by
+# embedding) and at most RING of their connections; a candidate's score is how many of the
+# neighbourhood it is connected to. Bounded: at most RING members' adjacency is read.
+SEEDS = 16
+RING = 128
+WITHIN = ("all", "neighbourhood")
+
+
+def popular_near(
+    graph: Graph, seeds: np.ndarray, excluded: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Members best connected into the neighbourhood of `seeds` (dense indices), best first:
+    (external ids, counts). Never one of `excluded` (sorted external ids); the seeds
+    themselves may be candidates. Ties go to the better-connected member, then the lower id.
+    The candidates service and the batch runner both rank with this."""
+    seeds = np.unique(np.asarray(seeds, dtype=np.int64))
+    if not seeds.size or limit <= 0:
+        return _EMPTY_IDS, _EMPTY_SCORES
+    degree = graph.degree
+    _, first = graph.gather(seeds)
+    hop, touches = np.unique(first, return_counts=True)
+    hop_order = np.lexsort((graph.ids[hop], -degree[hop], -touches))
+    ring = np.union1d(seeds, hop[hop_order][: max(RING - seeds.size, 0)])
+    _, second = graph.gather(ring)
+    cand, counts = np.unique(second, return_counts=True)
+    ids = graph.ids[cand]
+    keep = _drop(ids, excluded)
+    cand, ids, counts = cand[keep], ids[keep], counts[keep]
+    order = np.lexsort((ids, -degree[cand], -counts))[:limit]
+    return ids[order], counts[order].astype(np.float32)
+
+
+def fill_popular(
+    near: tuple[np.ndarray, np.ndarray], ranked: tuple[np.ndarray, np.ndarray],
+    excluded: np.ndarray, limit: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The neighbourhood's list, then the best-connected members (`ranked`: ids and degrees,
+    best first) it lacks, to `limit`; a filler scores below 1 (degree over top degree + 1),
+    so the scores keep the order."""
+    ids, scores = near
+    room = limit - ids.size
+    if room <= 0:
+        return ids[:limit], scores[:limit]
+    gone = np.union1d(excluded, ids)
+    head, degree = ranked[0][: room + gone.size], ranked[1][: room + gone.size]
+    keep = _drop(head, gone)
+    extra = head[keep][:room]
+    top = float(ranked[1][0]) if ranked[1].size else 0.0
+    extra_scores = (degree[keep][:room] / (top + 1.0)).astype(np.float32)
+    return np.concatenate([ids, extra]), np.concatenate([scores, extra_scores])
+
+
 class PopularSource:
     """Highest-degree members, for cold start; also serves members unknown to the graph.
 
     The ranking is made once per graph version (a nearline edge change makes a new one), in
-    O(members), on the CPU threads; a request then only drops the member's connections."""
+    O(members), on the CPU threads; a request then only drops the member's connections.
+    With `within: neighbourhood` a member's list starts with the members popular within
+    its neighbourhood (popular_near: through its connections, else its embedding's nearest
+    members), and the best-connected members fill the rest. With `max_degree` a member
+    with more connections than that gets none (its other sources serve it)."""
 
     name = "popular"
-    params: tuple[str, ...] = ()
+    params: tuple[str, ...] = ("within", "max_degree")
 
-    def __init__(self, store: GraphStore) -> None:
+    def __init__(self, store: GraphStore, embeddings: Embeddings | None = None) -> None:
         self._store = store
+        self._emb = embeddings
         self._ranked: tuple[str, np.ndarray, np.ndarray] | None = None  # version, ids, degree
 
     async def _ranking(self, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
@@ -536,14 +594,49 @@ class PopularSource:
 
     async def generate(self, member: int, limit: int, params: Mapping[str, str]) -> Generated:
         params = check_params(self, params)
+        within = params.get("within") or "all"
+        if within not in WITHIN:
+            raise InvalidParam(
+                "params.within", f"must be one of {', '.join(WITHIN)}, got {within!r}"
+            )
+        max_degree = _int_param(params, "max_degree", -1, -1, 1_000_000_000)
         graph = _graph(self._store)
-        ids, degree = await self._ranking(graph)
+        i = graph.index_of(member)
+        degree = int(graph.degree[i]) if i >= 0 else 0
+        if 0 <= max_degree < degree:
+            return Generated(
+                _EMPTY_IDS, _EMPTY_SCORES, "degree", 0.0, graph.version,
+                note=f"member {member} has {degree} connections; popular serves members "
+                f"with at most {max_degree}",
+            )  # fmt: skip
+        ids, ranked_degree = await self._ranking(graph)
         excluded = _excluded(graph, member)
+        if within == "neighbourhood" and i >= 0:
+            seeds = graph.neighbors(i) if degree else await self._nearest(graph, member)
+            if seeds.size:
+                near = popular_near(graph, seeds, excluded, limit)
+                out, scores = fill_popular(near, (ids, ranked_degree), excluded, limit)
+                return Generated(out, scores, "popularity", 0.0, graph.version)
         head = ids[: limit + excluded.size]
         keep = _drop(head, excluded)
         return Generated(
-            head[keep][:limit], degree[: head.size][keep][:limit], "degree", 0.0, graph.version
-        )
+            head[keep][:limit], ranked_degree[: head.size][keep][:limit], "degree", 0.0,
+            graph.version,
+        )  # fmt: skip
+
+    async def _nearest(self, graph: Graph, member: int) -> np.ndarray:
+        """Dense indices of the member's nearest members by embedding; none when it has no
+        vector or the embeddings are not available (the global ranking serves it then)."""
+        reader = None if self._emb is None else self._emb.reader
+        if reader is None:
+            return _EMPTY_IDS
+        try:
+            ids, _ = await _search(reader, member, SEEDS, np.asarray([member], np.int64))
+        except (vectors.ReplicaClosed, SourceUnavailable) as exc:
+            log.warning("popular: no embedding neighbours for member %s: %s", member, exc)
+            return _EMPTY_IDS
+        dense = graph.indices_of(ids)
+        return dense[dense >= 0]
 
 
 def _by_degree(graph: Graph) -> tuple[np.ndarray, np.ndarray]:

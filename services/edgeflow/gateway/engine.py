@@ -453,7 +453,7 @@ class Engine:
         cached = self._templates.get(id(cn))
         if cached is not None and cached[0] is cn:
             return cached[1]
-        params = cn.params.model_dump()
+        params = cn.params.model_dump(exclude_none=True)  # an unset param is not sent
         template = candidates_pb2.GenerateRequest(
             source=cn.node.op.split(".", 1)[1],
             limit=int(params.pop("limit")),

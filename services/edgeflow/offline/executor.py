@@ -16,7 +16,7 @@ from typing import cast
 import numpy as np
 
 from edgeflow import lists as stored_lists
-from edgeflow.candidates.sources import VectorIndex
+from edgeflow.candidates.sources import SEEDS, VectorIndex, fill_popular, popular_near
 from edgeflow.features.schema import MODEL_COLUMNS
 from edgeflow.offline.inputs import FeatureTable, Inputs, take
 from edgeflow.offline.pairs import (
@@ -239,21 +239,53 @@ class BatchRunner:
         return _limit(rows, params.limit)
 
     def _popular(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:
+        """As the candidates service's popular source (sources.PopularSource): a member
+        past max_degree gets none, so a batch of connected members costs nothing here."""
         members = batch.members
         params = cn.params
         assert isinstance(params, PopularParams)
         g = self.inputs.graph
         degree = g.degree
+        dense = batch.dense
+        own = np.where(dense >= 0, degree[np.maximum(dense, 0)], 0) if g.n else dense * 0
+        served = own <= params.max_degree if params.max_degree is not None else own >= 0
+        if not served.any():
+            return Rows.from_parts(cn.node.name, [(_EMPTY_IDS, _EMPTY_SCORES)] * members.size,
+                                   "offline")  # fmt: skip
         head = min(g.n, params.limit + int(degree.max(initial=0)) + 1)
         order = most_connected(degree, head)
-        ranked_ids, ranked_deg = g.ids[order], degree[order].astype(np.float32)
-        dense = g.indices_of(members)
+        ranked = g.ids[order], degree[order].astype(np.float32)
         parts = []
-        for member, i in zip(members.tolist(), dense.tolist(), strict=True):
-            gone = [member] if i < 0 else [member, *g.ids[g.neighbors(i)].tolist()]
-            keep = ~np.isin(ranked_ids, gone)
-            parts.append((ranked_ids[keep][: params.limit], ranked_deg[keep][: params.limit]))
+        for member, i, on in zip(members.tolist(), dense.tolist(), served.tolist(), strict=True):
+            if not on:
+                parts.append((_EMPTY_IDS, _EMPTY_SCORES))
+                continue
+            connections = g.neighbors(i) if i >= 0 else _EMPTY_IDS
+            gone = np.unique(np.append(g.ids[connections], member))
+            if params.within == "neighbourhood" and i >= 0:
+                seeds = connections if connections.size else self._seeds(member)
+                if seeds.size:
+                    near = popular_near(g, seeds, gone, params.limit)
+                    parts.append(fill_popular(near, ranked, gone, params.limit))
+                    continue
+            keep = ~np.isin(ranked[0], gone)
+            parts.append((ranked[0][keep][: params.limit], ranked[1][keep][: params.limit]))
         return Rows.from_parts(cn.node.name, parts, "offline")
+
+    def _seeds(self, member: int) -> np.ndarray:
+        """Dense indices of a member's SEEDS nearest members by embedding (it has no
+        connections to start its neighbourhood from): from the live HNSW collection past the
+        exact index's size, else the exact index, whose one row of cosines is what the ebr
+        node computes for every member."""
+        gone = np.asarray([member], dtype=np.int64)
+        if self.inputs.ann is not None:
+            ids, _ = self.inputs.ann.nearest(member, SEEDS, gone)
+        elif self.inputs.index is not None:
+            ids, _ = self.inputs.index.nearest(member, SEEDS, gone)
+        else:
+            return _EMPTY_IDS
+        dense = self.inputs.graph.indices_of(np.asarray(ids, dtype=np.int64))
+        return dense[dense >= 0]
 
     # ---- features and scoring -------------------------------------------------------------
     def _fetch(self, cn: CompiledNode, inputs: list[Rows], batch: _Batch) -> Rows:

@@ -66,6 +66,16 @@ class PopularParams(Params):
     """Best-connected members, for cold start."""
 
     limit: int = Field(50, ge=1, le=5000, description="Most candidates to return.")
+    within: Literal["all", "neighbourhood"] = Field(
+        "all",
+        description="all: the best-connected members; neighbourhood: first those best "
+        "connected into the member's neighbourhood (its connections, or with none its "
+        "nearest members by embedding), then the best-connected.",
+    )
+    max_degree: int | None = Field(
+        None, ge=0, le=1_000_000_000,
+        description="Serve only members with at most this many connections; unset: all.",
+    )  # fmt: skip
 
 
 class FetchParams(Params):
