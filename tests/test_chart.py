@@ -926,7 +926,7 @@ def test_kubectl_apply_of_the_crd_and_examples(api: EmulatorThread) -> None:
     stored = yaml.safe_load(kubectl(api, "get", "ewf", "pymk", "-n", "surfaces",
                                     "-o", "yaml").stdout)  # fmt: skip
     assert stored["spec"]["nodes"][2]["timeoutMs"] == 20
-    assert stored["spec"]["nodes"][5]["timeoutMs"] == 40  # and defaults filled in by the schema
+    assert stored["spec"]["nodes"][6]["timeoutMs"] == 40  # and defaults filled in by the schema
     again = kubectl(api, "apply", "--validate=false", "-n", "surfaces",
                     "-f", str(REPO_ROOT / "examples"))  # fmt: skip
     assert again.returncode == 0, again.stderr

@@ -406,16 +406,17 @@ def _calls(fake: _RecordingCandidates) -> list[list[str]]:
 async def test_gateway_batches_candidate_sources_as_configured(batching: str) -> None:
     engine, fake = _engine(batching)
     batches = engine._start_batches(load_workflow(PYMK), 7, 0.15)
-    assert set(batches) == {"fof", "ebr", "precomputed"}
-    if batching == "timeout":  # fof and ebr: 40 ms; precomputed: 20 ms
-        assert _calls(fake) == [["graph", "ebr"], ["precomputed"]]
+    assert set(batches) == {"fof", "ebr", "precomputed", "popular"}
+    if batching == "timeout":  # fof and ebr: 40 ms; precomputed and popular: 20 ms
+        assert _calls(fake) == [["graph", "ebr"], ["precomputed", "popular"]]
         assert sorted(t for _, t in fake.calls) == [0.02, 0.04]
     else:
-        assert _calls(fake) == [["graph", "ebr", "precomputed"]]
+        assert _calls(fake) == [["graph", "ebr", "precomputed", "popular"]]
         assert [t for _, t in fake.calls] == [0.04]
     # auto: pymk's features and blend, which take the precomputed list, wait on friends of
     # friends and EBR anyway, so the list's node may wait for the whole call.
-    assert set(batches["fof"].wait_until) == ({"precomputed"} if batching == "auto" else set())
+    waits = {"precomputed", "popular"} if batching == "auto" else set()
+    assert set(batches["fof"].wait_until) == waits
     for batch in batches.values():
         batch.task.cancel()
     with pytest.raises(ValueError, match="EDGEFLOW_CANDIDATE_BATCHES must be one of"):
@@ -461,7 +462,9 @@ async def test_a_source_needed_sooner_gets_its_own_call(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     engine, fake = _engine("auto")
     batches = engine._start_batches(load_workflow(path), 7, 0.15)
-    assert _calls(fake) == [["graph", "ebr"], ["precomputed"]]
-    assert all(not b.wait_until for b in batches.values())
+    assert _calls(fake) == [["graph", "ebr", "popular"], ["precomputed"]]
+    # popular's consumers wait on friends of friends and EBR anyway; the list's do not.
+    assert not batches["precomputed"].wait_until
+    assert set(batches["fof"].wait_until) == {"popular"}
     for batch in batches.values():
         batch.task.cancel()

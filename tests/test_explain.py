@@ -34,7 +34,7 @@ from edgeflow.v1 import (
 )
 
 SVG = "{http://www.w3.org/2000/svg}"
-NODES = ["fof", "ebr", "precomputed", "features", "rank", "blend"]
+NODES = ["fof", "ebr", "precomputed", "popular", "features", "rank", "blend"]
 REASONS = {"self", "connected", "blocked", "dismissed", "duplicate"}
 
 
@@ -69,9 +69,10 @@ async def test_explain_gives_the_served_edges_feature_rows(suite: Suite) -> None
     plain = await suite.recommend(member, k=10, debug=True)
     assert not plain.HasField("explanation")
     inputs = {n.node: list(n.inputs) for n in plain.funnel.nodes}  # the DAG, always
-    assert inputs == {"fof": [], "ebr": [], "precomputed": [],
-                      "features": ["fof", "ebr", "precomputed"], "rank": ["features"],
-                      "blend": ["rank", "precomputed"]}  # fmt: skip
+    assert inputs == {"fof": [], "ebr": [], "precomputed": [], "popular": [],
+                      "features": ["fof", "ebr", "precomputed", "popular"],
+                      "rank": ["features"],
+                      "blend": ["rank", "precomputed", "popular"]}  # fmt: skip
 
 
 async def test_dropped_items_carry_reasons_and_nodes(suite: Suite) -> None:
@@ -147,7 +148,7 @@ async def test_engine_collects_explain_data_only_when_asked(suite: Suite) -> Non
         await publish(suite, gateway_pb2.MemberEvent.DISMISS, member, plain.frame.edges[0].target)
         plain = await engine.run(wf, member, 10, 10.0)
         assert plain.dropped_items == [] and plain.scored == []
-        assert [list(t.inputs) for t in plain.traces][-1] == ["rank", "precomputed"]
+        assert [list(t.inputs) for t in plain.traces][-1] == ["rank", "precomputed", "popular"]
         outcome = await engine.run(wf, member, 10, 10.0, explain=True)
     finally:
         await engine.close()
@@ -350,7 +351,8 @@ async def test_cli_prints_the_funnel_and_writes_the_picture(
         assert node in printed
     root, nodes, edges = parse_svg(out.read_text())
     assert [g.get("data-node") for g in nodes] == NODES
-    assert len(edges) == 6  # fof, ebr, precomputed -> features -> rank; rank, precomputed -> blend
+    # fof, ebr, precomputed, popular -> features -> rank; rank, precomputed, popular -> blend
+    assert len(edges) == 8
     assert f"pymk for member {member}" in " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
 
     # --out names the file: it is replaced, whatever it was, and the output says so.

@@ -40,7 +40,7 @@ async def test_recommend_ranks_new_members_with_provenance(suite: Suite) -> None
     assert scores == sorted(scores, reverse=True)
     for edge in resp.edges:
         assert edge.provenance, edge
-        assert {p.source for p in edge.provenance} <= {"fof", "ebr", "precomputed"}
+        assert {p.source for p in edge.provenance} <= {"fof", "ebr", "precomputed", "popular"}
         assert 0.0 <= edge.model_score <= 1.0
     assert resp.surface == "pymk" and resp.workflow == "pymk" and resp.request_id
 
@@ -63,7 +63,7 @@ async def test_debug_funnel(suite: Suite) -> None:
     member = members_with_degree(suite.graph, 8)[1]
     resp = await suite.recommend(member, k=5, debug=True)
     nodes = {n.node: n for n in resp.funnel.nodes}
-    assert list(nodes) == ["fof", "ebr", "precomputed", "features", "rank", "blend"]
+    assert list(nodes) == ["fof", "ebr", "precomputed", "popular", "features", "rank", "blend"]
     assert all(n.status == "ok" for n in nodes.values())
     assert nodes["features"].items_in == sum(
         nodes[s].items_out for s in ("fof", "ebr", "precomputed")
