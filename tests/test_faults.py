@@ -33,5 +33,6 @@ def test_no_single_fault_takes_the_surface_down(tmp_path: Path) -> None:
         assert row["blocked_shown"] == 0, row  # a block holds through every fault
         assert row["recovery_s"] is not None, row  # the supervisor started it again
     for name in BACKENDS:  # served, partially where a fallback stood in, never failed
-        assert rows[name]["failed_share"] <= 0.01, rows[name]
+        row = rows[name]
+        assert row["failed_share"] <= 0.01, (name, row["failed"], row["requests"], row["codes"])
     assert rows["redis"]["events_acked"] > 0 and rows["redis"]["events_lost"] == 0
