@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeflow.cli.evaluate import recall_by_degree
+from edgeflow.build.synthetic import social_graph
+from edgeflow.cli.evaluate import recall_by_degree, still_shown
 from edgeflow.graph import Graph
 
 pytestmark = pytest.mark.e2e
@@ -52,3 +53,32 @@ def test_recall_by_degree_splits_members_by_training_degree() -> None:
     assert buckets["1-2"] == {"members": 1, "hidden_edges": 1, "recall_at_k": 1.0,
                               "baseline_adamic_adar_recall_at_k": 0.0}  # fmt: skip
     assert buckets["50+"]["members"] == 0 and buckets["50+"]["recall_at_k"] == 0.0
+
+
+def test_eval_sessions_measure_impressions(tmp_path: Path) -> None:
+    """Repeated sessions with no action: pymk's impressions (demote after 3 exposures,
+    suppress after 6) change what session 4 and session 7 show, never session 1's recall."""
+    edges = tmp_path / "social.txt"
+    np.savetxt(edges, social_graph(members=500, seed=5), fmt="%d")
+    run = subprocess.run(
+        [sys.executable, "-m", "edgeflow.cli.main", "eval", "--edges", str(edges),
+         "--k", "20", "--seed", "2", "--max-members", "120", "--sessions", "7", "--json"],
+        env=dict(os.environ, EDGEFLOW_HOME=str(tmp_path / "home")), capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    sessions = result["repeat_sessions"]
+    assert sessions["failed_requests_by_session"] == [0] * 7, result["failed_examples"]
+    assert sessions["sessions"] == 7
+    assert sessions["session_1_recall_at_k"] == result["recall_at_k"]
+    assert sessions["recall_at_k_by_session"][0] == result["recall_at_k"]
+    shown = sessions["still_shown_by_session"]
+    assert shown[:3] == [1.0, 1.0, 1.0]  # two exposures: nothing demoted yet
+    assert shown[3] < 1.0  # demoted after 3
+    assert sessions["still_shown_at_last_session"] == shown[6] < shown[3]  # suppressed after 6
+
+
+def test_still_shown_is_the_share_of_the_first_sessions_edges() -> None:
+    assert still_shown({1: [2, 3], 4: [5, 6]}, {1: [3, 9], 4: []}) == 0.25
+    assert still_shown({}, {}) == 0.0

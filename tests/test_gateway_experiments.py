@@ -18,7 +18,7 @@ from inprocess import Suite, members_with_degree
 from prometheus_client import REGISTRY
 from sklearn.linear_model import LogisticRegression
 
-from edgeflow import metrics
+from edgeflow import keys, metrics
 from edgeflow.build.ranker import export_onnx
 from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import records
@@ -157,6 +157,8 @@ async def test_shadow_runs_but_is_never_served(suite: Suite) -> None:
     await _served(suite, "pymk-shadow")
     member = members_with_degree(suite.graph, 8)[6]
     before = metrics.SHADOW_RUNS.labels("pymk-shadow", "fof-only", "compared")._value.get()
+    # pymk's impressions count every surface's exposures: none yet, so one more demotes none.
+    connect(suite.cfg.redis_url).delete(keys.impressions(member))
     served = await suite.recommend(member, k=15, surface="pymk-shadow")
     plain = await suite.recommend(member, k=15)
     # What is served is the workflow's own graph, exactly as the surface without a shadow.

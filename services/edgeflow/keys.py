@@ -48,6 +48,14 @@ def deactivated(member: int) -> str:
     return f"{PREFIX}deactivated:{member}"
 
 
+def impressions(member: int) -> str:
+    """HASH of the members shown to this member without an action since: target ->
+    "<count>:<unix seconds of the last exposure>". A field counts for a workflow's forDays after
+    its last exposure; the key expires that long after the member's last exposure, and holds
+    at most impressions.MAX_TARGETS fields (merging/impressions.py)."""
+    return f"{PREFIX}impressions:{member}"
+
+
 def list_current(name: str) -> str:
     """Pointer to the live version of a precomputed list set (swapped atomically)."""
     return f"{PREFIX}list:{name}:current"

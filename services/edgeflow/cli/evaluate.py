@@ -9,6 +9,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import cast
 
 import grpc
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from edgeflow import auth
 from edgeflow.cli import CliError
 from edgeflow.cli.harness import running_suite
+from edgeflow.experiments import records
 from edgeflow.graph import (
     EdgeFileError,
     Graph,
@@ -24,9 +26,12 @@ from edgeflow.graph import (
     read_edge_file,
     split_edges,
 )
+from edgeflow.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 CONCURRENCY = 2  # a quality run, not a load test: keep every request within its deadlines
+MAX_SESSIONS = 20
+EXPOSURE_WAIT_S = 30.0
 
 
 def hidden_by_member(hidden: tuple[np.ndarray, np.ndarray]) -> dict[int, set[int]]:
@@ -110,6 +115,36 @@ def recall_by_degree(
     return out
 
 
+def still_shown(first: dict[int, list[int]], later: dict[int, list[int]]) -> float:
+    """Share of the first session's recommendations that a later session shows again."""
+    shown = sum(len(first[m]) for m in first)
+    again = sum(len(set(first[m]) & set(later.get(m, ()))) for m in first)
+    return round(again / shown, 5) if shown else 0.0
+
+
+def repeat_sessions(
+    first: dict[int, list[int]], later: list[dict[int, list[int]]], truth: dict[int, set[int]]
+) -> dict[str, object]:
+    """Impressions, measured: the same members asked again with no action in between."""
+    return {
+        "sessions": 1 + len(later),
+        "session_1_recall_at_k": round(recall(first, truth), 5),
+        "still_shown_by_session": [1.0, *(still_shown(first, s) for s in later)],
+        "still_shown_at_last_session": still_shown(first, later[-1]),
+        "recall_at_k_by_session": [
+            round(recall(first, truth), 5),
+            *(round(recall(s, truth), 5) for s in later),
+        ],
+    }
+
+
+def _await_exposures(client: SyncClient, count: int) -> None:
+    """Wait (at most EXPOSURE_WAIT_S) until the exposure stream holds `count` entries."""
+    give_up = time.monotonic() + EXPOSURE_WAIT_S
+    while cast(int, client.xlen(records.EXPOSURES)) < count and time.monotonic() < give_up:
+        time.sleep(0.05)
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.holdout < 1:
         raise CliError(f"--holdout must be between 0 and 1, got {args.holdout}")
@@ -134,11 +169,28 @@ def run(args: argparse.Namespace) -> int:
     weights = inverse_log_degree(graph)
     baseline = {m: adamic_adar_top_k(graph, m, args.k, weights) for m in members}
     cluster = getattr(args, "redis_cluster", 0) or 0
+    sessions = getattr(args, "sessions", 1) or 1
+    if not 1 <= sessions <= MAX_SESSIONS:
+        raise CliError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {sessions}")
     with running_suite(graph, seed=args.seed, log=not args.json, redis_cluster=cluster) as h:
         key = auth.local_key(h.suite.home)
         recs, partial, errors = asyncio.run(
             recommend_all(lambda: h.channel("gateway", key), members, args.k)
         )
+        later: list[dict[int, list[int]]] = []
+        failed = [len(errors)]
+        client = connect(h.cfg.redis_url)
+        for n in range(2, sessions + 1):
+            # Each session starts once the last one's exposures (and so its impressions,
+            # written beside them) are in Redis.
+            _await_exposures(client, (n - 1) * len(members))
+            again, more_partial, more_errors = asyncio.run(
+                recommend_all(lambda: h.channel("gateway", key), members, args.k)
+            )
+            later.append(again)
+            failed.append(len(more_errors))
+            partial.update(more_partial)
+            errors += more_errors
     result = {
         "recall_at_k": round(recall(recs, truth), 5),
         "baseline_adamic_adar_recall_at_k": round(recall(baseline, truth), 5),
@@ -156,13 +208,18 @@ def run(args: argparse.Namespace) -> int:
         "failed_requests": len(errors),
         "failed_examples": errors[:5],
     }
+    if sessions > 1:
+        result["repeat_sessions"] = {
+            **repeat_sessions(recs, later, truth),
+            "failed_requests_by_session": failed,
+        }
     base = result["baseline_adamic_adar_recall_at_k"]
     result["lift_vs_baseline"] = round(result["recall_at_k"] / base - 1, 4) if base else None
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            if key == "recall_at_k_by_degree":
+            if key in ("recall_at_k_by_degree", "repeat_sessions"):
                 continue
             print(f"{key:>34}: {value}")
         for name, row in result["recall_at_k_by_degree"].items():
@@ -171,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
                 f"(Adamic-Adar {row['baseline_adamic_adar_recall_at_k']}, "
                 f"{row['members']} members, {row['hidden_edges']} hidden edges)"
             )
+        for key, value in result.get("repeat_sessions", {}).items():
+            print(f"{key:>34}: {value}")
         for line in errors[:5]:
             print(f"  error: {line}")
     return 0

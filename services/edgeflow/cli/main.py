@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-members", type=int, default=1000)
+    s.add_argument("--sessions", type=int, default=1,
+                   help="ask each member this many times, with no action in between, and "
+                   "report how much of session 1's top-k is still shown (impressions)")  # fmt: skip
     s.add_argument("--json", action="store_true", help="print one JSON object")
     _add_redis_cluster(s)
     s.set_defaults(func=_command("evaluate"))

@@ -4,7 +4,8 @@
 pipelined round trip (hand-encoded XADDs on a RawPipeline: the writer shares the gateway's
 one thread with the request path, and redis-py's pipeline costs several times as much).
 When the queue is full or Redis is unavailable, records are dropped and counted, never
-retried on the request path.
+retried on the request path. A record may carry further commands, written in the same
+round trip (the gateway counts impressions beside each exposure: merging/impressions.py).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class StreamLog:
         self._on_written = on_written
         self._on_dropped = on_dropped
         self._linger_s = linger_s
-        self._queue: asyncio.Queue[dict[str, str]] = asyncio.Queue(max_queue)
+        # (fields, further commands encoded, how many replies they give)
+        self._queue: asyncio.Queue[tuple[dict[str, str], bytes, int]] = asyncio.Queue(max_queue)
         self._task: asyncio.Task[None] | None = None
         self.written = 0
         self.dropped = 0
@@ -55,10 +57,11 @@ class StreamLog:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"stream-log {self._stream}")
 
-    def put(self, fields: dict[str, str]) -> None:
-        """Queue one record; drops it (counted) when the queue is full."""
+    def put(self, fields: dict[str, str], extra: bytes = b"", extra_replies: int = 0) -> None:
+        """Queue one record, and `extra` commands (`extra_replies` replies) to send beside
+        it; drops them (counted) when the queue is full."""
         try:
-            self._queue.put_nowait(fields)
+            self._queue.put_nowait((fields, extra, extra_replies))
         except asyncio.QueueFull:
             self._drop("queue_full", 1)
 
@@ -94,12 +97,12 @@ class StreamLog:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _write(self, batch: list[dict[str, str]]) -> None:
+    async def _write(self, batch: list[tuple[dict[str, str], bytes, int]]) -> None:
         head = self._head
         payload = b"".join(
-            encode(*head, *(part.encode() for kv in fields.items() for part in kv))
-            for fields in batch
+            encode(*head, *(part.encode() for kv in fields.items() for part in kv)) + extra
+            for fields, extra, _ in batch
         )
-        await self._redis.execute(payload, len(batch))
+        await self._redis.execute(payload, len(batch) + sum(n for _, _, n in batch))
         self.written += len(batch)
         self._on_written(len(batch))

@@ -20,7 +20,7 @@ from edgeflow import tensor, tracing
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
-from edgeflow.merging import filters
+from edgeflow.merging import filters, impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.server import RequestError
 from edgeflow.tls import TlsFiles
@@ -597,6 +597,8 @@ class Engine:
             quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
             explain=dropped is not None,
         )  # fmt: skip
+        if cn.params.impressions is not None:
+            req.impressions.CopyFrom(impressions.Rule.of(cn.params.impressions).message())
         for name, frame in zip(cn.node.inputs, inputs, strict=True):
             # Filled in place: a ScoredList passed to the constructor would be copied.
             _fill_scored_list(req.lists.add(), name, frame, cn.params.weights.get(name, 1.0))

@@ -23,6 +23,7 @@ from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.models import ModelWatch, Move
 from edgeflow.gateway.shadow import ShadowRunner
 from edgeflow.guard import RateLimitedLog
+from edgeflow.merging import impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
 from edgeflow.offline.serving import served_workflows
@@ -35,6 +36,7 @@ from edgeflow.v1 import (
     gateway_pb2_grpc,
 )
 from edgeflow.workflow.limits import clip, clip_text
+from edgeflow.workflow.ops import BlendParams
 from edgeflow.workflow.validate import Workflow, WorkflowError, load_files, workflow_files
 
 log = logging.getLogger("edgeflow.gateway")
@@ -420,7 +422,12 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             items=served,
             partial=outcome.partial,
         )
-        self.exposures.put(exposure.encode())
+        rule = _impressions(wf)
+        if rule is None or not served:
+            self.exposures.put(exposure.encode())
+            return
+        count = impressions.count_command(request.member, served, exposure.time, rule.for_seconds)
+        self.exposures.put(exposure.encode(), count, 1)
 
     def _start_shadows(
         self,
@@ -480,6 +487,14 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         if self.models is not None:
             resp.statuses.extend(self.models.status(s, self.workflows[s]) for s in surfaces)
         return resp
+
+
+def _impressions(wf: Workflow) -> impressions.Rule | None:
+    """The impressions rule of the blend whose list the workflow serves, if it has one."""
+    params = wf.node(wf.spec.output).params
+    if isinstance(params, BlendParams) and params.impressions is not None:
+        return impressions.Rule.of(params.impressions)
+    return None
 
 
 def create(cfg: Config) -> Service:

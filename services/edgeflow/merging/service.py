@@ -10,9 +10,12 @@ loaded (or in the gateway's in-process fallback, which maps none) edges carry no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -22,7 +25,7 @@ from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.graph import mutual_connections
 from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
-from edgeflow.merging import blend, filters, wire
+from edgeflow.merging import blend, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.redis_client import AsyncClient, connect_async, parse_url
@@ -32,6 +35,7 @@ from edgeflow.server import RequestError, Service, answer
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
 log = logging.getLogger("edgeflow.merging")
+T = TypeVar("T")
 
 # Upper bound on the filters' Redis round trip, below any sensible request budget.
 REDIS_BUDGET_S = 1.0
@@ -132,17 +136,21 @@ class MergingService(Service):
                 raise BlendError(f"k must be in 1..{MAX_K}, got {request.k}")
             names = filters.check(request.filters)
             quotas = to_quotas(request.quotas)
+            rule = impressions.Rule.from_request(request)
             lists = [to_list(i, m) for i, m in enumerate(request.lists)]
             pool = blend.blend(lists)
-        except (BlendError, FilterError) as exc:
+        except (BlendError, FilterError, impressions.ImpressionsError) as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         why: list[tuple[str, np.ndarray]] | None = [] if request.explain else None
         sets = [n for n in names if n != filters.DEACTIVATED]
         keep, dropped = await self.visible(request.member, pool.ids, sets, deadline_s, why)
         sel = blend.select(pool, request.k, quotas, keep, dropped, explain=request.explain)
-        if filters.DEACTIVATED in names:
-            sel = await self._drop_deactivated(request, pool, quotas, keep, dropped, why, sel,
-                                               deadline_s)  # fmt: skip
+        if filters.DEACTIVATED in names or rule is not None:
+            if rule is not None:  # demotion lowers scores: on this request's own copy
+                pool = dataclasses.replace(pool, score=pool.score.copy())
+            hide = filters.DEACTIVATED in names
+            sel = await self._settle_top_k(request, pool, quotas, keep, dropped, why, sel,
+                                           hide, rule, deadline_s)  # fmt: skip
         proof = await self._social_proof(
             request.member, pool.ids[sel.index], filters.DEACTIVATED in names, deadline_s
         )
@@ -177,7 +185,7 @@ class MergingService(Service):
                 per_edge[edge].append(m)
         return [wire.social_proof(c, ids) for c, ids in zip(counts.tolist(), per_edge, strict=True)]
 
-    async def _drop_deactivated(
+    async def _settle_top_k(
         self,
         request: merging_pb2.MergeRequest,
         pool: blend.Blended,
@@ -186,28 +194,85 @@ class MergingService(Service):
         dropped: dict[str, int],
         why: list[tuple[str, np.ndarray]] | None,
         sel: blend.Selection,
+        hide_deactivated: bool,
+        rule: impressions.Rule | None,
         deadline_s: float | None,
     ) -> blend.Selection:
-        """The selection without deactivated members. Deactivation is rare and checked per
-        candidate, so only the items that reach the top K are asked about; each one found
-        is dropped and the selection made again, until a top K holds none."""
+        """The selection without deactivated members, and with the member's impressions
+        applied (see merging/impressions.py). Both are read per candidate, so only the items
+        that reach the top K are asked about, in one round trip per round; a drop or a
+        demotion makes the selection again, until a top K holds no item not yet asked about.
+        Each item is asked once, so this ends. With impressions, the first round asks about
+        the best 2K: a member shown the same list again has most of its top K demoted at once,
+        and the items that replace them are then known without another round."""
         asked = np.zeros(pool.ids.size, dtype=bool)
+        now = time.time()
+        wide = None
+        if rule is not None and sel.index.size == request.k:
+            wide = blend.select(pool, min(2 * request.k, MAX_K), quotas, keep).index
         while True:
-            fresh = sel.index[~asked[sel.index]]
+            ask = sel.index if wide is None else wide
+            wide = None
+            fresh = ask[~asked[ask]]
             if not fresh.size:
                 return sel
             asked[fresh] = True
-            shown, _ = await self.visible(
-                request.member, pool.ids[fresh], (filters.DEACTIVATED,), deadline_s
+            ids = pool.ids[fresh]
+            shown, seen = await asyncio.gather(
+                self._shown(request.member, ids, hide_deactivated, deadline_s),
+                self._impressions(request.member, ids, rule, now, deadline_s),
             )
-            gone = fresh[~shown]
-            if not gone.size:
+            changed = self._drop(fresh[~shown], filters.DEACTIVATED, keep, dropped, why)
+            if rule is not None:
+                over = shown & (seen >= rule.suppress_after)
+                changed |= self._drop(fresh[over], impressions.REASON, keep, dropped, why)
+                demote = fresh[shown & ~over & (seen >= rule.demote_after)]
+                if demote.size and rule.demote_factor < 1:
+                    pool.score[demote] *= np.float32(rule.demote_factor)
+                    changed = True
+            if not changed:
                 return sel
-            keep[gone] = False
-            dropped[filters.DEACTIVATED] = dropped.get(filters.DEACTIVATED, 0) + gone.size
-            if why is not None:
-                why.append((filters.DEACTIVATED, gone))
             sel = blend.select(pool, request.k, quotas, keep, dropped, explain=why is not None)
+
+    @staticmethod
+    def _drop(
+        gone: np.ndarray,
+        reason: str,
+        keep: np.ndarray,
+        dropped: dict[str, int],
+        why: list[tuple[str, np.ndarray]] | None,
+    ) -> bool:
+        if not gone.size:
+            return False
+        keep[gone] = False
+        dropped[reason] = dropped.get(reason, 0) + gone.size
+        if why is not None:
+            why.append((reason, gone))
+        return True
+
+    async def _shown(
+        self, member: int, ids: np.ndarray, hide_deactivated: bool, deadline_s: float | None
+    ) -> np.ndarray:
+        if not hide_deactivated:
+            return np.ones(ids.size, dtype=bool)
+        shown, _ = await self.visible(member, ids, (filters.DEACTIVATED,), deadline_s)
+        return shown
+
+    async def _impressions(
+        self,
+        member: int,
+        ids: np.ndarray,
+        rule: impressions.Rule | None,
+        now: float,
+        deadline_s: float | None,
+    ) -> np.ndarray:
+        """The member's impression counts of `ids` (zeros without a rule)."""
+        if rule is None:
+            return np.zeros(ids.size, dtype=np.int64)
+        return await self._redis_read(
+            impressions.counts(self._pipeline(), member, ids, rule.for_seconds, now),
+            (impressions.REASON,), deadline_s,
+        )  # fmt: skip
 
     async def filter(
         self, request: merging_pb2.FilterRequest, deadline_s: float | None
@@ -236,12 +301,24 @@ class MergingService(Service):
     ) -> tuple[np.ndarray, dict[str, int]]:
         """Apply the filters (see filters.visible for `why`), mapping Redis failures to
         UNAVAILABLE or FAILED_PRECONDITION."""
+        return await self._redis_read(
+            filters.visible(self._pipeline(), member, ids, names, why), names, deadline_s
+        )
+
+    def _pipeline(self) -> RawPipeline:
         if self._redis is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "merging: service is not started")
+        return self._redis
+
+    async def _redis_read(
+        self, work: Coroutine[Any, Any, T], names: Sequence[str], deadline_s: float | None
+    ) -> T:
+        """`work`'s result within the filters' Redis budget, mapping Redis failures to
+        UNAVAILABLE or FAILED_PRECONDITION."""
         budget = REDIS_BUDGET_S if deadline_s is None else min(REDIS_BUDGET_S, deadline_s)
         try:
             async with asyncio.timeout(budget):
-                return await filters.visible(self._redis, member, ids, names, why)
+                return await work
         except RespReplyError as exc:
             msg = f"merging: redis at {self._redis_at} refused the filters {list(names)}: {exc}"
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, msg) from exc

@@ -2,7 +2,8 @@
 
 Publish runs one Lua script for the whole request. For each event whose id is new it
 updates the keys that decide visibility at request time (the adjacency, blocked, dismissed
-and follows SETs, and the member's deactivated marker) and appends the event to the
+and follows SETs, the member's deactivated marker, and an action's pair in the member's
+impression counts) and appends the event to the
 stream, so a block or a deactivation is honoured by the next Recommend and the worker sees
 every event that changed those keys. A repeated event id changes nothing.
 
@@ -53,21 +54,27 @@ _TYPES = {
     gateway_pb2.MemberEvent.REACTIVATE: "reactivate",
 }
 GRAPH_TYPES = ("connect", "disconnect", "block")
+# Actions on a (member, target) pair: each resets the pair's impression count.
+ACTIONS = ("connect", "dismiss", "block", "follow")
 # Events about the member alone: no target, no features.
 STATE_TYPES = ("deactivate", "reactivate")
 _EMBEDDING = {f"embedding_{j}" for j in range(EMBEDDING_DIM)}
 
 # KEYS[1] = stream, then per event: seen, adj(m), adj(t), blocked(m), blocked(t),
-# dismissed(m), follows(m), deactivated(m). ARGV[1..2] = dedup TTL, stream max length, then
-# per event: type, member, target, event id, time, features (JSON). Returns an entry id per
-# event, "" where the event id was seen before.
+# dismissed(m), follows(m), deactivated(m), impressions(m). ARGV[1..2] = dedup TTL, stream
+# max length, then per event: type, member, target, event id, time, features (JSON). Returns
+# an entry id per event, "" where the event id was seen before.
 _PUBLISH_LUA = """
+local ACTIONS = {connect = true, dismiss = true, block = true, follow = true}
 local out = {}
 local n = (#ARGV - 2) / 6
 for e = 0, n - 1 do
-  local k, a = 1 + e * 8, 2 + e * 6
+  local k, a = 1 + e * 9, 2 + e * 6
   local typ, m, t = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
+    if ACTIONS[typ] then
+      redis.call('HDEL', KEYS[k + 9], t)
+    end
     if typ == 'connect' then
       redis.call('SADD', KEYS[k + 2], t)
       redis.call('SADD', KEYS[k + 3], m)
@@ -268,6 +275,7 @@ async def publish(client: AsyncClient, events: Sequence[Event]) -> list[str]:
             keys.dismissed(e.member),
             keys.follows(e.member),
             keys.deactivated(e.member),
+            keys.impressions(e.member),
         ]
     script = client.register_script(_PUBLISH_LUA)
     reply = cast(list[bytes], await script(keys=key_list, args=args))
@@ -296,6 +304,8 @@ async def _publish_in_steps(
 def _set_changes(pipe: Any, e: Event) -> None:
     """The SET writes of one event, as the single-server script makes them."""
     m, t = e.member, e.target
+    if e.type in ACTIONS:
+        pipe.hdel(keys.impressions(m), t)
     if e.type == "connect":
         pipe.sadd(keys.adjacency(m), t)
         pipe.sadd(keys.adjacency(t), m)

@@ -46,20 +46,34 @@ class Quota(_message.Message):
     def __init__(self, source: _Optional[str] = ..., max: _Optional[int] = ...) -> None: ...
 
 class MergeRequest(_message.Message):
-    __slots__ = ("member", "lists", "k", "filters", "quotas", "explain")
+    __slots__ = ("member", "lists", "k", "filters", "quotas", "explain", "impressions")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
     member: int
     lists: _containers.RepeatedCompositeFieldContainer[ScoredList]
     k: int
     filters: _containers.RepeatedScalarFieldContainer[str]
     quotas: _containers.RepeatedCompositeFieldContainer[Quota]
     explain: bool
-    def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., explain: _Optional[bool] = ...) -> None: ...
+    impressions: Impressions
+    def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., explain: _Optional[bool] = ..., impressions: _Optional[_Union[Impressions, _Mapping]] = ...) -> None: ...
+
+class Impressions(_message.Message):
+    __slots__ = ("demote_after", "suppress_after", "for_seconds", "demote_factor")
+    DEMOTE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEMOTE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    demote_after: int
+    suppress_after: int
+    for_seconds: float
+    demote_factor: float
+    def __init__(self, demote_after: _Optional[int] = ..., suppress_after: _Optional[int] = ..., for_seconds: _Optional[float] = ..., demote_factor: _Optional[float] = ...) -> None: ...
 
 class DropCount(_message.Message):
     __slots__ = ("reason", "count")

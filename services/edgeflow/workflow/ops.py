@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from edgeflow.features.schema import MODEL_COLUMNS
@@ -184,6 +184,35 @@ ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismisse
 SAFETY_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked")
 
 
+class ImpressionsParams(Params):
+    """Members shown to the member again and again without an action (connect, dismiss,
+    block, follow) are demoted, then suppressed; counted from the gateway's exposures."""
+
+    demote_after: int = Field(
+        3, ge=1, le=1000, description="Exposures after which a member's blended score is demoted."
+    )
+    suppress_after: int = Field(
+        6, ge=1, le=1000, description="Exposures after which a member is not shown (suppressed)."
+    )
+    for_days: float = Field(
+        14.0, gt=0, le=365,
+        description="Days a pair's count lasts after its last exposure (so a suppressed member "
+        "returns this long after it was last shown).",
+    )  # fmt: skip
+    demote_factor: float = Field(
+        0.5, ge=0, le=1, description="Multiplies a demoted member's blended score."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> ImpressionsParams:
+        if self.suppress_after <= self.demote_after:
+            raise ValueError(
+                f"suppressAfter ({self.suppress_after}) must be greater than demoteAfter "
+                f"({self.demote_after})"
+            )
+        return self
+
+
 class BlendParams(Params):
     """Blend, dedup, filter, apply quotas and cut to the request's top K."""
 
@@ -197,6 +226,10 @@ class BlendParams(Params):
     filters: list[FilterName] = Field(
         default_factory=lambda: list(ALL_FILTERS), description="Visibility filters to apply."
     )
+    impressions: ImpressionsParams | None = Field(
+        None, description="Demote, then suppress, members shown repeatedly without an action; "
+        "unset: off.",
+    )  # fmt: skip
 
 
 class FilterParams(Params):
