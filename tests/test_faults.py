@@ -21,7 +21,7 @@ def test_no_single_fault_takes_the_surface_down(tmp_path: Path) -> None:
     out = tmp_path / "faults.json"
     run = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "faults.py"), "--members", "500",
-         "--rate", "20", "--before", "0.5", "--after", "2.5", "--settle", "0.5",
+         "--rate", "20", "--before", "0.5", "--after", "5.0", "--settle", "0.5",
          "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -29,7 +29,7 @@ def test_no_single_fault_takes_the_surface_down(tmp_path: Path) -> None:
     rows = {r["fault"]: r for r in json.loads(out.read_text())["faults"]}
     assert set(rows) == {*BACKENDS, "redis"}
     for row in rows.values():
-        assert row["requests"] >= 50, row
+        assert row["requests"] >= 100, row  # so that 1% is a share, not "none at all"
         assert row["blocked_shown"] == 0, row  # a block holds through every fault
         assert row["recovery_s"] is not None, row  # the supervisor started it again
     for name in BACKENDS:  # served, partially where a fallback stood in, never failed
