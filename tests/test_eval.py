@@ -40,6 +40,13 @@ def test_eval_on_facebook_beats_adamic_adar(facebook_edges: Path, tmp_path: Path
     assert sum(b["members"] for b in buckets.values()) == result["members"]
     assert sum(b["hidden_edges"] for b in buckets.values()) == result["hidden_edges_of_members"]
     assert all(0 <= b["recall_at_k"] <= 1 for b in buckets.values())
+    # The candidate-recall ceiling: what each of pymk's sources returns, and no source does.
+    ceiling = result["candidate_recall_ceiling"]
+    assert set(ceiling["by_source"]) == {"fof", "ebr", "precomputed", "popular"}
+    assert ceiling["failed_requests"] == 0
+    assert max(ceiling["by_source"].values()) <= ceiling["any_source"] <= 1
+    assert ceiling["no_source"] == pytest.approx(1 - ceiling["any_source"], abs=1e-5)
+    assert result["recall_at_k"] <= ceiling["any_source"]  # nothing served comes from nowhere
 
 
 def test_recall_by_degree_splits_members_by_training_degree() -> None:

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from edgeflow import auth
-from edgeflow.cli import CliError
+from edgeflow.cli import CliError, ceiling
 from edgeflow.cli.harness import running_suite
 from edgeflow.experiments import records
 from edgeflow.graph import (
@@ -28,6 +28,7 @@ from edgeflow.graph import (
 )
 from edgeflow.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
+from edgeflow.workflow.validate import load_directory
 
 CONCURRENCY = 2  # a quality run, not a load test: keep every request within its deadlines
 MAX_SESSIONS = 20
@@ -177,6 +178,13 @@ def run(args: argparse.Namespace) -> int:
         recs, partial, errors = asyncio.run(
             recommend_all(lambda: h.channel("gateway", key), members, args.k)
         )
+        sources, source_errors = asyncio.run(
+            ceiling.generate_all(
+                lambda: h.channel("candidates", key),
+                ceiling.candidate_requests(load_directory(h.cfg.workflows_dir)[0]["pymk"]),
+                members,
+            )
+        )
         later: list[dict[int, list[int]]] = []
         failed = [len(errors)]
         client = connect(h.cfg.redis_url)
@@ -197,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
         "members": len(members),
         "k": args.k,
         "recall_at_k_by_degree": recall_by_degree(graph, recs, baseline, truth),
+        "candidate_recall_ceiling": {
+            **ceiling.ceiling(sources, truth, members),
+            "failed_requests": len(source_errors),
+        },
         "seconds": round(time.perf_counter() - t0, 1),
         "holdout": args.holdout,
         "seed": args.seed,
@@ -219,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            if key in ("recall_at_k_by_degree", "repeat_sessions"):
+            if key in ("recall_at_k_by_degree", "repeat_sessions", "candidate_recall_ceiling"):
                 continue
             print(f"{key:>34}: {value}")
         for name, row in result["recall_at_k_by_degree"].items():
@@ -228,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
                 f"(Adamic-Adar {row['baseline_adamic_adar_recall_at_k']}, "
                 f"{row['members']} members, {row['hidden_edges']} hidden edges)"
             )
+        for key, value in result["candidate_recall_ceiling"].items():
+            print(f"{'candidate recall ceiling, ' + key:>34}: {value}")
         for key, value in result.get("repeat_sessions", {}).items():
             print(f"{key:>34}: {value}")
         for line in errors[:5]:
