@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 import redis
 import yaml
-from inprocess import Suite, relaxed_copy, start_backends, start_gateway, stop_all
+from inprocess import Suite, relaxed_copy, running
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from world import World, clone, train_world
@@ -22,8 +22,6 @@ from edgeflow.build.synthetic import social_graph
 from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.server import channel
-from edgeflow.v1 import gateway_pb2_grpc
 
 FACEBOOK = REPO_ROOT.parent / "shared" / "data" / "facebook_combined.txt"
 
@@ -100,14 +98,8 @@ async def suite(
     (each on its own clone of the session's trained world)."""
     cfg, redis = clone(suite_world, tmp_path_factory.mktemp("suite"))
     cfg = dataclasses.replace(cfg, reload_interval_s=0.3)
-    cfg, servers = await start_backends(cfg)
-    port = await start_gateway(cfg, servers)
-    ch = channel(f"127.0.0.1:{port}")
-    yield Suite(suite_world.graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers,
-                port)  # fmt: skip
-    await ch.close()
-    await stop_all(servers)
-    redis.stop()
+    async with running(suite_world.graph, redis, cfg) as suite:
+        yield suite
 
 
 # The longest end-to-end files first: the test workers take whole files in collection order,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sys
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.merging.service import MergingService
 from edgeflow.scoring.service import ScoringService
-from edgeflow.server import Service, start_server
+from edgeflow.server import Service, channel, start_server
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 Servers = dict[str, tuple[Service, grpc.aio.Server, int]]
@@ -73,6 +75,21 @@ async def start_gateway(cfg: Config, servers: Servers) -> int:
     server, port, _ = await start_server(gateway, "127.0.0.1:0", tls_files=tls.load(cfg.tls_dir))
     servers["gateway"] = (gateway, server, port)
     return port
+
+
+@contextlib.asynccontextmanager
+async def running(graph: Graph, redis: RedisProcess, cfg: Config) -> AsyncIterator[Suite]:
+    """The five services over `cfg` (a clone of a trained world and its Redis) and a stub
+    of the gateway; all stopped, and the Redis too, afterwards."""
+    cfg, servers = await start_backends(cfg)
+    port = await start_gateway(cfg, servers)
+    ch = channel(f"127.0.0.1:{port}")
+    try:
+        yield Suite(graph, redis, cfg, gateway_pb2_grpc.RecommenderStub(ch), servers, port)
+    finally:
+        await ch.close()
+        await stop_all(servers)
+        redis.stop()
 
 
 async def stop_all(servers: Servers, timeout_s: float = 20.0) -> None:

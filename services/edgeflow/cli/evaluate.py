@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from edgeflow import auth
-from edgeflow.cli import CliError, ceiling
+from edgeflow.cli import CliError, ceiling, diversity_eval
 from edgeflow.cli.harness import running_suite
 from edgeflow.experiments import records
 from edgeflow.graph import (
@@ -33,6 +33,7 @@ from edgeflow.workflow.validate import load_directory
 CONCURRENCY = 2  # a quality run, not a load test: keep every request within its deadlines
 MAX_SESSIONS = 20
 EXPOSURE_WAIT_S = 30.0
+SURFACE = "pymk"
 
 
 def hidden_by_member(hidden: tuple[np.ndarray, np.ndarray]) -> dict[int, set[int]]:
@@ -52,7 +53,7 @@ def adamic_adar_top_k(graph: Graph, member: int, k: int, weights: np.ndarray) ->
 
 
 async def recommend_all(
-    connect: Callable[[], grpc.aio.Channel], members: list[int], k: int
+    connect: Callable[[], grpc.aio.Channel], members: list[int], k: int, surface: str = SURFACE
 ) -> tuple[dict[int, list[int]], Counter[str], list[str]]:
     ch = connect()  # made on this event loop: a grpc.aio channel belongs to one
     stub = gateway_pb2_grpc.RecommenderStub(ch)
@@ -63,7 +64,7 @@ async def recommend_all(
 
     async def one(m: int) -> None:
         async with sem:
-            req = gateway_pb2.RecommendRequest(surface="pymk", member=m, k=k)
+            req = gateway_pb2.RecommendRequest(surface=surface, member=m, k=k)
             try:
                 resp = await stub.Recommend(req, timeout=10)
             except Exception as exc:  # recorded, and the member counts as zero hits
@@ -173,7 +174,10 @@ def run(args: argparse.Namespace) -> int:
     sessions = getattr(args, "sessions", 1) or 1
     if not 1 <= sessions <= MAX_SESSIONS:
         raise CliError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {sessions}")
-    with running_suite(graph, seed=args.seed, log=not args.json, redis_cluster=cluster) as h:
+    with (
+        diversity_eval.arm_workflows(getattr(args, "diversity", None)) as arm,
+        running_suite(graph, seed=args.seed, log=not args.json, redis_cluster=cluster) as h,
+    ):
         key = auth.local_key(h.suite.home)
         recs, partial, errors = asyncio.run(
             recommend_all(lambda: h.channel("gateway", key), members, args.k)
@@ -199,6 +203,15 @@ def run(args: argparse.Namespace) -> int:
             failed.append(len(more_errors))
             partial.update(more_partial)
             errors += more_errors
+
+        def serve_arm(surface: str) -> tuple[dict[int, list[int]], int, int]:
+            lists, arm_partial, arm_errors = asyncio.run(
+                recommend_all(lambda: h.channel("gateway", key), members, args.k, surface)
+            )
+            return lists, len(arm_errors), arm_partial["responses"]
+
+        arm.serve(client, members, lambda: _await_exposures(client, sessions * len(members)),
+                  serve_arm)  # fmt: skip
     result = {
         "recall_at_k": round(recall(recs, truth), 5),
         "baseline_adamic_adar_recall_at_k": round(recall(baseline, truth), 5),
@@ -220,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         "failed_requests": len(errors),
         "failed_examples": errors[:5],
     }
+    result.update(arm.report(graph, recs, truth, args.k, args.seed))
     if sessions > 1:
         result["repeat_sessions"] = {
             **repeat_sessions(recs, later, truth),
@@ -231,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            if key in ("recall_at_k_by_degree", "repeat_sessions", "candidate_recall_ceiling"):
+            if key in ("recall_at_k_by_degree", "repeat_sessions", "candidate_recall_ceiling",
+                       "diversity"):  # fmt: skip
                 continue
             print(f"{key:>34}: {value}")
         for name, row in result["recall_at_k_by_degree"].items():
@@ -244,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'candidate recall ceiling, ' + key:>34}: {value}")
         for key, value in result.get("repeat_sessions", {}).items():
             print(f"{key:>34}: {value}")
+        for key, value in result.get("diversity", {}).items():
+            print(f"{'diversity, ' + key:>34}: {value}")
         for line in errors[:5]:
             print(f"  error: {line}")
     return 0

@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sessions", type=int, default=1,
                    help="ask each member this many times, with no action in between, and "
                    "report how much of session 1's top-k is still shown (impressions)")  # fmt: skip
+    s.add_argument("--diversity", nargs="?", const="", default=None, metavar="JSON",
+                   help="also serve the members through a copy of pymk with diversity switched "
+                   "(on with these params, e.g. '{\"lambda\": 0.7, \"window\": 10, "
+                   "\"pool\": 100}', or off where pymk has it) and compare recall and "
+                   "intra-list similarity")  # fmt: skip
     s.add_argument("--json", action="store_true", help="print one JSON object")
     _add_redis_cluster(s)
     s.set_defaults(func=_command("evaluate"))

@@ -20,7 +20,7 @@ from edgeflow import tensor, tracing
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
-from edgeflow.merging import filters, impressions
+from edgeflow.merging import diversity, filters, impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.server import RequestError
 from edgeflow.tls import TlsFiles
@@ -592,13 +592,17 @@ class Engine:
         dropped: list[tensor_pb2.DroppedItem] | None,
     ) -> Frame:
         assert isinstance(cn.params, BlendParams)
+        rule = diversity.Rule.of(cn.params.diversity) if cn.params.diversity else None
         req = merging_pb2.MergeRequest(
-            member=member, k=k, filters=filters.served(cn.params.filters),
+            member=member, k=rule.merge_k(k) if rule else k,
+            filters=filters.served(cn.params.filters),
             quotas=[merging_pb2.Quota(source=s, max=q) for s, q in cn.params.quotas.items()],
             explain=dropped is not None,
         )  # fmt: skip
         if cn.params.impressions is not None:
             req.impressions.CopyFrom(impressions.Rule.of(cn.params.impressions).message())
+        if rule is not None:  # Merge re-ranks its best merge_k(k) and serves k of them
+            req.diversity.CopyFrom(rule.message(k))
         for name, frame in zip(cn.node.inputs, inputs, strict=True):
             # Filled in place: a ScoredList passed to the constructor would be copied.
             _fill_scored_list(req.lists.add(), name, frame, cn.params.weights.get(name, 1.0))
@@ -606,9 +610,12 @@ class Engine:
             self._c.merging.Merge(req, timeout=timeout, metadata=tracing.outgoing_metadata()),
             lambda local: local.merge(req, timeout),
         )
-        out = Frame(ids=np.asarray([e.target for e in resp.edges], dtype=np.int64))
+        # k at most, even from a merging service that predates diversity (and so returns
+        # its whole pool in blended order).
+        edges = list(resp.edges)[:k]
+        out = Frame(ids=np.asarray([e.target for e in edges], dtype=np.int64))
         out.ran_here = ran_here
-        out.edges = list(resp.edges)
+        out.edges = edges
         out.dropped = {d.reason: d.count for d in resp.dropped}
         if dropped is not None:
             dropped.extend(resp.dropped_items)

@@ -25,7 +25,7 @@ from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.graph import mutual_connections
 from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
-from edgeflow.merging import blend, filters, impressions, wire
+from edgeflow.merging import blend, diversity, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.redis_client import AsyncClient, connect_async, parse_url
@@ -151,6 +151,7 @@ class MergingService(Service):
             hide = filters.DEACTIVATED in names
             sel = await self._settle_top_k(request, pool, quotas, keep, dropped, why, sel,
                                            hide, rule, deadline_s)  # fmt: skip
+        sel = diversity.rerank(request, pool, sel, self._store)  # cut to the k served
         proof = await self._social_proof(
             request.member, pool.ids[sel.index], filters.DEACTIVATED in names, deadline_s
         )

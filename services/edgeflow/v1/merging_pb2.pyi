@@ -46,7 +46,7 @@ class Quota(_message.Message):
     def __init__(self, source: _Optional[str] = ..., max: _Optional[int] = ...) -> None: ...
 
 class MergeRequest(_message.Message):
-    __slots__ = ("member", "lists", "k", "filters", "quotas", "explain", "impressions")
+    __slots__ = ("member", "lists", "k", "filters", "quotas", "explain", "impressions", "diversity")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     LISTS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class MergeRequest(_message.Message):
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     member: int
     lists: _containers.RepeatedCompositeFieldContainer[ScoredList]
     k: int
@@ -61,7 +62,18 @@ class MergeRequest(_message.Message):
     quotas: _containers.RepeatedCompositeFieldContainer[Quota]
     explain: bool
     impressions: Impressions
-    def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., explain: _Optional[bool] = ..., impressions: _Optional[_Union[Impressions, _Mapping]] = ...) -> None: ...
+    diversity: Diversity
+    def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., explain: _Optional[bool] = ..., impressions: _Optional[_Union[Impressions, _Mapping]] = ..., diversity: _Optional[_Union[Diversity, _Mapping]] = ...) -> None: ...
+
+class Diversity(_message.Message):
+    __slots__ = ("k", "window", "mmr_lambda")
+    K_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MMR_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    window: int
+    mmr_lambda: float
+    def __init__(self, k: _Optional[int] = ..., window: _Optional[int] = ..., mmr_lambda: _Optional[float] = ...) -> None: ...
 
 class Impressions(_message.Message):
     __slots__ = ("demote_after", "suppress_after", "for_seconds", "demote_factor")

@@ -213,6 +213,37 @@ class ImpressionsParams(Params):
         return self
 
 
+# Diversity's cost per Merge grows with pool x pool and window steps: kept small (see
+# merging/diversity.py and benchmarks/diversity_cost.py).
+MAX_DIVERSITY_POOL = 300
+MAX_DIVERSITY_WINDOW = 100
+
+
+class DiversityParams(Params):
+    """Re-rank the served list for diversity (MMR over the members' mutual connections):
+    the first `window` positions are picked from the best `pool` items, trading blended
+    score against similarity to the items already placed."""
+
+    lam: float = Field(
+        0.7, ge=0, le=1, alias="lambda",
+        description="MMR's trade-off: 1 keeps the blended order, 0 picks by novelty alone.",
+    )  # fmt: skip
+    window: int = Field(
+        10, ge=1, le=MAX_DIVERSITY_WINDOW, description="Positions re-ranked (the first ones)."
+    )
+    pool: int = Field(
+        50, ge=1, le=MAX_DIVERSITY_POOL,
+        description="Best items (after filters, quotas and impressions) they are picked "
+        "from; at least window. Above the request's k, items from below it can be served.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _order(self) -> DiversityParams:
+        if self.pool < self.window:
+            raise ValueError(f"pool ({self.pool}) must be at least window ({self.window})")
+        return self
+
+
 class BlendParams(Params):
     """Blend, dedup, filter, apply quotas and cut to the request's top K."""
 
@@ -230,6 +261,9 @@ class BlendParams(Params):
         None, description="Demote, then suppress, members shown repeatedly without an action; "
         "unset: off.",
     )  # fmt: skip
+    diversity: DiversityParams | None = Field(
+        None, description="Re-rank the served list for diversity (MMR); unset: off."
+    )
 
 
 class FilterParams(Params):
