@@ -220,9 +220,10 @@ async def test_merge_refuses_bad_diversity_naming_the_field(diverse_suite: Suite
     ch = channel(f"127.0.0.1:{suite.servers['merging'][2]}")
     stub = merging_pb2_grpc.MergingServiceStub(ch)
     bad = {
-        "diversity.k": merging_pb2.Diversity(k=0, window=2, mmr_lambda=0.5),
-        "diversity.window": merging_pb2.Diversity(k=3, window=9, mmr_lambda=0.5),
-        "diversity.mmr_lambda": merging_pb2.Diversity(k=3, window=2, mmr_lambda=1.5),
+        "diversity.k": merging_pb2.Diversity(k=0, window=2, mmr_lambda=0.5, pool=5),
+        "diversity.pool": merging_pb2.Diversity(k=3, window=2, mmr_lambda=0.5, pool=6),
+        "diversity.window": merging_pb2.Diversity(k=3, window=5, mmr_lambda=0.5, pool=4),
+        "diversity.mmr_lambda": merging_pb2.Diversity(k=3, window=2, mmr_lambda=1.5, pool=5),
     }
     try:
         for name, msg in bad.items():
@@ -261,7 +262,7 @@ async def test_merge_reranks_its_pool_and_serves_k(diverse_suite: Suite) -> None
     stub = merging_pb2_grpc.MergingServiceStub(ch)
     try:
         plain = await stub.Merge(req, timeout=10)
-        req.diversity.CopyFrom(merging_pb2.Diversity(k=12, window=6, mmr_lambda=0.5))
+        req.diversity.CopyFrom(merging_pb2.Diversity(k=12, window=6, mmr_lambda=0.5, pool=30))
         diverse = await stub.Merge(req, timeout=10)
     finally:
         await ch.close()

@@ -18,10 +18,10 @@ list follows by blended score, and the first k are served. lambda 1 keeps the bl
 So a diverse item can come from below the k served (up to rank `pool`), and a served one can
 drop out: eval measures what that costs in recall.
 
-On the wire the gateway asks Merge for the best `pool` items (MergeRequest.k, so filters and
-impressions settle all of them) and sends the served k in MergeRequest.diversity. Without a
-mapped graph (before it loads, or the gateway's in-process fallback) the list is served in
-blended order, cut to k.
+On the wire the gateway asks Merge for the best max(k, pool) items (MergeRequest.k, so the
+deactivated filter and impressions settle all of them) and sends the k served and the pool
+in MergeRequest.diversity. Without a mapped graph (before it loads, or the gateway's
+in-process fallback) the list is served in blended order, cut to k.
 
 Served lists only: the offline job and the nearline worker write each member's best items by
 blended score (a pool), since a precomputed list is a candidate list that is re-scored and
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edgeflow.graph import Graph
 from edgeflow.graph_store import GraphNotLoaded, GraphStore
@@ -65,7 +66,7 @@ class Rule:
         return max(k, self.pool)
 
     def message(self, k: int) -> merging_pb2.Diversity:
-        return merging_pb2.Diversity(k=k, window=self.window, mmr_lambda=self.lam)
+        return merging_pb2.Diversity(k=k, window=self.window, mmr_lambda=self.lam, pool=self.pool)
 
     @classmethod
     def from_request(cls, request: merging_pb2.MergeRequest) -> tuple[Rule, int] | None:
@@ -75,19 +76,19 @@ class Rule:
         msg = request.diversity
         if not 1 <= msg.k <= request.k:
             raise DiversityError(f"diversity.k: must be in 1..k ({request.k}), got {msg.k}")
-        if not 1 <= msg.window <= min(request.k, MAX_DIVERSITY_WINDOW):
+        most = min(request.k, MAX_DIVERSITY_POOL)
+        if not 1 <= msg.pool <= most:
             raise DiversityError(
-                f"diversity.window: must be in 1..{min(request.k, MAX_DIVERSITY_WINDOW)} "
-                f"(at most k, {request.k}), got {msg.window}"
+                f"diversity.pool: must be in 1..{most} (at most k, {request.k}), got {msg.pool}"
             )
-        if request.k > MAX_DIVERSITY_POOL:
+        if not 1 <= msg.window <= min(msg.pool, MAX_DIVERSITY_WINDOW):
             raise DiversityError(
-                f"k: with diversity it is the pool re-ranked, at most {MAX_DIVERSITY_POOL}, "
-                f"got {request.k}"
+                f"diversity.window: must be in 1..{min(msg.pool, MAX_DIVERSITY_WINDOW)} "
+                f"(at most pool, {msg.pool}), got {msg.window}"
             )
         if not (math.isfinite(msg.mmr_lambda) and 0 <= msg.mmr_lambda <= 1):
             raise DiversityError(f"diversity.mmr_lambda: must be in [0, 1], got {msg.mmr_lambda}")
-        return cls(float(msg.mmr_lambda), msg.window, request.k), msg.k
+        return cls(float(msg.mmr_lambda), msg.window, msg.pool), msg.k
 
 
 def similarity(graph: Graph, members: np.ndarray, cands: np.ndarray) -> np.ndarray:
@@ -111,13 +112,23 @@ def _one(graph: Graph, i: int, cands: np.ndarray) -> np.ndarray:
     nbrs = graph.neighbors(i)
     if not known.size or not nbrs.size:
         return np.zeros((w, w), dtype=np.float32)
-    owner, nb = graph.gather(cands[known])
-    # The member's connections numbered 1..d in a zeroed array (untouched pages cost nothing).
+    # The (candidate, connection of the member) edges, found from whichever side has fewer
+    # neighbour-list entries to walk; a zeroed array numbers the other side from 1 (its
+    # untouched pages cost nothing).
+    deg = graph.degree
     slot = np.zeros(graph.n, dtype=np.int32)
-    slot[nbrs] = np.arange(1, nbrs.size + 1, dtype=np.int32)
-    col = slot[nb]
-    hit = col > 0
-    owner, col = known[owner[hit]], col[hit]
+    if int(deg[nbrs].sum()) < int(deg[cands[known]].sum()):
+        via, nb = graph.gather(nbrs)
+        slot[cands[known]] = known + 1
+        owner = slot[nb]
+        hit = owner > 0
+        owner, col = owner[hit] - 1, via[hit] + 1
+    else:
+        owner, nb = graph.gather(cands[known])
+        slot[nbrs] = np.arange(1, nbrs.size + 1, dtype=np.int32)
+        col = slot[nb]
+        hit = col > 0
+        owner, col = known[owner[hit]], col[hit]
     count = np.bincount(owner, minlength=w)
     # Only connections that lead to two candidates or more add to a pair's similarity.
     leads = np.bincount(col, minlength=nbrs.size + 1)
@@ -212,7 +223,10 @@ def rerank(
     """Merge's last step: the selection re-ranked for diversity and cut to the k served, as
     the request's diversity asks (unchanged without it), over the store's graph. A malformed
     one is INVALID_ARGUMENT naming the field."""
-    return rerank_on(request, pool, sel, _graph(store))
+    graph = _graph(store)
+    if graph is not None:
+        _one_blas_thread()
+    return rerank_on(request, pool, sel, graph)
 
 
 def rerank_on(
@@ -231,14 +245,27 @@ def rerank_on(
     rule, k = parsed
     idx = sel.index
     if graph is not None and idx.size > 1 and rule.lam < 1:
+        head = idx[: rule.pool]
         i = graph.index_of(int(request.member))
-        cands = graph.indices_of(pool.ids[idx])[None, :]
-        sim = similarity(graph, np.asarray([i]), cands)
-        idx = idx[mmr(pool.score[idx][None, :], sim, rule.lam, rule.window)[0]]
+        sim = similarity(graph, np.asarray([i]), graph.indices_of(pool.ids[head])[None, :])
+        order = mmr(pool.score[head][None, :], sim, rule.lam, rule.window)[0]
+        idx = np.concatenate([head[order], idx[rule.pool :]])
     dropped = dict(sel.dropped)
     if idx.size > k:
         dropped["top_k"] = dropped.get("top_k", 0) + idx.size - k
     return blend.Selection(index=idx[:k], dropped=dropped, over_quota=sel.over_quota)
+
+
+_blas: list[object] = []  # the process's BLAS thread limit, once set
+
+
+def _one_blas_thread() -> None:
+    """Once per process (the merging service's): BLAS on one thread. The similarity's
+    product is small, and BLAS threads would spin against the event loop and the other
+    services on the machine, as in the nearline worker (measured on two cores: a 100 x 1,000
+    product took 20 ms of CPU on BLAS's threads, 0.2 ms on one)."""
+    if not _blas:
+        _blas.append(threadpool_limits(limits=1, user_api="blas"))
 
 
 def _graph(store: GraphStore | None) -> Graph | None:

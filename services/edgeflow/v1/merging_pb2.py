@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeflow.v1 import tensor_pb2 as edgeflow_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geflow/v1/merging.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"\xbf\x01\n\nScoredList\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12#\n\x06scores\x18\x03 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cmodel_column\x18\x07 \x01(\x05\x12(\n\x07sources\x18\x08 \x03(\x0b\x32\x17.edgeflow.v1.SourceInfo\"=\n\nSourceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\"$\n\x05Quota\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0b\n\x03max\x18\x02 \x01(\r\"\xf1\x01\n\x0cMergeRequest\x12\x0e\n\x06member\x18\x01 \x01(\x03\x12&\n\x05lists\x18\x02 \x03(\x0b\x32\x17.edgeflow.v1.ScoredList\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0f\n\x07\x66ilters\x18\x04 \x03(\t\x12\"\n\x06quotas\x18\x05 \x03(\x0b\x32\x12.edgeflow.v1.Quota\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12-\n\x0bimpressions\x18\x07 \x01(\x0b\x32\x18.edgeflow.v1.Impressions\x12)\n\tdiversity\x18\x08 \x01(\x0b\x32\x16.edgeflow.v1.Diversity\":\n\tDiversity\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x12\n\nmmr_lambda\x18\x03 \x01(\x02\"g\n\x0bImpressions\x12\x14\n\x0c\x64\x65mote_after\x18\x01 \x01(\r\x12\x16\n\x0esuppress_after\x18\x02 \x01(\r\x12\x13\n\x0b\x66or_seconds\x18\x03 \x01(\x01\x12\x15\n\rdemote_factor\x18\x04 \x01(\x02\"*\n\tDropCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x8b\x01\n\rMergeResponse\x12 \n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x11.edgeflow.v1.Edge\x12\'\n\x07\x64ropped\x18\x02 \x03(\x0b\x32\x16.edgeflow.v1.DropCount\x12/\n\rdropped_items\x18\x03 \x03(\x0b\x32\x18.edgeflow.v1.DroppedItem\"N\n\rFilterRequest\x12\x0e\n\x06member\x18\x01 \x01(\x03\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x0f\n\x07\x66ilters\x18\x03 \x03(\t\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\"x\n\x0e\x46ilterResponse\x12\x0c\n\x04keep\x18\x01 \x03(\r\x12\'\n\x07\x64ropped\x18\x02 \x03(\x0b\x32\x16.edgeflow.v1.DropCount\x12/\n\rdropped_items\x18\x03 \x03(\x0b\x32\x18.edgeflow.v1.DroppedItem2\x93\x01\n\x0eMergingService\x12>\n\x05Merge\x12\x19.edgeflow.v1.MergeRequest\x1a\x1a.edgeflow.v1.MergeResponse\x12\x41\n\x06\x46ilter\x12\x1a.edgeflow.v1.FilterRequest\x1a\x1b.edgeflow.v1.FilterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geflow/v1/merging.proto\x12\x0b\x65\x64geflow.v1\x1a\x18\x65\x64geflow/v1/tensor.proto\"\xbf\x01\n\nScoredList\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12#\n\x06scores\x18\x03 \x01(\x0b\x32\x13.edgeflow.v1.Tensor\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cmodel_column\x18\x07 \x01(\x05\x12(\n\x07sources\x18\x08 \x03(\x0b\x32\x17.edgeflow.v1.SourceInfo\"=\n\nSourceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x03 \x01(\x01\"$\n\x05Quota\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0b\n\x03max\x18\x02 \x01(\r\"\xf1\x01\n\x0cMergeRequest\x12\x0e\n\x06member\x18\x01 \x01(\x03\x12&\n\x05lists\x18\x02 \x03(\x0b\x32\x17.edgeflow.v1.ScoredList\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0f\n\x07\x66ilters\x18\x04 \x03(\t\x12\"\n\x06quotas\x18\x05 \x03(\x0b\x32\x12.edgeflow.v1.Quota\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12-\n\x0bimpressions\x18\x07 \x01(\x0b\x32\x18.edgeflow.v1.Impressions\x12)\n\tdiversity\x18\x08 \x01(\x0b\x32\x16.edgeflow.v1.Diversity\"H\n\tDiversity\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x12\n\nmmr_lambda\x18\x03 \x01(\x02\x12\x0c\n\x04pool\x18\x04 \x01(\r\"g\n\x0bImpressions\x12\x14\n\x0c\x64\x65mote_after\x18\x01 \x01(\r\x12\x16\n\x0esuppress_after\x18\x02 \x01(\r\x12\x13\n\x0b\x66or_seconds\x18\x03 \x01(\x01\x12\x15\n\rdemote_factor\x18\x04 \x01(\x02\"*\n\tDropCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x8b\x01\n\rMergeResponse\x12 \n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x11.edgeflow.v1.Edge\x12\'\n\x07\x64ropped\x18\x02 \x03(\x0b\x32\x16.edgeflow.v1.DropCount\x12/\n\rdropped_items\x18\x03 \x03(\x0b\x32\x18.edgeflow.v1.DroppedItem\"N\n\rFilterRequest\x12\x0e\n\x06member\x18\x01 \x01(\x03\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x0f\n\x07\x66ilters\x18\x03 \x03(\t\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\"x\n\x0e\x46ilterResponse\x12\x0c\n\x04keep\x18\x01 \x03(\r\x12\'\n\x07\x64ropped\x18\x02 \x03(\x0b\x32\x16.edgeflow.v1.DropCount\x12/\n\rdropped_items\x18\x03 \x03(\x0b\x32\x18.edgeflow.v1.DroppedItem2\x93\x01\n\x0eMergingService\x12>\n\x05Merge\x12\x19.edgeflow.v1.MergeRequest\x1a\x1a.edgeflow.v1.MergeResponse\x12\x41\n\x06\x46ilter\x12\x1a.edgeflow.v1.FilterRequest\x1a\x1b.edgeflow.v1.FilterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MERGEREQUEST']._serialized_start=364
   _globals['_MERGEREQUEST']._serialized_end=605
   _globals['_DIVERSITY']._serialized_start=607
-  _globals['_DIVERSITY']._serialized_end=665
-  _globals['_IMPRESSIONS']._serialized_start=667
-  _globals['_IMPRESSIONS']._serialized_end=770
-  _globals['_DROPCOUNT']._serialized_start=772
-  _globals['_DROPCOUNT']._serialized_end=814
-  _globals['_MERGERESPONSE']._serialized_start=817
-  _globals['_MERGERESPONSE']._serialized_end=956
-  _globals['_FILTERREQUEST']._serialized_start=958
-  _globals['_FILTERREQUEST']._serialized_end=1036
-  _globals['_FILTERRESPONSE']._serialized_start=1038
-  _globals['_FILTERRESPONSE']._serialized_end=1158
-  _globals['_MERGINGSERVICE']._serialized_start=1161
-  _globals['_MERGINGSERVICE']._serialized_end=1308
+  _globals['_DIVERSITY']._serialized_end=679
+  _globals['_IMPRESSIONS']._serialized_start=681
+  _globals['_IMPRESSIONS']._serialized_end=784
+  _globals['_DROPCOUNT']._serialized_start=786
+  _globals['_DROPCOUNT']._serialized_end=828
+  _globals['_MERGERESPONSE']._serialized_start=831
+  _globals['_MERGERESPONSE']._serialized_end=970
+  _globals['_FILTERREQUEST']._serialized_start=972
+  _globals['_FILTERREQUEST']._serialized_end=1050
+  _globals['_FILTERRESPONSE']._serialized_start=1052
+  _globals['_FILTERRESPONSE']._serialized_end=1172
+  _globals['_MERGINGSERVICE']._serialized_start=1175
+  _globals['_MERGINGSERVICE']._serialized_end=1322
 # @@protoc_insertion_point(module_scope)

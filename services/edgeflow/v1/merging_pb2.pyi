@@ -66,14 +66,16 @@ class MergeRequest(_message.Message):
     def __init__(self, member: _Optional[int] = ..., lists: _Optional[_Iterable[_Union[ScoredList, _Mapping]]] = ..., k: _Optional[int] = ..., filters: _Optional[_Iterable[str]] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ..., explain: _Optional[bool] = ..., impressions: _Optional[_Union[Impressions, _Mapping]] = ..., diversity: _Optional[_Union[Diversity, _Mapping]] = ...) -> None: ...
 
 class Diversity(_message.Message):
-    __slots__ = ("k", "window", "mmr_lambda")
+    __slots__ = ("k", "window", "mmr_lambda", "pool")
     K_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     MMR_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     k: int
     window: int
     mmr_lambda: float
-    def __init__(self, k: _Optional[int] = ..., window: _Optional[int] = ..., mmr_lambda: _Optional[float] = ...) -> None: ...
+    pool: int
+    def __init__(self, k: _Optional[int] = ..., window: _Optional[int] = ..., mmr_lambda: _Optional[float] = ..., pool: _Optional[int] = ...) -> None: ...
 
 class Impressions(_message.Message):
     __slots__ = ("demote_after", "suppress_after", "for_seconds", "demote_factor")

@@ -232,7 +232,7 @@ class DiversityParams(Params):
         10, ge=1, le=MAX_DIVERSITY_WINDOW, description="Positions re-ranked (the first ones)."
     )
     pool: int = Field(
-        50, ge=1, le=MAX_DIVERSITY_POOL,
+        100, ge=1, le=MAX_DIVERSITY_POOL,
         description="Best items (after filters, quotas and impressions) they are picked "
         "from; at least window. Above the request's k, items from below it can be served.",
     )  # fmt: skip
