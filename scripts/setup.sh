@@ -29,7 +29,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing edgeflow and its locked dependencies into .venv (requirements/dev.lock)"
-  "$UV" pip sync --quiet --python .venv/bin/python --require-hashes requirements/dev.lock
+  # Compiled now, once: where PYTHONDONTWRITEBYTECODE is set, every process would otherwise
+  # compile what it imports from source at each start (about 1 s per service), and a module
+  # imported lazily (numpy.ma) stalls the first request that needs it.
+  "$UV" pip sync --quiet --compile-bytecode --python .venv/bin/python --require-hashes \
+    requirements/dev.lock
   "$UV" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
   echo "$want" >"$stamp"
 fi
+# edgeflow's own modules likewise; only those changed since are compiled again.
+.venv/bin/python -m compileall -q services >/dev/null
