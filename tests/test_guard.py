@@ -15,6 +15,7 @@ import pytest
 from edgeflow import guard, tensor
 from edgeflow.features.schema import ENTITY_COLUMNS, MODEL_COLUMNS
 from edgeflow.guard import MB, Limits, limits_for
+from edgeflow.local.redis_server import free_port
 from edgeflow.server import Service, channel, start_server
 from edgeflow.v1 import (
     candidates_pb2,
@@ -152,6 +153,47 @@ async def _running(limits: Limits) -> AsyncIterator[_Running]:
         service.servicer.release.set()
         await running.channel.close()
         await server.stop(None)
+
+
+class _Loading(_WaitingService):
+    """A service whose start() (its load) lasts until `loaded` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(limits_for("merging"))
+        self.servicer.release.set()
+        self.loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.loaded.wait()
+
+
+async def test_calls_while_the_service_loads_are_unavailable_and_never_reach_it() -> None:
+    service = _Loading()
+    port = free_port()
+    starting = asyncio.ensure_future(start_server(service, f"127.0.0.1:{port}"))
+    ch = channel(f"127.0.0.1:{port}")
+    stub = merging_pb2_grpc.MergingServiceStub(ch)
+    try:
+        for _ in range(500):  # until the port is bound; before that, connections are refused
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Merge(merging_pb2.MergeRequest(), timeout=5)
+            if "still starting" in (err.value.details() or ""):
+                break
+            await asyncio.sleep(0.01)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details() == (
+            "waiting: still starting (loading its data); try again shortly"
+        )
+        assert service.servicer.entered == 0
+        service.loaded.set()
+        server, _, _ = await starting
+        await stub.Merge(merging_pb2.MergeRequest(), timeout=5)
+        assert service.servicer.entered == 1
+        await server.stop(None)
+    finally:
+        service.loaded.set()
+        starting.cancel()
+        await ch.close()
 
 
 def _big(ids: int) -> merging_pb2.MergeRequest:

@@ -10,6 +10,10 @@
 - **Message size.** Each service takes messages up to `Limits.max_receive_bytes`, the size of
   its largest legitimate request (computed below from the documented limits); grpc answers
   a larger one RESOURCE_EXHAUSTED without reading it whole.
+- **Readiness.** While the service is still loading (start_server, between binding its
+  port and the end of `Service.start`), every call is answered UNAVAILABLE: callers retry,
+  or fall back as they do for a service that is down, rather than getting answers from
+  half-loaded handlers (a restarted candidates service once called every source unknown).
 - **Concurrency.** A server runs at most `Limits.max_concurrent_rpcs` calls at once (grpc's
   own limiter answers the next ones RESOURCE_EXHAUSTED before reading them): its legitimate
   concurrency, or fewer if that many of its largest messages would not fit the memory the
@@ -212,6 +216,8 @@ class Guard:
         self.inflight = 0  # bytes of large requests being handled
         self.undecodable_log = RateLimitedLog(log)
         self._checkers: dict[str, Checker | None] = {}
+        self.ready = True  # start_server clears it while the service loads
+        self.not_ready = f"{service}: still starting (loading its data); try again shortly"
 
     # ---- decoding ----------------------------------------------------------------------------
     def deserializer(self, inner: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

@@ -112,10 +112,12 @@ async def start_server(
     """Bind, register health and reflection, start serving (NOT_SERVING), then load. With
     `tls_files` the port serves TLS only, and mutual TLS unless the service is edge-facing."""
     limits = service.limits or limits_for(service.name)
+    guard = Guard(service.name, limits)
+    guard.ready = False  # UNAVAILABLE until loaded (see edgeflow.guard)
     server = grpc.aio.server(
         interceptors=[
             *service.interceptors(),
-            tracing.ServerTracing(service.name, Guard(service.name, limits)),
+            tracing.ServerTracing(service.name, guard),
         ],
         options=[
             ("grpc.max_receive_message_length", limits.max_receive_bytes),
@@ -141,6 +143,7 @@ async def start_server(
     await server.start()
     started = time.perf_counter()
     await service.start()
+    guard.ready = True
     for name in ("", *service.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(

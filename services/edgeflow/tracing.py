@@ -107,7 +107,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     only the caller's context is read from the call's metadata (when tracing is on). gRPC's
     own services (health, reflection) are not traced or counted, so probes do not count as
     traffic. With a `guard` (edgeflow.guard), the same wrapper refuses undecodable requests,
-    over-long strings and large requests over the in-flight budget before the handler runs,
+    over-long strings and large requests over the in-flight budget before the handler runs
+(and every call while the service is still loading),
     and gRPC's own services get the guard's decoding check.
     """
 
@@ -150,6 +151,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
             admitted = 0
             try:
                 if guard is not None:
+                    if not guard.ready:
+                        await ctx.abort(grpc.StatusCode.UNAVAILABLE, guard.not_ready)
                     if request.__class__ is Undecodable:
                         await guard.refuse_undecodable(ctx, method, request)
                     admitted = guard.admit()
