@@ -595,6 +595,19 @@ def test_social_proof_wire_bytes_equal_a_field_by_field_message() -> None:
         assert edge == expected and edge.HasField("social_proof")
 
 
+async def merge_once_mapped(
+    running: Running, request: merging_pb2.MergeRequest
+) -> merging_pb2.MergeResponse:
+    """Merge's answer once its graph is mapped (in the background, after start), known by
+    the first edge's social proof."""
+    for _ in range(200):
+        response = await running.stub.Merge(request, timeout=5)
+        if response.edges[0].HasField("social_proof"):
+            break
+        await asyncio.sleep(0.05)
+    return response
+
+
 async def test_merge_names_the_mutual_connections_of_each_edge(
     redis_proc: RedisProcess, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -611,11 +624,7 @@ async def test_merge_names_the_mutual_connections_of_each_edge(
             member=7, lists=[wire("fof", [20, 21, 22, 99], [0.9, 0.8, 0.7, 0.6])], k=4,
             filters=["self", "deactivated"],
         )  # fmt: skip
-        for _ in range(200):  # the graph is mapped in the background, after start
-            response = await running.stub.Merge(request, timeout=5)
-            if response.edges[0].HasField("social_proof"):
-                break
-            await asyncio.sleep(0.05)
+        response = await merge_once_mapped(running, request)
         proofs = {e.target: (e.social_proof.mutual_count, list(e.social_proof.mutual_ids))
                   for e in response.edges}  # fmt: skip
         # The count is the graph's; the ones named skip the deactivated member.
@@ -624,6 +633,37 @@ async def test_merge_names_the_mutual_connections_of_each_edge(
         del request.filters[:]  # without the deactivated filter nothing is looked up
         response = await running.stub.Merge(request, timeout=5)
         assert list(response.edges[0].social_proof.mutual_ids) == [1, 2, 3]
+    finally:
+        await shut(service, running)
+
+
+async def test_items_past_the_first_read_are_asked_about_and_named_too(
+    redis_proc: RedisProcess, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    # Merge reads the per-item state of its likely top K beside the member's SETs. Here that
+    # guess is all wrong: 30..37 are deactivated and 38 blocked, so the served 39 and 40 are
+    # asked about in later rounds, and 40's mutual connections (1 deactivated) read then.
+    pairs = [(7, m) for m in range(1, 6)] + [(40, m) for m in range(1, 5)] + [(39, 50)]
+    edges = np.array(pairs, dtype=np.int64)
+    save_graph(redis_client, Graph.from_edges(edges[:, 0], edges[:, 1]))
+    for gone in (1, *range(30, 38)):
+        redis_client.set(keys.deactivated(gone), "1700000000.0")
+    redis_client.sadd(keys.blocked(7), 38)
+    service = MergingService(Config(redis_url=redis_proc.url, home=tmp_path))
+    server, port, _ = await start_server(service, "127.0.0.1:0")
+    running = Running(server, port)
+    try:
+        ids = list(range(30, 42))
+        request = merging_pb2.MergeRequest(
+            member=7, lists=[wire("fof", ids, [1.0 - i / 100 for i in range(len(ids))])], k=2,
+            filters=["self", "blocked", "deactivated"], explain=True,
+        )  # fmt: skip
+        response = await merge_once_mapped(running, request)
+        assert targets(response.edges) == [39, 40]
+        assert drops(response) == {"deactivated": 8, "blocked": 1, "top_k": 1}
+        proofs = [(e.social_proof.mutual_count, list(e.social_proof.mutual_ids))
+                  for e in response.edges]  # fmt: skip
+        assert proofs == [(0, []), (4, [2, 3, 4])]
     finally:
         await shut(service, running)
 

@@ -5,6 +5,10 @@ Input errors are INVALID_ARGUMENT naming the field; Redis going away during the 
 UNAVAILABLE within a bounded time, and a Redis that refuses SMISMEMBER is FAILED_PRECONDITION.
 Social proof comes from the member graph, mapped as the other services map it; until one is
 loaded (or in the gateway's in-process fallback, which maps none) edges carry none.
+
+Merge reads Redis once in the usual case: the member's SETs over the pool and, in the same
+round trip, each likely top-K item's own state (deactivated, impressions) and that of the
+mutual connections it would name.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import redis
 
 from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.graph import mutual_connections
+from edgeflow.graph import Graph, mutual_connections
 from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
 from edgeflow.merging import blend, diversity, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
@@ -43,6 +47,67 @@ REDIS_BUDGET_S = 1.0
 # deactivated).
 MUTUALS_SHOWN = 3
 _MUTUALS_READ = 2 * MUTUALS_SHOWN
+
+
+# Items read beyond the likely top K in the first round trip, for the few the SETs hide.
+_SLACK = 4
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+@dataclasses.dataclass
+class _Answers:
+    """What Redis said about single items of a pool (by position): asked yet, deactivated,
+    and the member's impression count of it, read at `now`."""
+
+    asked: np.ndarray
+    gone: np.ndarray
+    seen: np.ndarray
+    now: float
+
+    def __init__(self, size: int, now: float) -> None:
+        self.asked = np.zeros(size, dtype=bool)
+        self.gone = np.zeros(size, dtype=bool)
+        self.seen = np.zeros(size, dtype=np.int64)
+        self.now = now
+
+
+@dataclasses.dataclass
+class _Mutuals:
+    """The connections a member shares with some items of a pool (`pos`, positions): the
+    count per item, and the first few of them per item (`owner` row into `pos`, member
+    `ids`), with which of those may be named (`shown`: not deactivated)."""
+
+    pos: np.ndarray
+    counts: np.ndarray
+    owner: np.ndarray
+    ids: np.ndarray
+    shown: np.ndarray
+
+    @classmethod
+    def of(
+        cls, graph: Graph | None, member: int, ids: np.ndarray, pos: np.ndarray, hide: bool
+    ) -> _Mutuals | None:
+        """From the graph (None without one); with `hide`, more are read than are named,
+        since some may turn out to be deactivated."""
+        if graph is None:
+            return None
+        most = _MUTUALS_READ if hide else MUTUALS_SHOWN
+        counts, owner, mutual = mutual_connections(
+            graph, graph.index_of(member), graph.indices_of(ids[pos]), most
+        )
+        named = graph.ids[mutual]
+        return cls(pos, counts, owner, named, np.ones(named.size, dtype=bool))
+
+    def named(self) -> dict[int, tuple[int, list[int]]]:
+        """Position -> (count, the first MUTUALS_SHOWN ids that may be named)."""
+        out: dict[int, tuple[int, list[int]]] = {
+            p: (c, []) for p, c in zip(self.pos.tolist(), self.counts.tolist(), strict=True)
+        }
+        rows = self.pos[self.owner[self.shown]].tolist()
+        for p, m in zip(rows, self.ids[self.shown].tolist(), strict=True):
+            if len(out[p][1]) < MUTUALS_SHOWN:
+                out[p][1].append(m)
+        return out
 
 
 def to_list(i: int, msg: merging_pb2.ScoredList) -> ScoredList:
@@ -143,48 +208,77 @@ class MergingService(Service):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         why: list[tuple[str, np.ndarray]] | None = [] if request.explain else None
         sets = [n for n in names if n != filters.DEACTIVATED]
-        keep, dropped = await self.visible(request.member, pool.ids, sets, deadline_s, why)
+        hide = filters.DEACTIVATED in names
+        graph = self._graph()
+        answers = _Answers(pool.ids.size, time.time())
+        # One round trip in the usual case: the member's SETs over the whole pool and, beside
+        # them, the per-item reads (deactivated, impressions, the state of the mutual
+        # connections shown as social proof) for the items likely to reach the top K, picked
+        # before the SETs answer. A later round asks only about what that guess missed.
+        likely = np.zeros(0, dtype=np.int64)
+        if hide or rule is not None:
+            width = min(2 * request.k, MAX_K) if rule is not None else request.k
+            width = min(width + max(_SLACK, width // 4), MAX_K)
+            likely = blend.select(pool, width, quotas, pool.ids != request.member).index
+        mutuals = _Mutuals.of(graph, request.member, pool.ids, likely, hide)
+        (keep, dropped), _ = await asyncio.gather(
+            self.visible(request.member, pool.ids, sets, deadline_s, why),
+            self._answer(answers, request.member, pool.ids, likely, hide, rule, mutuals,
+                         deadline_s),
+        )  # fmt: skip
         sel = blend.select(pool, request.k, quotas, keep, dropped, explain=request.explain)
-        if filters.DEACTIVATED in names or rule is not None:
+        if hide or rule is not None:
             if rule is not None:  # demotion lowers scores: on this request's own copy
                 pool = dataclasses.replace(pool, score=pool.score.copy())
-            hide = filters.DEACTIVATED in names
             sel = await self._settle_top_k(request, pool, quotas, keep, dropped, why, sel,
-                                           hide, rule, deadline_s)  # fmt: skip
+                                           hide, rule, answers, deadline_s)  # fmt: skip
         sel = diversity.rerank(request, pool, sel, self._store)  # cut to the k served
         proof = await self._social_proof(
-            request.member, pool.ids[sel.index], filters.DEACTIVATED in names, deadline_s
+            graph, request.member, pool.ids, sel.index, hide, mutuals, deadline_s
         )
         out = blend.response(pool, sel, proof)
         if why is not None:
             blend.explain(out.dropped_items, lists, pool, why, sel)
         return out
 
+    def _graph(self) -> Graph | None:
+        try:
+            return self._store.graph if self._store is not None else None
+        except GraphNotLoaded:
+            return None
+
     async def _social_proof(
-        self, member: int, targets: np.ndarray, hide_deactivated: bool, deadline_s: float | None
+        self,
+        graph: Graph | None,
+        member: int,
+        ids: np.ndarray,
+        index: np.ndarray,
+        hide_deactivated: bool,
+        known: _Mutuals | None,
+        deadline_s: float | None,
     ) -> list[bytes]:
         """Each served edge's wire.social_proof: the connections the member and the target
-        share, counted in the graph, and the first few of them that are not deactivated.
-        Nothing (no field) without a graph."""
-        try:
-            graph = self._store.graph if self._store is not None else None
-        except GraphNotLoaded:
-            graph = None
-        if graph is None or not targets.size:
+        (`ids[index]`) share, counted in the graph, and the first few of them that are not
+        deactivated; from `known` where it covers the edge, else read now. Nothing (no
+        field) without a graph."""
+        if graph is None or not index.size:
             return []
-        most = _MUTUALS_READ if hide_deactivated else MUTUALS_SHOWN
-        counts, owner, mutual = mutual_connections(
-            graph, graph.index_of(member), graph.indices_of(targets), most
-        )
-        named = graph.ids[mutual]
-        if hide_deactivated and named.size:
-            shown, _ = await self.visible(member, named, (filters.DEACTIVATED,), deadline_s)
-            owner, named = owner[shown], named[shown]
-        per_edge: list[list[int]] = [[] for _ in range(targets.size)]
-        for edge, m in zip(owner.tolist(), named.tolist(), strict=True):
-            if len(per_edge[edge]) < MUTUALS_SHOWN:
-                per_edge[edge].append(m)
-        return [wire.social_proof(c, ids) for c, ids in zip(counts.tolist(), per_edge, strict=True)]
+        parts = [known] if known is not None else []
+        missing = index
+        if known is not None:  # a mask, not np.isin: its np.unique imports numpy.ma at first use
+            covered = np.zeros(ids.size, dtype=bool)
+            covered[known.pos] = True
+            missing = index[~covered[index]]
+        if missing.size:
+            extra = _Mutuals.of(graph, member, ids, missing, hide_deactivated)
+            assert extra is not None
+            if hide_deactivated and extra.ids.size:
+                extra.shown = ~await self._deactivated(extra.ids, deadline_s)
+            parts.append(extra)
+        per_edge: dict[int, tuple[int, list[int]]] = {}
+        for part in parts:
+            per_edge.update(part.named())
+        return [wire.social_proof(*per_edge[i]) for i in index.tolist()]
 
     async def _settle_top_k(
         self,
@@ -197,34 +291,34 @@ class MergingService(Service):
         sel: blend.Selection,
         hide_deactivated: bool,
         rule: impressions.Rule | None,
+        answers: _Answers,
         deadline_s: float | None,
     ) -> blend.Selection:
         """The selection without deactivated members, and with the member's impressions
         applied (see merging/impressions.py). Both are read per candidate, so only the items
-        that reach the top K are asked about, in one round trip per round; a drop or a
-        demotion makes the selection again, until a top K holds no item not yet asked about.
-        Each item is asked once, so this ends. With impressions, the first round asks about
-        the best 2K: a member shown the same list again has most of its top K demoted at once,
-        and the items that replace them are then known without another round."""
-        asked = np.zeros(pool.ids.size, dtype=bool)
-        now = time.time()
+        that reach the top K are asked about (`answers` holds what was read already); a drop
+        or a demotion makes the selection again, until a top K holds no item not yet looked
+        at. Each item is looked at once, so this ends. With impressions, the first round
+        looks at the best 2K: a member shown the same list again has most of its top K
+        demoted at once, and the items that replace them are then known without another
+        round."""
+        looked = np.zeros(pool.ids.size, dtype=bool)
         wide = None
         if rule is not None and sel.index.size == request.k:
             wide = blend.select(pool, min(2 * request.k, MAX_K), quotas, keep).index
         while True:
             ask = sel.index if wide is None else wide
             wide = None
-            fresh = ask[~asked[ask]]
+            fresh = ask[~looked[ask]]
             if not fresh.size:
                 return sel
-            asked[fresh] = True
-            ids = pool.ids[fresh]
-            shown, seen = await asyncio.gather(
-                self._shown(request.member, ids, hide_deactivated, deadline_s),
-                self._impressions(request.member, ids, rule, now, deadline_s),
-            )
+            looked[fresh] = True
+            await self._answer(answers, request.member, pool.ids, fresh, hide_deactivated,
+                               rule, None, deadline_s)  # fmt: skip
+            shown = ~answers.gone[fresh]
             changed = self._drop(fresh[~shown], filters.DEACTIVATED, keep, dropped, why)
             if rule is not None:
+                seen = answers.seen[fresh]
                 over = shown & (seen >= rule.suppress_after)
                 changed |= self._drop(fresh[over], impressions.REASON, keep, dropped, why)
                 demote = fresh[shown & ~over & (seen >= rule.demote_after)]
@@ -234,6 +328,41 @@ class MergingService(Service):
             if not changed:
                 return sel
             sel = blend.select(pool, request.k, quotas, keep, dropped, explain=why is not None)
+
+    async def _answer(
+        self,
+        answers: _Answers,
+        member: int,
+        ids: np.ndarray,
+        index: np.ndarray,
+        hide_deactivated: bool,
+        rule: impressions.Rule | None,
+        mutuals: _Mutuals | None,
+        deadline_s: float | None,
+    ) -> None:
+        """Read into `answers` what is not known yet of the items `ids[index]`: whether each
+        is deactivated (when hiding them) and the member's impression count (with a rule);
+        and, with `mutuals`, which of its connections are deactivated. One round trip."""
+        index = index[~answers.asked[index]]
+        answers.asked[index] = True
+        also = mutuals.ids if mutuals is not None and hide_deactivated else _NONE
+        todo = np.concatenate([ids[index], also]) if hide_deactivated else _NONE
+        gone, seen = await asyncio.gather(
+            self._deactivated(todo, deadline_s),
+            self._impressions(member, ids[index], rule, answers.now, deadline_s),
+        )
+        if hide_deactivated:
+            answers.gone[index] = gone[: index.size]
+            if mutuals is not None:
+                mutuals.shown = ~gone[index.size :]
+        answers.seen[index] = seen
+
+    async def _deactivated(self, ids: np.ndarray, deadline_s: float | None) -> np.ndarray:
+        if not ids.size:
+            return np.zeros(0, dtype=bool)
+        return await self._redis_read(
+            filters.deactivated(self._pipeline(), ids), (filters.DEACTIVATED,), deadline_s
+        )
 
     @staticmethod
     def _drop(
@@ -251,14 +380,6 @@ class MergingService(Service):
             why.append((reason, gone))
         return True
 
-    async def _shown(
-        self, member: int, ids: np.ndarray, hide_deactivated: bool, deadline_s: float | None
-    ) -> np.ndarray:
-        if not hide_deactivated:
-            return np.ones(ids.size, dtype=bool)
-        shown, _ = await self.visible(member, ids, (filters.DEACTIVATED,), deadline_s)
-        return shown
-
     async def _impressions(
         self,
         member: int,
@@ -268,7 +389,7 @@ class MergingService(Service):
         deadline_s: float | None,
     ) -> np.ndarray:
         """The member's impression counts of `ids` (zeros without a rule)."""
-        if rule is None:
+        if rule is None or not ids.size:
             return np.zeros(ids.size, dtype=np.int64)
         return await self._redis_read(
             impressions.counts(self._pipeline(), member, ids, rule.for_seconds, now),
