@@ -328,6 +328,28 @@ async def test_no_candidate_source_answering_is_unavailable_not_an_empty_ok(
     assert served.edges and not served.partial
 
 
+async def _serve(add: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> tuple[Any, int]:
+    """A bare gRPC server for `servicer` on a free loopback port, started."""
+    server = grpc.aio.server()
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def _with_a_precomputed_list(suite: Suite, nth: int) -> tuple[int, list[int]]:
+    """The nth member of degree 8, given a pymk list of three members it does not know."""
+    g = suite.graph
+    member = members_with_degree(g, 8)[nth]
+    near = set(g.ids[g.neighbors(g.index_of(member))].tolist()) | {member}
+    picked = [int(m) for m in g.ids if int(m) not in near][:3]
+    rds = connect(suite.cfg.redis_url)
+    lists.write_lists(rds, "pymk", np.asarray([member]),
+                      [(np.asarray(picked), np.asarray([0.9, 0.8, 0.7], np.float32))])  # fmt: skip
+    rds.close()
+    return member, picked
+
+
 async def test_with_candidates_down_the_gateway_serves_the_precomputed_list(
     suite: Suite,
 ) -> None:
@@ -338,14 +360,7 @@ async def test_with_candidates_down_the_gateway_serves_the_precomputed_list(
     from edgeflow.local.redis_server import free_port
     from edgeflow.workflow.validate import load_workflow
 
-    g = suite.graph
-    member = members_with_degree(g, 8)[5]
-    near = set(g.ids[g.neighbors(g.index_of(member))].tolist()) | {member}
-    picked = [int(m) for m in g.ids if int(m) not in near][:3]
-    rds = connect(suite.cfg.redis_url)
-    lists.write_lists(rds, "pymk", np.asarray([member]),
-                      [(np.asarray(picked), np.asarray([0.9, 0.8, 0.7], np.float32))])  # fmt: skip
-    rds.close()
+    member, picked = _with_a_precomputed_list(suite, 5)
     local = ListsOnly(suite.cfg)
     chans = [channel(a) for a in (f"127.0.0.1:{free_port()}", suite.cfg.features_addr,
                                   suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
@@ -367,6 +382,49 @@ async def test_with_candidates_down_the_gateway_serves_the_precomputed_list(
         for ch in chans:
             await ch.close()
         await local.close()
+
+
+async def test_a_stalled_candidates_service_still_yields_the_precomputed_list(
+    suite: Suite,
+) -> None:
+    """A candidates service that is up but answers nothing within the nodes' timeouts: the
+    gateway reads the precomputed list itself, as when the service is down."""
+    from edgeflow.candidates.service import ListsOnly
+    from edgeflow.gateway.engine import Clients, Engine
+    from edgeflow.v1 import candidates_pb2_grpc
+    from edgeflow.workflow.validate import parse_document
+
+    class Stalled(candidates_pb2_grpc.CandidateServiceServicer):
+        async def Generate(self, request: Any, context: Any) -> Any:
+            await asyncio.sleep(30)
+
+        async def GenerateMany(self, request: Any, context: Any) -> Any:
+            await asyncio.sleep(30)
+
+    server, port = await _serve(candidates_pb2_grpc.add_CandidateServiceServicer_to_server,
+                                Stalled())  # fmt: skip
+    member, picked = _with_a_precomputed_list(suite, 7)
+    local = ListsOnly(suite.cfg)
+    chans = [channel(a) for a in (f"127.0.0.1:{port}", suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
+    engine = Engine(Clients.over(*chans), local_candidates=local)
+    doc = yaml.safe_load((suite.cfg.workflows_dir / "pymk.yaml").read_text())
+    for node in doc["spec"]["nodes"]:
+        if node["op"].startswith("candidates."):
+            node["timeoutMs"] = 50
+    try:
+        wf = parse_document(doc, "pymk.yaml, candidate timeouts 50 ms")
+        outcome = await engine.run(wf, member, 10, 5.0)
+        assert sorted(e.target for e in outcome.frame.edges) == sorted(picked)
+        pre = next(t for t in outcome.traces if t.op == "candidates.precomputed")
+        assert (pre.status, pre.fallback) == ("fallback", "local"), pre
+        assert pre.error.startswith("candidates DEADLINE_EXCEEDED"), pre.error
+    finally:
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+        await local.close()
+        await server.stop(None)
 
 
 async def test_with_merging_down_the_gateway_merges_and_filters_itself(suite: Suite) -> None:
@@ -414,6 +472,53 @@ async def test_with_merging_down_the_gateway_merges_and_filters_itself(suite: Su
         for ch in chans:
             await ch.close()
         await local.stop()
+
+
+async def test_a_merging_service_too_slow_for_its_timeout_is_stood_in_for_while_budget_lasts(
+    suite: Suite, tmp_path: Path
+) -> None:
+    """A merging service that is up but does not answer within the blend's timeout (a starved
+    process): the gateway blends in process if the request's budget has time left, and the
+    answer says so; without time left, the request fails DEADLINE_EXCEEDED naming the node."""
+    from edgeflow.gateway.engine import Clients, Engine, NodeFailed
+    from edgeflow.merging.service import MergingService
+    from edgeflow.v1 import merging_pb2_grpc
+    from edgeflow.workflow.validate import load_workflow
+
+    class Stalled(merging_pb2_grpc.MergingServiceServicer):
+        async def Merge(self, request: Any, context: Any) -> Any:
+            await asyncio.sleep(30)
+
+    server, port = await _serve(merging_pb2_grpc.add_MergingServiceServicer_to_server, Stalled())
+    member = members_with_degree(suite.graph, 8)[6]
+    local = MergingService(suite.cfg, graph=False)
+    await local.start()
+    chans = [channel(a) for a in (suite.cfg.candidates_addr, suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, f"127.0.0.1:{port}")]  # fmt: skip
+    engine = Engine(Clients.over(*chans), local_merging=local)
+    try:
+        doc = yaml.safe_load((suite.cfg.workflows_dir / "pymk.yaml").read_text())
+        [blend] = [n for n in doc["spec"]["nodes"] if n["name"] == "blend"]
+
+        def with_blend_timeout(ms: int) -> Any:
+            blend["timeoutMs"] = ms
+            (tmp_path / "pymk.yaml").write_text(yaml.safe_dump(doc))
+            return load_workflow(tmp_path / "pymk.yaml")
+
+        outcome = await engine.run(with_blend_timeout(40), member, 10, 5.0)
+        assert len(outcome.frame.edges) == 10 and outcome.partial
+        assert any(d.startswith("blend: merging DEADLINE_EXCEEDED")
+                   and d.endswith("(fallback: local)") for d in outcome.degraded), outcome.degraded
+        # The blend may wait out the whole budget: nothing is left to run it here.
+        with pytest.raises(NodeFailed) as err:
+            await engine.run(with_blend_timeout(60_000), member, 10, 0.5)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "blend" in str(err.value)
+    finally:
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+        await local.stop()
+        await server.stop(None)
 
 
 # ---- bad input gets a clear error and costs nothing ----------------------------------------

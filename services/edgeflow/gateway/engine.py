@@ -123,6 +123,11 @@ class Outcome:
 
 
 _SOURCE_MODE = {"precomputed": "offline"}
+# A merging call, or a precomputed source's, that fails with these runs in the gateway
+# instead (Engine._merging, Engine._generate_here), when at least _HERE_MIN_S of the
+# request's budget is left for a timed-out one.
+_RUN_HERE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_HERE_MIN_S = 0.005
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -246,31 +251,63 @@ class Engine:
         await self._remote.close()
 
     async def _merging(
-        self, call: Awaitable[T], here: Callable[[MergingService], Coroutine[Any, Any, T]]
+        self,
+        call: Awaitable[T],
+        here: Callable[[MergingService], Coroutine[Any, Any, T]],
+        deadline: float,
+        timeout: float,
     ) -> tuple[T, str]:
-        """The merging service's answer to `call`; if it is down (UNAVAILABLE), `here` run
-        on the in-process merging, with why. Any other failure is the node's."""
+        """The merging service's answer to `call`. If it is down (UNAVAILABLE), or missed the
+        node's `timeout` (DEADLINE_EXCEEDED: a starved or overloaded process) while the
+        request's budget, which ends at `deadline` (perf_counter), has time left, `here` runs
+        on the in-process merging: the same code on the same Redis, so the same answer, with
+        why; a timed-out call gets one more `timeout` at most. Any other failure is the
+        node's."""
         try:
             return await call, ""
         except grpc.aio.AioRpcError as exc:
-            if self._local_merging is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            code = exc.code()
+            if self._local_merging is None or code not in _RUN_HERE_ON:
                 raise
-            return await answer_here(here(self._local_merging)), _ran_here("merging", exc)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                return await answer_here(here(self._local_merging)), _ran_here("merging", exc)
+            left = min(deadline - time.perf_counter(), timeout)
+            if left < _HERE_MIN_S:
+                raise
+            try:
+                async with asyncio.timeout(left):
+                    out = await answer_here(here(self._local_merging))
+            except TimeoutError:
+                raise exc from None
+            return out, _ran_here("merging", exc)
 
     async def _generate_here(
-        self, cn: CompiledNode, member: int, exc: grpc.aio.AioRpcError
+        self,
+        cn: CompiledNode,
+        member: int,
+        exc: grpc.aio.AioRpcError | NodeError,
+        deadline: float,
     ) -> Frame:
-        """A candidate node whose service is down, from the gateway's own list reader (a
-        precomputed source); any other source, or any other failure, is the node's."""
+        """A candidate node whose service is down, or missed the node's timeout with time
+        left in the request's budget (as in `_merging`: one more timeout at most), from the
+        gateway's own list reader (a precomputed source); any other source, or any other
+        failure, is the node's."""
         local = self._local_candidates
         req = self._generate_template(cn)
-        if (local is None or exc.code() != grpc.StatusCode.UNAVAILABLE
-                or req.source not in local.sources):  # fmt: skip
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+        left = min(deadline - time.perf_counter(), cn.node.timeout_ms / 1000.0)
+        if (local is None or code not in _RUN_HERE_ON or req.source not in local.sources
+                or (code is grpc.StatusCode.DEADLINE_EXCEEDED and left < _HERE_MIN_S)):  # fmt: skip
             raise exc
         one = candidates_pb2.GenerateRequest()
         one.CopyFrom(req)
         one.member = member
-        frame = _candidates(cn, await answer_here(local.generate(one)))
+        try:
+            async with asyncio.timeout(max(left, _HERE_MIN_S)):
+                answer = await answer_here(local.generate(one))
+        except TimeoutError:
+            raise exc from None
+        frame = _candidates(cn, answer)
         frame.ran_here = _ran_here("candidates", exc)
         return frame
 
@@ -439,12 +476,12 @@ class Engine:
                     if resp is not None:
                         return _candidates(cn, resp)
                 return await self._generate(cn, member, timeout)
-            except grpc.aio.AioRpcError as exc:
-                return await self._generate_here(cn, member, exc)
+            except (grpc.aio.AioRpcError, NodeError) as exc:
+                return await self._generate_here(cn, member, exc, run.deadline)
         if op.startswith("filter."):
-            return await self._filter(cn, inputs, member, timeout, dropped)
+            return await self._filter(cn, inputs, member, timeout, dropped, run.deadline)
         if op == "merge.blend":
-            return await self._blend(cn, inputs, member, k, timeout, dropped)
+            return await self._blend(cn, inputs, member, k, timeout, dropped, run.deadline)
         return await self._ops[op](cn, inputs, member, k, timeout)
 
     # ---- ops -----------------------------------------------------------------------------
@@ -563,6 +600,7 @@ class Engine:
         member: int,
         timeout: float,
         dropped: list[tensor_pb2.DroppedItem] | None,
+        deadline: float,
     ) -> Frame:
         frame = inputs[0]
         if not frame.ids.size:
@@ -574,6 +612,8 @@ class Engine:
         resp, ran_here = await self._merging(
             self._c.merging.Filter(req, timeout=timeout, metadata=tracing.outgoing_metadata()),
             lambda local: local.filter(req, timeout),
+            deadline,
+            timeout,
         )
         out = frame.take(np.asarray(resp.keep, dtype=np.int64))
         out.ran_here = ran_here
@@ -590,6 +630,7 @@ class Engine:
         k: int,
         timeout: float,
         dropped: list[tensor_pb2.DroppedItem] | None,
+        deadline: float,
     ) -> Frame:
         assert isinstance(cn.params, BlendParams)
         rule = diversity.Rule.of(cn.params.diversity) if cn.params.diversity else None
@@ -609,6 +650,8 @@ class Engine:
         resp, ran_here = await self._merging(
             self._c.merging.Merge(req, timeout=timeout, metadata=tracing.outgoing_metadata()),
             lambda local: local.merge(req, timeout),
+            deadline,
+            timeout,
         )
         # k at most, even from a merging service that predates diversity (and so returns
         # its whole pool in blended order).
@@ -622,9 +665,13 @@ class Engine:
         return out
 
 
-def _ran_here(service: str, exc: grpc.aio.AioRpcError) -> str:
-    details = " ".join((exc.details() or "").split())[:200]
-    return f"{service} {exc.code().name}: {details}; ran in the gateway"
+def _ran_here(service: str, exc: grpc.aio.AioRpcError | NodeError) -> str:
+    if isinstance(exc, NodeError):
+        code, details = exc.code, str(exc)
+    else:
+        code, details = exc.code(), exc.details() or ""
+    details = " ".join(details.split())[:200]
+    return f"{service} {code.name}: {details}; ran in the gateway"
 
 
 async def answer_here(work: Coroutine[Any, Any, T]) -> T:
