@@ -272,7 +272,8 @@ def test_train_publishes_embeddings_features_and_model(
     stored = vectors.storable(expected)  # members with an embedding (not the isolated ones)
     assert 0 < stored < graph.n
     assert f"Qdrant upsert: {stored:,} points into collection" in out.getvalue()
-    assert "100/100 trees" in out.getvalue()
+    trees = rk.GBM_PARAMS["max_iter"]
+    assert f"{trees}/{trees} trees" in out.getvalue()
     assert "\x1b[" not in out.getvalue() and "━" not in out.getvalue()
 
     assert (report.members, report.edges) == (graph.n, graph.edge_count)

@@ -35,11 +35,15 @@ INPUT_NAME = "features"
 OUTPUT_NAME = "probabilities"
 OUTPUT_INDEX = 1  # column of the positive class
 PROBA_TOLERANCE = 1e-4
+# Shallow trees with large leaves. Deeper ones (15 leaves, 20 rows a leaf) fitted noise: in
+# eval they ranked hidden edges below Adamic-Adar alone on a generated social graph (-3.1%;
+# these -1.0%), and gained less on the collaboration and communication ones; no worse on
+# Facebook. 150 of them cost what 100 deeper ones did to score (about 1 ms for 700 rows).
 GBM_PARAMS: dict[str, Any] = {
-    "max_iter": 100,
+    "max_iter": 150,
     "learning_rate": 0.1,
-    "max_leaf_nodes": 15,
-    "min_samples_leaf": 20,
+    "max_leaf_nodes": 4,
+    "min_samples_leaf": 100,
     "early_stopping": False,
 }
 
