@@ -30,7 +30,7 @@ from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.resp import RawPipeline, RespError, RespReplyError, encode
 from edgeflow.resp_cluster import open_pipeline
-from edgeflow.server import Service, channel
+from edgeflow.server import Service, channel, connect
 from edgeflow.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -124,7 +124,8 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self.models = ModelWatch(chans[2], cfg.scoring_addr)
         # One quick look before serving, so that the first requests are already routed
         # around a broken variant; a scoring service that is not up yet is asked again later.
-        await self.models.refresh(timeout_s=1.0)
+        # Beside it, the backends' connections are opened now, not by the first request.
+        await asyncio.gather(self.models.refresh(timeout_s=1.0), connect(chans, 1.0))
         self.models.update(self.workflows)
         self._watch = asyncio.create_task(self._watch_workflows())
         self._rds = connect_async(cfg.redis_url)  # connects on first use
