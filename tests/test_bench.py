@@ -346,3 +346,24 @@ def test_the_command_line_takes_the_scale_options(tmp_path: Path) -> None:
     with pytest.raises(CliError, match="directory"):
         scale.run(args)
     assert scale.default_budget(1_000_000) > scale.default_budget(10_000) >= 900
+
+
+def test_cpu_seconds_reads_a_process_cpu_time_and_nan_once_it_is_gone() -> None:
+    import math
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from edgeflow.local.suite import cpu_seconds
+
+    me = psutil.Process(os.getpid())
+    before = cpu_seconds(os.getpid())
+    sum(i * i for i in range(2_000_000))  # some CPU
+    after, times = cpu_seconds(os.getpid()), me.cpu_times()
+    assert after > before
+    assert after == pytest.approx(times.user + times.system, abs=0.05)  # a clock tick or two
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert math.isnan(cpu_seconds(child.pid))

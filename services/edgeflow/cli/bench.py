@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import functools
 import json
+import math
 import os
 import platform
 import shutil
@@ -30,7 +31,7 @@ from edgeflow.features import schema
 from edgeflow.features.compute import model_matrix
 from edgeflow.features.service import MAX_ENTITIES
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree, read_edge_file
-from edgeflow.local.suite import SERVICES, peak_rss_mb
+from edgeflow.local.suite import SERVICES, cpu_seconds, peak_rss_mb
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,
@@ -223,10 +224,17 @@ async def bench(h: Harness, graph: Graph, requests: int) -> dict[str, Any]:
         )
 
     failed: Counter[str] = Counter()
+    cpu_before = {name: cpu_seconds(pid) for name, pid in h.suite.pids.items()}
     lat = await timed(recommend, requests, warmup=50, failures=failed)
+    # CPU of every process of the suite (Redis included) over those calls, warm-up too.
+    spent = {name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / (requests + 50)
+             for name, pid in h.suite.pids.items()}  # fmt: skip
     result["recommend_p50_ms"] = pct(lat, 50)
     result["recommend_p99_ms"] = pct(lat, 99)
     result["recommend_failed"] = dict(failed)
+    spent = {name: v for name, v in sorted(spent.items()) if math.isfinite(v)}  # still alive
+    result["cpu_ms_per_recommend"] = round(sum(spent.values()), 2)
+    result["cpu_ms_per_recommend_by_process"] = {name: round(v, 3) for name, v in spent.items()}
     partial, scored = 0, []
     for m in members[:100].tolist():
         try:
