@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -40,6 +40,8 @@ from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
 log = logging.getLogger("edgeflow.merging")
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 # Upper bound on the filters' Redis round trip, below any sensible request budget.
 REDIS_BUDGET_S = 1.0
@@ -108,6 +110,16 @@ class _Mutuals:
             if len(out[p][1]) < MUTUALS_SHOWN:
                 out[p][1].append(m)
         return out
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both results, awaited together; a failure is raised once both are done, so that
+    neither is left running with an exception nobody reads."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (one, two):
+        if isinstance(result, BaseException):
+            raise result
+    return one, two  # type: ignore[return-value]
 
 
 def to_list(i: int, msg: merging_pb2.ScoredList) -> ScoredList:
@@ -221,7 +233,7 @@ class MergingService(Service):
             width = min(width + max(_SLACK, width // 4), MAX_K)
             likely = blend.select(pool, width, quotas, pool.ids != request.member).index
         mutuals = _Mutuals.of(graph, request.member, pool.ids, likely, hide)
-        (keep, dropped), _ = await asyncio.gather(
+        (keep, dropped), _ = await _both(
             self.visible(request.member, pool.ids, sets, deadline_s, why),
             self._answer(answers, request.member, pool.ids, likely, hide, rule, mutuals,
                          deadline_s),
@@ -347,7 +359,7 @@ class MergingService(Service):
         answers.asked[index] = True
         also = mutuals.ids if mutuals is not None and hide_deactivated else _NONE
         todo = np.concatenate([ids[index], also]) if hide_deactivated else _NONE
-        gone, seen = await asyncio.gather(
+        gone, seen = await _both(
             self._deactivated(todo, deadline_s),
             self._impressions(member, ids[index], rule, answers.now, deadline_s),
         )
