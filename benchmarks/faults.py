@@ -34,7 +34,7 @@ import numpy as np
 from edgeflow import auth, keys
 from edgeflow.build.synthetic import social_graph, write_edge_list
 from edgeflow.local.redis_server import free_port
-from edgeflow.local.suite import SERVICES, Suite, _alive, _serving
+from edgeflow.local.suite import SERVICES, Suite, _alive, _serving, free_service_addrs
 from edgeflow.redis_client import connect
 from edgeflow.server import channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
@@ -133,9 +133,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="edgeflow-faults-") as tmp:
         home = Path(tmp) / "home"
-        addrs = {f"{s.upper()}_ADDR": f"127.0.0.1:{free_port()}" for s in SERVICES}
-        env = dict(os.environ, EDGEFLOW_HOME=str(home),
-                   REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", **addrs)  # fmt: skip
+        redis_url = f"redis://127.0.0.1:{free_port()}/0"
+        env = dict(os.environ, EDGEFLOW_HOME=str(home), REDIS_URL=redis_url, **free_service_addrs())
         edges = social_graph(args.members, seed=1)
         path = Path(tmp) / "edges.txt"
         write_edge_list(path, edges)

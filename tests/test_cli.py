@@ -18,6 +18,7 @@ import pytest
 
 from edgeflow.build.synthetic import social_graph, write_edge_list
 from edgeflow.local.redis_server import free_port
+from edgeflow.local.suite import free_service_addrs
 
 pytestmark = pytest.mark.e2e
 
@@ -38,9 +39,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     e.update(
         EDGEFLOW_HOME=str(home),
         REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-        **{f"{s}_ADDR": f"127.0.0.1:{free_port()}"
-           for s in ("GATEWAY", "CANDIDATES", "FEATURES", "SCORING", "MERGING", "NEARLINE")},
-    )  # fmt: skip
+        **free_service_addrs(),
+    )
     yield e
     edgeflow("down", env=e)
 
@@ -269,3 +269,15 @@ def test_up_refuses_ports_already_in_use(env: dict[str, str]) -> None:
     assert f"gateway port {port}" in run.stderr and "edgeflow down" in run.stderr
     status = edgeflow("status", env=e)
     assert status.stdout.startswith("nothing is running")  # nothing was left behind
+
+
+def test_free_service_addrs_leave_each_services_metrics_port_free_too() -> None:
+    from edgeflow.local.redis_server import port_bindable
+    from edgeflow.local.suite import SERVICES, metrics_port
+
+    addrs = free_service_addrs()
+    assert set(addrs) == {f"{s.upper()}_ADDR" for s in SERVICES}
+    ports = [int(a.rsplit(":", 1)[1]) for a in addrs.values()]
+    both = ports + [metrics_port(p) for p in ports]
+    assert len(set(both)) == len(both)  # no service's port is another's metrics port
+    assert all(port_bindable(p) for p in both)

@@ -17,7 +17,8 @@ from test_cli import edgeflow
 
 from edgeflow import keys, redis_client
 from edgeflow.build.synthetic import social_graph, write_edge_list
-from edgeflow.local.redis_server import free_cluster_ports, free_port, process_alive
+from edgeflow.local.redis_server import free_cluster_ports, process_alive
+from edgeflow.local.suite import free_service_addrs
 
 pytestmark = pytest.mark.e2e
 
@@ -29,9 +30,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     e.update(
         EDGEFLOW_HOME=str(tmp_path_factory.mktemp("home")),
         REDIS_URL=redis_client.cluster_url([("127.0.0.1", p) for p in ports]),
-        **{f"{s}_ADDR": f"127.0.0.1:{free_port()}"
-           for s in ("GATEWAY", "CANDIDATES", "FEATURES", "SCORING", "MERGING", "NEARLINE")},
-    )  # fmt: skip
+        **free_service_addrs(),
+    )
     yield e
     edgeflow("down", env=e)
 

@@ -301,6 +301,25 @@ def metrics_port(grpc_port: int) -> int:
     return above if above <= 65535 else grpc_port - METRICS_OFFSET
 
 
+def free_service_addrs() -> dict[str, str]:
+    """`<SERVICE>_ADDR` for each of SERVICES, on distinct free loopback ports whose metrics
+    ports are free too: a suite of its own beside others (tests, benchmarks), which picking
+    the gRPC ports alone sometimes collided with."""
+    taken: set[int] = set()
+    out: dict[str, str] = {}
+    for name in SERVICES:
+        for _ in range(200):
+            port = free_port()
+            metrics = metrics_port(port)
+            if not {port, metrics} & taken and port_bindable(metrics):
+                break
+        else:
+            raise RuntimeError(f"found no free pair of gRPC and metrics ports for {name}")
+        taken |= {port, metrics}
+        out[f"{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+    return out
+
+
 def ensure_redis(suite: Suite) -> None:
     """Start a Redis server for the suite unless one already answers on its port (for a
     cluster: start the nodes that do not answer, and make them one cluster)."""
