@@ -892,6 +892,10 @@ def test_dockerfiles_are_multi_stage_and_non_root(dockerfile: str) -> None:
                 assert (REPO_ROOT / src).exists(), f"{dockerfile}: {src}"
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".cache", "tests"} <= set(ignored)
+    # The image cannot write bytecode at run time, so it ships it, valid whatever the times.
+    text = " ".join(lines)
+    assert "compileall" in text and "--invalidation-mode unchecked-hash /opt/venv" in text
+    assert "*.pyc' -delete" not in text and "PYTHONDONTWRITEBYTECODE=1" in text
 
 
 # ---- kubectl against the emulator ------------------------------------------------------------
