@@ -37,5 +37,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$UV" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
   echo "$want" >"$stamp"
 fi
-# edgeflow's own modules likewise; only those changed since are compiled again.
-.venv/bin/python -m compileall -q services >/dev/null
+# edgeflow's own modules likewise; only those changed since are compiled again. A module
+# that does not compile is left to the import that names it (pytest, the CLI).
+.venv/bin/python -m compileall -q services >/dev/null || true
