@@ -13,7 +13,8 @@
 - **Readiness.** While the service is still loading (start_server, between binding its
   port and the end of `Service.start`), every call is answered UNAVAILABLE: callers retry,
   or fall back as they do for a service that is down, rather than getting answers from
-  half-loaded handlers (a restarted candidates service once called every source unknown).
+  half-loaded handlers (a candidates service still loading would call every source
+  unknown, which no caller falls back on).
 - **Concurrency.** A server runs at most `Limits.max_concurrent_rpcs` calls at once (grpc's
   own limiter answers the next ones RESOURCE_EXHAUSTED before reading them): its legitimate
   concurrency, or fewer if that many of its largest messages would not fit the memory the

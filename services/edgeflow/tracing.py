@@ -108,7 +108,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     own services (health, reflection) are not traced or counted, so probes do not count as
     traffic. With a `guard` (edgeflow.guard), the same wrapper refuses undecodable requests,
     over-long strings and large requests over the in-flight budget before the handler runs
-(and every call while the service is still loading),
+    (and every call while the service is still loading),
     and gRPC's own services get the guard's decoding check.
     """
 
