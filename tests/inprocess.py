@@ -1,10 +1,14 @@
-"""The suite's services in the test's own process, on real grpc.aio servers."""
+"""The suite's services in the test's own process, on real grpc.aio servers; and
+`small_eval`, `edgeflow eval` run as a user would on a small generated social graph."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import json
+import os
+import subprocess
 import sys
 import warnings
 from collections.abc import AsyncIterator
@@ -16,6 +20,7 @@ import numpy as np
 import yaml
 
 from edgeflow import tls
+from edgeflow.build.synthetic import social_graph
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import Config
 from edgeflow.features.service import FeaturesService
@@ -115,3 +120,19 @@ def relaxed_copy(source: Path, directory: Path) -> Path:
     target = directory / source.name
     target.write_text(yaml.safe_dump(doc))
     return target
+
+
+def small_eval(tmp_path: Path, *options: str) -> dict[str, Any]:
+    """`edgeflow eval --json` with `options` on a 500-member generated social graph (k 20,
+    seed 2, 120 members), in its own home under `tmp_path`: its report."""
+    edges = tmp_path / "social.txt"
+    np.savetxt(edges, social_graph(members=500, seed=5), fmt="%d")
+    run = subprocess.run(
+        [sys.executable, "-m", "edgeflow.cli.main", "eval", "--edges", str(edges),
+         "--k", "20", "--seed", "2", "--max-members", "120", *options, "--json"],
+        env=dict(os.environ, EDGEFLOW_HOME=str(tmp_path / "home")), capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report: dict[str, Any] = json.loads(run.stdout)
+    return report

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import yaml
-from inprocess import Suite, members_with_degree, running
+from inprocess import Suite, members_with_degree, running, small_eval
 from world import World, clone
 
 from edgeflow import keys
@@ -323,18 +323,8 @@ async def test_the_gateway_serves_k_from_the_pool_less_alike(diverse_suite: Suit
 # ---- eval ----------------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_eval_compares_lists_with_and_without_diversity(tmp_path: Path) -> None:
-    edges = tmp_path / "social.txt"
-    np.savetxt(edges, social_graph(members=500, seed=5), fmt="%d")
     params = {"lambda": 0.5, "window": 10, "pool": 40}
-    run = subprocess.run(
-        [sys.executable, "-m", "edgeflow.cli.main", "eval", "--edges", str(edges),
-         "--k", "20", "--seed", "2", "--max-members", "120", "--diversity", json.dumps(params),
-         "--json"],
-        env=dict(os.environ, EDGEFLOW_HOME=str(tmp_path / "home")), capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+    result = small_eval(tmp_path, "--diversity", json.dumps(params))
     report = result["diversity"]
     assert report["arm_params"] == params
     assert report["arm_failed_requests"] == 0 and result["failed_requests"] == 0
@@ -346,7 +336,7 @@ def test_eval_compares_lists_with_and_without_diversity(tmp_path: Path) -> None:
     assert report["recall_lost_at_k"] == round(1 - on["recall_at_k"] / off["recall_at_k"], 5)
     # A bad param is refused before anything starts, naming it.
     bad = subprocess.run(
-        [sys.executable, "-m", "edgeflow.cli.main", "eval", "--edges", str(edges),
+        [sys.executable, "-m", "edgeflow.cli.main", "eval", "--edges", str(tmp_path / "social.txt"),
          "--diversity", '{"lambda": 2}'],
         env=dict(os.environ, EDGEFLOW_HOME=str(tmp_path / "home")), capture_output=True,
         text=True, timeout=300,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inprocess import small_eval
 
-from edgeflow.build.synthetic import social_graph
 from edgeflow.cli.evaluate import recall_by_degree, still_shown
 from edgeflow.graph import Graph
 
@@ -65,16 +65,7 @@ def test_recall_by_degree_splits_members_by_training_degree() -> None:
 def test_eval_sessions_measure_impressions(tmp_path: Path) -> None:
     """Repeated sessions with no action: pymk's impressions (demote after 3 exposures,
     suppress after 6) change what session 4 and session 7 show, never session 1's recall."""
-    edges = tmp_path / "social.txt"
-    np.savetxt(edges, social_graph(members=500, seed=5), fmt="%d")
-    run = subprocess.run(
-        [sys.executable, "-m", "edgeflow.cli.main", "eval", "--edges", str(edges),
-         "--k", "20", "--seed", "2", "--max-members", "120", "--sessions", "7", "--json"],
-        env=dict(os.environ, EDGEFLOW_HOME=str(tmp_path / "home")), capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+    result = small_eval(tmp_path, "--sessions", "7")
     sessions = result["repeat_sessions"]
     assert sessions["failed_requests_by_session"] == [0] * 7, result["failed_examples"]
     assert sessions["sessions"] == 7
