@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgeflow import guard, tensor
+from edgeflow import server as server_module
 from edgeflow.features.schema import ENTITY_COLUMNS, MODEL_COLUMNS
 from edgeflow.guard import MB, Limits, limits_for
 from edgeflow.local.redis_server import free_port
@@ -194,6 +195,41 @@ async def test_calls_while_the_service_loads_are_unavailable_and_never_reach_it(
         service.loaded.set()
         starting.cancel()
         await ch.close()
+
+
+class _Warming(_Loading):
+    """Loaded at once; its warm-up calls its own handler, then fails or hangs as told."""
+
+    def __init__(self, then: str) -> None:
+        super().__init__()
+        self.loaded.set()
+        self.then = then
+
+    async def warm(self) -> None:
+        await self.servicer.Merge(merging_pb2.MergeRequest(), None)  # type: ignore[arg-type]
+        if self.then == "fails":
+            raise ConnectionError("Redis refused the connection")
+        await asyncio.sleep(3600)  # "hangs": start_server cuts it short
+
+
+@pytest.mark.parametrize("then", ["fails", "hangs"])
+async def test_a_warm_up_runs_before_serving_and_its_failure_or_stall_only_costs_time(
+    then: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(server_module, "WARM_S", 0.2)
+    service = _Warming(then)
+    with caplog.at_level(logging.INFO, logger="edgeflow"):
+        server, port, _ = await start_server(service, "127.0.0.1:0")
+    ch = channel(f"127.0.0.1:{port}")
+    try:
+        assert service.servicer.entered == 1  # the warm-up's own call, before any caller's
+        await merging_pb2_grpc.MergingServiceStub(ch).Merge(merging_pb2.MergeRequest(), timeout=5)
+        assert service.servicer.entered == 2
+        expected = "Redis refused the connection" if then == "fails" else "warm-up cut short"
+        assert any(expected in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        await ch.close()
+        await server.stop(None)
 
 
 def _big(ids: int) -> merging_pb2.MergeRequest:

@@ -34,6 +34,8 @@ log = logging.getLogger("edgeflow")
 T = TypeVar("T")
 
 GRACE_S = 5.0
+# Longer, and a warm-up is cut short: the service serves cold rather than later.
+WARM_S = 2.0
 
 
 class RequestError(Exception):
@@ -79,8 +81,24 @@ class Service(ABC):
     async def start(self) -> None:
         """Load models, stores and indexes; the service reports SERVING only after this."""
 
+    async def warm(self) -> None:
+        """After `start`, run representative requests through the service's own code, so
+        that its first callers do not pay for what a first request opens (connection pools,
+        a Redis Cluster's slot map, first-use code paths: several times a warm request's
+        time). Best-effort: start_server bounds it and serves cold if it fails."""
+
     async def stop(self) -> None:
         """Release resources after the server has drained."""
+
+
+async def _warm(service: Service) -> None:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(WARM_S):
+            await service.warm()
+    except Exception as exc:  # a service that cannot warm up still serves, cold
+        log.info("%s: warm-up cut short after %.2fs: %s", service.name,
+                 time.perf_counter() - started, exc)  # fmt: skip
 
 
 class JsonFormatter(logging.Formatter):
@@ -144,6 +162,7 @@ async def start_server(
     await server.start()
     started = time.perf_counter()
     await service.start()
+    await _warm(service)
     guard.ready = True
     for name in ("", *service.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -8,6 +8,7 @@ training sealed (vectors.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -83,6 +84,17 @@ class CandidatesService(Service):
             PopularSource(self._store, self._emb),
         ]
         self._sources = {s.name: s for s in sources}
+
+    async def warm(self) -> None:
+        assert self._store is not None
+        member, _ = self._store.sample()
+        for name in self._sources:
+            params = {"list": "warm-up"} if name == "precomputed" else {}  # absent: read, empty
+            request = candidates_pb2.GenerateRequest(
+                member=member, source=name, limit=100, params=params
+            )
+            with contextlib.suppress(RequestError):  # e.g. no embeddings yet
+                await self.generate(request)
 
     async def _follow_embeddings(self) -> None:
         assert self._rds is not None

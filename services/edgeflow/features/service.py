@@ -9,6 +9,7 @@ only, because importing it takes seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -102,6 +103,12 @@ class FeaturesService(Service):
         except (redis.RedisError, OSError) as exc:
             log.warning("not loaded yet, Redis at %s: %s", self.cfg.redis_url, exc)
         self._store.start_watching()
+
+    async def warm(self) -> None:
+        member, ids = self._graph_store().sample()
+        request = features_pb2.GetFeaturesRequest(member=member, entities=ids.tolist())
+        with contextlib.suppress(RequestError):  # e.g. nothing materialised yet
+            await self.get_features(request)
 
     async def stop(self) -> None:
         if self._store is not None:

@@ -144,6 +144,16 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._shadow_log.start()
         self._shadows = ShadowRunner(self._engine, self._shadow_log)
 
+    async def warm(self) -> None:
+        # Every surface once, through the engine alone: no exposure is counted or logged.
+        assert self._engine is not None
+        for wf in list(self.workflows.values()):
+            budget = wf.spec.budget_ms / 1000.0
+            with contextlib.suppress(MemberNotFound, NodeFailed):
+                await asyncio.gather(
+                    self._deactivated(0, budget), self._engine.run(wf, 0, 10, budget)
+                )
+
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()

@@ -185,6 +185,20 @@ class MergingService(Service):
         # In the background: Merge serves at once, with social proof once the graph is mapped.
         self._loading = asyncio.create_task(self._load_graph(self._store))
 
+    async def warm(self) -> None:
+        member, ids = self._store.sample() if self._store is not None else (0, np.arange(1, 65))
+        request = merging_pb2.MergeRequest(
+            member=member, k=10, filters=filters.KNOWN,
+            impressions=merging_pb2.Impressions(
+                demote_after=3, suppress_after=6, for_seconds=impressions.DAY_S,
+                demote_factor=0.5,
+            ),
+        )  # fmt: skip
+        scores = np.linspace(1.0, 0.0, ids.size, dtype=np.float32)[:, None]
+        request.lists.add(name="warm-up", ids=ids.tolist(), weight=1.0, model_column=-1,
+                          scores=tensor.pack(scores, ("score",)))  # fmt: skip
+        await self.merge(request, None)
+
     @staticmethod
     async def _load_graph(store: GraphStore) -> None:
         try:
