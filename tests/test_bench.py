@@ -288,10 +288,12 @@ def test_scale_report_has_ratios_targets_and_failed_sizes(tmp_path: Path) -> Non
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 500
 
 
-def test_a_size_over_its_budget_is_reported_and_cleans_up(tmp_path: Path) -> None:
-    rec = run_size(2000, seed=0, budget_s=1.0, work=tmp_path, log=False)
+@pytest.mark.parametrize("cluster", [0, 3])
+def test_a_size_over_its_budget_is_reported_and_cleans_up(tmp_path: Path, cluster: int) -> None:
+    rec = run_size(2000, seed=0, budget_s=1.0, work=tmp_path, log=False, redis_cluster=cluster)
     assert rec["status"] == "over_budget", rec
     assert "budget" in rec["error"] and rec["members"] == 2000
+    assert rec["redis_cluster"] == cluster  # the size's own process was told
     assert rec["phase"] is not None  # where it was when the budget ran out
     assert not list((tmp_path / "homes-2000").glob("*/run/suite.json"))  # its suite is gone
     assert "stopped_leftovers" not in rec  # the child cleaned up by itself

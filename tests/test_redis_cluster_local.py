@@ -8,11 +8,13 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import redis
 
 from edgeflow import redis_client
-from edgeflow.cli import CliError
+from edgeflow.cli import CliError, scale
 from edgeflow.local import redis_server, supervisor
 from edgeflow.local import suite as local
 from edgeflow.local.redis_server import (
@@ -213,11 +215,36 @@ def test_suite_on_a_cluster_starts_restarts_a_node_shows_and_stops_every_node(
         for name, port in zip(suite.redis_names, ports, strict=True):
             line = next(line for line in out if line.split()[0] == name)
             assert "running" in line and f"port {port}" in line and "cluster:ok" in line
+
+        # `bench --scale`'s memory figures count every master, not the one INFO reached.
+        client = redis_client.connect(suite.redis_url)
+        try:
+            client.set("{big}", b"x" * (4 << 20))
+        finally:
+            client.close()
+        mem = scale.memory(
+            SimpleNamespace(suite=suite, cfg=SimpleNamespace(redis_url=suite.redis_url))
+        )
+        used = [_info_memory(p) for p in ports]
+        assert sorted(mem["redis_nodes_rss_mb"]) == suite.redis_names
+        assert mem["rss_mb"]["redis"] == pytest.approx(
+            sum(mem["redis_nodes_rss_mb"].values()), abs=0.2
+        )
+        assert mem["redis_used_memory_mb"] == pytest.approx(sum(used) / 2**20, abs=0.5)
+        assert mem["redis_used_memory_mb"] > max(used) / 2**20 + 0.5  # more than one node's
     finally:
         stopped = local.stop_suite(suite)
     assert stopped == ["redis", "redis-1", "redis-2"]
     assert not any(local.redis_answers(p) for p in ports)
     assert not suite.state_file.exists()
+
+
+def _info_memory(port: int) -> int:
+    node = redis.Redis(port=port)
+    try:
+        return int(node.info("memory")["used_memory"])
+    finally:
+        node.close()
 
 
 def test_old_state_files_load_as_one_server(tmp_path: Path) -> None:
@@ -296,8 +323,8 @@ def test_cli_takes_redis_cluster_of_three_or_more(
     assert "--redis-cluster: a Redis Cluster needs at least 3 masters" in err and "got 2" in err
 
 
-def test_bench_scale_refuses_a_cluster(capsys: pytest.CaptureFixture[str]) -> None:
-    from edgeflow.cli.main import main
+def test_bench_scale_takes_a_cluster() -> None:
+    from edgeflow.cli.main import build_parser
 
-    assert main(["bench", "--scale", "--redis-cluster", "3"]) == 2
-    assert "--redis-cluster does not go with --scale" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "--scale", "--redis-cluster", "3"])
+    assert args.scale and args.redis_cluster == 3

@@ -579,9 +579,6 @@ async def nearline_freshness(
 def run(args: argparse.Namespace) -> int:
     cluster = getattr(args, "redis_cluster", 0) or 0
     if getattr(args, "scale", False):
-        if cluster:
-            raise CliError("--redis-cluster does not go with --scale yet: each size runs on "
-                           "one Redis server")  # fmt: skip
         from edgeflow.cli import scale
 
         return scale.run(args)

@@ -141,11 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=10, help="top items to show with their features")
     s.add_argument("--k", type=int, help="edges to ask for (default: --top)")
     s.add_argument("--gateway", help="gateway address (default: GATEWAY_ADDR)")
-    s.add_argument("--out", type=Path,
-                   help="SVG path, replaced if it exists (default: explain-SURFACE-MEMBER.svg "
-                        "in the current directory, which replaces only an earlier picture)")
-    s.add_argument("--force", action="store_true",
-                   help="replace whatever file is at the default SVG path")
+    s.add_argument(
+        "--out",
+        type=Path,
+        help="SVG path, replaced if it exists (default: explain-SURFACE-MEMBER.svg "
+        "in the current directory, which replaces only an earlier picture)",
+    )
+    s.add_argument(
+        "--force", action="store_true", help="replace whatever file is at the default SVG path"
+    )
     s.set_defaults(func=_command("explain"))  # fmt: skip
 
     s = sub.add_parser("validate", help="check workflow files")
@@ -240,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --scale: seconds one size may take before it is stopped and "
         "reported as over budget (default: 900 + 15 per thousand members)",
     )
-    _add_redis_cluster(s, " (not with --scale)")
+    _add_redis_cluster(
+        s,
+        "; with --scale, every size on its own cluster, and the results "
+        "named scale-cluster<N>.json and .png",
+    )
     s.set_defaults(func=_command("bench"))
     return p
 

@@ -219,13 +219,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def run_one(
-    members: int, seed: int, result: Path, home_root: Path, budget_s: float, log: bool
+    members: int,
+    seed: int,
+    result: Path,
+    home_root: Path,
+    budget_s: float,
+    log: bool,
+    redis_cluster: int = 0,
 ) -> int:
-    """Everything for one size, in this process; the record goes to `result`."""
+    """Everything for one size, in this process, on one Redis server or on a Redis Cluster
+    of `redis_cluster` masters; the record goes to `result`."""
     from edgeflow.build.synthetic import social_graph
     from edgeflow.cli.harness import running_suite
 
     rec = Record(result, members, seed, budget_s)
+    rec.update({"redis_cluster": redis_cluster})
 
     def over(signum: int, frame: FrameType | None) -> None:
         raise OverBudget(f"over the time budget of {budget_s:.0f}s")
@@ -256,8 +264,9 @@ def run_one(
             rec.save()
             try:
                 with running_suite(
-                    None, seed=seed, log=log, edges=path, stages=stages, home_root=home_root
-                ) as h:
+                    None, seed=seed, log=log, edges=path, stages=stages, home_root=home_root,
+                    redis_cluster=redis_cluster,
+                ) as h:  # fmt: skip
                     _setup_times(rec, h.seconds, h.train_report, stages)
                     rec.save()
                     assert h.graph is not None
@@ -513,29 +522,53 @@ def memory(h: Any) -> dict[str, Any]:
     """RSS now and at its peak of every process of the suite, and Redis's own accounting."""
     import psutil
 
+    from edgeflow.local.suite import is_redis_name
     from edgeflow.redis_client import connect
 
-    rss, peak = {}, {}
+    rss: dict[str, float] = {}
+    peak: dict[str, float | None] = {}
+    nodes: dict[str, float] = {}
     for name, pid in sorted(h.suite.pids.items()):
         try:
             p = psutil.Process(pid)
-            rss[name] = round(p.memory_info().rss / 2**20, 1)
+            mb = round(p.memory_info().rss / 2**20, 1)
         except psutil.Error:
             continue
-        peak[name] = _peak_rss_mb(pid)
+        if is_redis_name(name):  # a cluster's masters, summed as one "redis"
+            nodes[name] = mb
+            rss["redis"] = round(rss.get("redis", 0.0) + mb, 1)
+            peak["redis"] = round((peak.get("redis") or 0.0) + (_peak_rss_mb(pid) or 0.0), 1)
+        else:
+            rss[name], peak[name] = mb, _peak_rss_mb(pid)
     client = connect(h.cfg.redis_url)
     try:
-        info: dict[str, Any] = client.info("memory")  # type: ignore[assignment]
+        used, used_peak = _redis_memory(client)
     finally:
         client.close()
     return {
         "rss_mb": rss,
         "peak_rss_mb": peak,
         "rss_mb_total": round(sum(rss.values()), 1),
-        "redis_used_memory_mb": round(int(info["used_memory"]) / 2**20, 1),
-        "redis_used_memory_peak_mb": round(int(info["used_memory_peak"]) / 2**20, 1),
+        **({"redis_nodes_rss_mb": nodes} if len(nodes) > 1 else {}),
+        "redis_used_memory_mb": round(used / 2**20, 1),
+        "redis_used_memory_peak_mb": round(used_peak / 2**20, 1),
         "bench_process_peak_rss_mb": _peak_rss_mb(os.getpid()),
     }
+
+
+def _redis_memory(client: Any) -> tuple[int, int]:
+    """used_memory and used_memory_peak in bytes, summed over a cluster's masters (a cluster
+    client's plain INFO answers from one node only)."""
+    from redis.cluster import RedisCluster
+
+    from edgeflow.redis_client import is_cluster_client
+
+    if not is_cluster_client(client):
+        info = client.info("memory")
+        return int(info["used_memory"]), int(info["used_memory_peak"])
+    per_node = client.info("memory", target_nodes=RedisCluster.PRIMARIES).values()
+    return (sum(int(i["used_memory"]) for i in per_node),
+            sum(int(i["used_memory_peak"]) for i in per_node))  # fmt: skip
 
 
 def _peak_rss_mb(pid: int) -> float | None:
@@ -553,16 +586,33 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 # ---- the run (the parent) ----------------------------------------------------------------------
-def run_size(members: int, seed: int, budget_s: float, work: Path, log: bool) -> dict[str, Any]:
+def run_size(
+    members: int, seed: int, budget_s: float, work: Path, log: bool, redis_cluster: int = 0
+) -> dict[str, Any]:
     """One size in a child process, bounded by `budget_s` (plus time to clean up)."""
     from edgeflow.cli.harness import stop_leftovers
 
     result = work / f"size-{members}.json"
     home_root = work / f"homes-{members}"
     home_root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "edgeflow.cli.scale", "--members", str(members),
-           "--seed", str(seed), "--result", str(result), "--home-root", str(home_root),
-           "--budget", str(budget_s)] + ([] if log else ["--quiet"])  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeflow.cli.scale",
+        "--members",
+        str(members),
+        "--seed",
+        str(seed),
+        "--result",
+        str(result),
+        "--home-root",
+        str(home_root),
+        "--budget",
+        str(budget_s),
+        "--redis-cluster",
+        str(redis_cluster),
+    ]
+    cmd += [] if log else ["--quiet"]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr)
     killed = ""
@@ -590,6 +640,7 @@ def run_size(members: int, seed: int, budget_s: float, work: Path, log: bool) ->
             "seed": seed,
             "status": "failed",
             "budget_s": budget_s,
+            "redis_cluster": redis_cluster,
             "error": f"the size's process exited ({proc.returncode}) without a result",
         }
     if killed:
@@ -613,6 +664,7 @@ def run(args: argparse.Namespace) -> int:
             f"--out with --scale names a directory (for scale.json, scale.png): {out_dir}"
         )
     log = not args.json
+    cluster = getattr(args, "redis_cluster", 0) or 0
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results = []
@@ -621,21 +673,23 @@ def run(args: argparse.Namespace) -> int:
             budget = args.size_budget or default_budget(members)
             if log:
                 print(f"== {members:,} members (budget {budget:.0f}s)", file=sys.stderr, flush=True)
-            record = run_size(members, args.seed, budget, Path(tmp), log)
+            record = run_size(members, args.seed, budget, Path(tmp), log, cluster)
             results.append(record)
             if log:
                 print(f"== {members:,} members: {record['status']} in {record['wall_s']}s"
                       + (f": {record['error']}" if record.get("error") else ""),
                       file=sys.stderr, flush=True)  # fmt: skip
     report = assemble(results, args.seed, started, time.perf_counter() - t0)
+    report["redis_cluster"] = cluster
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scale.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
-    report["plot"] = plot(report, out_dir / "scale.png")
+    stem = f"scale-cluster{cluster}" if cluster else "scale"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    report["plot"] = plot(report, out_dir / f"{stem}.png")
     if args.json:
         print(json.dumps(report, default=_jsonable))
     else:
         print(markdown_table(report))
-        wrote = [str(out_dir / "scale.json"), *([report["plot"]] if report["plot"] else [])]
+        wrote = [str(out_dir / f"{stem}.json"), *([report["plot"]] if report["plot"] else [])]
         print(f"\nwrote {' and '.join(wrote)}")
     return 0 if all(r.get("status") == "ok" for r in results) else 1
 
@@ -855,9 +909,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", type=Path, required=True)
     p.add_argument("--home-root", type=Path, required=True)
     p.add_argument("--budget", type=float, required=True)
+    p.add_argument("--redis-cluster", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    return run_one(a.members, a.seed, a.result, a.home_root, a.budget, not a.quiet)
+    return run_one(a.members, a.seed, a.result, a.home_root, a.budget, not a.quiet, a.redis_cluster)
 
 
 if __name__ == "__main__":
