@@ -26,6 +26,7 @@ from edgeflow.candidates import sources
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.candidates.sources import GraphSource
 from edgeflow.config import REPO_ROOT, Config
+from edgeflow.errors import RequestError
 from edgeflow.features.service import FeaturesService
 from edgeflow.gateway.engine import Clients, Engine
 from edgeflow.graph import (
@@ -331,18 +332,11 @@ async def test_late_feature_requests_read_nothing(
     assert reads == []
 
 
-class _Aborted(Exception):
-    pass
-
-
 class _LateContext:
     """A servicer context whose call's deadline has passed."""
 
     def time_remaining(self) -> float:
         return 0.0
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Aborted(code, details)
 
 
 async def test_late_score_requests_are_not_scored(
@@ -368,10 +362,10 @@ async def test_late_score_requests_are_not_scored(
     loaded = registry.get("ranker")
     monkeypatch.setattr(type(loaded), "score", lambda self, *a: scored.append(a))
     request = scoring_pb2.ScoreRequest(model="ranker", features=tensor.pack(x[:5], FEATURES))
-    with pytest.raises(_Aborted) as info:
+    with pytest.raises(RequestError) as info:
         await _Servicer(registry).Score(request, _LateContext())  # type: ignore[arg-type]
-    code, details = info.value.args
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "score: not started" in details
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "score: not started" in info.value.message
     assert scored == []
 
 

@@ -19,7 +19,7 @@ from inprocess import Suite, members_with_degree
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from edgeflow import keys, lists
+from edgeflow import keys, lists, tracing
 from edgeflow.redis_client import connect
 from edgeflow.server import channel, start_server
 from edgeflow.v1 import gateway_pb2
@@ -258,7 +258,6 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
     """A candidates service without GenerateMany (mid-upgrade) still serves every source."""
     from edgeflow.candidates.service import CandidatesService
     from edgeflow.gateway.engine import Clients, Engine
-    from edgeflow.server import answer
     from edgeflow.v1 import (
         candidates_pb2,
         candidates_pb2_grpc,
@@ -272,9 +271,10 @@ async def test_engine_falls_back_to_generate_on_an_older_candidates_service(
         async def Generate(
             self, request: candidates_pb2.GenerateRequest, context: grpc.aio.ServicerContext
         ) -> candidates_pb2.GenerateResponse:
-            return await answer(context, current.generate(request))
+            return await current.generate(request)
 
-    server = grpc.aio.server()
+    # The server shell's handler wrapper: it turns a RequestError into the call's status.
+    server = grpc.aio.server(interceptors=[tracing.ServerTracing("candidates")])
     candidates_pb2_grpc.add_CandidateServiceServicer_to_server(OnlyGenerate(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

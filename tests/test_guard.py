@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from edgeflow import guard, tensor
+from edgeflow import cpu, guard, metrics, tensor
 from edgeflow import server as server_module
+from edgeflow.errors import RequestError
 from edgeflow.features.schema import ENTITY_COLUMNS, MODEL_COLUMNS
 from edgeflow.guard import MB, Limits, limits_for
 from edgeflow.local.redis_server import free_port
@@ -227,6 +228,47 @@ async def test_a_warm_up_runs_before_serving_and_its_failure_or_stall_only_costs
         assert service.servicer.entered == 2
         expected = "Redis refused the connection" if then == "fails" else "warm-up cut short"
         assert any(expected in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        await ch.close()
+        await server.stop(None)
+
+
+class _Failing(merging_pb2_grpc.MergingServiceServicer):
+    """Fails every call the way handlers do: by raising, never by context.abort."""
+
+    async def Merge(
+        self, request: merging_pb2.MergeRequest, context: grpc.aio.ServicerContext
+    ) -> merging_pb2.MergeResponse:
+        if request.k == 1:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, "member: 7 is unknown; " + "x" * 5000)
+        raise cpu.DeadlineExpired("merge", 0.002)
+
+
+class _FailingService(_WaitingService):
+    def register(self, server: grpc.aio.Server) -> None:
+        merging_pb2_grpc.add_MergingServiceServicer_to_server(_Failing(), server)
+
+
+async def test_a_handler_s_typed_failure_becomes_its_status_in_one_place() -> None:
+    server, port, _ = await start_server(_FailingService(limits_for("merging")), "127.0.0.1:0")
+    ch = channel(f"127.0.0.1:{port}")
+    stub = merging_pb2_grpc.MergingServiceStub(ch)
+    handled = metrics.grpc_handled("edgeflow.v1.MergingService", "Merge", "NOT_FOUND")
+    before = handled._value.get()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Merge(merging_pb2.MergeRequest(k=1), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        details = err.value.details() or ""
+        assert details.startswith("member: 7 is unknown; xxx") and "more characters" in details
+        assert len(details) <= guard.MAX_MESSAGE_CHARS  # clipped, not RESOURCE_EXHAUSTED
+        assert handled._value.get() == before + 1  # counted under the status it ended with
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Merge(merging_pb2.MergeRequest(k=2), timeout=5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.details() == (
+            "merge: not started: the request's deadline passed 2.0 ms before"
+        )
     finally:
         await ch.close()
         await server.stop(None)

@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from edgeflow import tensor
+from edgeflow import tensor, tracing
 from edgeflow.build.embeddings import member_embeddings
 from edgeflow.build.ranker import build_examples, inner_split
 from edgeflow.build.synthetic import social_graph
@@ -394,7 +394,8 @@ async def remote(
     scoring_service = servers["scoring"][0]
     assert isinstance(scoring_service, ScoringService)
     flaky = FlakyInference(scoring_service.registry)
-    flaky_server = grpc.aio.server()
+    # The server shell's handler wrapper: it turns a RequestError into the call's status.
+    flaky_server = grpc.aio.server(interceptors=[tracing.ServerTracing("flaky")])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(flaky, flaky_server)
     flaky_port = flaky_server.add_insecure_port("127.0.0.1:0")
     await flaky_server.start()

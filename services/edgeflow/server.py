@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edgeflow import cpu, metrics, tls, tracing
 from edgeflow.config import Config
-from edgeflow.guard import Guard, Limits, clip_message, limits_for
+from edgeflow.guard import Guard, Limits, limits_for
 from edgeflow.tls import TlsFiles, channel_credentials, server_credentials
 
 log = logging.getLogger("edgeflow")
@@ -36,28 +36,6 @@ T = TypeVar("T")
 GRACE_S = 5.0
 # Longer, and a warm-up is cut short: the service serves cold rather than later.
 WARM_S = 2.0
-
-
-class RequestError(Exception):
-    """A request that fails with a gRPC status code and a message naming what and where."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-async def answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-    """Await a handler's work; a RequestError becomes the call's status and message, and
-    work refused because the call's deadline had passed becomes DEADLINE_EXCEEDED."""
-    try:
-        return await work
-    except RequestError as exc:
-        await context.abort(exc.code, clip_message(exc.message))
-        raise  # abort raises; this keeps type checkers aware
-    except cpu.DeadlineExpired as exc:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc.what}: {exc}")
-        raise
 
 
 class Service(ABC):

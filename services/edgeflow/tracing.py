@@ -21,8 +21,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from edgeflow import metrics
-from edgeflow.guard import Guard, Undecodable
+from edgeflow import cpu, metrics
+from edgeflow.errors import RequestError
+from edgeflow.guard import Guard, Undecodable, clip_message
 
 _configured = False
 
@@ -109,7 +110,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     traffic. With a `guard` (edgeflow.guard), the same wrapper refuses undecodable requests,
     over-long strings and large requests over the in-flight budget before the handler runs
     (and every call while the service is still loading),
-    and gRPC's own services get the guard's decoding check.
+    and gRPC's own services get the guard's decoding check. A handler fails its call by
+    raising edgeflow.errors.RequestError; this wrapper makes it the call's status.
     """
 
     def __init__(self, service: str, guard: Guard | None = None) -> None:
@@ -150,26 +152,34 @@ class ServerTracing(grpc.aio.ServerInterceptor):
             start = perf_counter()
             admitted = 0
             try:
-                if guard is not None:
-                    if not guard.ready:
-                        await ctx.abort(grpc.StatusCode.UNAVAILABLE, guard.not_ready)
-                    if request.__class__ is Undecodable:
-                        await guard.refuse_undecodable(ctx, method, request)
-                    admitted = guard.admit()
-                    if admitted < 0:
-                        await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, guard.shed_message())
-                    if check is not None and (problem := check(request)) is not None:
-                        await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-                if _configured:
-                    metadata = tuple(ctx.invocation_metadata() or ())
-                    token = context.attach(propagate.extract(metadata, getter=_Getter()))  # type: ignore[arg-type]
-                    try:
-                        with tr.start_as_current_span(span_name, kind=trace.SpanKind.SERVER):
-                            response = await inner(request, ctx)
-                    finally:
-                        context.detach(token)
-                else:
-                    response = await inner(request, ctx)
+                try:
+                    if guard is not None:
+                        if not guard.ready:
+                            await ctx.abort(grpc.StatusCode.UNAVAILABLE, guard.not_ready)
+                        if request.__class__ is Undecodable:
+                            await guard.refuse_undecodable(ctx, method, request)
+                        admitted = guard.admit()
+                        if admitted < 0:
+                            await ctx.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED, guard.shed_message()
+                            )
+                        if check is not None and (problem := check(request)) is not None:
+                            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    if _configured:
+                        metadata = tuple(ctx.invocation_metadata() or ())
+                        token = context.attach(propagate.extract(metadata, getter=_Getter()))  # type: ignore[arg-type]
+                        try:
+                            with tr.start_as_current_span(span_name, kind=trace.SpanKind.SERVER):
+                                response = await inner(request, ctx)
+                        finally:
+                            context.detach(token)
+                    else:
+                        response = await inner(request, ctx)
+                # The one place a handler's typed failure becomes the call's status.
+                except RequestError as exc:
+                    await ctx.abort(exc.code, clip_message(exc.message))
+                except cpu.DeadlineExpired as exc:
+                    await ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{exc.what}: {exc}")
             except BaseException as exc:
                 seconds.observe(perf_counter() - start)
                 metrics.grpc_handled(grpc_service, rpc, _failed_code(exc, ctx)).inc()

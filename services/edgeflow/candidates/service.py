@@ -30,10 +30,11 @@ from edgeflow.candidates.sources import (
     SourceUnavailable,
 )
 from edgeflow.config import Config
+from edgeflow.errors import RequestError
 from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
 from edgeflow.lists import ListError
 from edgeflow.redis_client import AsyncClient, connect_async
-from edgeflow.server import RequestError, Service, answer
+from edgeflow.server import Service
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
 
 log = logging.getLogger("edgeflow.candidates")
@@ -253,12 +254,12 @@ class _Servicer(candidates_pb2_grpc.CandidateServiceServicer):
         self, request: candidates_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> candidates_pb2.GenerateResponse:
         with cpu.deadline_in(context.time_remaining()):
-            return await answer(context, self._service.generate(request))
+            return await self._service.generate(request)
 
     async def GenerateMany(
         self, request: candidates_pb2.GenerateManyRequest, context: grpc.aio.ServicerContext
     ) -> candidates_pb2.GenerateManyResponse:
-        return await answer(context, self._service.generate_many(request, context.time_remaining()))
+        return await self._service.generate_many(request, context.time_remaining())
 
 
 def create(cfg: Config) -> Service:

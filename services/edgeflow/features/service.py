@@ -20,6 +20,7 @@ import redis
 
 from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
+from edgeflow.errors import RequestError
 from edgeflow.features.compute import model_matrix
 from edgeflow.features.online import OnlineReader, OnlineRows, OnlineValueError
 from edgeflow.features.schema import (
@@ -36,7 +37,7 @@ from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.resp import RespError, RespReplyError
 from edgeflow.resp_cluster import open_pipeline
-from edgeflow.server import RequestError, Service, answer
+from edgeflow.server import Service
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 
 if TYPE_CHECKING:
@@ -352,12 +353,12 @@ class _Servicer(features_pb2_grpc.FeatureServiceServicer):
         self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetFeaturesResponse:
         with cpu.deadline_in(context.time_remaining()):
-            return await answer(context, self._service.get_features(request))
+            return await self._service.get_features(request)
 
     async def Push(
         self, request: features_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.PushResponse:
-        return await answer(context, self._service.push(request))
+        return await self._service.push(request)
 
 
 def create(cfg: Config) -> Service:

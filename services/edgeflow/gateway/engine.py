@@ -18,11 +18,11 @@ import numpy as np
 
 from edgeflow import tensor, tracing
 from edgeflow.candidates.service import ListsOnly
+from edgeflow.errors import RequestError
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
 from edgeflow.merging import diversity, filters, impressions
 from edgeflow.merging.service import MergingService
-from edgeflow.server import RequestError
 from edgeflow.tls import TlsFiles
 from edgeflow.v1 import (
     candidates_pb2,

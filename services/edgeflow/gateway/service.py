@@ -16,6 +16,7 @@ import redis
 from edgeflow import auth, keys, metrics, tls
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.config import Config
+from edgeflow.errors import RequestError
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed, Outcome
@@ -291,27 +292,27 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
     ) -> gateway_pb2.RecommendResponse:
         surface = request.surface
         if len(surface) > MAX_SURFACE_CHARS:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"surface: at most {MAX_SURFACE_CHARS} characters, got {len(surface)}",
             )
         base = self.workflows.get(surface)
         if base is None:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"surface: unknown surface {clip(surface)}; known: {sorted(self.workflows)}",
             )
         if not 1 <= request.k <= MAX_K:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"k: must be between 1 and {MAX_K}, got {request.k}",
             )
         if request.member < 0:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"member: must be >= 0, got {request.member}"
             )
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request_id: at most {MAX_REQUEST_ID_CHARS} characters, "
                 f"got {len(request.request_id)}",
@@ -350,11 +351,11 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         # A deactivated member is refused whatever the graph did; a state that could not be
         # read is named only when the graph (which says more about an outage) succeeded.
         if refused is not None and refused[0] == grpc.StatusCode.FAILED_PRECONDITION:
-            await context.abort(*refused)
+            raise RequestError(*refused)
         if failure is not None:
-            await context.abort(*failure)
+            raise RequestError(*failure)
         if refused is not None:
-            await context.abort(*refused)
+            raise RequestError(*refused)
         request_id = request.request_id or uuid.uuid4().hex
         resp = gateway_pb2.RecommendResponse(
             edges=outcome.frame.edges,
@@ -469,17 +470,17 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
                 request, self._cfg.event_max_future_s, self._cfg.event_max_age_s
             )
         except events.EventError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if self._rds is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway: not started")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "gateway: not started")
         assert self._rds is not None
         try:
             entry_ids = await events.publish(self._rds, parsed)
         except (redis.RedisError, OSError) as exc:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"publish: Redis at {self._cfg.redis_url} is unavailable: {exc}",
-            )
+            ) from exc
         published = sum(1 for e in entry_ids if e)
         return gateway_pb2.PublishResponse(
             entry_ids=entry_ids,

@@ -27,6 +27,7 @@ import redis
 
 from edgeflow import tensor
 from edgeflow.config import Config
+from edgeflow.errors import RequestError
 from edgeflow.graph import Graph, mutual_connections
 from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
 from edgeflow.merging import blend, diversity, filters, impressions, wire
@@ -35,7 +36,7 @@ from edgeflow.merging.filters import FilterError
 from edgeflow.redis_client import AsyncClient, connect_async, parse_url
 from edgeflow.resp import RawPipeline, RespError, RespReplyError
 from edgeflow.resp_cluster import open_pipeline
-from edgeflow.server import RequestError, Service, answer
+from edgeflow.server import Service
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
 log = logging.getLogger("edgeflow.merging")
@@ -484,12 +485,12 @@ class _Servicer(merging_pb2_grpc.MergingServiceServicer):
     async def Merge(
         self, request: merging_pb2.MergeRequest, context: grpc.aio.ServicerContext
     ) -> merging_pb2.MergeResponse:
-        return await answer(context, self._svc.merge(request, context.time_remaining()))
+        return await self._svc.merge(request, context.time_remaining())
 
     async def Filter(
         self, request: merging_pb2.FilterRequest, context: grpc.aio.ServicerContext
     ) -> merging_pb2.FilterResponse:
-        return await answer(context, self._svc.filter(request, context.time_remaining()))
+        return await self._svc.filter(request, context.time_remaining())
 
 
 def create(cfg: Config) -> Service:

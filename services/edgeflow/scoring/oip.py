@@ -17,6 +17,7 @@ import numpy as np
 from opentelemetry import trace
 
 from edgeflow import __version__, oip_tensor
+from edgeflow.errors import RequestError
 from edgeflow.scoring.registry import LoadedModel, ModelNotFoundError, ModelRegistry
 from edgeflow.v1.inference import grpc_predict_v2_pb2 as pb
 from edgeflow.v1.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -55,21 +56,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._thread_rows = thread_rows  # batches above this run in a worker thread
 
-    async def _model(
-        self, name: str, version: str, context: grpc.aio.ServicerContext, field: str
-    ) -> LoadedModel:
+    def _model(self, name: str, version: str, field: str) -> LoadedModel:
         if not name:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{field} is empty; loaded models: {self._registry.describe()}",
             )
         try:
             return self._registry.get(name, registry_version(version))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {name!r}: {exc}")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"model {name!r}: {exc}") from exc
         except ModelNotFoundError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        raise AssertionError("unreachable: abort raises")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -92,7 +90,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self._registry.get(request.name, registry_version(request.version))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {request.name!r}: {exc}")
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"model {request.name!r}: {exc}"
+            ) from exc
         except ModelNotFoundError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -100,7 +100,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = await self._model(request.name, request.version, context, "name")
+        model = self._model(request.name, request.version, "name")
         versions = [oip_version(m) for m in self._registry.models() if m.name == model.name]
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -114,14 +114,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        model = await self._model(request.model_name, request.model_version, context, "model_name")
+        model = self._model(request.model_name, request.model_version, "model_name")
         try:
             matrix = _input_matrix(request, model)
         except ValueError as exc:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"model {model.name} v{model.number}: {exc}",
-            )
+            ) from exc
         try:
             if matrix.shape[0] > self._thread_rows:
                 scores = await asyncio.to_thread(model.score, matrix, model.features)
@@ -129,10 +129,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 scores = model.score(matrix, model.features)
         except Exception as exc:
             log.exception("OIP inference with %s %s failed", model.name, model.version)
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INTERNAL,
                 f"model {model.name} v{model.number} failed on {matrix.shape[0]} rows: {exc}",
-            )
+            ) from exc
         trace.get_current_span().set_attributes(
             {"model": model.name, "model.version": model.version, "rows": int(matrix.shape[0])}
         )

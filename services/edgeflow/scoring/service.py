@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
+from edgeflow.errors import RequestError
 from edgeflow.scoring import oip
 from edgeflow.scoring.registry import ModelNotFoundError, ModelRegistry
 from edgeflow.server import Service
@@ -36,7 +37,7 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
     ) -> scoring_pb2.ScoreResponse:
         registry = self._registry
         if not request.model:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"ScoreRequest.model is empty; loaded models: {registry.describe()}",
             )
@@ -44,7 +45,7 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
             member = request.member if request.HasField("member") else None
             model = registry.get(request.model, request.version, member)
         except ModelNotFoundError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
         features = request.features
         try:
             if not features.columns:
@@ -57,18 +58,18 @@ class _Servicer(scoring_pb2_grpc.ScoringServiceServicer):
                 scores = await cpu.run("score", matrix.size, model.score, matrix, features.columns)
             inference_s = time.perf_counter() - started
         except cpu.DeadlineExpired as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"score: {exc}")
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"score: {exc}") from exc
         except ValueError as exc:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"ScoreRequest.features for model {model.name} {model.version}: {exc}",
-            )
+            ) from exc
         except Exception as exc:
             log.exception("scoring with %s %s failed", model.name, model.version)
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.INTERNAL,
                 f"model {model.name} {model.version} failed on {features.rows} rows: {exc}",
-            )
+            ) from exc
         metrics.scoring_inference(model.name, model.version).observe(inference_s)
         trace.get_current_span().set_attributes(
             {"model": model.name, "model.version": model.version, "rows": int(features.rows)}
