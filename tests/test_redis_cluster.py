@@ -95,6 +95,35 @@ def test_script_keys_share_a_slot() -> None:
     assert len({key_slot(keys.adjacency(m).encode()) for m in range(100)}) > 50
 
 
+def test_hmget_by_master_reads_hashes_of_every_slot_and_survives_a_stale_slot_map(
+    client: redis.cluster.RedisCluster,
+) -> None:
+    from redis.crc import key_slot
+
+    names = [f"entity:{i}".encode() for i in range(300)]
+    assert len(_ports_holding(client, [n.decode() for n in names])) == 3
+    for i, name in enumerate(names[:250]):  # the last 50 have no hash
+        client.hset(name, mapping={"a": f"a{i}", "b": f"b{i}"})
+    fields = ["a", "b", "c"]
+    want = [client.hmget(name, fields) for name in names]
+    assert want[0] == [b"a0", b"b0", None] and want[-1] == [None, None, None]
+    assert redis_client.cluster_hmget(client, names, fields) == want
+
+    # A slot map that names the wrong master (a slot moved since it was read): that master
+    # answers MOVED, and the read runs again through the cluster pipeline, which follows it.
+    cache = client.nodes_manager.slots_cache
+    slot = key_slot(names[0])
+    owner = cache[slot]
+    wrong = next(n for n in client.get_primaries() if n.name != owner[0].name)
+    cache[slot] = [wrong]
+    try:
+        assert redis_client.cluster_hmget(client, names, fields) == want
+        # The cluster pipeline did run: it corrected the client's map on the MOVED.
+        assert client.nodes_manager.slots_cache[slot][0].name == owner[0].name
+    finally:
+        cache[slot] = owner
+
+
 @pytest.fixture
 def own_cluster(tmp_path: Path) -> Iterator[tuple[str, redis.cluster.RedisCluster]]:
     """A cluster of the test's own, for a test that moves its slots."""

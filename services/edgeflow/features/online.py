@@ -33,7 +33,7 @@ from edgeflow.features.schema import (
     JOIN_KEY,
     SCALAR_FEATURES,
 )
-from edgeflow.redis_client import SyncClient, is_cluster_client
+from edgeflow.redis_client import SyncClient, cluster_hmget, is_cluster_client
 from edgeflow.resp import FixedReply, RawPipeline
 
 _LUA = """
@@ -323,10 +323,8 @@ class OnlineReader:
             return decode([], ids)
         keys = entity_keys(ids, self.project)
         if is_cluster_client(client):  # the members' hashes live in many slots
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hmget(cast(Any, key), self.fields)
-            return decode([v or b"" for rep in pipe.execute() for v in rep], ids)
+            replies = cluster_hmget(cast(Any, client), keys, list(self.fields))
+            return decode([v or b"" for rep in replies for v in rep], ids)
         args = [*keys, *self.fields]
         try:
             reply = cast(list[bytes], client.evalsha(_LUA_SHA, len(keys), *args))
