@@ -603,3 +603,23 @@ async def test_past_the_exact_limit_the_worker_searches_the_hnsw_collection(
     finally:
         processor.close()
     assert not copy.exists()
+
+
+def test_the_worker_takes_its_lease_and_claim_times_from_its_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NEARLINE_LEASE_S", "7.5")
+    monkeypatch.setenv("NEARLINE_CLAIM_IDLE_S", "90")
+    cfg = Config(redis_url=f"redis://127.0.0.1:{free_port()}/0")  # read when made, not imported
+    assert (cfg.nearline_lease_s, cfg.nearline_claim_idle_s) == (7.5, 90.0)
+    workers = [NearlineWorker(cfg, consumer="c"), NearlineWorker(cfg, "d", claim_idle_s=5.0)]
+    try:
+        assert (workers[0].lease_s, workers[0].claim_idle_s) == (7.5, 90.0)
+        assert workers[1].claim_idle_s == 5.0  # a caller's own value wins
+    finally:
+        for worker in workers:
+            worker.processor.close()
+            worker.client.close()
+    monkeypatch.setenv("NEARLINE_LEASE_S", "soon")
+    with pytest.raises(SystemExit, match="NEARLINE_LEASE_S='soon' is not a number"):
+        Config()

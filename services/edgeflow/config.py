@@ -122,6 +122,13 @@ class Config:
     event_max_age_s: float = field(
         default_factory=lambda: _env_float("EDGEFLOW_EVENT_MAX_AGE_S", 365 * 86400.0)
     )
+    # Nearline: event entries pending this long with a consumer are taken over (its worker
+    # is presumed dead); a worker renews its lease every third of nearline_lease_s, and one
+    # whose lease lapsed has its pending entries taken over at once.
+    nearline_claim_idle_s: float = field(
+        default_factory=lambda: _env_float("NEARLINE_CLAIM_IDLE_S", 30.0)
+    )
+    nearline_lease_s: float = field(default_factory=lambda: _env_float("NEARLINE_LEASE_S", 3.0))
 
     @property
     def model_dir(self) -> Path:

@@ -56,11 +56,6 @@ log = logging.getLogger("edgeflow.nearline")
 
 READ_COUNT = 64
 BLOCK_MS = 500
-# Entries pending this long with a consumer are taken over (its worker is presumed dead).
-CLAIM_IDLE_S = float(os.environ.get("NEARLINE_CLAIM_IDLE_S", "") or 30.0)
-# A worker renews its lease every third of this; a worker whose lease lapsed is dead: the
-# others take its pending entries over at once and remove it from the group.
-LEASE_S = float(os.environ.get("NEARLINE_LEASE_S", "") or 3.0)
 TAKEOVER_EVERY_S = 1.0
 # A delta stream this long is folded into a new graph snapshot.
 COMPACT_DELTAS = 10_000
@@ -439,11 +434,12 @@ class NearlineWorker(Service):
     service_names: tuple[str, ...] = ()
 
     def __init__(
-        self, cfg: Config, consumer: str | None = None, claim_idle_s: float = CLAIM_IDLE_S
+        self, cfg: Config, consumer: str | None = None, claim_idle_s: float | None = None
     ) -> None:
         self.cfg = cfg
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.claim_idle_s = claim_idle_s
+        self.claim_idle_s = cfg.nearline_claim_idle_s if claim_idle_s is None else claim_idle_s
+        self.lease_s = cfg.nearline_lease_s
         self.client = connect(cfg.redis_url, socket_timeout_s=10.0)
         self.processor = Processor(cfg, self.client, self.consumer)
         self._stop = threading.Event()
@@ -488,13 +484,13 @@ class NearlineWorker(Service):
 
     # ---- liveness: the lease, and taking over from dead workers -------------------------
     def _renew(self) -> None:
-        lease_ms = int(LEASE_S * 1000)
+        lease_ms = int(self.lease_s * 1000)
         while not self._stop.is_set():
             try:
                 self.client.set(keys.nearline_lease(self.consumer), "1", px=lease_ms)
             except (redis.RedisError, OSError) as exc:
                 log.warning("lease not renewed: %s", exc)
-            self._stop.wait(LEASE_S / 3)
+            self._stop.wait(self.lease_s / 3)
 
     def _leave(self) -> None:
         self.client.delete(keys.nearline_lease(self.consumer))
@@ -518,7 +514,7 @@ class NearlineWorker(Service):
         for c in consumers:
             raw = c["name"]
             name = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if name == self.consumer or int(c.get("idle", 0)) < LEASE_S * 1000:
+            if name == self.consumer or int(c.get("idle", 0)) < self.lease_s * 1000:
                 continue  # itself, or a consumer that read within a lease (live workers poll)
             if self.client.exists(keys.nearline_lease(name)):
                 continue
@@ -528,7 +524,7 @@ class NearlineWorker(Service):
                     break
                 claimed = cast(list[_Entry], self.client.xclaim(
                     keys.EVENTS, keys.NEARLINE_GROUP, self.consumer,
-                    min_idle_time=int(LEASE_S * 500), message_ids=ids,
+                    min_idle_time=int(self.lease_s * 500), message_ids=ids,
                 ))  # fmt: skip
                 if not claimed:
                     break  # another worker took them, or they are not idle long enough yet
