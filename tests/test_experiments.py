@@ -15,10 +15,10 @@ import yaml
 
 from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import records
-from edgeflow.experiments.assign import BUCKETS, Bucketing, assign, bucket
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.resp import RawPipeline
+from edgeflow.workflow.assign import BUCKETS, Bucketing, assign, bucket
 from edgeflow.workflow.model import Experiment
 from edgeflow.workflow.validate import (
     WorkflowError,
@@ -83,7 +83,7 @@ def test_assignment_is_sticky_and_salted() -> None:
 def test_assignment_is_the_same_in_another_process() -> None:
     """Another replica (a fresh interpreter, another hash seed) assigns the same variants."""
     code = (
-        "from edgeflow.experiments.assign import bucket;"
+        "from edgeflow.workflow.assign import bucket;"
         "print(','.join(str(bucket('exp', m)) for m in range(500)))"
     )
     out = subprocess.run(

@@ -1,2 +1,2 @@
-"""A/B experiments: sticky assignment, exposure and outcome records, shadow comparisons and
-the analysis behind `edgeflow experiments report`."""
+"""A/B experiments: exposure and outcome records, shadow comparisons and the analysis behind
+`edgeflow experiments report` (members are assigned to variants by edgeflow.workflow.assign)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeflow.experiments.assign import BUCKETS, bucket
+from edgeflow.workflow.assign import BUCKETS, bucket
 
 ALIASES_FILE = "aliases.json"
 STABLE = "stable"

@@ -1,2 +1,2 @@
-"""Workflow graphs: the EdgeWorkflow model, its ops and validation (shared by the CLI,
-the gateway and the operator)."""
+"""Workflow graphs: the EdgeWorkflow model, its ops, validation and the sticky assignment of
+members to experiment variants (shared by the CLI, the gateway and the operator)."""

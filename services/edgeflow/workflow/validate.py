@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from edgeflow.experiments.assign import Bucketing, assign
 from edgeflow.workflow import limits
 from edgeflow.workflow import variants as variants_mod
+from edgeflow.workflow.assign import Bucketing, assign
 from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, Shadow, WorkflowSpec
 from edgeflow.workflow.ops import OPS, Kind, OpSpec, Params
 
