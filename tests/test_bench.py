@@ -59,6 +59,20 @@ def knee(capacity: float, bad_over: float = 0.0) -> Any:
     return measure
 
 
+def knee_with_stall() -> Any:
+    """knee(300) whose very first step meets a stall of the machine."""
+    inner, stalled = knee(300), [False]
+
+    async def measure(rate: float) -> Step:
+        s: Step = await inner(rate)
+        if not stalled[0]:
+            stalled[0] = True
+            s.p99_ms, s.failed = 131.0, {"DEADLINE_EXCEEDED": 1}
+        return s
+
+    return measure
+
+
 async def test_capacity_brackets_the_knee_by_doubling_then_bisection() -> None:
     measure = knee(300)
     cap = await search_capacity(measure, start=25, resolution=0.1)
@@ -79,8 +93,19 @@ async def test_capacity_counts_partial_answers_against_the_rate() -> None:
 async def test_capacity_goes_down_when_the_first_rate_fails() -> None:
     measure = knee(7)
     cap = await search_capacity(measure, start=25, min_rate=1)
-    assert measure.seen[:3] == [25, 12.5, 6.25]
+    assert measure.seen[:5] == [25, 25, 12.5, 12.5, 6.25]  # each failure measured twice
     assert 7 / 1.1 <= cap.rate <= 7 and cap.complete
+
+
+async def test_one_stalled_step_does_not_set_the_capacity() -> None:
+    cap = await search_capacity(knee_with_stall(), start=25, resolution=0.1)
+    assert 300 / 1.1 <= cap.rate <= 300 and cap.complete
+    first, again = cap.steps[:2]
+    assert first.rate == again.rate == 25 and not first.passes() and again.passes()
+    assert again.repeat and not first.repeat
+    assert [s["repeat"] for s in cap.as_json()["capacity_steps"][:2]] == [False, True]
+    without = await search_capacity(knee_with_stall(), start=25, confirm_failures=False)
+    assert without.rate < 25  # what one stall did before
 
 
 async def test_capacity_is_zero_when_nothing_passes() -> None:
