@@ -44,8 +44,9 @@ T = TypeVar("T")
 _tracer = tracing.tracer("edgeflow.gateway")
 
 
-class MemberNotFound(Exception):
-    """The member is unknown to the graph: a client error, not a degraded response."""
+class UnknownMember(Exception):
+    """The candidates service answered NOT_FOUND for the member (its own
+    candidates.sources.MemberNotFound): a client error, not a degraded response."""
 
 
 class NodeFailed(Exception):
@@ -438,7 +439,7 @@ class Engine:
                     for item in dropped:
                         item.node = name
                     outcome.dropped_items.extend(dropped)
-            except MemberNotFound:
+            except UnknownMember:
                 raise
             except (NodeError, grpc.aio.AioRpcError, ValueError) as exc:
                 code, msg = _describe(exc, cn.node.timeout_ms, timeout)
@@ -522,7 +523,7 @@ class Engine:
             return None
         result = many.results[batch.index[cn.node.name]]
         if result.code == grpc.StatusCode.NOT_FOUND.value[0]:
-            raise MemberNotFound(result.message or f"member {member} not found")
+            raise UnknownMember(result.message or f"member {member} not found")
         if result.code:
             code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
             raise NodeError(f"{code.name}: {result.message}", code)
@@ -538,7 +539,7 @@ class Engine:
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise MemberNotFound(exc.details() or f"member {member} not found") from None
+                raise UnknownMember(exc.details() or f"member {member} not found") from None
             raise
         return _candidates(cn, resp)
 

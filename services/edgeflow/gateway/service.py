@@ -19,7 +19,7 @@ from edgeflow.config import Config
 from edgeflow.errors import RequestError
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
-from edgeflow.gateway.engine import Clients, Engine, MemberNotFound, NodeFailed, Outcome
+from edgeflow.gateway.engine import Clients, Engine, NodeFailed, Outcome, UnknownMember
 from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.models import ModelWatch, Move
 from edgeflow.gateway.shadow import ShadowRunner
@@ -150,7 +150,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         assert self._engine is not None
         for wf in list(self.workflows.values()):
             budget = wf.spec.budget_ms / 1000.0
-            with contextlib.suppress(MemberNotFound, NodeFailed):
+            with contextlib.suppress(UnknownMember, NodeFailed):
                 await asyncio.gather(
                     self._deactivated(0, budget), self._engine.run(wf, 0, 10, budget)
                 )
@@ -337,7 +337,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
             outcome = await self._engine.run(
                 wf, request.member, request.k, budget, explain=request.explain
             )
-        except MemberNotFound as exc:
+        except UnknownMember as exc:
             failure = grpc.StatusCode.NOT_FOUND, str(exc)
         except NodeFailed as exc:
             code = exc.code

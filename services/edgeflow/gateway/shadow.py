@@ -19,7 +19,7 @@ import grpc
 from edgeflow import metrics
 from edgeflow.experiments.records import ShadowComparison, overlap_at_k, rank_correlation
 from edgeflow.experiments.stream_log import StreamLog
-from edgeflow.gateway.engine import Engine, MemberNotFound, NodeFailed
+from edgeflow.gateway.engine import Engine, NodeFailed, UnknownMember
 from edgeflow.workflow.model import Shadow
 from edgeflow.workflow.validate import Workflow
 
@@ -83,7 +83,7 @@ class ShadowRunner:
         surface = graph.surface
         try:
             outcome = await self._engine.run(graph, member, k, graph.spec.budget_ms / 1000.0)
-        except (MemberNotFound, NodeFailed, grpc.aio.AioRpcError) as exc:
+        except (UnknownMember, NodeFailed, grpc.aio.AioRpcError) as exc:
             metrics.SHADOW_RUNS.labels(surface, shadow.name, "failed").inc()
             log.info("shadow %s of %s failed: %s", shadow.name, surface, exc)
             return
