@@ -88,14 +88,7 @@ class CandidatesService(Service):
 
     async def warm(self) -> None:
         assert self._store is not None
-        member, _ = self._store.sample()
-        for name in self._sources:
-            params = {"list": "warm-up"} if name == "precomputed" else {}  # absent: read, empty
-            request = candidates_pb2.GenerateRequest(
-                member=member, source=name, limit=100, params=params
-            )
-            with contextlib.suppress(RequestError):  # e.g. no embeddings yet
-                await self.generate(request)
+        await warm_sources(self._sources, self._store.sample()[0], self.cfg.redis_url)
 
     async def _follow_embeddings(self) -> None:
         assert self._rds is not None
@@ -190,9 +183,25 @@ class ListsOnly:
     ) -> candidates_pb2.GenerateResponse:
         return await generate_from(self.sources, request, self.cfg.redis_url)
 
+    async def warm(self) -> None:
+        """It stands in while the candidates service is down: the worst moment to open its
+        connections for the first time."""
+        await warm_sources(self.sources, 0, self.cfg.redis_url)
+
     async def close(self) -> None:
         await self._source.close()
         await self._rds.aclose()
+
+
+async def warm_sources(sources: Mapping[str, Source], member: int, redis_url: str) -> None:
+    """One Generate per source for `member`, whatever it answers (Service.warm)."""
+    for name in sources:
+        params = {"list": "warm-up"} if name == "precomputed" else {}  # absent: read, empty
+        request = candidates_pb2.GenerateRequest(
+            member=member, source=name, limit=100, params=params
+        )
+        with contextlib.suppress(RequestError):  # e.g. no embeddings yet
+            await generate_from(sources, request, redis_url)
 
 
 async def generate_from(

@@ -146,8 +146,13 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._shadows = ShadowRunner(self._engine, self._shadow_log)
 
     async def warm(self) -> None:
-        # Every surface once, through the engine alone: no exposure is counted or logged.
+        # The stand-ins first: they run when a backend is down, the worst moment to open
+        # connections. Then every surface once, through the engine alone: no exposure is
+        # counted or logged.
         assert self._engine is not None
+        assert self._local_merging is not None and self._local_candidates is not None
+        await self._local_merging.warm()
+        await self._local_candidates.warm()
         for wf in list(self.workflows.values()):
             budget = wf.spec.budget_ms / 1000.0
             with contextlib.suppress(UnknownMember, NodeFailed):
