@@ -54,7 +54,8 @@ from edgeflow.offline.rows import Rows, union
 from edgeflow.offline.serving import list_name, precomputed_view, served_workflows
 from edgeflow.redis_client import connect
 from edgeflow.vectors import MARKER, EdgeReplica
-from edgeflow.workflow.validate import Workflow, WorkflowError
+from edgeflow.workflow.compiled import Workflow
+from edgeflow.workflow.validate import WorkflowError
 
 MEMBERS = 300
 

@@ -31,8 +31,8 @@ from typing import Any, Final
 
 import yaml
 
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.model import API_VERSION, KIND
-from edgeflow.workflow.validate import Workflow
 from edgeflow_operator.config import (
     DEFAULT_MAX_REPLICAS,
     Autoscaling,

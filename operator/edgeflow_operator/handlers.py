@@ -19,8 +19,9 @@ from typing import Any
 
 import kopf
 
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.model import API_VERSION, KIND
-from edgeflow.workflow.validate import Workflow, WorkflowError, check_size, parse_document
+from edgeflow.workflow.validate import WorkflowError, check_size, parse_document
 from edgeflow_operator import GROUP, PLURAL, VERSION, conditions
 from edgeflow_operator.children import (
     AnnotationError,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
-from edgeflow.workflow.validate import Workflow
+from edgeflow.workflow.compiled import Workflow
 
 CONCURRENCY = 2
 

@@ -36,8 +36,8 @@ from edgeflow.v1 import (
     scoring_pb2_grpc,
     tensor_pb2,
 )
+from edgeflow.workflow.compiled import CompiledNode, Workflow
 from edgeflow.workflow.ops import BlendParams, FetchParams, Kind, OnnxParams, RemoteParams
-from edgeflow.workflow.validate import CompiledNode, Workflow
 
 T = TypeVar("T")
 

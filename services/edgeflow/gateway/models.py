@@ -32,12 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edgeflow import metrics
 from edgeflow.v1 import gateway_pb2, scoring_pb2, scoring_pb2_grpc
 from edgeflow.workflow import variants as variants_mod
-from edgeflow.workflow.validate import (
-    Workflow,
-    locate_model_problems,
-    model_problems_at,
-    uses_models,
-)
+from edgeflow.workflow.compiled import Workflow
+from edgeflow.workflow.validate import locate_model_problems, model_problems_at, uses_models
 from edgeflow.workflow.variants import Assignments
 
 log = logging.getLogger("edgeflow.gateway")

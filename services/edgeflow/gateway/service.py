@@ -36,9 +36,10 @@ from edgeflow.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
 )
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.limits import clip, clip_text
 from edgeflow.workflow.ops import BlendParams
-from edgeflow.workflow.validate import Workflow, WorkflowError, load_files, workflow_files
+from edgeflow.workflow.validate import WorkflowError, load_files, workflow_files
 
 log = logging.getLogger("edgeflow.gateway")
 

@@ -20,8 +20,8 @@ from edgeflow import metrics
 from edgeflow.experiments.records import ShadowComparison, overlap_at_k, rank_correlation
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.gateway.engine import Engine, NodeFailed, UnknownMember
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.model import Shadow
-from edgeflow.workflow.validate import Workflow
 
 log = logging.getLogger("edgeflow.gateway")
 

@@ -50,7 +50,8 @@ from edgeflow.redis_client import SyncClient, connect, script
 from edgeflow.scoring.registry import ModelRegistry
 from edgeflow.server import Service, sync_channel
 from edgeflow.v1 import features_pb2, features_pb2_grpc
-from edgeflow.workflow.validate import Workflow, load_directory
+from edgeflow.workflow.compiled import Workflow
+from edgeflow.workflow.validate import load_directory
 
 log = logging.getLogger("edgeflow.nearline")
 

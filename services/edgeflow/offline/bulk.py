@@ -17,8 +17,9 @@ from edgeflow.offline.context import load_inputs
 from edgeflow.offline.executor import BatchRunner, OfflineError
 from edgeflow.offline.serving import list_name, served_workflows
 from edgeflow.redis_client import SyncClient
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.ops import PrecomputedParams
-from edgeflow.workflow.validate import Workflow, load_directory
+from edgeflow.workflow.validate import load_directory
 
 
 @dataclass(frozen=True)

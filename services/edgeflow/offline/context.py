@@ -14,8 +14,9 @@ from edgeflow.offline.executor import OfflineError
 from edgeflow.offline.inputs import EXACT_EBR_MAX, FeatureTable, Inputs, embedding_index
 from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.ops import OnnxParams
-from edgeflow.workflow.validate import Workflow, WorkflowError, load_directory, load_workflow
+from edgeflow.workflow.validate import WorkflowError, load_directory, load_workflow
 
 log = logging.getLogger("edgeflow.offline")
 

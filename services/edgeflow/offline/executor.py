@@ -32,6 +32,7 @@ from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pa
 from edgeflow.offline.rows import Rows, union
 from edgeflow.offline.serving import list_name, list_size
 from edgeflow.scoring.registry import ModelNotFoundError
+from edgeflow.workflow.compiled import CompiledNode, Workflow
 from edgeflow.workflow.ops import (
     BlendParams,
     EbrParams,
@@ -41,7 +42,6 @@ from edgeflow.workflow.ops import (
     PopularParams,
     PrecomputedParams,
 )
-from edgeflow.workflow.validate import CompiledNode, Workflow
 
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 _EMPTY_SCORES = np.zeros(0, dtype=np.float32)

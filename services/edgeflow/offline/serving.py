@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.ops import BlendParams
-from edgeflow.workflow.validate import Workflow, check
+from edgeflow.workflow.validate import check
 
 DEFAULT_K = 200
 _LIST_NODE = "precomputed"

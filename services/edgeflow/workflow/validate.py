@@ -16,8 +16,9 @@ from pydantic import ValidationError
 
 from edgeflow.workflow import limits
 from edgeflow.workflow import variants as variants_mod
-from edgeflow.workflow.assign import Bucketing, assign
-from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, Shadow, WorkflowSpec
+from edgeflow.workflow.assign import Bucketing
+from edgeflow.workflow.compiled import CompiledNode, Workflow
+from edgeflow.workflow.model import API_VERSION, KIND, EdgeWorkflow, Node, WorkflowSpec
 from edgeflow.workflow.ops import OPS, Kind, OpSpec, Params
 
 DEFAULT_FALLBACK = {"candidates": "empty", "features": "passthrough", "scoring": "passthrough"}
@@ -37,52 +38,6 @@ class WorkflowError(ValueError):
             shown.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
         self.problems = shown
         super().__init__(f"{source}: invalid workflow:\n" + "\n".join(f"  - {p}" for p in shown))
-
-
-@dataclass(frozen=True)
-class CompiledNode:
-    node: Node
-    op: OpSpec
-    params: Params
-    fallback: str
-    kind: Kind
-
-
-@dataclass(frozen=True)
-class Workflow:
-    """A validated graph, nodes in topological order."""
-
-    name: str
-    spec: WorkflowSpec
-    nodes: tuple[CompiledNode, ...]
-    # The graph of each combination of experiment variants, and of each shadow.
-    variants: Mapping[variants_mod.Assignments, Workflow] = field(default_factory=dict)
-    shadows: tuple[tuple[Shadow, Workflow], ...] = ()
-    bucketing: tuple[Bucketing, ...] = ()
-
-    @property
-    def surface(self) -> str:
-        return self.spec.surface
-
-    def for_member(self, member: int) -> tuple[Workflow, variants_mod.Assignments]:
-        """The graph that serves the member, and the variants it is assigned."""
-        if not self.bucketing:
-            return self, ()
-        assignments = assign(self.bucketing, member)
-        return self.variants.get(assignments, self), assignments
-
-    def all_graphs(self) -> list[tuple[str, Workflow]]:
-        """The workflow's own graph, every variant's and every shadow's, each with a label
-        for messages ("" for the workflow's own)."""
-        out: list[tuple[str, Workflow]] = [("", self)]
-        for assignments, graph in self.variants.items():
-            label = " + ".join(f"experiment {e!r} variant {v!r}" for e, v in assignments)
-            out.append((label, graph))
-        out.extend((f"shadow {s.name!r}", graph) for s, graph in self.shadows)
-        return out
-
-    def node(self, name: str) -> CompiledNode:
-        return next(n for n in self.nodes if n.node.name == name)
 
 
 def _message(err: Any) -> str:
