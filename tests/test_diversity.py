@@ -30,10 +30,10 @@ from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree
 from edgeflow.graph_store import GraphNotLoaded
 from edgeflow.merging import diversity
 from edgeflow.merging.service import MergingService
-from edgeflow.offline.serving import precomputed_view
 from edgeflow.redis_client import connect
 from edgeflow.server import channel
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc, tensor_pb2
+from edgeflow.workflow.modes import precomputed_view
 from edgeflow.workflow.validate import WorkflowError, parse_document
 
 PYMK = REPO_ROOT / "workflows" / "pymk.yaml"

@@ -51,10 +51,10 @@ from edgeflow.offline.pairs import (
 )
 from edgeflow.offline.ranking import BlendInput, _exact, blend_batch
 from edgeflow.offline.rows import Rows, union
-from edgeflow.offline.serving import list_name, precomputed_view, served_workflows
 from edgeflow.redis_client import connect
 from edgeflow.vectors import MARKER, EdgeReplica
 from edgeflow.workflow.compiled import Workflow
+from edgeflow.workflow.modes import list_name, precomputed_view, served_workflows
 from edgeflow.workflow.validate import WorkflowError
 
 MEMBERS = 300

@@ -59,7 +59,7 @@ def live_graph(cfg: Config, edges: Path) -> str:
 
 def rebuild_steps(cfg: Config, edges: Path, live: bool) -> str:
     """What to run after replacing a graph: everything trained or computed from the old one."""
-    from edgeflow.offline.serving import list_name
+    from edgeflow.workflow.modes import list_name
     from edgeflow.workflow.validate import load_directory
 
     try:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from edgeflow.offline.context import find_workflow, load_inputs
         from edgeflow.offline.executor import BatchRunner, OfflineError
         from edgeflow.offline.local import ShardFailed, run_local, workflow_argument
-        from edgeflow.offline.serving import list_name
+        from edgeflow.workflow.modes import list_name
         from edgeflow.workflow.validate import WorkflowError
 
         # The batches' matrix products are small: BLAS threads would only spin against the

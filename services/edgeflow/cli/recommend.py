@@ -171,7 +171,7 @@ def empty_reasons(resp: gateway_pb2.RecommendResponse) -> list[str]:
 def _list_hint(resp: gateway_pb2.RecommendResponse, node: str) -> str:
     """How to compute the list a precomputed node reads, from this machine's workflow files
     (what a local gateway serves); "" when they do not say."""
-    from edgeflow.offline.serving import list_name, served_workflows
+    from edgeflow.workflow.modes import list_name, served_workflows
     from edgeflow.workflow.ops import PrecomputedParams
     from edgeflow.workflow.validate import load_directory
 

@@ -27,7 +27,6 @@ from edgeflow.guard import RateLimitedLog
 from edgeflow.merging import impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
-from edgeflow.offline.serving import served_workflows
 from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.resp import RawPipeline, RespError, RespReplyError, encode
 from edgeflow.resp_cluster import open_pipeline
@@ -38,6 +37,7 @@ from edgeflow.v1 import (
 )
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.limits import clip, clip_text
+from edgeflow.workflow.modes import served_workflows
 from edgeflow.workflow.ops import BlendParams
 from edgeflow.workflow.validate import WorkflowError, load_files, workflow_files
 

@@ -45,12 +45,12 @@ from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
 from edgeflow.offline.context import live_collection
 from edgeflow.offline.executor import BatchRunner, OfflineError
 from edgeflow.offline.inputs import EXACT_EBR_MAX, Inputs, LiveFeatures, embedding_index
-from edgeflow.offline.serving import list_name
 from edgeflow.redis_client import SyncClient, connect, script
 from edgeflow.scoring.registry import ModelRegistry
 from edgeflow.server import Service, sync_channel
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 from edgeflow.workflow.compiled import Workflow
+from edgeflow.workflow.modes import list_name
 from edgeflow.workflow.validate import load_directory
 
 log = logging.getLogger("edgeflow.nearline")

@@ -15,9 +15,9 @@ from edgeflow.graph_store import GraphNotLoaded
 from edgeflow.offline import job
 from edgeflow.offline.context import load_inputs
 from edgeflow.offline.executor import BatchRunner, OfflineError
-from edgeflow.offline.serving import list_name, served_workflows
 from edgeflow.redis_client import SyncClient
 from edgeflow.workflow.compiled import Workflow
+from edgeflow.workflow.modes import list_name, served_workflows
 from edgeflow.workflow.ops import PrecomputedParams
 from edgeflow.workflow.validate import load_directory
 

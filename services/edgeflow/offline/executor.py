@@ -30,9 +30,9 @@ from edgeflow.offline.pairs import (
 )
 from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pair_in
 from edgeflow.offline.rows import Rows, union
-from edgeflow.offline.serving import list_name, list_size
 from edgeflow.scoring.registry import ModelNotFoundError
 from edgeflow.workflow.compiled import CompiledNode, Workflow
+from edgeflow.workflow.modes import list_name, list_size
 from edgeflow.workflow.ops import (
     BlendParams,
     EbrParams,
