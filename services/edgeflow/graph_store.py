@@ -693,16 +693,6 @@ class GraphStore:
             raise GraphNotLoaded("no member graph loaded")
         return self._inv_log_deg
 
-    def sample(self, n: int = 64) -> tuple[int, np.ndarray]:
-        """A member and up to `n` other ids to warm a service up with (Service.warm): from
-        the middle of the graph, never a hub's costly neighbourhood on purpose; made up
-        before a graph is loaded (an unknown member's reads open the same connections)."""
-        graph = self._graph
-        if graph is None or graph.n == 0:
-            return 0, np.arange(1, n + 1, dtype=np.int64)
-        mid = graph.n // 2
-        return int(graph.ids[mid]), np.asarray(graph.ids[mid + 1 : mid + 1 + n], dtype=np.int64)
-
     async def _open(self, version: str) -> Graph | None:
         raw = await cast(
             Awaitable[dict[bytes, bytes]], self._client.hgetall(keys.graph_meta(version))
@@ -806,3 +796,14 @@ class GraphStore:
             # Bounded: a refresh cancelled inside a Redis call may take the client's whole
             # timeout to unwind, longer than a drain may last.
             await asyncio.wait({self._task}, timeout=CLOSE_WAIT_S)
+
+
+def warm_sample(store: GraphStore | None, n: int = 64) -> tuple[int, np.ndarray]:
+    """A member and up to `n` other ids to warm a service up with (Service.warm): from the
+    middle of the sorted ids, so not picked for its degree; made up while no graph is loaded
+    (an unknown member's reads open the same connections)."""
+    graph = store._graph if store is not None else None
+    if graph is None or graph.n == 0:
+        return 0, np.arange(1, n + 1, dtype=np.int64)
+    mid = graph.n // 2
+    return int(graph.ids[mid]), np.asarray(graph.ids[mid + 1 : mid + 1 + n], dtype=np.int64)

@@ -31,7 +31,7 @@ from edgeflow.candidates.sources import (
 )
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
-from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
+from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.lists import ListError
 from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.server import Service
@@ -87,8 +87,7 @@ class CandidatesService(Service):
         self._sources = {s.name: s for s in sources}
 
     async def warm(self) -> None:
-        assert self._store is not None
-        await warm_sources(self._sources, self._store.sample()[0], self.cfg.redis_url)
+        await warm_sources(self._sources, warm_sample(self._store)[0], self.cfg.redis_url)
 
     async def _follow_embeddings(self) -> None:
         assert self._rds is not None

@@ -33,7 +33,7 @@ from edgeflow.features.schema import (
     SCALAR_FEATURES,
 )
 from edgeflow.graph import pair_measures, pair_measures_work
-from edgeflow.graph_store import GraphNotLoaded, GraphStore
+from edgeflow.graph_store import GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.resp import RespError, RespReplyError
 from edgeflow.resp_cluster import open_pipeline
@@ -106,7 +106,7 @@ class FeaturesService(Service):
         self._store.start_watching()
 
     async def warm(self) -> None:
-        member, ids = self._graph_store().sample()
+        member, ids = warm_sample(self._store)
         request = features_pb2.GetFeaturesRequest(member=member, entities=ids.tolist())
         with contextlib.suppress(RequestError):  # e.g. nothing materialised yet
             await self.get_features(request)

@@ -29,7 +29,7 @@ from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
 from edgeflow.graph import Graph, mutual_connections
-from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore
+from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.merging import blend, diversity, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
@@ -187,7 +187,7 @@ class MergingService(Service):
         self._loading = asyncio.create_task(self._load_graph(self._store))
 
     async def warm(self) -> None:
-        member, ids = self._store.sample() if self._store is not None else (0, np.arange(1, 65))
+        member, ids = warm_sample(self._store)
         request = merging_pb2.MergeRequest(
             member=member, k=10, filters=filters.KNOWN,
             impressions=merging_pb2.Impressions(
