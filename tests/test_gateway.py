@@ -384,6 +384,49 @@ async def test_with_candidates_down_the_gateway_serves_the_precomputed_list(
         await local.close()
 
 
+@pytest.mark.parametrize(("read_s", "served"), [(0.06, True), (0.7, False)])
+async def test_with_candidates_down_a_slow_list_read_may_take_half_the_budget(
+    suite: Suite, read_s: float, served: bool
+) -> None:
+    """With the candidates service down, the gateway's list read is the surface's only
+    source: it may take longer than its node's 20 ms, up to half the request's remaining
+    budget (1 s here), and no longer."""
+    from edgeflow.candidates.service import ListsOnly
+    from edgeflow.gateway.engine import Clients, Engine, NodeFailed
+    from edgeflow.local.redis_server import free_port
+    from edgeflow.workflow.validate import parse_document
+
+    member, picked = _with_a_precomputed_list(suite, 5)
+    local = ListsOnly(suite.cfg)
+    read = local.generate
+
+    async def slow(request: Any) -> Any:  # a gateway starved of CPU, say
+        await asyncio.sleep(read_s)
+        return await read(request)
+
+    local.generate = slow  # type: ignore[method-assign]
+    chans = [channel(a) for a in (f"127.0.0.1:{free_port()}", suite.cfg.features_addr,
+                                  suite.cfg.scoring_addr, suite.cfg.merging_addr)]  # fmt: skip
+    engine = Engine(Clients.over(*chans), local_candidates=local)
+    try:
+        doc = yaml.safe_load((suite.cfg.workflows_dir / "pymk.yaml").read_text())
+        for node in doc["spec"]["nodes"]:
+            if node["name"] == "precomputed":
+                node["timeoutMs"] = 20
+        wf = parse_document(doc, "pymk.yaml, precomputed timeout 20 ms")
+        if served:
+            outcome = await engine.run(wf, member, 10, 1.0)
+            assert sorted(e.target for e in outcome.frame.edges) == sorted(picked)
+        else:
+            with pytest.raises(NodeFailed, match="no candidates"):
+                await engine.run(wf, member, 10, 1.0)
+    finally:
+        await engine.close()
+        for ch in chans:
+            await ch.close()
+        await local.close()
+
+
 async def test_a_stalled_candidates_service_still_yields_the_precomputed_list(
     suite: Suite,
 ) -> None:
@@ -507,8 +550,10 @@ async def test_a_merging_service_too_slow_for_its_timeout_is_stood_in_for_while_
 
         outcome = await engine.run(with_blend_timeout(40), member, 10, 5.0)
         assert len(outcome.frame.edges) == 10 and outcome.partial
-        assert any(d.startswith("blend: merging DEADLINE_EXCEEDED")
-                   and d.endswith("(fallback: local)") for d in outcome.degraded), outcome.degraded
+        assert any(
+            d.startswith("blend: merging DEADLINE_EXCEEDED") and d.endswith("(fallback: local)")
+            for d in outcome.degraded
+        ), outcome.degraded
         # The blend may wait out the whole budget: nothing is left to run it here.
         with pytest.raises(NodeFailed) as err:
             await engine.run(with_blend_timeout(60_000), member, 10, 0.5)
