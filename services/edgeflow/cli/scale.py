@@ -595,24 +595,10 @@ def run_size(
     result = work / f"size-{members}.json"
     home_root = work / f"homes-{members}"
     home_root.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgeflow.cli.scale",
-        "--members",
-        str(members),
-        "--seed",
-        str(seed),
-        "--result",
-        str(result),
-        "--home-root",
-        str(home_root),
-        "--budget",
-        str(budget_s),
-        "--redis-cluster",
-        str(redis_cluster),
-    ]
-    cmd += [] if log else ["--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "edgeflow.cli.scale", "--members", str(members),
+           "--seed", str(seed), "--result", str(result), "--home-root", str(home_root),
+           "--budget", str(budget_s), "--redis-cluster", str(redis_cluster),
+           *([] if log else ["--quiet"])]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr)
     killed = ""
