@@ -7,7 +7,10 @@ tests; the Redis-down tests run their own Redis server and stop it mid-test.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -215,6 +218,50 @@ async def test_push_then_read_back(suite: Suite) -> None:
     # A member with only an online row can now be the viewing member (no pair features).
     matrix, _ = await get(suite.stub, member=new, entities=[int(g.ids[0])])
     assert matrix[0, 0] == 3.0 and not matrix[0, 6:11].any()
+
+
+_PUSH_IN_A_CHILD = """
+import asyncio, json, multiprocessing, os, signal, sys
+from pathlib import Path
+import numpy as np
+from edgeflow import tensor
+from edgeflow.config import Config
+from edgeflow.errors import RequestError
+from edgeflow.features.schema import ENTITY_COLUMNS
+from edgeflow.features.service import FeaturesService
+from edgeflow.v1 import features_pb2
+
+async def main(home, url):
+    service = FeaturesService(Config(home=Path(home), redis_url=url))
+    await service.start()
+    row = tensor.pack(np.ones((1, len(ENTITY_COLUMNS)), np.float32), ENTITY_COLUMNS)
+    request = features_pb2.PushRequest(entities=[777000002], values=row)
+    out = {"pushed": (await service.push(request)).pushed, "feast": "feast" in sys.modules}
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    try:
+        await service.push(request)
+    except RequestError as exc:
+        out["killed"] = [exc.code.name, exc.message]
+    out["again"] = (await service.push(request)).pushed
+    await service.stop()
+    print(json.dumps(out))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_push_runs_feast_in_a_child_process(suite: Suite) -> None:
+    """Importing Feast and its pushes hold the GIL for seconds: they run in a child process,
+    so the service's own process never imports Feast; a killed child is started again."""
+    script = [sys.executable, "-c", _PUSH_IN_A_CHILD, str(suite.cfg.home), suite.cfg.redis_url]
+    run = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["pushed"] == 1 and out["feast"] is False, out
+    assert out["killed"] == ["UNAVAILABLE", "push: the Feast writer process died; retry"], out
+    assert out["again"] == 1, out
 
 
 @pytest.mark.parametrize(

@@ -204,10 +204,14 @@ def publish_member_features(
 
 def feature_store(cfg: Config) -> FeatureStore:
     """Feast's SDK over the rendered repo (imports feast, which takes seconds)."""
-    if not (cfg.feature_repo / "feature_store.yaml").is_file():
+    return feature_store_at(cfg.feature_repo)
+
+
+def feature_store_at(repo: Path) -> FeatureStore:
+    if not (repo / "feature_store.yaml").is_file():
         raise FileNotFoundError(
-            f"no Feast repo at {cfg.feature_repo}: run `edgeflow train` to publish features"
+            f"no Feast repo at {repo}: run `edgeflow train` to publish features"
         )
     from feast import FeatureStore
 
-    return FeatureStore(repo_path=str(cfg.feature_repo))
+    return FeatureStore(repo_path=str(repo))

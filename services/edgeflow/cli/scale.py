@@ -540,6 +540,10 @@ def memory(h: Any) -> dict[str, Any]:
             peak["redis"] = round((peak.get("redis") or 0.0) + (_peak_rss_mb(pid) or 0.0), 1)
         else:
             rss[name], peak[name] = mb, _peak_rss_mb(pid)
+            # e.g. the features service's Feast writer: counted, under its parent's name
+            children = sum(_rss_mb(c) for c in p.children(recursive=True))
+            if children:
+                rss[f"{name}.children"] = round(children, 1)
     client = connect(h.cfg.redis_url)
     try:
         used, used_peak = _redis_memory(client)
@@ -569,6 +573,15 @@ def _redis_memory(client: Any) -> tuple[int, int]:
     per_node = client.info("memory", target_nodes=RedisCluster.PRIMARIES).values()
     return (sum(int(i["used_memory"]) for i in per_node),
             sum(int(i["used_memory_peak"]) for i in per_node))  # fmt: skip
+
+
+def _rss_mb(p: Any) -> float:
+    import psutil
+
+    try:
+        return float(p.memory_info().rss / 2**20)
+    except psutil.Error:  # gone since it was listed
+        return 0.0
 
 
 def _peak_rss_mb(pid: int) -> float | None:

@@ -2,8 +2,8 @@
 
 `GetFeatures` reads the member and every entity from Feast's Redis layout in one round trip
 (features/online.py) and joins them with request-time pair measures from the in-memory
-graph. `Push` writes rows through Feast's push source; Feast is imported on the first Push
-only, because importing it takes seconds.
+graph. `Push` writes rows through Feast's push source from a child process
+(features/feast_writer.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -22,14 +21,13 @@ from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
 from edgeflow.features.compute import model_matrix
+from edgeflow.features.feast_writer import FeastWriter
 from edgeflow.features.online import OnlineReader, OnlineRows, OnlineValueError
 from edgeflow.features.schema import (
     EMBEDDING_DIM,
     EMBEDDING_FEATURE,
     ENTITY_COLUMNS,
-    JOIN_KEY,
     MODEL_COLUMNS,
-    PUSH_SOURCE,
     SCALAR_FEATURES,
 )
 from edgeflow.graph import pair_measures, pair_measures_work
@@ -39,10 +37,6 @@ from edgeflow.resp import RespError, RespReplyError
 from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import Service
 from edgeflow.v1 import features_pb2, features_pb2_grpc
-
-if TYPE_CHECKING:
-    import pandas as pd
-    from feast import FeatureStore
 
 log = logging.getLogger("edgeflow.features")
 
@@ -89,8 +83,7 @@ class FeaturesService(Service):
         self._rds: AsyncClient | None = None
         self._pipe = open_pipeline(cfg.redis_url)
         self._store: GraphStore | None = None
-        self._feast: FeatureStore | None = None
-        self._feast_lock = asyncio.Lock()
+        self._writer = FeastWriter(cfg.feature_repo, cfg.redis_url)
 
     def register(self, server: grpc.aio.Server) -> None:
         features_pb2_grpc.add_FeatureServiceServicer_to_server(_Servicer(self), server)
@@ -112,6 +105,7 @@ class FeaturesService(Service):
             await self.get_features(request)
 
     async def stop(self) -> None:
+        self._writer.close()
         if self._store is not None:
             await self._store.close()
         if self._rds is not None:
@@ -229,22 +223,7 @@ class FeaturesService(Service):
         scalars, embeddings, given = _push_values(request, entities)
         if not given.all() or embeddings is None:
             scalars, embeddings = await self._complete(entities, scalars, embeddings, given)
-        store = await self._feature_store()
-        now = datetime.now(UTC)
-        frame = _push_frame(entities, scalars, embeddings, now)
-        try:
-            from feast.data_source import PushMode
-
-            await asyncio.to_thread(store.push, PUSH_SOURCE, frame, to=PushMode.ONLINE)
-        except (redis.ResponseError, ValueError, KeyError) as exc:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"push: Feast rejected the rows: {exc}"
-            ) from exc
-        except (redis.RedisError, OSError) as exc:
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"push: Redis at {self.cfg.redis_url} is unavailable: {exc}",
-            ) from exc
+        await self._writer.push(entities, scalars, embeddings, datetime.now(UTC))
         return features_pb2.PushResponse(pushed=int(entities.size))
 
     async def _complete(
@@ -268,17 +247,6 @@ class FeaturesService(Service):
             )
         scalars = np.where(given, scalars, current.scalars)
         return scalars, current.embeddings if embeddings is None else embeddings
-
-    async def _feature_store(self) -> FeatureStore:
-        async with self._feast_lock:
-            if self._feast is None:
-                from edgeflow.build.feast_features import feature_store
-
-                try:
-                    self._feast = await asyncio.to_thread(feature_store, self.cfg)
-                except FileNotFoundError as exc:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"push: {exc}") from exc
-            return self._feast
 
 
 def _push_values(
@@ -328,21 +296,6 @@ def _push_values(
     if emb_given:
         embeddings = np.ascontiguousarray(values[:, [position[c] for c in _EMBEDDING_COLUMNS]])
     return scalars, embeddings, given
-
-
-def _push_frame(
-    entities: np.ndarray, scalars: np.ndarray, embeddings: np.ndarray, now: datetime
-) -> pd.DataFrame:
-    """The DataFrame Feast's push takes: every feature of the view plus timestamps."""
-    import pandas as pd
-
-    frame = pd.DataFrame({JOIN_KEY: entities})
-    for j, name in enumerate(SCALAR_FEATURES):
-        frame[name] = scalars[:, j].astype(np.float32)
-    frame[EMBEDDING_FEATURE] = list(embeddings.astype(np.float32))
-    frame["event_timestamp"] = now
-    frame["created"] = now
-    return frame
 
 
 class _Servicer(features_pb2_grpc.FeatureServiceServicer):
