@@ -45,7 +45,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     edgeflow("down", env=e)
 
 
-def test_quickstart_recommend_status_down(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.fixture
+def suite_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The module's environment, with the suite a test started stopped even if it fails, so
+    the next test does not find it up."""
+    yield env
+    edgeflow("down", env=env)
+
+
+def test_quickstart_recommend_status_down(suite_env: dict[str, str], tmp_path: Path) -> None:
+    env = suite_env
     edges = tmp_path / "edges.txt"
     write_edge_list(edges, social_graph(members=300, communities=6, seed=5))
     run = edgeflow("quickstart", "--edges", str(edges), "--members", "1", env=env)
@@ -281,3 +290,24 @@ def test_free_service_addrs_leave_each_services_metrics_port_free_too() -> None:
     both = ports + [metrics_port(p) for p in ports]
     assert len(set(both)) == len(both)  # no service's port is another's metrics port
     assert all(port_bindable(p) for p in both)
+
+
+def test_a_port_left_in_time_wait_is_free_but_a_listener_holds_it() -> None:
+    """`edgeflow up` right after `down`: the old connections' TIME_WAIT does not hold a port
+    (Redis and gRPC bind with SO_REUSEADDR), a listening socket does."""
+    import socket
+
+    from edgeflow.local.redis_server import port_bindable
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and Redis do
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not port_bindable(port, "0.0.0.0")
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.recv(1)
+        client.close()
+    assert port_bindable(port, "0.0.0.0")

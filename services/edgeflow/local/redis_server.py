@@ -236,8 +236,11 @@ def find_redis_cli() -> str:
 
 
 def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a process could bind `host`:`port` now."""
+    """Whether a process could bind `host`:`port` now. As Redis and gRPC do, with
+    SO_REUSEADDR: connections of a suite just stopped, left in TIME_WAIT, do not hold the
+    port, while a listener still does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
