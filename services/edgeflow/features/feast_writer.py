@@ -43,6 +43,11 @@ class FeastWriter:
     async def push(
         self, entities: np.ndarray, scalars: np.ndarray, embeddings: np.ndarray, now: datetime
     ) -> None:
+        if not (self._repo / "feature_store.yaml").is_file():  # say so now, not after a spawn
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"push: no Feast repo at {self._repo}: run `edgeflow train` to publish features",
+            )
         if self._pool is None:
             # spawn, not fork: the service's gRPC and Redis threads must not be copied.
             context = multiprocessing.get_context("spawn")
@@ -92,13 +97,13 @@ def _push(
     repo: str, entities: np.ndarray, scalars: np.ndarray, embeddings: np.ndarray, now: datetime
 ) -> None:
     """In the child: Feast's push of the rows, online only."""
-    from feast.data_source import PushMode
-
     from edgeflow.build.feast_features import feature_store_at
 
     store = _stores.get(repo)
     if store is None:
         store = _stores[repo] = feature_store_at(Path(repo))
+    from feast.data_source import PushMode
+
     store.push(PUSH_SOURCE, push_frame(entities, scalars, embeddings, now), to=PushMode.ONLINE)
 
 

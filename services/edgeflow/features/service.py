@@ -1,7 +1,7 @@
 """The features service: entity features from Feast's online store plus pair features.
 
 `GetFeatures` reads the member and every entity from Feast's Redis layout in one round trip
-(features/online.py) and joins them with request-time pair measures from the in-memory
+(stores/feast_online.py) and joins them with request-time pair measures from the in-memory
 graph. `Push` writes rows through Feast's push source from a child process
 (features/feast_writer.py).
 """
@@ -22,7 +22,6 @@ from edgeflow.config import Config
 from edgeflow.errors import RequestError
 from edgeflow.features.compute import model_matrix
 from edgeflow.features.feast_writer import FeastWriter
-from edgeflow.features.online import OnlineReader, OnlineRows, OnlineValueError
 from edgeflow.features.schema import (
     EMBEDDING_DIM,
     EMBEDDING_FEATURE,
@@ -31,11 +30,12 @@ from edgeflow.features.schema import (
     SCALAR_FEATURES,
 )
 from edgeflow.graph import pair_measures, pair_measures_work
-from edgeflow.graph_store import GraphNotLoaded, GraphStore, warm_sample
-from edgeflow.redis_client import AsyncClient, connect_async
-from edgeflow.resp import RespError, RespReplyError
-from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import Service
+from edgeflow.stores.feast_online import OnlineReader, OnlineRows, OnlineValueError
+from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore, warm_sample
+from edgeflow.stores.redis_client import AsyncClient, connect_async
+from edgeflow.stores.resp import RespError, RespReplyError
+from edgeflow.stores.resp_cluster import open_pipeline
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 
 log = logging.getLogger("edgeflow.features")

@@ -20,8 +20,8 @@ import hiredis
 import numpy as np
 from redis.crc import key_slot
 
-from edgeflow.redis_client import SOCKET_TIMEOUT_S, RedisAddress, parse_url
-from edgeflow.resp import (
+from edgeflow.stores.redis_client import SOCKET_TIMEOUT_S, RedisAddress, parse_url
+from edgeflow.stores.resp import (
     LOADING_WAIT_S,
     FixedReply,
     RawPipeline,

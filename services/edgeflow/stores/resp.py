@@ -18,7 +18,12 @@ from typing import TypeVar
 import hiredis
 import numpy as np
 
-from edgeflow.redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, RedisAddress, parse_url
+from edgeflow.stores.redis_client import (
+    CONNECT_TIMEOUT_S,
+    SOCKET_TIMEOUT_S,
+    RedisAddress,
+    parse_url,
+)
 
 _READ_CHUNK = 1 << 16
 T = TypeVar("T")

@@ -30,10 +30,10 @@ from typing import Any, cast
 import numpy as np
 import redis
 
-from edgeflow import keys
-from edgeflow.redis_client import AsyncClient, SyncClient, is_cluster_client, script
-from edgeflow.resp import RawPipeline, RespReplyError, encode
-from edgeflow.resp_cluster import ClusterPipeline
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import AsyncClient, SyncClient, is_cluster_client, script
+from edgeflow.stores.resp import RawPipeline, RespReplyError, encode
+from edgeflow.stores.resp_cluster import ClusterPipeline
 
 _HEADER = struct.Struct("<dB")
 _LEGACY_HEADER = struct.Struct("<d")

@@ -46,11 +46,11 @@ import numpy as np
 import qdrant_edge as qe
 from qdrant_client import QdrantClient, models
 
-from edgeflow import keys
 from edgeflow.config import Config
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import SyncClient
 
-log = logging.getLogger("edgeflow.vectors")
+log = logging.getLogger("edgeflow.stores.vectors")
 
 _UPSERT_BATCH = 1024  # points per request to a Qdrant server
 _EDGE_BATCH = 10_000  # points per in-process update

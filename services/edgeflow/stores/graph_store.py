@@ -42,9 +42,9 @@ from typing import IO, cast
 import numpy as np
 import redis
 
-from edgeflow import keys
 from edgeflow.graph import Graph, SnapshotError
-from edgeflow.redis_client import AsyncClient, SyncClient, script
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import AsyncClient, SyncClient, script
 
 log = logging.getLogger("edgeflow.graph")
 

@@ -33,8 +33,8 @@ from edgeflow.features.schema import (
     JOIN_KEY,
     SCALAR_FEATURES,
 )
-from edgeflow.redis_client import SyncClient, cluster_hmget, is_cluster_client
-from edgeflow.resp import FixedReply, RawPipeline
+from edgeflow.stores.redis_client import SyncClient, cluster_hmget, is_cluster_client
+from edgeflow.stores.resp import FixedReply, RawPipeline
 
 _LUA = """
 local out, m = {}, 0
