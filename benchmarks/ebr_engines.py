@@ -260,7 +260,7 @@ def run_qdrant_local(tmp: Path, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hnsw(params: dict[str, Any]) -> Any:
-    from edgeflow import vectors
+    from edgeflow.stores import vectors
 
     return vectors.Hnsw(
         m=params["m"], ef_construct=params["efc"], ef=params.get("ef", 128),
@@ -269,7 +269,7 @@ def _hnsw(params: dict[str, Any]) -> Any:
 
 
 def run_edge_build(tmp: Path, params: dict[str, Any]) -> dict[str, Any]:
-    from edgeflow import vectors
+    from edgeflow.stores import vectors
 
     ids, vecs, _, _ = load_work(tmp)
     store = vectors.EdgeStore(tmp / params["tag"], _hnsw(params))
@@ -294,7 +294,7 @@ def run_edge_build(tmp: Path, params: dict[str, Any]) -> dict[str, Any]:
 def run_edge_serve(tmp: Path, params: dict[str, Any]) -> dict[str, Any]:
     import qdrant_edge as qe
 
-    from edgeflow import vectors
+    from edgeflow.stores import vectors
 
     base = rss_mb()  # the interpreter and its imports, before any data
     members, ex = load_queries(tmp)

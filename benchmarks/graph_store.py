@@ -78,15 +78,16 @@ def _git_show(path: str) -> str:
 def implementation(name: str) -> tuple[Any, Any]:
     """(graph module, graph_store module) of `old` (OLD_COMMIT) or `new` (this tree)."""
     if name == "new":
-        from edgeflow import graph, graph_store
+        from edgeflow import graph
+        from edgeflow.stores import graph_store
 
         return graph, graph_store
     if "edgeflow_old_graph_store" in sys.modules:
         return sys.modules["edgeflow_old_graph"], sys.modules["edgeflow_old_graph_store"]
-    _module("edgeflow_old_keys", _git_show("services/edgeflow/keys.py"))
+    _module("edgeflow_old_keys", _git_show("services/edgeflow/stores/keys.py"))
     graph = _module("edgeflow_old_graph", _git_show("services/edgeflow/graph.py"))
     source = (
-        _git_show("services/edgeflow/graph_store.py")
+        _git_show("services/edgeflow/stores/graph_store.py")
         .replace("from edgeflow import keys", "import edgeflow_old_keys as keys")
         .replace("from edgeflow.graph import", "from edgeflow_old_graph import")
     )

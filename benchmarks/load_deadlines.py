@@ -51,15 +51,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgeflow import auth, lists
+from edgeflow import auth
 from edgeflow.cli.harness import suite_config
 from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph, read_edge_file
-from edgeflow.graph_store import save_graph
 from edgeflow.local import suite as local
 from edgeflow.local.redis_server import stop_pid
-from edgeflow.redis_client import connect
 from edgeflow.server import channel
+from edgeflow.stores import lists
+from edgeflow.stores.graph_store import save_graph
+from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 FACEBOOK = REPO_ROOT.parent / "shared" / "data" / "facebook_combined.txt"

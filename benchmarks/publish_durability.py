@@ -35,7 +35,7 @@ import numpy as np
 
 from edgeflow.local.redis_server import start_redis
 from edgeflow.nearline.events import Event, publish
-from edgeflow.redis_client import connect, connect_async
+from edgeflow.stores.redis_client import connect, connect_async
 
 POLICIES = ("off", "no", "everysec", "always")  # off: no AOF (the baseline)
 

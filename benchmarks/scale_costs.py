@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from edgeflow import config, lists
+from edgeflow import config
 from edgeflow.build.synthetic import social_graph
 from edgeflow.cli.harness import running_suite
 from edgeflow.graph import Graph
@@ -50,7 +50,8 @@ from edgeflow.nearline.worker import Processor, PushFailed
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
-from edgeflow.redis_client import connect
+from edgeflow.stores import lists
+from edgeflow.stores.redis_client import connect
 
 SAMPLE_MEMBERS = 1500
 EVENTS = 40
@@ -139,7 +140,7 @@ def _events(cfg: config.Config, ids: np.ndarray, adjacency: Any, n: int) -> list
 def nearline(cfg: config.Config, profile: Path | None, tag: str) -> dict[str, float]:
     import redis.asyncio as aioredis
 
-    from edgeflow import keys
+    from edgeflow.stores import keys
 
     client = connect(cfg.redis_url)
     processor = Processor(cfg, client, f"scale-costs-{os.getpid()}")

@@ -16,9 +16,9 @@ from edgeflow.build.feast_features import render_repo
 from edgeflow.build.train import train
 from edgeflow.config import Config
 from edgeflow.graph import Graph
-from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.redis_client import connect
+from edgeflow.stores.graph_store import save_graph
+from edgeflow.stores.redis_client import connect
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,12 +34,13 @@ from typing import Any
 
 import grpc
 
+from edgeflow import config
+
 log = logging.getLogger("edgeflow.auth")
 
 SCOPES = ("recommend", "publish", "explain", "admin")
 KEYS_FILE = Path("auth") / "keys.json"
 ADMIN_KEY_FILE = Path("auth") / "admin.key"
-API_KEY_ENV = "EDGEFLOW_API_KEY"
 RECOMMENDER = "/edgeflow.v1.Recommender/"
 # Methods and the scope each needs; any other method of any service needs admin.
 METHOD_SCOPES = {
@@ -128,7 +129,7 @@ def ensure_admin_key(home: Path, keys_path: Path) -> str:
 
 def local_key(home: Path) -> str | None:
     """The key the CLI sends: $EDGEFLOW_API_KEY, else the local admin key if there is one."""
-    env = os.environ.get(API_KEY_ENV, "").strip()
+    env = config.api_key()
     if env:
         return env
     try:

@@ -60,6 +60,8 @@ class Config:
     scoring_addr: str = field(default_factory=lambda: _env("SCORING_ADDR", "127.0.0.1:50063"))
     merging_addr: str = field(default_factory=lambda: _env("MERGING_ADDR", "127.0.0.1:50064"))
     gateway_addr: str = field(default_factory=lambda: _env("GATEWAY_ADDR", "127.0.0.1:50060"))
+    # The nearline worker's health and metrics endpoint (it serves no edgeflow API).
+    nearline_addr: str = field(default_factory=lambda: _env("NEARLINE_ADDR", "127.0.0.1:50065"))
     # API keys on the gateway (edgeflow.auth): "on" in `edgeflow up` and the chart.
     auth: bool = field(default_factory=lambda: _env("EDGEFLOW_AUTH", "off") == "on")
     # The keys file; empty: $EDGEFLOW_HOME/auth/keys.json.
@@ -162,6 +164,26 @@ class Config:
     def keys_path(self) -> Path:
         """The API keys file the gateway checks callers against (edgeflow.auth)."""
         return Path(self.auth_keys) if self.auth_keys else self.home / "auth" / "keys.json"
+
+
+# Settings of one command rather than of a suite's processes.
+API_KEY_ENV = "EDGEFLOW_API_KEY"
+FSYNC_ENV = "EDGEFLOW_REDIS_FSYNC"
+
+
+def api_key() -> str:
+    """The API key the CLI sends to the gateway; empty: the local admin key (auth.py)."""
+    return _env(API_KEY_ENV, "")
+
+
+def redis_fsync() -> str:
+    """When a local Redis fsyncs its AOF (local/redis_server.py)."""
+    return _env(FSYNC_ENV, "always")
+
+
+def job_completion_index() -> str:
+    """The shard of an offline job pod: a Kubernetes Indexed Job sets it; empty: none."""
+    return _env("JOB_COMPLETION_INDEX", "")
 
 
 def load() -> Config:

@@ -15,10 +15,10 @@ import redis
 import redis.cluster
 from test_cli import edgeflow
 
-from edgeflow import keys, redis_client
 from edgeflow.build.synthetic import social_graph, write_edge_list
 from edgeflow.local.redis_server import free_cluster_ports, process_alive
 from edgeflow.local.suite import free_service_addrs
+from edgeflow.stores import keys, redis_client
 
 pytestmark = pytest.mark.e2e
 

@@ -22,16 +22,16 @@ import yaml
 from inprocess import Suite, members_with_degree, running, small_eval
 from world import World, clone
 
-from edgeflow import keys
 from edgeflow.build.synthetic import social_graph
 from edgeflow.cli.diversity_eval import intra_list_similarity
 from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree
-from edgeflow.graph_store import GraphNotLoaded
 from edgeflow.merging import diversity
 from edgeflow.merging.service import MergingService
-from edgeflow.redis_client import connect
 from edgeflow.server import channel
+from edgeflow.stores import keys
+from edgeflow.stores.graph_store import GraphNotLoaded
+from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc, tensor_pb2
 from edgeflow.workflow.modes import precomputed_view
 from edgeflow.workflow.validate import WorkflowError, parse_document

@@ -21,14 +21,12 @@ import numpy as np
 import pytest
 import redis
 
-from edgeflow import keys, lists
 from edgeflow.build.synthetic import social_graph
 from edgeflow.build.train import train
 from edgeflow.candidates.sources import VectorIndex
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.compute import model_matrix
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree
-from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.merging import blend
 from edgeflow.offline import job
@@ -51,8 +49,10 @@ from edgeflow.offline.pairs import (
 )
 from edgeflow.offline.ranking import BlendInput, _exact, blend_batch
 from edgeflow.offline.rows import Rows, union
-from edgeflow.redis_client import connect
-from edgeflow.vectors import MARKER, EdgeReplica
+from edgeflow.stores import keys, lists
+from edgeflow.stores.graph_store import save_graph
+from edgeflow.stores.redis_client import connect
+from edgeflow.stores.vectors import MARKER, EdgeReplica
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.modes import list_name, precomputed_view, served_workflows
 from edgeflow.workflow.validate import WorkflowError

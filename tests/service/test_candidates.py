@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qdrant_client import QdrantClient, models
 
-from edgeflow import keys, lists, tensor, vectors
+from edgeflow import tensor
 from edgeflow.candidates.service import CandidatesService, create
 from edgeflow.candidates.sources import (
     EbrSource,
@@ -43,9 +43,10 @@ from edgeflow.candidates.sources import (
 )
 from edgeflow.config import Config
 from edgeflow.graph import Graph, pair_measures, read_edge_file
-from edgeflow.graph_store import GraphStore, save_graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.server import channel, start_server
+from edgeflow.stores import keys, lists, vectors
+from edgeflow.stores.graph_store import GraphStore, save_graph
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
 
 # A QdrantClient for a server that is not there warns (later, from its own thread).

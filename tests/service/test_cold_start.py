@@ -24,14 +24,14 @@ from edgeflow.build.train import train
 from edgeflow.candidates.sources import fill_popular, popular_near
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.graph import Graph, inverse_log_degree
-from edgeflow.graph_store import load_graph, save_graph
 from edgeflow.local.redis_server import start_redis
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
-from edgeflow.redis_client import connect
 from edgeflow.server import channel, drain, start_server
+from edgeflow.stores.graph_store import load_graph, save_graph
+from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 Event = gateway_pb2.MemberEvent

@@ -21,7 +21,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import cpu, lists, metrics
+from edgeflow import cpu, metrics
 from edgeflow.candidates import sources
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.candidates.sources import GraphSource
@@ -38,9 +38,10 @@ from edgeflow.graph import (
     pair_measures_work,
     read_edge_file,
 )
-from edgeflow.graph_store import GraphStore, save_graph
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.server import channel, start_server
+from edgeflow.stores import lists
+from edgeflow.stores.graph_store import GraphStore, save_graph
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, features_pb2
 from edgeflow.workflow.validate import load_workflow
 

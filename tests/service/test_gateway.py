@@ -19,9 +19,10 @@ from inprocess import Suite, members_with_degree
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from edgeflow import keys, lists, tracing
-from edgeflow.redis_client import connect
+from edgeflow import tracing
 from edgeflow.server import channel, start_server
+from edgeflow.stores import keys, lists
+from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import gateway_pb2
 from edgeflow.v1.gateway_pb2_grpc import RecommenderStub
 
@@ -476,10 +477,10 @@ async def test_with_merging_down_the_gateway_merges_and_filters_itself(suite: Su
     response says what happened."""
     import redis as redis_sync
 
-    from edgeflow import keys
     from edgeflow.gateway.engine import Clients, Engine
     from edgeflow.local.redis_server import free_port
     from edgeflow.merging.service import MergingService
+    from edgeflow.stores import keys
     from edgeflow.workflow.validate import load_workflow
 
     member = members_with_degree(suite.graph, 8)[4]

@@ -18,12 +18,13 @@ from inprocess import Suite, members_with_degree
 from prometheus_client import REGISTRY
 from sklearn.linear_model import LogisticRegression
 
-from edgeflow import keys, metrics
+from edgeflow import metrics
 from edgeflow.build.ranker import export_onnx
 from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import records
-from edgeflow.redis_client import connect
 from edgeflow.scoring.registry import publish_model, published_versions
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import gateway_pb2
 from edgeflow.workflow.validate import load_workflow
 

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from inprocess import Suite, members_with_degree
 
-from edgeflow import keys, lists
 from edgeflow.config import REPO_ROOT
 from edgeflow.merging import impressions
-from edgeflow.redis_client import SyncClient, connect
 from edgeflow.server import channel
+from edgeflow.stores import keys, lists
+from edgeflow.stores.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, merging_pb2, merging_pb2_grpc, tensor_pb2
 from edgeflow.workflow.validate import WorkflowError, parse_document
 

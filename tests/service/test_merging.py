@@ -14,10 +14,9 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgeflow import keys, tensor
+from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.graph import Graph
-from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
 from edgeflow.merging import blend, filters
 from edgeflow.merging import service as merging_service
@@ -25,8 +24,10 @@ from edgeflow.merging import wire as edge_wire
 from edgeflow.merging.blend import BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.merging.service import MergingService, create
-from edgeflow.resp import RawPipeline
 from edgeflow.server import channel, start_server
+from edgeflow.stores import keys
+from edgeflow.stores.graph_store import save_graph
+from edgeflow.stores.resp import RawPipeline
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc, tensor_pb2
 
 NAN = float("nan")

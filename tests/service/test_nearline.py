@@ -25,15 +25,22 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
 
-from edgeflow import keys, lists
 from edgeflow.build.synthetic import social_graph
 from edgeflow.build.train import train
 from edgeflow.cli.recommend import empty_reasons
 from edgeflow.config import REPO_ROOT, Config
-from edgeflow.features.online import OnlineReader
 from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
-from edgeflow.graph_store import (
+from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
+from edgeflow.nearline import worker as worker_module
+from edgeflow.nearline.worker import NearlineWorker
+from edgeflow.offline import job
+from edgeflow.offline.context import find_workflow, load_inputs
+from edgeflow.offline.executor import BatchRunner
+from edgeflow.server import Service, channel, drain, start_server
+from edgeflow.stores import keys, lists
+from edgeflow.stores.feast_online import OnlineReader
+from edgeflow.stores.graph_store import (
     GraphStore,
     append_deltas,
     compact_graph,
@@ -41,16 +48,9 @@ from edgeflow.graph_store import (
     save_graph,
     snapshot_of,
 )
-from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
-from edgeflow.nearline import worker as worker_module
-from edgeflow.nearline.worker import NearlineWorker
-from edgeflow.offline import job
-from edgeflow.offline.context import find_workflow, load_inputs
-from edgeflow.offline.executor import BatchRunner
-from edgeflow.redis_client import connect
-from edgeflow.server import Service, channel, drain, start_server
+from edgeflow.stores.redis_client import connect
+from edgeflow.stores.vectors import EdgeReplica
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from edgeflow.vectors import EdgeReplica
 from edgeflow.workflow.ops import BlendParams
 
 Event = gateway_pb2.MemberEvent

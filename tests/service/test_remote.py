@@ -39,12 +39,12 @@ from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS
 from edgeflow.gateway.frame import Frame, SourceInfo
 from edgeflow.gateway.remote import RemoteError, RemoteScorer, infer_request, read_scores
 from edgeflow.graph import Graph
-from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import free_port, start_redis
-from edgeflow.redis_client import connect
 from edgeflow.scoring.oip import InferenceServicer
 from edgeflow.scoring.service import ScoringService
 from edgeflow.server import channel
+from edgeflow.stores.graph_store import save_graph
+from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import (
     features_pb2,
     features_pb2_grpc,

@@ -15,7 +15,6 @@ import pytest
 import redis
 from rich.console import Console
 
-from edgeflow import keys, vectors
 from edgeflow.build import ranker as rk
 from edgeflow.build.embeddings import member_embeddings, normalized
 from edgeflow.build.train import TrainError, train
@@ -23,9 +22,10 @@ from edgeflow.config import Config
 from edgeflow.features.compute import member_features
 from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS, SCALAR_FEATURES
 from edgeflow.graph import Graph, read_edge_file, split_edges
-from edgeflow.graph_store import save_graph
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.offline.progress import Stages
+from edgeflow.stores import keys, vectors
+from edgeflow.stores.graph_store import save_graph
 
 
 def community_graph(n: int = 400, groups: int = 8, seed: int = 0, isolated: int = 3) -> Graph:

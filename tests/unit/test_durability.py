@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeflow import keys
 from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.nearline.events import Event, publish
-from edgeflow.redis_client import connect, connect_async
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import connect, connect_async
 
 
 def sigkill(proc: RedisProcess) -> None:

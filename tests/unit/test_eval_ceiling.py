@@ -7,7 +7,7 @@ from pathlib import Path
 from edgeflow.cli.ceiling import candidate_requests, ceiling
 from edgeflow.workflow.validate import load_workflow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ceiling_counts_each_source_their_union_and_what_no_source_returns() -> None:

@@ -17,7 +17,7 @@ from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.local.redis_server import RedisProcess
-from edgeflow.resp import RawPipeline
+from edgeflow.stores.resp import RawPipeline
 from edgeflow.workflow.assign import BUCKETS, Bucketing, assign, bucket
 from edgeflow.workflow.model import Experiment
 from edgeflow.workflow.validate import (

@@ -15,7 +15,6 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from edgeflow import keys
 from edgeflow.cli.main import main
 from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import stats
@@ -25,6 +24,7 @@ from edgeflow.experiments.report import Report, ReportError, report, spec_contro
 from edgeflow.experiments.shadow_report import summarize
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.nearline import events
+from edgeflow.stores import keys
 
 HOUR = 3600.0
 T0 = 1_700_000_000.0

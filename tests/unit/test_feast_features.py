@@ -23,16 +23,6 @@ from edgeflow.build.feast_features import (
 )
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.compute import member_features
-from edgeflow.features.online import (
-    USUAL_REPLY,
-    OnlineReader,
-    OnlineRows,
-    OnlineValueError,
-    decode_usual,
-    decode_value,
-    entity_keys,
-    field_key,
-)
 from edgeflow.features.schema import (
     EMBEDDING_DIM,
     EMBEDDING_FEATURE,
@@ -45,6 +35,16 @@ from edgeflow.features.schema import (
 )
 from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess
+from edgeflow.stores.feast_online import (
+    USUAL_REPLY,
+    OnlineReader,
+    OnlineRows,
+    OnlineValueError,
+    decode_usual,
+    decode_value,
+    entity_keys,
+    field_key,
+)
 
 ABSENT = [10**9 + 7, 123_456_789_012, 5]  # never published
 
@@ -229,7 +229,7 @@ def test_reader_equals_feast_sdk_for_every_member(
 async def test_pipelined_reader_equals_script_reader(
     published: Published, redis_proc: RedisProcess, client: redis.Redis
 ) -> None:
-    from edgeflow.resp import RawPipeline
+    from edgeflow.stores.resp import RawPipeline
 
     pipe = RawPipeline(redis_proc.url)
     try:
@@ -295,7 +295,7 @@ def test_bad_stored_values_are_named(published: Published, client: redis.Redis) 
 async def test_pipelined_reader_equals_feast_sdk(
     published: Published, store: Any, redis_proc: RedisProcess
 ) -> None:
-    from edgeflow.resp import RawPipeline
+    from edgeflow.stores.resp import RawPipeline
 
     pipe = RawPipeline(redis_proc.url)
     try:
@@ -317,7 +317,7 @@ async def test_usual_replies_read_as_a_matrix_equal_feast_sdk(
     parser, and every read equals Feast's SDK."""
     from feast.protos.feast.types.Value_pb2 import FloatList, Value
 
-    from edgeflow.resp import RawPipeline
+    from edgeflow.stores.resp import RawPipeline
 
     odd = 900_004
     client.hset(

@@ -18,10 +18,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import graph_store, keys
 from edgeflow.build.synthetic import social_graph
 from edgeflow.graph import Graph, SnapshotError, friends_of_friends, inverse_log_degree
-from edgeflow.graph_store import (
+from edgeflow.local.redis_server import RedisProcess
+from edgeflow.stores import graph_store, keys
+from edgeflow.stores.graph_store import (
     GraphNotLoaded,
     GraphSnapshotError,
     GraphStore,
@@ -31,7 +32,6 @@ from edgeflow.graph_store import (
     open_snapshot,
     save_graph,
 )
-from edgeflow.local.redis_server import RedisProcess
 
 
 def sample_graph(members: int = 300, seed: int = 1) -> Graph:
@@ -216,7 +216,7 @@ _READER = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import redis
-    from edgeflow.graph_store import load_graph
+    from edgeflow.stores.graph_store import load_graph
     graph = load_graph(redis.Redis.from_url(sys.argv[1]), cache_dir=Path(sys.argv[2]))
     maps = [ln.split()[-1] for ln in open("/proc/self/maps") if ln.rstrip().endswith(".graph")]
     print(json.dumps({"hash": graph.data_hash(), "maps": sorted(set(maps))}), flush=True)

@@ -17,9 +17,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import keys, lists
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.resp import RawPipeline
+from edgeflow.stores import keys, lists
+from edgeflow.stores.resp import RawPipeline
 
 Reader = aioredis.Redis | RawPipeline
 

@@ -17,7 +17,6 @@ import pytest
 import redis
 import redis.cluster
 
-from edgeflow import keys, lists, redis_client
 from edgeflow.local.redis_server import (
     RedisProcess,
     find_redis_cli,
@@ -26,8 +25,14 @@ from edgeflow.local.redis_server import (
 )
 from edgeflow.nearline import events
 from edgeflow.nearline.events import Event
-from edgeflow.resp import BitsReply, RawPipeline, RespReplyError, encode
-from edgeflow.resp_cluster import ClusterPipeline, command_slot, open_pipeline, split_commands
+from edgeflow.stores import keys, lists, redis_client
+from edgeflow.stores.resp import BitsReply, RawPipeline, RespReplyError, encode
+from edgeflow.stores.resp_cluster import (
+    ClusterPipeline,
+    command_slot,
+    open_pipeline,
+    split_commands,
+)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +279,7 @@ def test_graph_snapshots_deltas_and_compaction_on_a_cluster(
     cluster: str, client: redis.cluster.RedisCluster, tmp_path: Path
 ) -> None:
     from edgeflow.graph import Graph
-    from edgeflow.graph_store import append_deltas, compact_graph, load_graph, save_graph
+    from edgeflow.stores.graph_store import append_deltas, compact_graph, load_graph, save_graph
 
     graph = Graph.from_edges(np.array([1, 2, 3, 4, 1]), np.array([2, 3, 4, 1, 3]), version="g1")
     save_graph(client, graph)

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from edgeflow import redis_client
 from edgeflow.cli import CliError, scale
 from edgeflow.local import redis_server, supervisor
 from edgeflow.local import suite as local
@@ -29,6 +28,7 @@ from edgeflow.local.redis_server import (
     start_cluster,
     wait_cluster_ok,
 )
+from edgeflow.stores import redis_client
 
 # Keys whose hash slots lie on different masters of a 3-master cluster (slots 0-5460,
 # 5461-10922, 10923-16383 with --cluster create's even split), checked below anyway.

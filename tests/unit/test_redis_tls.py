@@ -16,12 +16,12 @@ import pytest
 import redis
 from certs import HAVE_OPENSSL, make_ca, sign
 
-from edgeflow import redis_client
 from edgeflow.build.feast_features import feast_connection_string
 from edgeflow.build.synthetic import social_graph, write_edge_list
 from edgeflow.local.redis_server import find_redis_server, free_port, quick_client, stop_pid
-from edgeflow.resp import RespError, encode
-from edgeflow.resp_cluster import open_pipeline
+from edgeflow.stores import redis_client
+from edgeflow.stores.resp import RespError, encode
+from edgeflow.stores.resp_cluster import open_pipeline
 
 pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs openssl")
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.resp import FixedReply, RawPipeline, RespError, RespReplyError, encode
+from edgeflow.stores.resp import FixedReply, RawPipeline, RespError, RespReplyError, encode
 
 
 async def test_pipeline_replies_in_order(redis_proc: RedisProcess, redis_client: object) -> None:
@@ -102,7 +102,7 @@ async def test_database_from_url(redis_proc: RedisProcess, redis_client: redis.R
 async def test_a_loading_redis_is_waited_for_briefly_then_unavailable(tmp_path: Path) -> None:
     from loading_redis import is_loading, loading_redis
 
-    from edgeflow.resp import RespLoading
+    from edgeflow.stores.resp import RespLoading
 
     # About 10 minutes of loading: it is still loading whatever this machine's speed.
     with loading_redis(tmp_path, keys=3000, delay_us=200_000) as proc:
@@ -138,7 +138,7 @@ async def test_a_redis_that_finishes_loading_within_the_wait_answers(tmp_path: P
 async def test_the_request_path_redis_py_client_gives_up_on_loading(tmp_path: Path) -> None:
     from loading_redis import loading_redis
 
-    from edgeflow.redis_client import connect_async
+    from edgeflow.stores.redis_client import connect_async
 
     with loading_redis(tmp_path, keys=3000, delay_us=200_000) as proc:
         client = connect_async(proc.url)

@@ -23,7 +23,7 @@ import numpy as np
 from edgeflow.config import Config
 from edgeflow.features.schema import EMBEDDING_DIM, EMBEDDING_FEATURE, JOIN_KEY, SCALAR_FEATURES
 from edgeflow.graph import Graph
-from edgeflow.redis_client import is_cluster, parse_url
+from edgeflow.stores.redis_client import is_cluster, parse_url
 
 if TYPE_CHECKING:
     from feast import FeatureStore

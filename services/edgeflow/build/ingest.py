@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from edgeflow import keys
 from edgeflow.config import Config
 from edgeflow.graph import Graph, read_edge_list
-from edgeflow.graph_store import save_graph
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores import keys
+from edgeflow.stores.graph_store import save_graph
+from edgeflow.stores.redis_client import SyncClient
 
 
 def ingest_file(

@@ -16,14 +16,14 @@ from typing import Any
 
 import redis
 
-from edgeflow import redis_client, vectors
 from edgeflow.build.embeddings import member_embeddings
 from edgeflow.build.ranker import EBR_LIMIT, FOF_LIMIT, train_ranker
 from edgeflow.config import Config
 from edgeflow.features.compute import member_features
 from edgeflow.features.schema import EMBEDDING_DIM
-from edgeflow.graph_store import GraphNotLoaded, load_graph
 from edgeflow.offline.progress import Stages, duration
+from edgeflow.stores import redis_client, vectors
+from edgeflow.stores.graph_store import GraphNotLoaded, load_graph
 
 
 class TrainError(RuntimeError):

@@ -31,10 +31,10 @@ from edgeflow.candidates.sources import (
 )
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
-from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
-from edgeflow.lists import ListError
-from edgeflow.redis_client import AsyncClient, connect_async
 from edgeflow.server import Service
+from edgeflow.stores.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
+from edgeflow.stores.lists import ListError
+from edgeflow.stores.redis_client import AsyncClient, connect_async
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
 
 log = logging.getLogger("edgeflow.candidates")

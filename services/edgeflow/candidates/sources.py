@@ -20,12 +20,13 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from edgeflow import cpu, keys, lists, metrics, vectors
+from edgeflow import cpu, metrics
 from edgeflow.config import Config
 from edgeflow.graph import Graph, expansion_budget, friends_of_friends
-from edgeflow.graph_store import GraphNotLoaded, GraphStore
-from edgeflow.redis_client import AsyncClient
-from edgeflow.resp_cluster import open_pipeline
+from edgeflow.stores import keys, lists, vectors
+from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore
+from edgeflow.stores.redis_client import AsyncClient
+from edgeflow.stores.resp_cluster import open_pipeline
 
 log = logging.getLogger("edgeflow.candidates")
 

@@ -500,8 +500,8 @@ async def nearline_freshness(
     are stored, at `rate` events per second (after a warm-up that loads Feast's push)."""
     import redis.asyncio as aioredis
 
-    from edgeflow import keys, lists
-    from edgeflow.redis_client import connect, parse_url
+    from edgeflow.stores import keys, lists
+    from edgeflow.stores.redis_client import connect, parse_url
 
     rng = np.random.default_rng(11)
     stored: dict[str, float] = {}

@@ -9,7 +9,7 @@ from edgeflow import config
 from edgeflow.cli import CliError
 from edgeflow.graph import EdgeFileError
 from edgeflow.offline.progress import Stages, duration
-from edgeflow.redis_client import connect
+from edgeflow.stores.redis_client import connect
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with stages.stage("loading scikit-learn, ONNX and Qdrant"):
         from edgeflow.build.train import train
-        from edgeflow.graph_store import GraphNotLoaded
+        from edgeflow.stores.graph_store import GraphNotLoaded
 
     try:
         report = train(cfg, seed=args.seed, model_name=args.model, stages=stages)

@@ -19,13 +19,14 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from edgeflow import config, keys
+from edgeflow import config
 from edgeflow.build.embeddings import member_embeddings, normalized
 from edgeflow.cli import CliError
 from edgeflow.features.schema import EMBEDDING_DIM
 from edgeflow.graph import Graph
 from edgeflow.merging import diversity
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import SyncClient
 from edgeflow.workflow.ops import DiversityParams
 
 SURFACE = "pymk"

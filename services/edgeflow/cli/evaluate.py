@@ -26,7 +26,7 @@ from edgeflow.graph import (
     read_edge_file,
     split_edges,
 )
-from edgeflow.redis_client import SyncClient, connect
+from edgeflow.stores.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 from edgeflow.workflow.validate import load_directory
 

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edgeflow import config
     from edgeflow.experiments.report import ReportError
-    from edgeflow.redis_client import connect
+    from edgeflow.stores.redis_client import connect
 
     cfg = config.load()
     url = args.redis_url or cfg.redis_url

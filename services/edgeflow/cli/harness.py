@@ -18,7 +18,7 @@ import grpc
 from edgeflow import config, server, tls
 from edgeflow.graph import Graph
 from edgeflow.local import suite as local
-from edgeflow.redis_client import connect
+from edgeflow.stores.redis_client import connect
 
 if TYPE_CHECKING:
     from edgeflow.build.train import TrainReport
@@ -72,7 +72,7 @@ def running_suite(
     instead of one Redis server.
     """
     from edgeflow.build.train import train
-    from edgeflow.graph_store import save_graph
+    from edgeflow.stores.graph_store import save_graph
 
     if (graph is None) == (edges is None):
         raise ValueError("running_suite needs a graph or an edge file, not both")

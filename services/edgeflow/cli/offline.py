@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, cast
@@ -17,10 +16,11 @@ from typing import Any, cast
 import redis
 from threadpoolctl import threadpool_limits
 
-from edgeflow import config, lists
+from edgeflow import config
 from edgeflow.cli import CliError
 from edgeflow.offline.progress import Stages, timestamp
-from edgeflow.redis_client import SyncClient, connect
+from edgeflow.stores import lists
+from edgeflow.stores.redis_client import SyncClient, connect
 
 # With --progress and no terminal, a count line at most this often (Kubernetes logs, CI).
 PROGRESS_EVERY_S = 10.0
@@ -41,8 +41,8 @@ def _client(cfg: config.Config) -> SyncClient:
 def _shard(args: argparse.Namespace, shards: int) -> int | None:
     raw: Any = args.shard
     where = "--shard"
-    if raw is None and os.environ.get("JOB_COMPLETION_INDEX", "").strip():
-        raw, where = os.environ["JOB_COMPLETION_INDEX"].strip(), "JOB_COMPLETION_INDEX"
+    if raw is None and (index := config.job_completion_index()):
+        raw, where = index, "JOB_COMPLETION_INDEX"
     if raw is None:
         return None
     try:
@@ -61,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
         every=PROGRESS_EVERY_S if running and args.progress else None,
     )
     with stages.stage(f"loading workflow {args.workflow}") as st:
-        from edgeflow.graph_store import GraphNotLoaded
         from edgeflow.offline import job
         from edgeflow.offline.context import find_workflow, load_inputs
         from edgeflow.offline.executor import BatchRunner, OfflineError
         from edgeflow.offline.local import ShardFailed, run_local, workflow_argument
+        from edgeflow.stores.graph_store import GraphNotLoaded
         from edgeflow.workflow.modes import list_name
         from edgeflow.workflow.validate import WorkflowError
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     try:
         if args.local:
-            from edgeflow.graph_store import load_graph
+            from edgeflow.stores.graph_store import load_graph
 
             with stages.stage("counting the members") as st:
                 total = load_graph(client, deltas=False).n
@@ -185,8 +185,8 @@ def _print(reports: list[dict[str, Any]], seconds: float, as_json: bool, name: s
 
 
 def _status(client: SyncClient, name: str) -> int:
-    from edgeflow import keys
     from edgeflow.offline import job
+    from edgeflow.stores import keys
 
     now = time.time()
     live = lists.current_version(client, name)

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         from edgeflow.build.ingest import ingest_file
         from edgeflow.build.train import train
         from edgeflow.graph import EdgeFileError
-        from edgeflow.redis_client import connect
+        from edgeflow.stores.redis_client import connect
     seconds["loading libraries"] = st.seconds
 
     notes: list[str] = []

@@ -523,7 +523,7 @@ def memory(h: Any) -> dict[str, Any]:
     import psutil
 
     from edgeflow.local.suite import is_redis_name
-    from edgeflow.redis_client import connect
+    from edgeflow.stores.redis_client import connect
 
     rss: dict[str, float] = {}
     peak: dict[str, float | None] = {}
@@ -565,7 +565,7 @@ def _redis_memory(client: Any) -> tuple[int, int]:
     client's plain INFO answers from one node only)."""
     from redis.cluster import RedisCluster
 
-    from edgeflow.redis_client import is_cluster_client
+    from edgeflow.stores.redis_client import is_cluster_client
 
     if not is_cluster_client(client):
         info = client.info("memory")

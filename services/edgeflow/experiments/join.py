@@ -21,9 +21,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-from edgeflow import keys
 from edgeflow.experiments.records import EXPOSURES, Exposure
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import SyncClient
 
 ACCEPTANCES = frozenset({"connect", "follow"})
 DISMISS = "dismiss"

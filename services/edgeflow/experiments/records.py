@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from edgeflow import keys
+from edgeflow.stores import keys
 
 EXPOSURES = keys.PREFIX + "exposures"
 SHADOW = keys.PREFIX + "shadow"

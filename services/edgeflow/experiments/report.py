@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeflow.experiments import stats
 from edgeflow.experiments.join import DEFAULT_WINDOW_S, JoinResult, join
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores.redis_client import SyncClient
 from edgeflow.workflow.validate import load_directory
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgeflow.experiments.join import read_stream
 from edgeflow.experiments.records import SHADOW, ShadowComparison
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores.redis_client import SyncClient
 
 
 @dataclass

@@ -15,7 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from edgeflow.resp import RawPipeline, RespReplyError, encode
+from edgeflow.stores.resp import RawPipeline, RespReplyError, encode
 
 log = logging.getLogger("edgeflow.experiments")
 

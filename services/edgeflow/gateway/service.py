@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from edgeflow import auth, keys, metrics, tls
+from edgeflow import auth, metrics, tls
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
@@ -27,10 +27,11 @@ from edgeflow.guard import RateLimitedLog
 from edgeflow.merging import impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
-from edgeflow.redis_client import AsyncClient, connect_async
-from edgeflow.resp import RawPipeline, RespError, RespReplyError, encode
-from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import Service, channel, connect
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import AsyncClient, connect_async
+from edgeflow.stores.resp import RawPipeline, RespError, RespReplyError, encode
+from edgeflow.stores.resp_cluster import open_pipeline
 from edgeflow.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from edgeflow import config
+
 RDB = "dump.rdb"
 AOF_FILES = ("appendonlydir", "appendonly.aof")  # Redis 7's directory, Redis 6's file
 
@@ -60,13 +62,14 @@ class RedisProcess:
 # write, so an acknowledged write survives a crash of Redis or of the machine), "everysec" or
 # "no" (the kernel's choice; up to a second or more of acknowledged writes can be lost).
 FSYNC_POLICIES = ("always", "everysec", "no")
-FSYNC_ENV = "EDGEFLOW_REDIS_FSYNC"
 
 
 def fsync_policy() -> str:
-    policy = os.environ.get(FSYNC_ENV, "always")
+    policy = config.redis_fsync()
     if policy not in FSYNC_POLICIES:
-        raise ValueError(f"{FSYNC_ENV} must be one of {', '.join(FSYNC_POLICIES)}, got {policy!r}")
+        raise ValueError(
+            f"{config.FSYNC_ENV} must be one of {', '.join(FSYNC_POLICIES)}, got {policy!r}"
+        )
     return policy
 
 

@@ -40,12 +40,10 @@ from edgeflow.local.redis_server import (
     start_redis,
     stop_pid,
 )
-from edgeflow.redis_client import cluster_url, parse_url
 from edgeflow.server import configured_channel
+from edgeflow.stores.redis_client import cluster_url, parse_url
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
-# The nearline worker serves health only; its port is not a peer address in Config.
-NEARLINE_ADDR = "127.0.0.1:50065"
 PROCESSES = ("redis", *SERVICES)
 # With fixed ports, each service's /metrics listens this far above its gRPC port.
 METRICS_OFFSET = 1000
@@ -288,11 +286,7 @@ def check_home_redis(suite: Suite) -> None:
 
 def service_port(cfg: Config, name: str) -> int:
     """The port of a service's address: GATEWAY_ADDR, ..., NEARLINE_ADDR (or its default)."""
-    if name == "nearline":
-        addr = os.environ.get("NEARLINE_ADDR", "").strip() or NEARLINE_ADDR
-    else:
-        addr = getattr(cfg, f"{name}_addr")
-    return int(addr.rsplit(":", 1)[1])
+    return int(getattr(cfg, f"{name}_addr").rsplit(":", 1)[1])
 
 
 def metrics_port(grpc_port: int) -> int:

@@ -41,8 +41,8 @@ from threadpoolctl import threadpool_limits
 
 from edgeflow.errors import RequestError
 from edgeflow.graph import Graph
-from edgeflow.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.merging import blend
+from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.v1 import merging_pb2
 from edgeflow.workflow.ops import MAX_DIVERSITY_POOL, MAX_DIVERSITY_WINDOW, DiversityParams
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from edgeflow import keys
-from edgeflow.resp import BitsReply, RawPipeline
+from edgeflow.stores import keys
+from edgeflow.stores.resp import BitsReply, RawPipeline
 from edgeflow.workflow.ops import SAFETY_FILTERS
 
 # Filter name -> the member's SET of hidden ids (None: decided without a SET of the member's).

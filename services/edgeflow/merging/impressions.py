@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeflow import keys
-from edgeflow.resp import RawPipeline, encode
+from edgeflow.stores import keys
+from edgeflow.stores.resp import RawPipeline, encode
 from edgeflow.v1 import merging_pb2
 from edgeflow.workflow.ops import ImpressionsParams
 

@@ -29,14 +29,14 @@ from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
 from edgeflow.graph import Graph, mutual_connections
-from edgeflow.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.merging import blend, diversity, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
-from edgeflow.redis_client import AsyncClient, connect_async, parse_url
-from edgeflow.resp import RawPipeline, RespError, RespReplyError
-from edgeflow.resp_cluster import open_pipeline
 from edgeflow.server import Service
+from edgeflow.stores.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
+from edgeflow.stores.redis_client import AsyncClient, connect_async, parse_url
+from edgeflow.stores.resp import RawPipeline, RespError, RespReplyError
+from edgeflow.stores.resp_cluster import open_pipeline
 from edgeflow.v1 import merging_pb2, merging_pb2_grpc
 
 log = logging.getLogger("edgeflow.merging")

@@ -27,9 +27,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from edgeflow import keys
 from edgeflow.features.schema import EMBEDDING_DIM, ENTITY_COLUMNS
-from edgeflow.redis_client import AsyncClient, async_script, is_cluster_client
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import AsyncClient, async_script, is_cluster_client
 from edgeflow.v1 import gateway_pb2
 
 MAX_EVENTS = 1000

@@ -29,25 +29,26 @@ import grpc
 import numpy as np
 import redis
 
-from edgeflow import keys, lists, metrics, tensor, tls
+from edgeflow import metrics, tensor, tls
 from edgeflow.candidates.sources import Reader, VectorIndex
 from edgeflow.config import Config
 from edgeflow.features.schema import SCALAR_FEATURES
 from edgeflow.graph import Graph
-from edgeflow.graph_store import (
+from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
+from edgeflow.offline.context import live_collection
+from edgeflow.offline.executor import BatchRunner, OfflineError
+from edgeflow.offline.inputs import EXACT_EBR_MAX, Inputs, LiveFeatures, embedding_index
+from edgeflow.scoring.registry import ModelRegistry
+from edgeflow.server import Service, sync_channel
+from edgeflow.stores import keys, lists
+from edgeflow.stores.graph_store import (
     append_deltas,
     compact_graph,
     load_graph,
     read_deltas,
     snapshot_of,
 )
-from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
-from edgeflow.offline.context import live_collection
-from edgeflow.offline.executor import BatchRunner, OfflineError
-from edgeflow.offline.inputs import EXACT_EBR_MAX, Inputs, LiveFeatures, embedding_index
-from edgeflow.redis_client import SyncClient, connect, script
-from edgeflow.scoring.registry import ModelRegistry
-from edgeflow.server import Service, sync_channel
+from edgeflow.stores.redis_client import SyncClient, connect, script
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.modes import list_name

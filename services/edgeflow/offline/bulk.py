@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from threadpoolctl import threadpool_limits
 
-from edgeflow import lists
 from edgeflow.config import Config
-from edgeflow.graph_store import GraphNotLoaded
 from edgeflow.offline import job
 from edgeflow.offline.context import load_inputs
 from edgeflow.offline.executor import BatchRunner, OfflineError
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores import lists
+from edgeflow.stores.graph_store import GraphNotLoaded
+from edgeflow.stores.redis_client import SyncClient
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.modes import list_name, served_workflows
 from edgeflow.workflow.ops import PrecomputedParams

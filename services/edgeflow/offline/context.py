@@ -6,14 +6,14 @@ import logging
 from pathlib import Path
 from typing import cast
 
-from edgeflow import keys
 from edgeflow.candidates.sources import Reader, open_collection
 from edgeflow.config import Config
-from edgeflow.graph_store import load_graph
 from edgeflow.offline.executor import OfflineError
 from edgeflow.offline.inputs import EXACT_EBR_MAX, FeatureTable, Inputs, embedding_index
-from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
+from edgeflow.stores import keys
+from edgeflow.stores.graph_store import load_graph
+from edgeflow.stores.redis_client import SyncClient
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.ops import OnnxParams
 from edgeflow.workflow.validate import WorkflowError, load_directory, load_workflow

@@ -15,7 +15,6 @@ from typing import cast
 
 import numpy as np
 
-from edgeflow import lists as stored_lists
 from edgeflow.candidates.sources import SEEDS, VectorIndex, fill_popular, popular_near
 from edgeflow.features.schema import MODEL_COLUMNS
 from edgeflow.offline.inputs import FeatureTable, Inputs, take
@@ -31,6 +30,7 @@ from edgeflow.offline.pairs import (
 from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pair_in
 from edgeflow.offline.rows import Rows, union
 from edgeflow.scoring.registry import ModelNotFoundError
+from edgeflow.stores import lists as stored_lists
 from edgeflow.workflow.compiled import CompiledNode, Workflow
 from edgeflow.workflow.modes import list_name, list_size
 from edgeflow.workflow.ops import (

@@ -15,11 +15,11 @@ from typing import Protocol
 import numpy as np
 
 from edgeflow.candidates.sources import Reader, VectorIndex
-from edgeflow.features.online import OnlineReader, OnlineRows
 from edgeflow.graph import Graph, inverse_log_degree
 from edgeflow.offline.pairs import PairIndex
-from edgeflow.redis_client import SyncClient
 from edgeflow.scoring.registry import ModelRegistry
+from edgeflow.stores.feast_online import OnlineReader, OnlineRows
+from edgeflow.stores.redis_client import SyncClient
 
 _READ_CHUNK = 2000
 # Above this many members a batch run's EBR searches the HNSW collection: an exact search

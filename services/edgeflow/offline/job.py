@@ -21,9 +21,9 @@ from typing import cast
 
 import numpy as np
 
-from edgeflow import keys, lists
 from edgeflow.offline.executor import BatchResult, BatchRunner
-from edgeflow.redis_client import SyncClient, is_cluster_client, script
+from edgeflow.stores import keys, lists
+from edgeflow.stores.redis_client import SyncClient, is_cluster_client, script
 
 log = logging.getLogger("edgeflow.offline")
 

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from edgeflow.offline import job
 from edgeflow.offline.progress import Stages
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores.redis_client import SyncClient
 
 _POLL_S = 0.2
 # A shard process that has recorded no stage yet is starting Python and importing.

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeflow import keys
 from edgeflow.graph import Graph
 from edgeflow.merging import blend
 from edgeflow.offline.rows import best_first, codes_in, pair_keys
-from edgeflow.redis_client import SyncClient
+from edgeflow.stores import keys
+from edgeflow.stores.redis_client import SyncClient
 
 # Filters that read a SET per member; "self" and "connected" come from the graph.
 _SETS = {"blocked": keys.blocked, "dismissed": keys.dismissed}
