@@ -31,8 +31,9 @@ from edgeflow.candidates.sources import (
 )
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
+from edgeflow.reload import Reloader
 from edgeflow.server import Service
-from edgeflow.stores.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
+from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.stores.lists import ListError
 from edgeflow.stores.redis_client import AsyncClient, connect_async
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc
@@ -56,7 +57,10 @@ class CandidatesService(Service):
         self._store: GraphStore | None = None
         self._emb = Embeddings(problem="the service has not started")
         self._sources: dict[str, Source] = {}
-        self._watch: asyncio.Task[None] | None = None
+        self._follow = Reloader(
+            "embedding pointer refresh", cfg.reload_interval_s, self._refresh_embeddings, log,
+            expected=(redis.RedisError, OSError),
+        )  # fmt: skip
 
     def register(self, server: grpc.aio.Server) -> None:
         candidates_pb2_grpc.add_CandidateServiceServicer_to_server(_Servicer(self), server)
@@ -77,7 +81,7 @@ class CandidatesService(Service):
             log.warning("embedding pointer not read, Redis at %s: %s", self.cfg.redis_url, exc)
         if self._emb.collection is None:
             log.warning("no member embeddings yet: run `edgeflow train`")
-        self._watch = asyncio.create_task(self._follow_embeddings())
+        self._follow.start()
         sources: list[Source] = [
             GraphSource(self._store, self.cfg.fof_max_visits),
             EbrSource(self._store, self._emb),
@@ -89,20 +93,12 @@ class CandidatesService(Service):
     async def warm(self) -> None:
         await warm_sources(self._sources, warm_sample(self._store)[0], self.cfg.redis_url)
 
-    async def _follow_embeddings(self) -> None:
+    async def _refresh_embeddings(self) -> None:
         assert self._rds is not None
-        while True:
-            await asyncio.sleep(self.cfg.reload_interval_s)
-            try:
-                await self._emb.refresh(self._rds)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("embedding pointer refresh failed: %s", exc)
+        await self._emb.refresh(self._rds)
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            # Bounded, as the graph store's: a Redis call may take its timeout to unwind.
-            await asyncio.wait({self._watch}, timeout=CLOSE_WAIT_S)
+        await self._follow.close()
         if self._store is not None:
             await self._store.close()
         precomputed = self._sources.get("precomputed")

@@ -27,6 +27,7 @@ from edgeflow.guard import RateLimitedLog
 from edgeflow.merging import impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
+from edgeflow.reload import Reloader
 from edgeflow.server import Service, channel, connect
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import AsyncClient, connect_async
@@ -85,7 +86,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         self._engine: Engine | None = None
         self._local_merging: MergingService | None = None
         self._local_candidates: ListsOnly | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._watch = Reloader("workflow reload", cfg.reload_interval_s, self._look_again, log)
         self._rds: AsyncClient | None = None  # member events (Publish)
         self._logs_redis: RawPipeline | None = None  # exposure and shadow streams
         self._state: RawPipeline | None = None  # members' deactivated markers
@@ -130,7 +131,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         # Beside it, the backends' connections are opened now, not by the first request.
         await asyncio.gather(self.models.refresh(timeout_s=1.0), connect(chans, 1.0))
         self.models.update(self.workflows)
-        self._watch = asyncio.create_task(self._watch_workflows())
+        self._watch.start()
         self._rds = connect_async(cfg.redis_url)  # connects on first use
         # One writer per stream, each with one batch in flight: two connections at most.
         self._logs_redis = open_pipeline(cfg.redis_url, size=2)
@@ -163,10 +164,7 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
                 )
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await self._watch.close()
         if self._shadows is not None:
             await self._shadows.close()
         for stream_log in (self.exposures, self._shadow_log):
@@ -257,26 +255,20 @@ class GatewayService(Service, gateway_pb2_grpc.RecommenderServicer):
         if self.models is not None:  # with the models as last listed, until the next look
             self.models.update(self.workflows)
 
-    async def _watch_workflows(self) -> None:
+    async def _look_again(self) -> None:
         """Reload changed workflow files, and re-check every workflow's model references
         against what the scoring service has loaded now (a model published later clears
         its problem). Nothing a file holds stops the reloading."""
-        while True:
-            await asyncio.sleep(self._cfg.reload_interval_s)
-            try:
-                scan = await asyncio.to_thread(self._scan)
-                if scan is not None:
-                    self._apply(*scan)
-            except Exception as exc:
-                self._reload_log.warning("workflow reload failed: %r", exc)
-            self._renew_channels()
-            if self.models is None:
-                continue
-            try:
-                await self.models.refresh()
-                self.models.update(self.workflows)
-            except Exception:  # a failed check must not end workflow reloading
-                log.exception("checking the workflows' model references failed")
+        try:
+            scan = await asyncio.to_thread(self._scan)
+            if scan is not None:
+                self._apply(*scan)
+        except Exception as exc:
+            self._reload_log.warning("workflow reload failed: %r", exc)
+        self._renew_channels()
+        if self.models is not None:
+            await self.models.refresh()
+            self.models.update(self.workflows)
 
     def _renew_channels(self) -> None:
         """New channels to the backends when the certificate files were renewed; the old

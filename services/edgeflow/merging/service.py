@@ -32,8 +32,9 @@ from edgeflow.graph import Graph, mutual_connections
 from edgeflow.merging import blend, diversity, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
+from edgeflow.reload import CLOSE_WAIT_S
 from edgeflow.server import Service
-from edgeflow.stores.graph_store import CLOSE_WAIT_S, GraphNotLoaded, GraphStore, warm_sample
+from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.stores.redis_client import AsyncClient, connect_async, parse_url
 from edgeflow.stores.resp import RawPipeline, RespError, RespReplyError
 from edgeflow.stores.resp_cluster import open_pipeline

@@ -4,7 +4,6 @@ the same models over the Open Inference Protocol v2 (scoring/oip.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -14,6 +13,7 @@ from opentelemetry import trace
 from edgeflow import cpu, metrics, tensor
 from edgeflow.config import Config
 from edgeflow.errors import RequestError
+from edgeflow.reload import Reloader
 from edgeflow.scoring import oip
 from edgeflow.scoring.registry import ModelNotFoundError, ModelRegistry
 from edgeflow.server import Service
@@ -109,7 +109,10 @@ class ScoringService(Service):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.registry = ModelRegistry(cfg.model_dir)
-        self._reloader: asyncio.Task[None] | None = None
+        self._reloader = Reloader(
+            f"model registry refresh at {self.registry.root}", cfg.reload_interval_s,
+            lambda: asyncio.to_thread(self.registry.refresh), log,
+        )  # fmt: skip
 
     def register(self, server: grpc.aio.Server) -> None:
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(_Servicer(self.registry), server)
@@ -122,23 +125,10 @@ class ScoringService(Service):
         await asyncio.to_thread(self.registry.refresh)
         if not self.registry.models():
             log.warning("no models loaded yet from %s", self.registry.root)
-        if self.cfg.reload_interval_s > 0:
-            self._reloader = asyncio.create_task(self._reload_loop())
+        self._reloader.start()
 
     async def stop(self) -> None:
-        if self._reloader is not None:
-            self._reloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloader
-            self._reloader = None
-
-    async def _reload_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.reload_interval_s)
-            try:
-                await asyncio.to_thread(self.registry.refresh)
-            except Exception:  # a failing scan must not end hot reload
-                log.exception("model registry refresh failed at %s", self.registry.root)
+        await self._reloader.close()
 
 
 def create(cfg: Config) -> Service:

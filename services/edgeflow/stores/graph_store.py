@@ -43,6 +43,7 @@ import numpy as np
 import redis
 
 from edgeflow.graph import Graph, SnapshotError
+from edgeflow.reload import Reloader
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import AsyncClient, SyncClient, script
 
@@ -657,9 +658,6 @@ def _inverse_log(degree: np.ndarray) -> np.ndarray:
     return out
 
 
-CLOSE_WAIT_S = 1.0
-
-
 class GraphStore:
     """The current graph, mapped from this machine's snapshot file and refreshed when the
     pointer in Redis moves or deltas arrive."""
@@ -671,14 +669,16 @@ class GraphStore:
         cache_dir: Path | None = None,
     ) -> None:
         self._client = client
-        self._interval = reload_interval_s
         self._cache_dir = cache_dir
         self._cache: _Cache | None = None
         self._graph: Graph | None = None
         self._snapshot = ""  # the snapshot version the graph was built from
         self._inv_log_deg: np.ndarray | None = None
         self._base_inv: tuple[Graph, np.ndarray] | None = None  # the snapshot's own
-        self._task: asyncio.Task[None] | None = None
+        self._reloader = Reloader(
+            "graph refresh", reload_interval_s, self.load, log,
+            expected=(redis.RedisError, OSError, GraphNotLoaded),
+        )  # fmt: skip
         self.on_reload: list = []  # callbacks(graph) run after a swap
 
     @property
@@ -780,22 +780,10 @@ class GraphStore:
         return True
 
     def start_watching(self) -> None:
-        self._task = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.load()
-            except (redis.RedisError, OSError, GraphNotLoaded) as exc:
-                log.warning("graph refresh failed: %s", exc)
+        self._reloader.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # Bounded: a refresh cancelled inside a Redis call may take the client's whole
-            # timeout to unwind, longer than a drain may last.
-            await asyncio.wait({self._task}, timeout=CLOSE_WAIT_S)
+        await self._reloader.close()
 
 
 def warm_sample(store: GraphStore | None, n: int = 64) -> tuple[int, np.ndarray]:
