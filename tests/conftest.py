@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import redis
+import world
 import yaml
 from inprocess import Suite, relaxed_copy, running
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -80,7 +81,7 @@ def _missing_model_variant(workflows: Path) -> None:
 def suite_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """The `suite` fixture's trained 400-member world, trained once per session."""
     home = tmp_path_factory.mktemp("suite-world")
-    edges = social_graph(members=400, communities=8, seed=3)
+    edges = social_graph(members=world.MEMBERS, communities=world.COMMUNITIES, seed=world.SEED)
     graph = Graph.from_edges(edges[:, 0], edges[:, 1])
     workflows = home / "workflows"
     workflows.mkdir()

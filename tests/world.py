@@ -20,6 +20,10 @@ from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.stores.graph_store import save_graph
 from edgeflow.stores.redis_client import connect
 
+# The session's world: social_graph(members, communities, seed), which draws each member's
+# community first from its seed (tests that need the communities draw them again).
+MEMBERS, COMMUNITIES, SEED = 400, 8, 3
+
 
 @dataclasses.dataclass(frozen=True)
 class World:

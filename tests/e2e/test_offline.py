@@ -20,14 +20,13 @@ from typing import cast
 import numpy as np
 import pytest
 import redis
+from world import World, clone
 
-from edgeflow.build.synthetic import social_graph
-from edgeflow.build.train import train
 from edgeflow.candidates.sources import VectorIndex
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.compute import model_matrix
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree
-from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow.local.redis_server import RedisProcess
 from edgeflow.merging import blend
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
@@ -50,14 +49,11 @@ from edgeflow.offline.pairs import (
 from edgeflow.offline.ranking import BlendInput, _exact, blend_batch
 from edgeflow.offline.rows import Rows, union
 from edgeflow.stores import keys, lists
-from edgeflow.stores.graph_store import save_graph
 from edgeflow.stores.redis_client import connect
 from edgeflow.stores.vectors import MARKER, EdgeReplica
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.modes import list_name, precomputed_view, served_workflows
 from edgeflow.workflow.validate import WorkflowError
-
-MEMBERS = 300
 
 
 @dataclasses.dataclass
@@ -84,20 +80,16 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    home = tmp_path_factory.mktemp("offline")
-    proc = start_redis(home / "redis")
-    edges = social_graph(members=MEMBERS, communities=6, seed=11)
-    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
-    client = connect(proc.url)
-    save_graph(client, graph)
-    workflows = home / "workflows"
+def built(tmp_path_factory: pytest.TempPathFactory, suite_world: World) -> Iterator[Built]:
+    """The session's trained world, cloned, with the checked-in pymk and follows graphs."""
+    cfg, proc = clone(suite_world, tmp_path_factory.mktemp("offline"))
+    workflows = cfg.home / "offline-workflows"
     workflows.mkdir()
     for name in ("pymk.yaml", "follows.yaml"):
         shutil.copy(REPO_ROOT / "workflows" / name, workflows)
-    cfg = dataclasses.replace(Config(), home=home, redis_url=proc.url, workflows_dir=workflows)
-    train(cfg, seed=0)
-    yield Built(cfg, proc, graph, client)
+    cfg = dataclasses.replace(cfg, workflows_dir=workflows)
+    client = connect(proc.url)
+    yield Built(cfg, proc, suite_world.graph, client)
     client.close()
     proc.stop()
 

@@ -18,29 +18,26 @@ import pytest_asyncio
 import redis
 import yaml
 from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
+from world import COMMUNITIES, MEMBERS, SEED, World, clone
 
-from edgeflow.build.synthetic import social_graph
-from edgeflow.build.train import train
 from edgeflow.candidates.sources import fill_popular, popular_near
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.graph import Graph, inverse_log_degree
-from edgeflow.local.redis_server import start_redis
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
 from edgeflow.server import channel, drain, start_server
-from edgeflow.stores.graph_store import load_graph, save_graph
+from edgeflow.stores.graph_store import load_graph
 from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 Event = gateway_pb2.MemberEvent
 TIMEOUT_S = 60.0
-MEMBERS, COMMUNITIES, SEED = 300, 6, 7
 
 
 @dataclasses.dataclass
-class Suite:
+class ColdStartSuite:
     """The suite's gateway and candidates service, its graph as ingested and its Redis."""
 
     graph: Graph
@@ -78,20 +75,17 @@ class Suite:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
-    home = tmp_path_factory.mktemp("cold")
-    proc = start_redis(home / "redis")
-    edges = social_graph(members=MEMBERS, communities=COMMUNITIES, seed=SEED)
-    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
+async def cold_suite(
+    tmp_path_factory: pytest.TempPathFactory, suite_world: World
+) -> AsyncIterator[ColdStartSuite]:
+    """The session's trained world, cloned, with pymk."""
+    cfg, proc = clone(suite_world, tmp_path_factory.mktemp("cold"))
+    graph = suite_world.graph
     client = connect(proc.url)
-    save_graph(client, graph)
-    workflows = home / "workflows"
+    workflows = cfg.home / "cold-workflows"
     workflows.mkdir()
     relaxed_copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
-    cfg = dataclasses.replace(
-        Config(), home=home, redis_url=proc.url, reload_interval_s=0.3, workflows_dir=workflows
-    )
-    train(cfg, seed=0)
+    cfg = dataclasses.replace(cfg, reload_interval_s=0.3, workflows_dir=workflows)
     wf = find_workflow(cfg, "pymk")
     run = job.begin(client, "pymk", 1, "pymk")
     job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0, graph.ids, 64)
@@ -100,7 +94,7 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
     worker = NearlineWorker(cfg, consumer="cold")
     wserver, _, health = await start_server(worker, "127.0.0.1:0")
     gch, cch = channel(f"127.0.0.1:{port}"), channel(cfg.candidates_addr)
-    yield Suite(graph, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
+    yield ColdStartSuite(graph, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
                 candidates_pb2_grpc.CandidateServiceStub(cch))  # fmt: skip
     await drain(worker, wserver, health)
     await gch.close()
@@ -125,23 +119,29 @@ def _connections(graph: Graph, member: int) -> list[int]:
 
 
 async def test_a_member_whose_connections_were_all_removed_gets_a_safe_list(
-    suite: Suite,
+    cold_suite: ColdStartSuite,
 ) -> None:
-    member = int(suite.graph.ids[np.argsort(suite.graph.degree)[len(suite.graph.ids) // 2]])
-    friends = _connections(suite.graph, member)
-    await suite.publish(*(Event(type=Event.DISCONNECT, member=member, target=f) for f in friends))
-    await _until(lambda: _is(suite.degree(member), 0), "the graph to drop its connections")
+    member = int(
+        cold_suite.graph.ids[np.argsort(cold_suite.graph.degree)[len(cold_suite.graph.ids) // 2]]
+    )
+    friends = _connections(cold_suite.graph, member)
+    await cold_suite.publish(
+        *(Event(type=Event.DISCONNECT, member=member, target=f) for f in friends)
+    )
+    await _until(lambda: _is(cold_suite.degree(member), 0), "the graph to drop its connections")
     # Someone it blocks, someone who blocks it and a deactivated member: all best connected,
     # so a list of popular members would otherwise hold them.
-    by_degree = [int(x) for x in suite.graph.ids[np.argsort(-suite.graph.degree, kind="stable")]]
-    shown = {e.target for e in (await suite.recommend(member)).edges}
+    by_degree = [
+        int(x) for x in cold_suite.graph.ids[np.argsort(-cold_suite.graph.degree, kind="stable")]
+    ]
+    shown = {e.target for e in (await cold_suite.recommend(member)).edges}
     blocked, blocker, gone = [m for m in by_degree if m in shown and m not in friends][:3]
-    await suite.publish(
+    await cold_suite.publish(
         Event(type=Event.BLOCK, member=member, target=blocked),
         Event(type=Event.BLOCK, member=blocker, target=member),
         Event(type=Event.DEACTIVATE, member=gone),
     )
-    after = await suite.recommend(member)
+    after = await cold_suite.recommend(member)
     targets = [e.target for e in after.edges]
     assert len(targets) == 50 and not after.partial, after.degraded
     assert member not in targets and not {blocked, blocker, gone} & set(targets)
@@ -153,70 +153,72 @@ async def test_a_member_whose_connections_were_all_removed_gets_a_safe_list(
     globally = [m for m in by_degree if m not in {member, blocked, blocker, gone}][:50]
     mine = [community[t] == community[member] for t in targets]
     assert sum(mine) > sum(community[t] == community[member] for t in globally)
-    await suite.publish(Event(type=Event.REACTIVATE, member=gone))
+    await cold_suite.publish(Event(type=Event.REACTIVATE, member=gone))
 
 
-async def test_a_member_who_joined_by_a_connect_and_lost_it_gets_a_list(suite: Suite) -> None:
-    newcomer = int(suite.graph.ids.max()) + 1000
-    friend = int(suite.graph.ids[int(np.argmax(suite.graph.degree))])
-    assert not await suite.known(newcomer)
-    await suite.publish(Event(type=Event.CONNECT, member=newcomer, target=friend))
-    await _until(lambda: suite.known(newcomer), "the graph to add the newcomer")
+async def test_a_member_who_joined_by_a_connect_and_lost_it_gets_a_list(
+    cold_suite: ColdStartSuite,
+) -> None:
+    newcomer = int(cold_suite.graph.ids.max()) + 1000
+    friend = int(cold_suite.graph.ids[int(np.argmax(cold_suite.graph.degree))])
+    assert not await cold_suite.known(newcomer)
+    await cold_suite.publish(Event(type=Event.CONNECT, member=newcomer, target=friend))
+    await _until(lambda: cold_suite.known(newcomer), "the graph to add the newcomer")
     # One connection: popular within its neighbourhood (its friend and their connections)
     # (pymk serves popular to members with no connection; the source serves any).
     req = candidates_pb2.GenerateRequest(
         member=newcomer, source="popular", limit=50, params={"within": "neighbourhood"}
     )
-    near = (await suite.candidates.Generate(req, timeout=5)).ids
-    graph = load_graph(suite.client)
+    near = (await cold_suite.candidates.Generate(req, timeout=5)).ids
+    graph = load_graph(cold_suite.client)
     seeds = np.asarray([graph.index_of(friend)])
     expected, _ = popular_near(graph, seeds, np.asarray([friend, newcomer]), 50)
     assert list(near) == expected.tolist() and not {newcomer, friend} & set(near)
-    assert (await suite.recommend(newcomer)).edges
-    await suite.publish(Event(type=Event.DISCONNECT, member=newcomer, target=friend))
-    await _until(lambda: _is(suite.degree(newcomer), 0), "the graph to drop the connection")
+    assert (await cold_suite.recommend(newcomer)).edges
+    await cold_suite.publish(Event(type=Event.DISCONNECT, member=newcomer, target=friend))
+    await _until(lambda: _is(cold_suite.degree(newcomer), 0), "the graph to drop the connection")
     # No connection and no embedding: the best-connected members, never itself.
-    resp = await suite.recommend(newcomer)
+    resp = await cold_suite.recommend(newcomer)
     targets = [e.target for e in resp.edges]
     assert len(targets) == 50 and newcomer not in targets and not resp.partial
     sources = {p.source for e in resp.edges for p in e.provenance}
     assert "popular" in sources and not sources & {"fof", "ebr"}, sources
 
 
-async def test_an_id_never_seen_is_not_found(suite: Suite) -> None:
-    stranger = int(suite.graph.ids.max()) + 5000
+async def test_an_id_never_seen_is_not_found(cold_suite: ColdStartSuite) -> None:
+    stranger = int(cold_suite.graph.ids.max()) + 5000
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await suite.recommend(stranger)
+        await cold_suite.recommend(stranger)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert f"member {stranger} is not in the graph" in (err.value.details() or "")
 
 
 def test_the_batch_runner_serves_cold_members_and_keeps_connected_lists(
-    suite: Suite, tmp_path: Path
+    cold_suite: ColdStartSuite, tmp_path: Path
 ) -> None:
     """Offline: a member with no connections gets a list; a connected member's list is the
     same as the workflow's without the popular node (it serves degree 0 only)."""
-    graph = suite.graph
+    graph = cold_suite.graph
     cold = int(graph.ids[0])
     gone = _connections(graph, cold)
     changed = graph.with_edges(np.asarray([[cold, f] for f in gone]),
                                np.zeros(len(gone), dtype=bool))  # fmt: skip
-    wf = find_workflow(suite.cfg, "pymk")
+    wf = find_workflow(cold_suite.cfg, "pymk")
     inputs = dataclasses.replace(
-        load_inputs(suite.cfg, suite.client, wf), graph=changed,
+        load_inputs(cold_suite.cfg, cold_suite.client, wf), graph=changed,
         inv_log_degree=inverse_log_degree(changed),
     )  # fmt: skip
     connected = [int(m) for m in changed.ids[changed.degree > 0][:24]]
     members = np.asarray([cold, *connected], dtype=np.int64)
     served = BatchRunner(wf, inputs).run(members).lists
     assert served[0][0].size > 0 and cold not in served[0][0].tolist()
-    doc = yaml.safe_load((suite.cfg.workflows_dir / "pymk.yaml").read_text())
+    doc = yaml.safe_load((cold_suite.cfg.workflows_dir / "pymk.yaml").read_text())
     doc["spec"]["nodes"] = [n for n in doc["spec"]["nodes"] if n["name"] != "popular"]
     for node in doc["spec"]["nodes"]:
         node["inputs"] = [i for i in node.get("inputs", []) if i != "popular"]
         node.get("params", {}).get("weights", {}).pop("popular", None)
     (tmp_path / "pymk.yaml").write_text(yaml.safe_dump(doc))
-    plain = find_workflow(dataclasses.replace(suite.cfg, workflows_dir=tmp_path), "pymk")
+    plain = find_workflow(dataclasses.replace(cold_suite.cfg, workflows_dir=tmp_path), "pymk")
     without = BatchRunner(plain, inputs).run(members).lists
     for (mine, _), (theirs, _) in zip(served[1:], without[1:], strict=True):
         assert mine.size > 0 and mine.tolist() == theirs.tolist()

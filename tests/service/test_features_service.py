@@ -51,7 +51,7 @@ def random_graph(seed: int = 5, n: int = 50, edges: int = 160) -> Graph:
     return Graph.from_edges(src * 3 + 1, dst * 3 + 1, members=np.array([n * 3 + 1]))
 
 
-class Suite:
+class FeaturesUnderTest:
     def __init__(self, cfg: Config, graph: Graph, scalars: np.ndarray, emb: np.ndarray) -> None:
         self.cfg, self.graph, self.scalars, self.embeddings = cfg, graph, scalars, emb
         self.stub: features_pb2_grpc.FeatureServiceStub
@@ -59,9 +59,9 @@ class Suite:
 
 
 @pytest.fixture(scope="module")
-async def suite(
+async def features_suite(
     redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Suite]:
+) -> AsyncIterator[FeaturesUnderTest]:
     client = redis.Redis.from_url(redis_proc.url)
     client.flushall()
     graph = random_graph()
@@ -71,7 +71,7 @@ async def suite(
     emb = np.random.default_rng(6).normal(size=(graph.n, EMBEDDING_DIM)).astype(np.float32)
     cfg = Config(home=tmp_path_factory.mktemp("features"), redis_url=redis_proc.url)
     await asyncio.to_thread(publish_member_features, cfg, graph, scalars, emb)
-    s = Suite(cfg, graph, scalars, emb)
+    s = FeaturesUnderTest(cfg, graph, scalars, emb)
     service = create(cfg)
     server, s.port, _ = await start_server(service, "127.0.0.1:0")
     chan = channel(f"127.0.0.1:{s.port}")
@@ -93,7 +93,7 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
     return info.value
 
 
-def expected_model_rows(s: Suite, member: int, entities: np.ndarray) -> np.ndarray:
+def expected_model_rows(s: FeaturesUnderTest, member: int, entities: np.ndarray) -> np.ndarray:
     g = s.graph
     mi, pos = g.index_of(member), g.indices_of(entities)
     cand_scalars = np.full((entities.size, len(SCALAR_FEATURES)), np.nan, np.float32)
@@ -106,8 +106,8 @@ def expected_model_rows(s: Suite, member: int, entities: np.ndarray) -> np.ndarr
 
 
 # ---- GetFeatures --------------------------------------------------------------------------
-async def test_serving_once_loaded(suite: Suite) -> None:
-    async with channel(f"127.0.0.1:{suite.port}") as chan:
+async def test_serving_once_loaded(features_suite: FeaturesUnderTest) -> None:
+    async with channel(f"127.0.0.1:{features_suite.port}") as chan:
         health = health_pb2_grpc.HealthStub(chan)
         reply = await health.Check(
             health_pb2.HealthCheckRequest(service="edgeflow.v1.FeatureService"), timeout=TIMEOUT
@@ -115,12 +115,12 @@ async def test_serving_once_loaded(suite: Suite) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_entity_features_equal_feast_sdk(suite: Suite) -> None:
-    ids = np.concatenate([suite.graph.ids[:-1][::-1], [ABSENT]])
-    matrix, response = await get(suite.stub, entities=ids.tolist())
+async def test_entity_features_equal_feast_sdk(features_suite: FeaturesUnderTest) -> None:
+    ids = np.concatenate([features_suite.graph.ids[:-1][::-1], [ABSENT]])
+    matrix, response = await get(features_suite.stub, entities=ids.tolist())
     assert tuple(response.features.columns) == ENTITY_COLUMNS
     assert list(response.missing) == [ABSENT]
-    store = await asyncio.to_thread(feature_store, suite.cfg)
+    store = await asyncio.to_thread(feature_store, features_suite.cfg)
     sdk = store.get_online_features(
         features=store.get_feature_service(FEATURE_SERVICE),
         entity_rows=[{JOIN_KEY: int(i)} for i in ids],
@@ -132,83 +132,93 @@ async def test_entity_features_equal_feast_sdk(suite: Suite) -> None:
     np.testing.assert_array_equal(matrix[:, len(SCALAR_FEATURES) :], np.array(emb, np.float32))
 
 
-async def test_model_features_for_member_and_candidates(suite: Suite) -> None:
-    g = suite.graph
+async def test_model_features_for_member_and_candidates(features_suite: FeaturesUnderTest) -> None:
+    g = features_suite.graph
     member = int(g.ids[np.argmax(g.degree[:-1])])
     entities = np.concatenate([g.ids[:-1], [ABSENT]])
-    matrix, response = await get(suite.stub, member=member, entities=entities.tolist())
+    matrix, response = await get(features_suite.stub, member=member, entities=entities.tolist())
     assert tuple(response.features.columns) == MODEL_COLUMNS
     assert list(response.missing) == [ABSENT]
-    np.testing.assert_array_equal(matrix, expected_model_rows(suite, member, entities))
+    np.testing.assert_array_equal(matrix, expected_model_rows(features_suite, member, entities))
     assert matrix[:, MODEL_COLUMNS.index("common_neighbors")].max() > 0
     absent_row = matrix[-1]
     assert np.isnan(absent_row[2:6]).all() and not absent_row[6:].any()
 
 
-async def test_column_subset_in_requested_order(suite: Suite) -> None:
-    g = suite.graph
+async def test_column_subset_in_requested_order(features_suite: FeaturesUnderTest) -> None:
+    g = features_suite.graph
     member, entities = int(g.ids[0]), g.ids[1:20]
-    full, _ = await get(suite.stub, member=member, entities=entities.tolist())
+    full, _ = await get(features_suite.stub, member=member, entities=entities.tolist())
     cols = ["jaccard", "cand_degree", "embedding_cosine"]
-    part, response = await get(suite.stub, member=member, entities=entities.tolist(), columns=cols)
+    part, response = await get(
+        features_suite.stub, member=member, entities=entities.tolist(), columns=cols
+    )
     assert list(response.features.columns) == cols
     np.testing.assert_array_equal(part, full[:, [MODEL_COLUMNS.index(c) for c in cols]])
-    emb, _ = await get(suite.stub, entities=entities.tolist(), columns=["embedding_3", "degree"])
-    np.testing.assert_array_equal(emb[:, 0], suite.embeddings[1:20, 3])
-    np.testing.assert_array_equal(emb[:, 1], suite.scalars[1:20, 0])
+    emb, _ = await get(
+        features_suite.stub, entities=entities.tolist(), columns=["embedding_3", "degree"]
+    )
+    np.testing.assert_array_equal(emb[:, 0], features_suite.embeddings[1:20, 3])
+    np.testing.assert_array_equal(emb[:, 1], features_suite.scalars[1:20, 0])
 
 
-async def test_no_entities_gives_an_empty_matrix(suite: Suite) -> None:
-    matrix, response = await get(suite.stub, member=int(suite.graph.ids[0]))
+async def test_no_entities_gives_an_empty_matrix(features_suite: FeaturesUnderTest) -> None:
+    matrix, response = await get(features_suite.stub, member=int(features_suite.graph.ids[0]))
     assert matrix.shape == (0, len(MODEL_COLUMNS)) and not response.missing
 
 
-async def test_unknown_column_is_named(suite: Suite) -> None:
-    err = await rpc_error(get(suite.stub, member=1, entities=[4], columns=["jaccard", "nope"]))
+async def test_unknown_column_is_named(features_suite: FeaturesUnderTest) -> None:
+    err = await rpc_error(
+        get(features_suite.stub, member=1, entities=[4], columns=["jaccard", "nope"])
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'nope'" in (err.details() or "")
-    err = await rpc_error(get(suite.stub, member=1, entities=[4], columns=["degree"]))
+    err = await rpc_error(get(features_suite.stub, member=1, entities=[4], columns=["degree"]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "only available without member" in (err.details() or "")
 
 
-async def test_too_many_entities(suite: Suite) -> None:
+async def test_too_many_entities(features_suite: FeaturesUnderTest) -> None:
     ids = list(range(MAX_ENTITIES + 1))
-    err = await rpc_error(get(suite.stub, entities=ids))
+    err = await rpc_error(get(features_suite.stub, entities=ids))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"{MAX_ENTITIES + 1} requested, at most {MAX_ENTITIES}" in (err.details() or "")
 
 
-async def test_unknown_member_not_found(suite: Suite) -> None:
-    err = await rpc_error(get(suite.stub, member=ABSENT, entities=[1, 4]))
+async def test_unknown_member_not_found(features_suite: FeaturesUnderTest) -> None:
+    err = await rpc_error(get(features_suite.stub, member=ABSENT, entities=[1, 4]))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert f"member {ABSENT} is not in the member graph" in (err.details() or "")
 
 
 # ---- Push ---------------------------------------------------------------------------------
-async def push(s: Suite, entities: list[int], values: np.ndarray, columns: list[str]) -> Any:
+async def push(
+    s: FeaturesUnderTest, entities: list[int], values: np.ndarray, columns: list[str]
+) -> Any:
     request = features_pb2.PushRequest(entities=entities, values=tensor.pack(values, columns))
     return await s.stub.Push(request, timeout=60)
 
 
-async def test_push_then_read_back(suite: Suite) -> None:
-    g = suite.graph
+async def test_push_then_read_back(features_suite: FeaturesUnderTest) -> None:
+    g = features_suite.graph
     old = int(g.ids[-1])  # the isolated member; other tests leave it alone
     new = 777_000_001  # not in the graph: pushed nearline
     emb = np.linspace(-1, 1, EMBEDDING_DIM, dtype=np.float32)
     full = np.concatenate([np.float32([3, 0.5, 1.25, 2]), emb])[None, :]
-    reply = await push(suite, [new], full, list(ENTITY_COLUMNS))
+    reply = await push(features_suite, [new], full, list(ENTITY_COLUMNS))
     assert reply.pushed == 1
     # A partial push (degree only) keeps the member's other features.
-    reply = await push(suite, [old], np.float32([[42.0]]), ["degree"])
+    reply = await push(features_suite, [old], np.float32([[42.0]]), ["degree"])
     assert reply.pushed == 1
-    matrix, response = await get(suite.stub, entities=[new, old])
+    matrix, response = await get(features_suite.stub, entities=[new, old])
     assert not response.missing
     np.testing.assert_array_equal(matrix[0], full[0])
-    want_old = np.concatenate([[42.0], suite.scalars[-1, 1:], suite.embeddings[-1]])
+    want_old = np.concatenate(
+        [[42.0], features_suite.scalars[-1, 1:], features_suite.embeddings[-1]]
+    )
     np.testing.assert_array_equal(matrix[1], want_old.astype(np.float32))
     # Feast's SDK sees the pushed rows too.
-    store = await asyncio.to_thread(feature_store, suite.cfg)
+    store = await asyncio.to_thread(feature_store, features_suite.cfg)
     sdk = store.get_online_features(
         features=store.get_feature_service(FEATURE_SERVICE),
         entity_rows=[{JOIN_KEY: new}, {JOIN_KEY: old}],
@@ -216,7 +226,7 @@ async def test_push_then_read_back(suite: Suite) -> None:
     assert sdk["degree"] == [3.0, 42.0]
     np.testing.assert_array_equal(np.float32(sdk[EMBEDDING_FEATURE][0]), emb)
     # A member with only an online row can now be the viewing member (no pair features).
-    matrix, _ = await get(suite.stub, member=new, entities=[int(g.ids[0])])
+    matrix, _ = await get(features_suite.stub, member=new, entities=[int(g.ids[0])])
     assert matrix[0, 0] == 3.0 and not matrix[0, 6:11].any()
 
 
@@ -252,10 +262,16 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def test_push_runs_feast_in_a_child_process(suite: Suite) -> None:
+def test_push_runs_feast_in_a_child_process(features_suite: FeaturesUnderTest) -> None:
     """Importing Feast and its pushes hold the GIL for seconds: they run in a child process,
     so the service's own process never imports Feast; a killed child is started again."""
-    script = [sys.executable, "-c", _PUSH_IN_A_CHILD, str(suite.cfg.home), suite.cfg.redis_url]
+    script = [
+        sys.executable,
+        "-c",
+        _PUSH_IN_A_CHILD,
+        str(features_suite.cfg.home),
+        features_suite.cfg.redis_url,
+    ]
     run = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
@@ -276,9 +292,13 @@ def test_push_runs_feast_in_a_child_process(suite: Suite) -> None:
     ],
 )
 async def test_bad_push_is_named(
-    suite: Suite, entities: list[int], values: np.ndarray, columns: list[str], message: str
+    features_suite: FeaturesUnderTest,
+    entities: list[int],
+    values: np.ndarray,
+    columns: list[str],
+    message: str,
 ) -> None:
-    err = await rpc_error(push(suite, entities, values, columns))
+    err = await rpc_error(push(features_suite, entities, values, columns))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.details() or "")
 
@@ -334,13 +354,13 @@ async def test_no_graph_then_redis_down(tmp_path: Path) -> None:
         await service.stop()
 
 
-async def test_redis_down_from_the_start(suite: Suite, tmp_path: Path) -> None:
+async def test_redis_down_from_the_start(features_suite: FeaturesUnderTest, tmp_path: Path) -> None:
     """The service starts without Redis and answers UNAVAILABLE, for reads and for a
-    push through Feast (a copy of the suite's repo pointing at the dead Redis)."""
+    push through Feast (a copy of the module's repo pointing at the dead Redis)."""
     dead = f"127.0.0.1:{free_port()}"
-    shutil.copytree(suite.cfg.feature_repo, tmp_path / "feature_repo")
+    shutil.copytree(features_suite.cfg.feature_repo, tmp_path / "feature_repo")
     yaml_path = tmp_path / "feature_repo" / "feature_store.yaml"
-    live = suite.cfg.redis_url.removeprefix("redis://").split("/")[0]
+    live = features_suite.cfg.redis_url.removeprefix("redis://").split("/")[0]
     yaml_path.write_text(yaml_path.read_text().replace(live, dead))
     service = FeaturesService(Config(home=tmp_path, redis_url=f"redis://{dead}/0"))
     server, port, _ = await start_server(service, "127.0.0.1:0")

@@ -24,14 +24,13 @@ import redis.asyncio as aioredis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
+from world import World, clone
 
-from edgeflow.build.synthetic import social_graph
-from edgeflow.build.train import train
 from edgeflow.cli.recommend import empty_reasons
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
-from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
+from edgeflow.local.redis_server import RedisProcess, free_port
 from edgeflow.nearline import worker as worker_module
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
@@ -45,7 +44,6 @@ from edgeflow.stores.graph_store import (
     append_deltas,
     compact_graph,
     load_graph,
-    save_graph,
     snapshot_of,
 )
 from edgeflow.stores.redis_client import connect
@@ -58,7 +56,7 @@ TIMEOUT_S = 60.0
 
 
 @dataclasses.dataclass
-class Suite:
+class NearlineSuite:
     graph: Graph
     redis: RedisProcess
     cfg: Config
@@ -88,21 +86,18 @@ class Suite:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
-    home = tmp_path_factory.mktemp("nearline")
-    proc = start_redis(home / "redis")
-    edges = social_graph(members=300, communities=6, seed=5)
-    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
+async def nearline_suite(
+    tmp_path_factory: pytest.TempPathFactory, suite_world: World
+) -> AsyncIterator[NearlineSuite]:
+    """The session's trained world, cloned, with pymk, follows and catch-up."""
+    cfg, proc = clone(suite_world, tmp_path_factory.mktemp("nearline"))
+    graph = suite_world.graph
     client = connect(proc.url)
-    save_graph(client, graph)
-    workflows = home / "workflows"
+    workflows = cfg.home / "nearline-workflows"
     workflows.mkdir()
     for name in ("pymk.yaml", "follows.yaml"):
         relaxed_copy(REPO_ROOT / "workflows" / name, workflows)
-    cfg = dataclasses.replace(
-        Config(), home=home, redis_url=proc.url, reload_interval_s=0.3, workflows_dir=workflows
-    )
-    train(cfg, seed=0)
+    cfg = dataclasses.replace(cfg, reload_interval_s=0.3, workflows_dir=workflows)
     for name in ("pymk", "follows"):  # the offline lists the worker updates
         wf = find_workflow(cfg, name)
         run = job.begin(client, name, 1, name)
@@ -116,7 +111,7 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
     (workflows / "catch-up.yaml").write_text(yaml.safe_dump(remote))
     port = await start_gateway(cfg, servers)
     gch, cch = channel(f"127.0.0.1:{port}"), channel(cfg.candidates_addr)
-    yield Suite(graph, proc, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
+    yield NearlineSuite(graph, proc, cfg, client, gateway_pb2_grpc.RecommenderStub(gch),
                 candidates_pb2_grpc.CandidateServiceStub(cch), servers)  # fmt: skip
     await gch.close()
     await cch.close()
@@ -191,26 +186,28 @@ def _pending(client: redis.Redis) -> dict[str, int]:
     ],
 )  # fmt: skip
 async def test_publish_names_the_bad_field(
-    suite: Suite, event: gateway_pb2.MemberEvent, text: str
+    nearline_suite: NearlineSuite, event: gateway_pb2.MemberEvent, text: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await suite.publish(event)
+        await nearline_suite.publish(event)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert text in (err.value.details() or "")
     assert len(err.value.details() or "") < 400
 
 
-async def test_publish_takes_recent_times_and_a_configured_skew(suite: Suite) -> None:
+async def test_publish_takes_recent_times_and_a_configured_skew(
+    nearline_suite: NearlineSuite,
+) -> None:
     from edgeflow.nearline.events import EventError, parse_request
 
-    _fresh_stream(suite.client)
+    _fresh_stream(nearline_suite.client)
     now = time.time()
-    member, target = members_with_degree(suite.graph, 6)[5:7]
+    member, target = members_with_degree(nearline_suite.graph, 6)[5:7]
     for when in (now - 3600, now + 60, now - 300 * 86400):
         event = Event(type=Event.DISMISS, member=member, target=target, time=when)
-        assert (await suite.publish(event)).published == 1
-    suite.client.delete(keys.dismissed(member))
-    _fresh_stream(suite.client)
+        assert (await nearline_suite.publish(event)).published == 1
+    nearline_suite.client.delete(keys.dismissed(member))
+    _fresh_stream(nearline_suite.client)
     request = gateway_pb2.PublishRequest(
         events=[Event(type=Event.DISMISS, member=1, target=2, time=now + 120)]
     )
@@ -219,152 +216,166 @@ async def test_publish_takes_recent_times_and_a_configured_skew(suite: Suite) ->
     assert parse_request(request, max_future_s=600, max_age_s=3600)[0].time == now + 120
 
 
-async def test_block_dismiss_and_connect_apply_before_any_recompute(suite: Suite) -> None:
-    _fresh_stream(suite.client)  # no worker runs in this test
-    member = members_with_degree(suite.graph, 6)[0]
-    before = await suite.recommend(member)
+async def test_block_dismiss_and_connect_apply_before_any_recompute(
+    nearline_suite: NearlineSuite,
+) -> None:
+    _fresh_stream(nearline_suite.client)  # no worker runs in this test
+    member = members_with_degree(nearline_suite.graph, 6)[0]
+    before = await nearline_suite.recommend(member)
     targets = [e.target for e in before.edges]
     blocked, connected = targets[0], targets[1]
-    resp = await suite.publish(
+    resp = await nearline_suite.publish(
         Event(type=Event.BLOCK, member=member, target=blocked),
         Event(type=Event.CONNECT, member=member, target=connected),
     )
     assert resp.published == 2 and all(resp.entry_ids) and len(set(resp.event_ids)) == 2
-    after = await suite.recommend(member)
+    after = await nearline_suite.recommend(member)
     shown = {e.target for e in after.edges}
     assert blocked not in shown and connected not in shown
     assert after.funnel.dropped["blocked"] >= 1 and after.funnel.dropped["connected"] >= 1
     # The blocked member does not see the blocker either.
-    assert member not in {e.target for e in (await suite.recommend(blocked)).edges}
+    assert member not in {e.target for e in (await nearline_suite.recommend(blocked)).edges}
     # follows has no online scoring: its list is served, and filtered, at request time.
-    follows = [e.target for e in (await suite.recommend(member, "follows")).edges]
+    follows = [e.target for e in (await nearline_suite.recommend(member, "follows")).edges]
     assert follows and blocked not in follows and connected not in follows
     gone = follows[0]
-    await suite.publish(Event(type=Event.DISMISS, member=member, target=gone))
-    assert gone not in {e.target for e in (await suite.recommend(member, "follows")).edges}
-    edge = (await suite.recommend(member, "follows")).edges[0]
+    await nearline_suite.publish(Event(type=Event.DISMISS, member=member, target=gone))
+    assert gone not in {e.target for e in (await nearline_suite.recommend(member, "follows")).edges}
+    edge = (await nearline_suite.recommend(member, "follows")).edges[0]
     assert [(p.source, p.mode) for p in edge.provenance] == [("precomputed", "offline")]
     # Undo, so later tests start from the ingested graph.
-    await suite.publish(Event(type=Event.DISCONNECT, member=member, target=connected))
-    assert connected not in suite.connected(member)
-    suite.client.delete(keys.blocked(member), keys.blocked(blocked), keys.dismissed(member))
-    assert int(cast(int, suite.client.xlen(keys.EVENTS))) == 4
+    await nearline_suite.publish(Event(type=Event.DISCONNECT, member=member, target=connected))
+    assert connected not in nearline_suite.connected(member)
+    nearline_suite.client.delete(
+        keys.blocked(member), keys.blocked(blocked), keys.dismissed(member)
+    )
+    assert int(cast(int, nearline_suite.client.xlen(keys.EVENTS))) == 4
 
 
 SURFACES = ("pymk", "follows", "catch-up")
 
 
-async def _served(suite: Suite, member: int) -> dict[str, gateway_pb2.RecommendResponse]:
-    return {s: await suite.recommend(member, s) for s in SURFACES}
+async def _served(
+    nearline_suite: NearlineSuite, member: int
+) -> dict[str, gateway_pb2.RecommendResponse]:
+    return {s: await nearline_suite.recommend(member, s) for s in SURFACES}
 
 
-async def test_a_deactivated_member_is_never_served_until_reactivated(suite: Suite) -> None:
-    _fresh_stream(suite.client)
-    member, other = members_with_degree(suite.graph, 6)[6:8]
-    [listed] = lists.read_lists(suite.client, "pymk", [member])
+async def test_a_deactivated_member_is_never_served_until_reactivated(
+    nearline_suite: NearlineSuite,
+) -> None:
+    _fresh_stream(nearline_suite.client)
+    member, other = members_with_degree(nearline_suite.graph, 6)[6:8]
+    [listed] = lists.read_lists(nearline_suite.client, "pymk", [member])
     assert listed is not None
-    stored = next(int(t) for t in listed.ids[::-1] if int(t) not in suite.connected(member))
-    lists.update_lists(suite.client, "pymk", np.asarray([member]),
+    stored = next(
+        int(t) for t in listed.ids[::-1] if int(t) not in nearline_suite.connected(member)
+    )
+    lists.update_lists(nearline_suite.client, "pymk", np.asarray([member]),
                        [(np.asarray([stored]), np.asarray([9.0], np.float32))])  # fmt: skip
-    before = await _served(suite, member)
+    before = await _served(nearline_suite, member)
     assert all(r.edges and not r.partial for r in before.values())
     # Online (pymk's ranker), remote (catch-up's), offline (follows' list as the job wrote
     # it) and nearline (pymk's list entry as the worker writes it): each one's best edge.
     gone = {stored, *(r.edges[0].target for r in before.values())}
     deactivate = [Event(type=Event.DEACTIVATE, member=m) for m in sorted(gone)]
-    assert (await suite.publish(*deactivate)).published == len(gone)
+    assert (await nearline_suite.publish(*deactivate)).published == len(gone)
 
-    after = await _served(suite, member)
+    after = await _served(nearline_suite, member)
     for surface, resp in after.items():
         shown = {e.target for e in resp.edges}
         assert shown and not shown & gone, surface
         assert resp.funnel.dropped["deactivated"] >= 1, surface
-    assert stored not in {e.target for e in (await suite.recommend(member, k=500)).edges}
-    explained = await suite.stub.Recommend(gateway_pb2.RecommendRequest(
+    assert stored not in {e.target for e in (await nearline_suite.recommend(member, k=500)).edges}
+    explained = await nearline_suite.stub.Recommend(gateway_pb2.RecommendRequest(
         surface="follows", member=member, k=10, explain=True), timeout=10)  # fmt: skip
     assert (before["follows"].edges[0].target, "deactivated", "blend") in {
         (d.target, d.reason, d.node) for d in explained.explanation.dropped
     }
     # Nor are they served to a member whose lists never held them.
-    assert not {e.target for e in (await suite.recommend(other, k=500)).edges} & gone
+    assert not {e.target for e in (await nearline_suite.recommend(other, k=500)).edges} & gone
     # A deactivated member asking is refused, on every surface, and says why.
     for surface in SURFACES:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await suite.recommend(min(gone), surface)
+            await nearline_suite.recommend(min(gone), surface)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"member: {min(gone)} is deactivated (since " in (err.value.details() or "")
         assert "after a reactivate event" in (err.value.details() or "")
 
     reactivate = [Event(type=Event.REACTIVATE, member=m) for m in sorted(gone)]
-    assert (await suite.publish(*reactivate)).published == len(gone)
-    again = await _served(suite, member)
+    assert (await nearline_suite.publish(*reactivate)).published == len(gone)
+    again = await _served(nearline_suite, member)
     for surface, resp in again.items():
         assert resp.edges[0].target == before[surface].edges[0].target, surface
         assert "deactivated" not in resp.funnel.dropped
-    assert stored in {e.target for e in (await suite.recommend(member, k=500)).edges}
-    assert (await suite.recommend(min(gone))).edges
+    assert stored in {e.target for e in (await nearline_suite.recommend(member, k=500)).edges}
+    assert (await nearline_suite.recommend(min(gone))).edges
     # The worker takes both kinds of event: applied, none dead-lettered.
-    worker, server, health = await _start_worker(suite, "states")
+    worker, server, health = await _start_worker(nearline_suite, "states")
     try:
-        await _until(lambda: _applied(suite.client) == 2 * len(gone), "the events applied")
+        await _until(lambda: _applied(nearline_suite.client) == 2 * len(gone), "the events applied")
     finally:
         await drain(worker, server, health)
-    assert not suite.client.exists(keys.EVENTS_DEAD)
+    assert not nearline_suite.client.exists(keys.EVENTS_DEAD)
 
 
-async def test_the_safety_filters_apply_whatever_the_served_graph_says(suite: Suite) -> None:
+async def test_the_safety_filters_apply_whatever_the_served_graph_says(
+    nearline_suite: NearlineSuite,
+) -> None:
     """A graph whose blend lost its filters (one validated before they were required, or
     changed in memory) still serves no one the member blocked, is connected to or is."""
-    member = members_with_degree(suite.graph, 6)[8]
-    gateway = cast(GatewayService, suite.servers["gateway"][0])
+    member = members_with_degree(nearline_suite.graph, 6)[8]
+    gateway = cast(GatewayService, nearline_suite.servers["gateway"][0])
     params = gateway.workflows["follows"].node("blend").params
     assert isinstance(params, BlendParams)
     saved = list(params.filters)
-    top = (await suite.recommend(member, "follows")).edges[0].target
-    suite.client.sadd(keys.blocked(member), top)
+    top = (await nearline_suite.recommend(member, "follows")).edges[0].target
+    nearline_suite.client.sadd(keys.blocked(member), top)
     params.filters[:] = []
     try:
-        resp = await suite.recommend(member, "follows", k=500)
+        resp = await nearline_suite.recommend(member, "follows", k=500)
     finally:
         params.filters[:] = saved
-        suite.client.delete(keys.blocked(member))
+        nearline_suite.client.delete(keys.blocked(member))
     shown = {e.target for e in resp.edges}
     assert shown and top not in shown and member not in shown
-    assert not shown & suite.connected(member)
+    assert not shown & nearline_suite.connected(member)
     assert resp.funnel.dropped["blocked"] == 1
 
 
-async def test_a_repeated_event_id_is_stored_once(suite: Suite) -> None:
-    _fresh_stream(suite.client)
+async def test_a_repeated_event_id_is_stored_once(nearline_suite: NearlineSuite) -> None:
+    _fresh_stream(nearline_suite.client)
     event = Event(type=Event.FOLLOW, member=1, target=2, event_id="follow-1-2")
-    first = await suite.publish(event)
-    again = await suite.publish(event, Event(type=Event.FOLLOW, member=1, target=3))
+    first = await nearline_suite.publish(event)
+    again = await nearline_suite.publish(event, Event(type=Event.FOLLOW, member=1, target=3))
     assert first.published == 1 and list(first.event_ids) == ["follow-1-2"]
     assert again.published == 1 and again.duplicates == 1 and again.entry_ids[0] == ""
-    assert int(cast(int, suite.client.xlen(keys.EVENTS))) == 2
+    assert int(cast(int, nearline_suite.client.xlen(keys.EVENTS))) == 2
     with pytest.raises(grpc.aio.AioRpcError, match="appears twice in one request"):
-        await suite.publish(Event(type=Event.FOLLOW, member=1, target=4, event_id="x"),
+        await nearline_suite.publish(Event(type=Event.FOLLOW, member=1, target=4, event_id="x"),
                             Event(type=Event.FOLLOW, member=1, target=5, event_id="x"))  # fmt: skip
-    suite.client.delete(keys.follows(1))
+    nearline_suite.client.delete(keys.follows(1))
 
 
-async def test_follows_has_no_model_scores_and_an_empty_answer_says_why(suite: Suite) -> None:
-    member = members_with_degree(suite.graph, 4)[2]
-    follows = await suite.recommend(member, "follows")
+async def test_follows_has_no_model_scores_and_an_empty_answer_says_why(
+    nearline_suite: NearlineSuite,
+) -> None:
+    member = members_with_degree(nearline_suite.graph, 4)[2]
+    follows = await nearline_suite.recommend(member, "follows")
     assert follows.edges and not follows.partial
     # No model scores a follows edge at request time: its list is served as written.
     assert not any(e.HasField("model_score") for e in follows.edges)
     assert all(e.model_score == 0.0 for e in follows.edges)  # what a client reading 0 sees
-    pymk = await suite.recommend(member, "pymk")
+    pymk = await nearline_suite.recommend(member, "pymk")
     assert not pymk.partial, pymk.degraded
     assert pymk.edges and all(e.HasField("model_score") for e in pymk.edges)
 
     pointer = keys.list_current("follows")
-    suite.client.rename(pointer, pointer + ":away")  # as before the first offline run
+    nearline_suite.client.rename(pointer, pointer + ":away")  # as before the first offline run
     try:
-        never = await suite.recommend(member, "follows")
+        never = await nearline_suite.recommend(member, "follows")
     finally:
-        suite.client.rename(pointer + ":away", pointer)
+        nearline_suite.client.rename(pointer + ":away", pointer)
     assert not never.edges and not never.partial
     [node] = [n for n in never.funnel.nodes if n.op == "candidates.precomputed"]
     assert (node.status, node.items_out) == ("ok", 0)
@@ -377,25 +388,27 @@ async def test_follows_has_no_model_scores_and_an_empty_answer_says_why(suite: S
         "`edgeflow offline run --workflow follows`",
     ]
 
-    newcomer = int(suite.graph.ids.max()) + 1  # joined after the run: no entry
-    fresh = await suite.recommend(newcomer, "follows")
+    newcomer = int(nearline_suite.graph.ids.max()) + 1  # joined after the run: no entry
+    fresh = await nearline_suite.recommend(newcomer, "follows")
     [node] = [n for n in fresh.funnel.nodes if n.op == "candidates.precomputed"]
-    version = lists.current_version(suite.client, "follows")
+    version = lists.current_version(nearline_suite.client, "follows")
     want = f"list 'follows' has no entry for member {newcomer} (live version {version})"
     assert node.note == want
 
 
-async def test_pymk_still_serves_its_offline_list_when_scoring_fails(suite: Suite) -> None:
-    member = members_with_degree(suite.graph, 6)[1]
-    [stored] = lists.read_lists(suite.client, "pymk", [member])
+async def test_pymk_still_serves_its_offline_list_when_scoring_fails(
+    nearline_suite: NearlineSuite,
+) -> None:
+    member = members_with_degree(nearline_suite.graph, 6)[1]
+    [stored] = lists.read_lists(nearline_suite.client, "pymk", [member])
     assert stored is not None and stored.mode == "offline"
-    svc, server, port = suite.servers["scoring"]
+    svc, server, port = nearline_suite.servers["scoring"]
     await server.stop(None)
     try:
-        resp = await suite.recommend(member, k=20)
+        resp = await nearline_suite.recommend(member, k=20)
     finally:
         server, _, _ = await start_server(svc, f"127.0.0.1:{port}")
-        suite.servers["scoring"] = (svc, server, port)
+        nearline_suite.servers["scoring"] = (svc, server, port)
     assert resp.partial and any(d.startswith("rank: UNAVAILABLE") for d in resp.degraded)
     assert len(resp.edges) == 20
     offline = {int(t): float(s) for t, s in zip(stored.ids, stored.scores, strict=True)}
@@ -413,32 +426,34 @@ def _consumers(client: redis.Redis) -> set[str]:
     return {bytes(r["name"]).decode() for r in rows}
 
 
-async def _start_worker(suite: Suite, consumer: str, claim_idle_s: float = 30.0) -> tuple[
-    NearlineWorker, grpc.aio.Server, Any
-]:  # fmt: skip
-    worker = NearlineWorker(suite.cfg, consumer=consumer, claim_idle_s=claim_idle_s)
+async def _start_worker(
+    nearline_suite: NearlineSuite, consumer: str, claim_idle_s: float = 30.0
+) -> tuple[NearlineWorker, grpc.aio.Server, Any]:
+    worker = NearlineWorker(nearline_suite.cfg, consumer=consumer, claim_idle_s=claim_idle_s)
     server, port, health = await start_server(worker, "127.0.0.1:0")
     async with channel(f"127.0.0.1:{port}") as ch:
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    groups = cast(list[dict[str, Any]], suite.client.xinfo_groups(keys.EVENTS))
+    groups = cast(list[dict[str, Any]], nearline_suite.client.xinfo_groups(keys.EVENTS))
     assert [g["name"].decode() for g in groups] == [keys.NEARLINE_GROUP]
     return worker, server, health
 
 
-async def test_a_connect_reaches_stored_lists_graph_and_features(suite: Suite) -> None:
-    _fresh_stream(suite.client)
-    member = members_with_degree(suite.graph, 6)[3]
-    target = suite.stranger(member)
+async def test_a_connect_reaches_stored_lists_graph_and_features(
+    nearline_suite: NearlineSuite,
+) -> None:
+    _fresh_stream(nearline_suite.client)
+    member = members_with_degree(nearline_suite.graph, 6)[3]
+    target = nearline_suite.stranger(member)
     reader = OnlineReader()
-    degree_before = reader.read_sync(suite.client, [member]).scalars[0, 0]
-    worker, server, health = await _start_worker(suite, "fresh")
-    listener = aioredis.Redis.from_url(suite.cfg.redis_url)
+    degree_before = reader.read_sync(nearline_suite.client, [member]).scalars[0, 0]
+    worker, server, health = await _start_worker(nearline_suite, "fresh")
+    listener = aioredis.Redis.from_url(nearline_suite.cfg.redis_url)
     pubsub = listener.pubsub()
     try:
         await pubsub.subscribe(keys.NEARLINE_STORED)
         published_at = time.time()
-        resp = await suite.publish(Event(type=Event.CONNECT, member=member, target=target))
+        resp = await nearline_suite.publish(Event(type=Event.CONNECT, member=member, target=target))
         [event_id] = resp.event_ids
 
         async def stored() -> dict[str, Any] | None:
@@ -453,36 +468,39 @@ async def test_a_connect_reaches_stored_lists_graph_and_features(suite: Suite) -
         await listener.aclose()
         await drain(worker, server, health)
     for name in ("pymk", "follows"):
-        mine, theirs = lists.read_lists(suite.client, name, [member, target])
+        mine, theirs = lists.read_lists(nearline_suite.client, name, [member, target])
         assert mine is not None and theirs is not None
         assert mine.mode == theirs.mode == "nearline" and mine.created_at >= published_at
         assert target not in mine.ids and member not in theirs.ids
     # Served: the list's entries carry their nearline mode and age into provenance.
-    resp = await suite.recommend(member)
+    resp = await nearline_suite.recommend(member)
     modes = {p.mode for e in resp.edges for p in e.provenance if p.source == "precomputed"}
     assert modes == {"nearline"} and target not in {e.target for e in resp.edges}
     # The graph changed for every reader: the delta stream, then the candidates service.
-    graph = load_graph(suite.client)
+    graph = load_graph(nearline_suite.client)
     assert graph.index_of(target) in set(graph.neighbors(graph.index_of(member)).tolist())
 
     async def fof_sees_it() -> bool:
         req = candidates_pb2.GenerateRequest(member=member, source="graph", limit=500)
-        return target not in (await suite.candidates.Generate(req, timeout=5)).ids
+        return target not in (await nearline_suite.candidates.Generate(req, timeout=5)).ids
 
     await _until(fof_sees_it, "the candidates service to apply the graph delta", 10)
     # The features pushed through Feast's push source: the member's degree is one more.
-    degree_after = reader.read_sync(suite.client, [member]).scalars[0, 0]
+    degree_after = reader.read_sync(nearline_suite.client, [member]).scalars[0, 0]
     assert degree_after == degree_before + 1
-    assert _applied(suite.client) == 1 and _pending(suite.client) == {}
+    assert _applied(nearline_suite.client) == 1 and _pending(nearline_suite.client) == {}
 
 
-async def test_at_least_once_through_a_worker_killed_before_acking(suite: Suite) -> None:
-    _fresh_stream(suite.client)
-    suite.client.xgroup_create(keys.EVENTS, keys.NEARLINE_GROUP, id="0", mkstream=True)
+async def test_at_least_once_through_a_worker_killed_before_acking(
+    nearline_suite: NearlineSuite,
+) -> None:
+    _fresh_stream(nearline_suite.client)
+    nearline_suite.client.xgroup_create(keys.EVENTS, keys.NEARLINE_GROUP, id="0", mkstream=True)
     port = free_port()
     env = dict(
-        os.environ, REDIS_URL=suite.cfg.redis_url, EDGEFLOW_HOME=str(suite.cfg.home),
-        EDGEFLOW_WORKFLOWS=str(suite.cfg.workflows_dir), PORT=str(port),
+        os.environ, REDIS_URL=nearline_suite.cfg.redis_url,
+        EDGEFLOW_HOME=str(nearline_suite.cfg.home),
+        EDGEFLOW_WORKFLOWS=str(nearline_suite.cfg.workflows_dir), PORT=str(port),
         FEATURES_ADDR=f"127.0.0.1:{free_port()}",  # nothing listens: every push fails
         NEARLINE_CLAIM_IDLE_S="600", LOG_LEVEL="WARNING",
     )  # fmt: skip
@@ -490,68 +508,72 @@ async def test_at_least_once_through_a_worker_killed_before_acking(suite: Suite)
         [sys.executable, "-m", "edgeflow.cli.main", "serve", "nearline"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    members = members_with_degree(suite.graph, 4)[10:22]
+    members = members_with_degree(nearline_suite.graph, 4)[10:22]
     pairs: list[tuple[int, int]] = []
     taken: set[int] = set()
     for m in members:
-        t = suite.stranger(m, taken | set(members))
+        t = nearline_suite.stranger(m, taken | set(members))
         taken |= {m, t}
         pairs.append((m, t))
     events = [Event(type=Event.CONNECT, member=m, target=t, event_id=f"c-{m}-{t}")
               for m, t in pairs]  # fmt: skip
     try:
-        first = await suite.publish(*events)
+        first = await nearline_suite.publish(*events)
         assert first.published == len(events)
         # It read every event and acknowledged none of them: then it dies.
-        await _until(lambda: sum(_pending(suite.client).values()) == len(events), "reads")
-        [name] = _pending(suite.client)
+        await _until(lambda: sum(_pending(nearline_suite.client).values()) == len(events), "reads")
+        [name] = _pending(nearline_suite.client)
         assert doomed.poll() is None
-        assert suite.client.exists(keys.nearline_lease(name))  # alive: it holds its lease
+        assert nearline_suite.client.exists(keys.nearline_lease(name))  # alive: it holds its lease
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(10)
     finally:
         if doomed.poll() is None:
             doomed.kill()
     # Retried publishes of the same events add nothing.
-    again = await suite.publish(*events[:3])
-    assert again.duplicates == 3 and int(cast(int, suite.client.xlen(keys.EVENTS))) == len(events)
-    assert _applied(suite.client) == 0
+    again = await nearline_suite.publish(*events[:3])
+    assert again.duplicates == 3 and int(cast(int, nearline_suite.client.xlen(keys.EVENTS))) == len(
+        events
+    )
+    assert _applied(nearline_suite.client) == 0
 
     # Claiming by idle time is off (600 s): the dead worker's lapsed lease is what lets the
     # rescuer take its events over, and remove it from the group.
-    worker, server, health = await _start_worker(suite, "rescuer", claim_idle_s=600)
+    worker, server, health = await _start_worker(nearline_suite, "rescuer", claim_idle_s=600)
     try:
-        await _until(lambda: _applied(suite.client) == len(events), "the claimed events")
-        await _until(lambda: _pending(suite.client) == {}, "every entry acknowledged")
-        await _until(lambda: _consumers(suite.client) == {"rescuer"}, "the dead one removed")
+        await _until(lambda: _applied(nearline_suite.client) == len(events), "the claimed events")
+        await _until(lambda: _pending(nearline_suite.client) == {}, "every entry acknowledged")
+        await _until(
+            lambda: _consumers(nearline_suite.client) == {"rescuer"}, "the dead one removed"
+        )
         # An entry delivered again (a replayed append) is acknowledged, not applied again.
         fields = {"id": events[0].event_id, "type": "connect", "member": str(pairs[0][0]),
                   "target": str(pairs[0][1]), "time": "1", "features": "{}"}  # fmt: skip
-        replay = cast(bytes, suite.client.xadd(keys.EVENTS, fields))
+        replay = cast(bytes, nearline_suite.client.xadd(keys.EVENTS, fields))
 
         def replayed() -> bool:
-            [group] = cast(list[dict[str, Any]], suite.client.xinfo_groups(keys.EVENTS))
-            return group["last-delivered-id"] == replay and _pending(suite.client) == {}
+            [group] = cast(list[dict[str, Any]], nearline_suite.client.xinfo_groups(keys.EVENTS))
+            return group["last-delivered-id"] == replay and _pending(nearline_suite.client) == {}
 
         await _until(replayed, "the replayed entry")
     finally:
         await drain(worker, server, health)
-    assert _consumers(suite.client) == set()  # a worker that stops leaves the group
-    assert not suite.client.exists(keys.nearline_lease("rescuer"))
-    assert _applied(suite.client) == len(events)  # nothing lost, nothing doubled
-    assert not suite.client.exists(keys.EVENTS_DEAD)
+    assert _consumers(nearline_suite.client) == set()  # a worker that stops leaves the group
+    assert not nearline_suite.client.exists(keys.nearline_lease("rescuer"))
+    assert _applied(nearline_suite.client) == len(events)  # nothing lost, nothing doubled
+    assert not nearline_suite.client.exists(keys.EVENTS_DEAD)
     assert name != "rescuer"
-    graph = load_graph(suite.client)
+    graph = load_graph(nearline_suite.client)
     for (m, t), event in zip(pairs, events, strict=True):
-        assert suite.client.exists(keys.event_done(event.event_id))
+        assert nearline_suite.client.exists(keys.event_done(event.event_id))
         assert graph.index_of(t) in set(graph.neighbors(graph.index_of(m)).tolist())
-        stored = lists.read_lists(suite.client, "pymk", [m])[0]
+        stored = lists.read_lists(nearline_suite.client, "pymk", [m])[0]
         assert stored is not None and stored.mode == "nearline" and t not in stored.ids
 
 
-async def test_graph_deltas_are_followed_and_compacted(suite: Suite) -> None:
-    client = suite.client
-    store = GraphStore(aioredis.Redis.from_url(suite.cfg.redis_url))
+async def test_graph_deltas_are_followed_and_compacted(nearline_suite: NearlineSuite) -> None:
+    client = nearline_suite.client
+    store = GraphStore(aioredis.Redis.from_url(nearline_suite.cfg.redis_url))
     await store.load()
     base = store.graph
     a, b = members_with_degree(base, 2)[:2]
@@ -575,13 +597,13 @@ async def test_graph_deltas_are_followed_and_compacted(suite: Suite) -> None:
 
 
 async def test_past_the_exact_limit_the_worker_searches_the_hnsw_collection(
-    suite: Suite, monkeypatch: pytest.MonkeyPatch
+    nearline_suite: NearlineSuite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A large graph's worker does not read every member's embedding into an exact index
     (at start, after a compaction, after an embedding push): EBR searches the live HNSW
     collection through the worker's own copy, which closing the worker deletes."""
     monkeypatch.setattr(worker_module, "EXACT_EBR_MAX", 0)
-    processor = worker_module.Processor(suite.cfg, suite.client, "ann")
+    processor = worker_module.Processor(nearline_suite.cfg, nearline_suite.client, "ann")
     try:
         processor.refresh(force=True)
         assert processor.sync_graph()
@@ -591,9 +613,11 @@ async def test_past_the_exact_limit_the_worker_searches_the_hnsw_collection(
         copy = inputs.ann.path
         processor.rebuild_index()  # an embedding push: the collection stays
         assert inputs.index is None and inputs.ann is not None
-        wf = find_workflow(suite.cfg, "pymk")
-        member = members_with_degree(suite.graph, 6)[5]
-        exact = BatchRunner(wf, load_inputs(suite.cfg, suite.client, wf), per_member=True)
+        wf = find_workflow(nearline_suite.cfg, "pymk")
+        member = members_with_degree(nearline_suite.graph, 6)[5]
+        exact = BatchRunner(
+            wf, load_inputs(nearline_suite.cfg, nearline_suite.client, wf), per_member=True
+        )
         [want], [got] = (
             exact.run(np.array([member])).lists,
             processor.runner(wf).run(np.array([member])).lists,

@@ -27,24 +27,22 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from world import COMMUNITIES, MEMBERS, SEED, World, clone
 
 from edgeflow import tensor, tracing
 from edgeflow.build.embeddings import member_embeddings
 from edgeflow.build.ranker import build_examples, inner_split
 from edgeflow.build.synthetic import social_graph
-from edgeflow.build.train import train
-from edgeflow.config import REPO_ROOT, Config
+from edgeflow.config import REPO_ROOT
 from edgeflow.features.compute import member_features
 from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS
 from edgeflow.gateway.frame import Frame, SourceInfo
 from edgeflow.gateway.remote import RemoteError, RemoteScorer, infer_request, read_scores
 from edgeflow.graph import Graph
-from edgeflow.local.redis_server import free_port, start_redis
+from edgeflow.local.redis_server import free_port
 from edgeflow.scoring.oip import InferenceServicer
 from edgeflow.scoring.service import ScoringService
 from edgeflow.server import channel
-from edgeflow.stores.graph_store import save_graph
-from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import (
     features_pb2,
     features_pb2_grpc,
@@ -323,7 +321,7 @@ def mlserver_proc(
     if not (PEERS / "mlserver").exists():
         pytest.fail(f"no MLServer at {PEERS}: run scripts/setup_oip_peers.sh")
     home = tmp_path_factory.mktemp("remote")
-    edges = social_graph(members=400, communities=8, seed=3)
+    edges = social_graph(members=MEMBERS, communities=COMMUNITIES, seed=SEED)  # the world's
     graph = Graph.from_edges(edges[:, 0], edges[:, 1])
     model = _train_sklearn(graph)
     repo, port = _model_repository(home / "mlserver", model)
@@ -378,17 +376,15 @@ def _variant(workflows: Path, surface: str, budget_ms: int = 5000, **rank: Any) 
 @pytest_asyncio.fixture(scope="module")
 async def remote(
     mlserver_proc: tuple[subprocess.Popen[bytes], int, Any, Graph, Path],
+    suite_world: World,
 ) -> AsyncIterator[Remote]:
+    """The session's trained world (MLServer's ranker was trained on the same graph)."""
     proc, mls_port, model, graph, home = mlserver_proc
-    redis = start_redis(home / "redis")
-    save_graph(connect(redis.url), graph)
+    cfg, redis = clone(suite_world, home / "world")
     workflows = home / "workflows"
     workflows.mkdir()
     _variant(workflows, "catch-up")  # the checked-in graph, with generous deadlines
-    cfg = dataclasses.replace(
-        Config(), home=home, redis_url=redis.url, reload_interval_s=0.3, workflows_dir=workflows
-    )
-    train(cfg, seed=0)
+    cfg = dataclasses.replace(cfg, reload_interval_s=0.3, workflows_dir=workflows)
     cfg, servers = await start_backends(cfg)
     addr = {n: f"127.0.0.1:{p}" for n, (_, _, p) in servers.items()}
     scoring_service = servers["scoring"][0]
