@@ -31,11 +31,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgeflow import auth
 from edgeflow.build.synthetic import social_graph, write_edge_list
 from edgeflow.local.redis_server import free_port
 from edgeflow.local.suite import SERVICES, Suite, _alive, _serving, free_service_addrs
-from edgeflow.server import channel
+from edgeflow.shell import auth
+from edgeflow.shell.server import channel
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc

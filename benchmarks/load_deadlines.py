@@ -51,13 +51,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgeflow import auth
 from edgeflow.cli.harness import suite_config
 from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph, read_edge_file
 from edgeflow.local import suite as local
 from edgeflow.local.redis_server import stop_pid
-from edgeflow.server import channel
+from edgeflow.shell import auth
+from edgeflow.shell.server import channel
 from edgeflow.stores import lists
 from edgeflow.stores.graph_store import save_graph
 from edgeflow.stores.redis_client import connect

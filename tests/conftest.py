@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from world import World, clone, train_world
 
-from edgeflow import tracing
 from edgeflow.build.synthetic import social_graph
 from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess, start_redis
+from edgeflow.shell import tracing
 
 FACEBOOK = REPO_ROOT.parent / "shared" / "data" / "facebook_combined.txt"
 

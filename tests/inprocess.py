@@ -19,7 +19,6 @@ import grpc
 import numpy as np
 import yaml
 
-from edgeflow import tls
 from edgeflow.build.synthetic import social_graph
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.config import Config
@@ -29,7 +28,8 @@ from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.merging.service import MergingService
 from edgeflow.scoring.service import ScoringService
-from edgeflow.server import Service, channel, start_server
+from edgeflow.shell import tls
+from edgeflow.shell.server import Service, channel, start_server
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 Servers = dict[str, tuple[Service, grpc.aio.Server, int]]

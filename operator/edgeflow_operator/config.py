@@ -150,7 +150,7 @@ class OperatorConfig(_Model):
     auth_secret: str = Field(
         "",
         description="Secret whose keys.json holds the API keys every workflow's gateway "
-        "checks (edgeflow.auth); empty: the gateways take calls without keys.",
+        "checks (edgeflow.shell.auth); empty: the gateways take calls without keys.",
     )
     gateway: Component = Field(
         default_factory=lambda: Component(

@@ -62,7 +62,7 @@ class Config:
     gateway_addr: str = field(default_factory=lambda: _env("GATEWAY_ADDR", "127.0.0.1:50060"))
     # The nearline worker's health and metrics endpoint (it serves no edgeflow API).
     nearline_addr: str = field(default_factory=lambda: _env("NEARLINE_ADDR", "127.0.0.1:50065"))
-    # API keys on the gateway (edgeflow.auth): "on" in `edgeflow up` and the chart.
+    # API keys on the gateway (edgeflow.shell.auth): "on" in `edgeflow up` and the chart.
     auth: bool = field(default_factory=lambda: _env("EDGEFLOW_AUTH", "off") == "on")
     # The keys file; empty: $EDGEFLOW_HOME/auth/keys.json.
     auth_keys: str = field(default_factory=lambda: _env("EDGEFLOW_AUTH_KEYS", ""))
@@ -112,7 +112,7 @@ class Config:
         )
     )
     # gRPC calls a service runs at once before it sheds more with RESOURCE_EXHAUSTED;
-    # 0: the service's own bound (edgeflow.guard, from its memory and message sizes).
+    # 0: the service's own bound (edgeflow.shell.guard, from its memory and message sizes).
     max_concurrent_rpcs: int = field(
         default_factory=lambda: _env_int("EDGEFLOW_MAX_CONCURRENT_RPCS", 0)
     )
@@ -162,7 +162,7 @@ class Config:
 
     @property
     def keys_path(self) -> Path:
-        """The API keys file the gateway checks callers against (edgeflow.auth)."""
+        """The API keys file the gateway checks callers against (edgeflow.shell.auth)."""
         return Path(self.auth_keys) if self.auth_keys else self.home / "auth" / "keys.json"
 
 

@@ -28,7 +28,7 @@ from edgeflow.config import REPO_ROOT
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree
 from edgeflow.merging import diversity
 from edgeflow.merging.service import MergingService
-from edgeflow.server import channel
+from edgeflow.shell.server import channel
 from edgeflow.stores import keys
 from edgeflow.stores.graph_store import GraphNotLoaded
 from edgeflow.stores.redis_client import connect

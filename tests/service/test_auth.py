@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from inprocess import Suite, members_with_degree
 
-from edgeflow import auth
 from edgeflow.gateway.service import GatewayService
-from edgeflow.server import channel, start_server
+from edgeflow.shell import auth
+from edgeflow.shell.server import channel, start_server
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 

@@ -44,7 +44,7 @@ from edgeflow.candidates.sources import (
 from edgeflow.config import Config
 from edgeflow.graph import Graph, pair_measures, read_edge_file
 from edgeflow.local.redis_server import RedisProcess, start_redis
-from edgeflow.server import channel, start_server
+from edgeflow.shell.server import channel, start_server
 from edgeflow.stores import keys, lists, vectors
 from edgeflow.stores.graph_store import GraphStore, save_graph
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc

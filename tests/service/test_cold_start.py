@@ -27,7 +27,7 @@ from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
-from edgeflow.server import channel, drain, start_server
+from edgeflow.shell.server import channel, drain, start_server
 from edgeflow.stores.graph_store import load_graph
 from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc

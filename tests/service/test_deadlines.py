@@ -1,6 +1,6 @@
 """Expensive requests must not stall the others past their deadlines.
 
-CPU work off the event loop (edgeflow.cpu), late work refused, the friends-of-friends budget
+CPU work off the event loop (edgeflow.shell.cpu), late work refused, the friends-of-friends budget
 for hubs (exact below it), cheap candidate sources answered while a hub's friends of friends
 run, and the gateway's GenerateMany calls split by node timeout. Durations are only ever
 compared with each other (the slow call's own duration), never with a fixed number.
@@ -21,12 +21,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from edgeflow import cpu, metrics
 from edgeflow.candidates import sources
 from edgeflow.candidates.service import CandidatesService
 from edgeflow.candidates.sources import GraphSource
 from edgeflow.config import REPO_ROOT, Config
-from edgeflow.errors import RequestError
 from edgeflow.features.service import FeaturesService
 from edgeflow.gateway.engine import Clients, Engine
 from edgeflow.graph import (
@@ -39,7 +37,9 @@ from edgeflow.graph import (
     read_edge_file,
 )
 from edgeflow.local.redis_server import RedisProcess
-from edgeflow.server import channel, start_server
+from edgeflow.shell import cpu, metrics
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.server import channel, start_server
 from edgeflow.stores import lists
 from edgeflow.stores.graph_store import GraphStore, save_graph
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, features_pb2
@@ -58,7 +58,7 @@ def _count(counter: Any, *labels: str) -> float:
     return float(counter.labels(*labels)._value.get() if labels else counter._value.get())
 
 
-# ---- edgeflow.cpu ---------------------------------------------------------------------------
+# ---- edgeflow.shell.cpu ------------------------------------------------------------------
 async def test_small_work_runs_inline_and_large_work_on_a_pool_thread() -> None:
     here = threading.get_ident()
     assert await cpu.run("t", cpu.INLINE_WORK - 1, threading.get_ident) == here

@@ -25,7 +25,7 @@ from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.frame import Frame
 from edgeflow.gateway.service import GatewayService
 from edgeflow.local.redis_server import free_port
-from edgeflow.server import channel
+from edgeflow.shell.server import channel
 from edgeflow.v1 import (
     features_pb2,
     features_pb2_grpc,

@@ -37,7 +37,7 @@ from edgeflow.features.schema import (
 from edgeflow.features.service import MAX_ENTITIES, FeaturesService, create
 from edgeflow.graph import Graph, inverse_log_degree
 from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
-from edgeflow.server import channel, start_server
+from edgeflow.shell.server import channel, start_server
 from edgeflow.stores.graph_store import save_graph
 from edgeflow.v1 import features_pb2, features_pb2_grpc
 
@@ -236,7 +236,7 @@ from pathlib import Path
 import numpy as np
 from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.errors import RequestError
+from edgeflow.shell.errors import RequestError
 from edgeflow.features.schema import ENTITY_COLUMNS
 from edgeflow.features.service import FeaturesService
 from edgeflow.v1 import features_pb2

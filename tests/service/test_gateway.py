@@ -19,8 +19,8 @@ from inprocess import Suite, members_with_degree
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from edgeflow import tracing
-from edgeflow.server import channel, start_server
+from edgeflow.shell import tracing
+from edgeflow.shell.server import channel, start_server
 from edgeflow.stores import keys, lists
 from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import gateway_pb2

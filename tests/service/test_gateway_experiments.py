@@ -18,11 +18,11 @@ from inprocess import Suite, members_with_degree
 from prometheus_client import REGISTRY
 from sklearn.linear_model import LogisticRegression
 
-from edgeflow import metrics
 from edgeflow.build.ranker import export_onnx
 from edgeflow.config import REPO_ROOT
 from edgeflow.experiments import records
 from edgeflow.scoring.registry import publish_model, published_versions
+from edgeflow.shell import metrics
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import gateway_pb2
@@ -228,7 +228,7 @@ async def test_model_watch_trusts_only_a_scoring_service_that_has_loaded_its_mod
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from edgeflow.gateway.models import SCORING_SERVICE, ModelWatch
-    from edgeflow.server import channel
+    from edgeflow.shell.server import channel
     from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
     from edgeflow.workflow.validate import parse_document
 

@@ -1,4 +1,4 @@
-"""What every gRPC server refuses before its handlers run (edgeflow.guard): message sizes that
+"""What every gRPC server refuses before its handlers run (edgeflow.shell.guard): message sizes that
 follow from the documented limits, and concurrency bounds that shed load with
 RESOURCE_EXHAUSTED. Real grpc.aio servers started by the services' own start_server."""
 
@@ -12,13 +12,14 @@ import grpc
 import numpy as np
 import pytest
 
-from edgeflow import cpu, guard, metrics, tensor
-from edgeflow import server as server_module
-from edgeflow.errors import RequestError
+from edgeflow import tensor
 from edgeflow.features.schema import ENTITY_COLUMNS, MODEL_COLUMNS
-from edgeflow.guard import MB, Limits, limits_for
 from edgeflow.local.redis_server import free_port
-from edgeflow.server import Service, channel, start_server
+from edgeflow.shell import cpu, guard, metrics
+from edgeflow.shell import server as server_module
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.guard import MB, Limits, limits_for
+from edgeflow.shell.server import Service, channel, start_server
 from edgeflow.v1 import (
     candidates_pb2,
     features_pb2,

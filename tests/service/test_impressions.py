@@ -15,7 +15,7 @@ from inprocess import Suite, members_with_degree
 
 from edgeflow.config import REPO_ROOT
 from edgeflow.merging import impressions
-from edgeflow.server import channel
+from edgeflow.shell.server import channel
 from edgeflow.stores import keys, lists
 from edgeflow.stores.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, merging_pb2, merging_pb2_grpc, tensor_pb2

@@ -24,7 +24,7 @@ from edgeflow.merging import wire as edge_wire
 from edgeflow.merging.blend import BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
 from edgeflow.merging.service import MergingService, create
-from edgeflow.server import channel, start_server
+from edgeflow.shell.server import channel, start_server
 from edgeflow.stores import keys
 from edgeflow.stores.graph_store import save_graph
 from edgeflow.stores.resp import RawPipeline
@@ -817,7 +817,7 @@ async def test_a_redis_still_loading_is_unavailable_not_failed_precondition(
 def _largest_merge() -> merging_pb2.MergeRequest:
     """The largest Merge a valid workflow sends: 16 inputs of 5,000 candidates, each with the
     list's score and 16 source columns, member ids of 10 bytes on the wire."""
-    from edgeflow import guard
+    from edgeflow.shell import guard
 
     n, sources = guard.MAX_CANDIDATES, guard.MAX_NODE_INPUTS
     req = merging_pb2.MergeRequest(member=1, k=1000)
@@ -835,7 +835,7 @@ def _largest_merge() -> merging_pb2.MergeRequest:
 async def test_the_largest_legitimate_merge_fits_and_a_larger_one_is_refused(
     merging: Running,
 ) -> None:
-    from edgeflow.guard import limits_for
+    from edgeflow.shell.guard import limits_for
 
     largest = _largest_merge()
     limit = limits_for("merging").max_receive_bytes

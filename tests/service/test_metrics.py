@@ -22,13 +22,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from edgeflow import metrics
 from edgeflow.config import Config
 from edgeflow.local.redis_server import RedisProcess, free_port
 from edgeflow.local.suite import METRICS_OFFSET, new_suite
 from edgeflow.nearline.events import Event, publish
 from edgeflow.nearline.worker import Processor, backlog, ensure_group
-from edgeflow.server import channel
+from edgeflow.shell import metrics
+from edgeflow.shell.server import channel
 from edgeflow.stores import keys, lists
 from edgeflow.stores.redis_client import connect, connect_async
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2

@@ -36,7 +36,7 @@ from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
-from edgeflow.server import Service, channel, drain, start_server
+from edgeflow.shell.server import Service, channel, drain, start_server
 from edgeflow.stores import keys, lists
 from edgeflow.stores.feast_online import OnlineReader
 from edgeflow.stores.graph_store import (

@@ -23,7 +23,7 @@ from edgeflow import tensor
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.scoring.registry import publish_model
 from edgeflow.scoring.service import ScoringService
-from edgeflow.server import channel, drain, start_server
+from edgeflow.shell.server import channel, drain, start_server
 from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
 from edgeflow.v1.inference import grpc_predict_v2_pb2 as pb
 from edgeflow.v1.inference import grpc_predict_v2_pb2_grpc as pb_grpc

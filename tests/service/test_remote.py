@@ -29,7 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from world import COMMUNITIES, MEMBERS, SEED, World, clone
 
-from edgeflow import tensor, tracing
+from edgeflow import tensor
 from edgeflow.build.embeddings import member_embeddings
 from edgeflow.build.ranker import build_examples, inner_split
 from edgeflow.build.synthetic import social_graph
@@ -42,7 +42,8 @@ from edgeflow.graph import Graph
 from edgeflow.local.redis_server import free_port
 from edgeflow.scoring.oip import InferenceServicer
 from edgeflow.scoring.service import ScoringService
-from edgeflow.server import channel
+from edgeflow.shell import tracing
+from edgeflow.shell.server import channel
 from edgeflow.v1 import (
     features_pb2,
     features_pb2_grpc,

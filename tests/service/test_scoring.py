@@ -37,7 +37,7 @@ from edgeflow.scoring.registry import (
 )
 from edgeflow.scoring.rollout import RolloutError, promote, set_canary
 from edgeflow.scoring.service import ScoringService
-from edgeflow.server import channel, drain, start_server
+from edgeflow.shell.server import channel, drain, start_server
 from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
 
 FEATURES = ["common_neighbors", "adamic_adar", "jaccard", "cand_degree", "embedding_cosine"]

@@ -24,10 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess import Servers, start_backends, start_gateway, stop_all
 from world import World, clone
 
-from edgeflow import metrics, tls
 from edgeflow.local.redis_server import free_port
-from edgeflow.server import channel
-from edgeflow.tls import TlsError, TlsFiles
+from edgeflow.shell import metrics, tls
+from edgeflow.shell.server import channel
+from edgeflow.shell.tls import TlsError, TlsFiles
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs openssl")

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from edgeflow.reload import Reloader
+from edgeflow.shell.reload import Reloader
 
 
 async def test_a_failed_look_is_logged_and_the_next_one_comes(

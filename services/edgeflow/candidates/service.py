@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import grpc
 import redis
 
-from edgeflow import cpu, tensor
+from edgeflow import tensor
 from edgeflow.candidates.sources import (
     MAX_LIMIT,
     EbrSource,
@@ -30,9 +30,10 @@ from edgeflow.candidates.sources import (
     SourceUnavailable,
 )
 from edgeflow.config import Config
-from edgeflow.errors import RequestError
-from edgeflow.reload import Reloader
-from edgeflow.server import Service
+from edgeflow.shell import cpu
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.reload import Reloader
+from edgeflow.shell.server import Service
 from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.stores.lists import ListError
 from edgeflow.stores.redis_client import AsyncClient, connect_async

@@ -20,9 +20,9 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from edgeflow import cpu, metrics
 from edgeflow.config import Config
 from edgeflow.graph import Graph, expansion_budget, friends_of_friends
+from edgeflow.shell import cpu, metrics
 from edgeflow.stores import keys, lists, vectors
 from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.stores.redis_client import AsyncClient

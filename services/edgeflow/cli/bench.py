@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgeflow import auth, config, tensor
+from edgeflow import config, tensor
 from edgeflow.cli import CliError
 from edgeflow.cli.capacity import recommend_capacity
 from edgeflow.cli.harness import Harness, running_suite
@@ -32,6 +32,7 @@ from edgeflow.features.compute import model_matrix
 from edgeflow.features.service import MAX_ENTITIES
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree, read_edge_file
 from edgeflow.local.suite import SERVICES, cpu_seconds, peak_rss_mb
+from edgeflow.shell import auth
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,

@@ -14,7 +14,6 @@ from typing import cast
 import grpc
 import numpy as np
 
-from edgeflow import auth
 from edgeflow.cli import CliError, ceiling, diversity_eval
 from edgeflow.cli.harness import running_suite
 from edgeflow.experiments import records
@@ -26,6 +25,7 @@ from edgeflow.graph import (
     read_edge_file,
     split_edges,
 )
+from edgeflow.shell import auth
 from edgeflow.stores.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 from edgeflow.workflow.validate import load_directory

@@ -28,10 +28,11 @@ from rich.console import Console, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from edgeflow import auth, config, tensor
+from edgeflow import config, tensor
 from edgeflow.cli import CliError, dag_picture
 from edgeflow.cli.recommend import fit_pipe, model_cell, mutual_cell
-from edgeflow.server import configured_channel
+from edgeflow.shell import auth
+from edgeflow.shell.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 # More feature columns than this go in their own table, one column per item.

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from edgeflow import config, server, tls
+from edgeflow import config
 from edgeflow.graph import Graph
 from edgeflow.local import suite as local
+from edgeflow.shell import server, tls
 from edgeflow.stores.redis_client import connect
 
 if TYPE_CHECKING:

@@ -1,12 +1,13 @@
-"""`edgeflow auth`: API keys for the gateway (edgeflow.auth)."""
+"""`edgeflow auth`: API keys for the gateway (edgeflow.shell.auth)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from edgeflow import auth, config
+from edgeflow import config
 from edgeflow.cli import CliError
+from edgeflow.shell import auth
 
 
 def run(args: argparse.Namespace) -> int:

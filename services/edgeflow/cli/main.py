@@ -29,7 +29,8 @@ EVENT_TYPES = ("connect", "disconnect", "block", "dismiss", "follow", "deactivat
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from edgeflow import config, server
+    from edgeflow import config
+    from edgeflow.shell import server
 
     cfg = config.load()
     if not cfg.port:  # the port of the service's own address, where its peers look for it

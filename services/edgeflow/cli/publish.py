@@ -7,9 +7,10 @@ import json
 
 import grpc
 
-from edgeflow import auth, config
+from edgeflow import config
 from edgeflow.cli import CliError
-from edgeflow.server import configured_channel
+from edgeflow.shell import auth
+from edgeflow.shell.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 TYPES = {

@@ -14,9 +14,10 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from edgeflow import auth, config
+from edgeflow import config
 from edgeflow.cli import CliError
-from edgeflow.server import configured_channel
+from edgeflow.shell import auth
+from edgeflow.shell.server import configured_channel
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 NO_MODEL = "\u2013"  # an en dash: no value (a minus sign would read as a number)

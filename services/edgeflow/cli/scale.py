@@ -308,9 +308,9 @@ def _setup_times(rec: Record, seconds: dict[str, float], report: Any, stages: St
 
 def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float, log: bool) -> None:
     """The measurements on the running suite, each phase recorded as it ends."""
-    from edgeflow import auth
     from edgeflow.cli.bench import nearline_freshness, per_service
     from edgeflow.cli.capacity import recommend_capacity
+    from edgeflow.shell import auth
     from edgeflow.v1 import gateway_pb2_grpc
 
     rng = np.random.default_rng(seed + 1)

@@ -23,8 +23,8 @@ import grpc
 import numpy as np
 import redis
 
-from edgeflow.errors import RequestError
 from edgeflow.features.schema import EMBEDDING_FEATURE, JOIN_KEY, PUSH_SOURCE, SCALAR_FEATURES
+from edgeflow.shell.errors import RequestError
 
 if TYPE_CHECKING:
     import pandas as pd

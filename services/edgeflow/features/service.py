@@ -17,9 +17,8 @@ import grpc
 import numpy as np
 import redis
 
-from edgeflow import cpu, metrics, tensor
+from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.errors import RequestError
 from edgeflow.features.compute import model_matrix
 from edgeflow.features.feast_writer import FeastWriter
 from edgeflow.features.schema import (
@@ -30,7 +29,9 @@ from edgeflow.features.schema import (
     SCALAR_FEATURES,
 )
 from edgeflow.graph import pair_measures, pair_measures_work
-from edgeflow.server import Service
+from edgeflow.shell import cpu, metrics
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.server import Service
 from edgeflow.stores.feast_online import OnlineReader, OnlineRows, OnlineValueError
 from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.stores.redis_client import AsyncClient, connect_async

@@ -16,14 +16,15 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from edgeflow import tensor, tracing
+from edgeflow import tensor
 from edgeflow.candidates.service import ListsOnly
-from edgeflow.errors import RequestError
 from edgeflow.gateway.frame import Frame, SourceInfo, union
 from edgeflow.gateway.remote import RemoteError, RemoteScorer
 from edgeflow.merging import diversity, filters, impressions
 from edgeflow.merging.service import MergingService
-from edgeflow.tls import TlsFiles
+from edgeflow.shell import tracing
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.tls import TlsFiles
 from edgeflow.v1 import (
     candidates_pb2,
     candidates_pb2_grpc,

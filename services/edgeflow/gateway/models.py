@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgeflow import metrics
+from edgeflow.shell import metrics
 from edgeflow.v1 import gateway_pb2, scoring_pb2, scoring_pb2_grpc
 from edgeflow.workflow import variants as variants_mod
 from edgeflow.workflow.compiled import Workflow

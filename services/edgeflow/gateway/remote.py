@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
-from edgeflow import oip_tensor, tensor, tls, tracing
+from edgeflow import oip_tensor, tensor
 from edgeflow.gateway.frame import Frame, SourceInfo
-from edgeflow.server import channel
+from edgeflow.shell import tls, tracing
+from edgeflow.shell.server import channel
 from edgeflow.v1 import tensor_pb2
 from edgeflow.v1.inference import grpc_predict_v2_pb2 as pb
 from edgeflow.v1.inference import grpc_predict_v2_pb2_grpc as pb_grpc

@@ -13,22 +13,22 @@ from pathlib import Path
 import grpc
 import redis
 
-from edgeflow import auth, metrics, tls
 from edgeflow.candidates.service import ListsOnly
 from edgeflow.config import Config
-from edgeflow.errors import RequestError
 from edgeflow.experiments import records
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.gateway.engine import Clients, Engine, NodeFailed, Outcome, UnknownMember
 from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.models import ModelWatch, Move
 from edgeflow.gateway.shadow import ShadowRunner
-from edgeflow.guard import RateLimitedLog
 from edgeflow.merging import impressions
 from edgeflow.merging.service import MergingService
 from edgeflow.nearline import events
-from edgeflow.reload import Reloader
-from edgeflow.server import Service, channel, connect
+from edgeflow.shell import auth, metrics, tls
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.guard import RateLimitedLog
+from edgeflow.shell.reload import Reloader
+from edgeflow.shell.server import Service, channel, connect
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import AsyncClient, connect_async
 from edgeflow.stores.resp import RawPipeline, RespError, RespReplyError, encode

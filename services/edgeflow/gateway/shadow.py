@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import grpc
 
-from edgeflow import metrics
 from edgeflow.experiments.records import ShadowComparison, overlap_at_k, rank_correlation
 from edgeflow.experiments.stream_log import StreamLog
 from edgeflow.gateway.engine import Engine, NodeFailed, UnknownMember
+from edgeflow.shell import metrics
 from edgeflow.workflow.compiled import Workflow
 from edgeflow.workflow.model import Shadow
 

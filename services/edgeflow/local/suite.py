@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgeflow import auth
 from edgeflow.config import Config
 from edgeflow.local.redis_server import (
     AOF_FILES,
@@ -40,7 +39,8 @@ from edgeflow.local.redis_server import (
     start_redis,
     stop_pid,
 )
-from edgeflow.server import configured_channel
+from edgeflow.shell import auth
+from edgeflow.shell.server import configured_channel
 from edgeflow.stores.redis_client import cluster_url, parse_url
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")

@@ -39,9 +39,9 @@ import grpc
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edgeflow.errors import RequestError
 from edgeflow.graph import Graph
 from edgeflow.merging import blend
+from edgeflow.shell.errors import RequestError
 from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore
 from edgeflow.v1 import merging_pb2
 from edgeflow.workflow.ops import MAX_DIVERSITY_POOL, MAX_DIVERSITY_WINDOW, DiversityParams

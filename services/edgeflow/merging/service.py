@@ -27,13 +27,13 @@ import redis
 
 from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.errors import RequestError
 from edgeflow.graph import Graph, mutual_connections
 from edgeflow.merging import blend, diversity, filters, impressions, wire
 from edgeflow.merging.blend import MAX_K, BlendError, ScoredList
 from edgeflow.merging.filters import FilterError
-from edgeflow.reload import CLOSE_WAIT_S
-from edgeflow.server import Service
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.reload import CLOSE_WAIT_S
+from edgeflow.shell.server import Service
 from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore, warm_sample
 from edgeflow.stores.redis_client import AsyncClient, connect_async, parse_url
 from edgeflow.stores.resp import RawPipeline, RespError, RespReplyError

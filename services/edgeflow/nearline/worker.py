@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import redis
 
-from edgeflow import metrics, tensor, tls
+from edgeflow import tensor
 from edgeflow.candidates.sources import Reader, VectorIndex
 from edgeflow.config import Config
 from edgeflow.features.schema import SCALAR_FEATURES
@@ -39,7 +39,8 @@ from edgeflow.offline.context import live_collection
 from edgeflow.offline.executor import BatchRunner, OfflineError
 from edgeflow.offline.inputs import EXACT_EBR_MAX, Inputs, LiveFeatures, embedding_index
 from edgeflow.scoring.registry import ModelRegistry
-from edgeflow.server import Service, sync_channel
+from edgeflow.shell import metrics, tls
+from edgeflow.shell.server import Service, sync_channel
 from edgeflow.stores import keys, lists
 from edgeflow.stores.graph_store import (
     append_deltas,

@@ -17,8 +17,8 @@ import numpy as np
 from opentelemetry import trace
 
 from edgeflow import __version__, oip_tensor
-from edgeflow.errors import RequestError
 from edgeflow.scoring.registry import LoadedModel, ModelNotFoundError, ModelRegistry
+from edgeflow.shell.errors import RequestError
 from edgeflow.v1.inference import grpc_predict_v2_pb2 as pb
 from edgeflow.v1.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 

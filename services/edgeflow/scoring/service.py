@@ -10,13 +10,14 @@ import time
 import grpc
 from opentelemetry import trace
 
-from edgeflow import cpu, metrics, tensor
+from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.errors import RequestError
-from edgeflow.reload import Reloader
 from edgeflow.scoring import oip
 from edgeflow.scoring.registry import ModelNotFoundError, ModelRegistry
-from edgeflow.server import Service
+from edgeflow.shell import cpu, metrics
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.reload import Reloader
+from edgeflow.shell.server import Service
 from edgeflow.v1 import scoring_pb2, scoring_pb2_grpc
 
 log = logging.getLogger("edgeflow.scoring")

@@ -43,7 +43,7 @@ import numpy as np
 import redis
 
 from edgeflow.graph import Graph, SnapshotError
-from edgeflow.reload import Reloader
+from edgeflow.shell.reload import Reloader
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import AsyncClient, SyncClient, script
 

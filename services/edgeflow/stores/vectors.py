@@ -50,7 +50,7 @@ from edgeflow.config import Config
 from edgeflow.stores import keys
 from edgeflow.stores.redis_client import SyncClient
 
-log = logging.getLogger("edgeflow.stores.vectors")
+log = logging.getLogger("edgeflow.vectors")
 
 _UPSERT_BATCH = 1024  # points per request to a Qdrant server
 _EDGE_BATCH = 10_000  # points per in-process update

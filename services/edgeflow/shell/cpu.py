@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
-from edgeflow import metrics
+from edgeflow.shell import metrics
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -24,10 +24,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgeflow import cpu, metrics, tls, tracing
 from edgeflow.config import Config
-from edgeflow.guard import Guard, Limits, limits_for
-from edgeflow.tls import TlsFiles, channel_credentials, server_credentials
+from edgeflow.shell import cpu, metrics, tls, tracing
+from edgeflow.shell.guard import Guard, Limits, limits_for
+from edgeflow.shell.tls import TlsFiles, channel_credentials, server_credentials
 
 log = logging.getLogger("edgeflow")
 
@@ -43,7 +43,7 @@ class Service(ABC):
 
     name: str  # e.g. "candidates"
     service_names: tuple[str, ...]  # full proto service names, for health and reflection
-    # Message size, concurrency and string limits (edgeflow.guard); None: the service's own.
+    # Message size, concurrency and string limits (edgeflow.shell.guard); None: the service's own.
     limits: Limits | None = None
     # Called by edge surfaces, which authenticate with API keys: with TLS on, it asks for no
     # client certificate. The others are reached by edgeflow's own processes only (mTLS).
@@ -110,7 +110,7 @@ async def start_server(
     `tls_files` the port serves TLS only, and mutual TLS unless the service is edge-facing."""
     limits = service.limits or limits_for(service.name)
     guard = Guard(service.name, limits)
-    guard.ready = False  # UNAVAILABLE until loaded (see edgeflow.guard)
+    guard.ready = False  # UNAVAILABLE until loaded (see edgeflow.shell.guard)
     server = grpc.aio.server(
         interceptors=[
             *service.interceptors(),

@@ -4,7 +4,7 @@ Every server handler runs in a span continued from the caller's metadata, and ev
 call injects the current context, so one Recommend is one trace across all services.
 Spans go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set. With no exporter configured the
 process keeps OpenTelemetry's no-op tracer, so an unobserved request pays nothing for spans.
-The same server interceptor also keeps the gRPC server metrics (edgeflow.metrics).
+The same server interceptor also keeps the gRPC server metrics (edgeflow.shell.metrics).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from edgeflow import cpu, metrics
-from edgeflow.errors import RequestError
-from edgeflow.guard import Guard, Undecodable, clip_message
+from edgeflow.shell import cpu, metrics
+from edgeflow.shell.errors import RequestError
+from edgeflow.shell.guard import Guard, Undecodable, clip_message
 
 _configured = False
 
@@ -107,11 +107,11 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     The wrapped handler and its labelled metric children are built once per method; per call
     only the caller's context is read from the call's metadata (when tracing is on). gRPC's
     own services (health, reflection) are not traced or counted, so probes do not count as
-    traffic. With a `guard` (edgeflow.guard), the same wrapper refuses undecodable requests,
+    traffic. With a `guard` (edgeflow.shell.guard), the same wrapper refuses undecodable requests,
     over-long strings and large requests over the in-flight budget before the handler runs
     (and every call while the service is still loading),
     and gRPC's own services get the guard's decoding check. A handler fails its call by
-    raising edgeflow.errors.RequestError; this wrapper makes it the call's status.
+    raising edgeflow.shell.errors.RequestError; this wrapper makes it the call's status.
     """
 
     def __init__(self, service: str, guard: Guard | None = None) -> None:

@@ -1,9 +1,9 @@
 """The one error a request handler raises to fail its call with a status.
 
 Handlers raise RequestError, with the status code and a message naming what was wrong and
-where; the server shell (edgeflow.tracing.ServerTracing, around every handler) turns it into
+where; the server shell (edgeflow.shell.tracing.ServerTracing, around every handler) turns it into
 the call's status, as it does work refused because the call's deadline had passed
-(edgeflow.cpu.DeadlineExpired -> DEADLINE_EXCEEDED). No handler calls context.abort.
+(edgeflow.shell.cpu.DeadlineExpired -> DEADLINE_EXCEEDED). No handler calls context.abort.
 """
 
 from __future__ import annotations
