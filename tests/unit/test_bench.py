@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import struct
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-
-from edgeflow import tensor
-from edgeflow.cli import CliError
-from edgeflow.cli.bench import entity_features, timed, top_by_cosine, unit_rows
-from edgeflow.cli.capacity import Step, open_loop, search_capacity, step_requests
-from edgeflow.cli.scale import (
+from edgeflow_bench.bench import entity_features, timed, top_by_cosine, unit_rows
+from edgeflow_bench.capacity import Step, open_loop, search_capacity, step_requests
+from edgeflow_bench.scale import (
     OverBudget,
     Record,
     StageLog,
@@ -37,6 +35,9 @@ from edgeflow.cli.scale import (
     stage_key,
     write_edges,
 )
+
+from edgeflow import tensor
+from edgeflow.cli import CliError
 from edgeflow.features import schema
 from edgeflow.features.service import MAX_ENTITIES
 from edgeflow.graph import read_edge_list
@@ -361,7 +362,8 @@ async def test_timed_counts_failed_end_to_end_calls_when_asked() -> None:
 
 
 def test_the_command_line_takes_the_scale_options(tmp_path: Path) -> None:
-    from edgeflow.cli import scale
+    from edgeflow_bench import scale
+
     from edgeflow.cli.main import build_parser
 
     args = build_parser().parse_args(
@@ -394,3 +396,25 @@ def test_cpu_seconds_reads_a_process_cpu_time_and_nan_once_it_is_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert math.isnan(cpu_seconds(child.pid))
+
+
+def test_bench_without_its_package_says_where_it_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The serving image installs edgeflow without benchmarks/: `edgeflow bench` says so."""
+    from edgeflow.cli import main
+
+    class NotInstalled:  # finds no edgeflow_bench, as where it was not installed
+        @staticmethod
+        def find_spec(name: str, *_: object) -> None:
+            if name.partition(".")[0] == "edgeflow_bench":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [m for m in sys.modules if m.partition(".")[0] == "edgeflow_bench"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NotInstalled, *sys.meta_path])
+    assert main.main(["bench"]) == 2
+    assert capsys.readouterr().err == (
+        "edgeflow bench: edgeflow_bench is not installed here: it runs from a source "
+        "checkout, where scripts/setup.sh installs it\n"
+    )

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import redis
+from edgeflow_bench import scale
 
-from edgeflow.cli import CliError, scale
+from edgeflow.cli import CliError
 from edgeflow.local import redis_server, supervisor
 from edgeflow.local import suite as local
 from edgeflow.local.redis_server import (

@@ -50,9 +50,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command(name: str) -> Callable[[argparse.Namespace], int]:
+def _command(name: str, package: str = "edgeflow.cli") -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        module = importlib.import_module(f"edgeflow.cli.{name}")
+        try:
+            module = importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != package:
+                raise
+            # The benchmark is installed from a source checkout's benchmarks/, not in images.
+            raise CliError(
+                f"{package} is not installed here: it runs from a source checkout, "
+                "where scripts/setup.sh installs it"
+            ) from None
         result: int = module.run(args)
         return result
 
@@ -250,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "; with --scale, every size on its own cluster, and the results "
         "named scale-cluster<N>.json and .png",
     )
-    s.set_defaults(func=_command("bench"))
+    s.set_defaults(func=_command("bench", "edgeflow_bench"))
     return p
 
 

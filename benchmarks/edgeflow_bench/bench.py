@@ -24,7 +24,6 @@ import numpy as np
 
 from edgeflow import config, tensor
 from edgeflow.cli import CliError
-from edgeflow.cli.capacity import recommend_capacity
 from edgeflow.cli.harness import Harness, running_suite
 from edgeflow.cli.quickstart import FACEBOOK_CANDIDATES
 from edgeflow.features import schema
@@ -47,6 +46,7 @@ from edgeflow.v1 import (
 )
 from edgeflow.workflow.ops import EbrParams, GraphParams
 from edgeflow.workflow.validate import load_workflow
+from edgeflow_bench.capacity import recommend_capacity
 
 ENTITY_REFS = [f"{schema.FEATURE_VIEW}:{f}" for f in schema.ENTITY_FEATURES]
 # qdrant-client's local mode is an exact search in Python that warns above this many points;
@@ -580,7 +580,7 @@ async def nearline_freshness(
 def run(args: argparse.Namespace) -> int:
     cluster = getattr(args, "redis_cluster", 0) or 0
     if getattr(args, "scale", False):
-        from edgeflow.cli import scale
+        from edgeflow_bench import scale
 
         return scale.run(args)
     edges = args.edges or next((p for p in FACEBOOK_CANDIDATES if p.exists()), None)

@@ -1,6 +1,6 @@
 """`edgeflow bench --scale`: the whole system on generated social graphs of growing size.
 
-For each size, a child process (`python -m edgeflow.cli.scale`) generates a graph with
+For each size, a child process (`python -m edgeflow_bench.scale`) generates a graph with
 `social_graph(members, seed)`, writes it as an edge list, and in the same self-contained
 harness as `bench` ingests it (as `edgeflow ingest` does), trains (every stage timed), starts
 the services and measures: `Recommend` sequential p50/p99 and open-loop capacity, the
@@ -308,10 +308,10 @@ def _setup_times(rec: Record, seconds: dict[str, float], report: Any, stages: St
 
 def measure_serving(h: Any, graph: Any, rec: Record, seed: int, deadline: float, log: bool) -> None:
     """The measurements on the running suite, each phase recorded as it ends."""
-    from edgeflow.cli.bench import nearline_freshness, per_service
-    from edgeflow.cli.capacity import recommend_capacity
     from edgeflow.shell import auth
     from edgeflow.v1 import gateway_pb2_grpc
+    from edgeflow_bench.bench import nearline_freshness, per_service
+    from edgeflow_bench.capacity import recommend_capacity
 
     rng = np.random.default_rng(seed + 1)
     pool = graph.ids[graph.degree > 0]
@@ -394,9 +394,9 @@ async def ebr_recall(h: Any, graph: Any, rng: np.random.Generator) -> dict[str, 
     """Recall@100 of `Generate` source=ebr against exact cosine search with numpy over the
     embeddings training wrote (read back through the features service), and its latency.
     Both sides leave out the member and its connections."""
-    from edgeflow.cli.bench import entity_features, top_by_cosine, unit_rows
     from edgeflow.features import schema
     from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, features_pb2_grpc
+    from edgeflow_bench.bench import entity_features, top_by_cosine, unit_rows
 
     fch = h.channel("features")
     try:
@@ -608,7 +608,7 @@ def run_size(
     result = work / f"size-{members}.json"
     home_root = work / f"homes-{members}"
     home_root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "edgeflow.cli.scale", "--members", str(members),
+    cmd = [sys.executable, "-m", "edgeflow_bench.scale", "--members", str(members),
            "--seed", str(seed), "--result", str(result), "--home-root", str(home_root),
            "--budget", str(budget_s), "--redis-cluster", str(redis_cluster),
            *([] if log else ["--quiet"])]  # fmt: skip
@@ -901,7 +901,7 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
 
 # ---- the child's command line -------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgeflow.cli.scale",
+    p = argparse.ArgumentParser(prog="python -m edgeflow_bench.scale",
                                 description="one size of `edgeflow bench --scale`")  # fmt: skip
     p.add_argument("--members", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
