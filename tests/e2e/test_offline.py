@@ -24,7 +24,7 @@ from world import World, clone
 
 from edgeflow.candidates.sources import VectorIndex
 from edgeflow.config import REPO_ROOT, Config
-from edgeflow.features.compute import model_matrix
+from edgeflow.features.compute import cosines, model_matrix, model_rows
 from edgeflow.graph import Graph, friends_of_friends, inverse_log_degree
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.merging import blend
@@ -43,8 +43,6 @@ from edgeflow.offline.pairs import (
     index_cosines,
     member_friends_of_friends,
     member_measures,
-    model_rows,
-    row_cosines,
 )
 from edgeflow.offline.ranking import BlendInput, _exact, blend_batch
 from edgeflow.offline.rows import Rows, union
@@ -197,7 +195,7 @@ def test_two_hop_products_equal_the_graph_functions(built: Built) -> None:
     vectors = rng.normal(size=(universe.size, 32)).astype(np.float32)
     emb = vectors[np.searchsorted(universe, members)]
     cemb = vectors[np.searchsorted(universe, np.concatenate(cands))]
-    rows = model_rows(owner, got, scal, cscal, row_cosines(owner, emb, cemb))
+    rows = model_rows(owner, got, scal, cscal, cosines(owner, emb, cemb))
     for j in range(members.size):
         mine = owner == j
         want = model_matrix(g, inv, int(dense[j]), cand_dense[mine], scal[j], cscal[mine],
@@ -210,7 +208,7 @@ def test_two_hop_products_equal_the_graph_functions(built: Built) -> None:
     index = VectorIndex(universe[held], vectors[held])
     np.testing.assert_allclose(
         index_cosines(index, members, owner, np.concatenate(cands), emb, cemb),
-        row_cosines(owner, emb, cemb), rtol=1e-5, atol=1e-6,
+        cosines(owner, emb, cemb), rtol=1e-5, atol=1e-6,
     )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from edgeflow.features.schema import MODEL_COLUMNS, SCALAR_FEATURES
-from edgeflow.graph import Graph, pair_measures
+from edgeflow.graph import PAIR_COLUMNS, Graph, pair_measures
 
 _PAGERANK_DAMPING = 0.85
 _PAGERANK_ITERS = 50
@@ -49,13 +49,53 @@ def _zero_nan(x: np.ndarray) -> np.ndarray:
     return x if np.isfinite(x).all() else np.nan_to_num(x)
 
 
-def cosine(member_emb: np.ndarray, cand_emb: np.ndarray) -> np.ndarray:
-    """Cosine similarity of one vector with each row; 0 where a vector is zero or missing."""
+def cosines(owner: np.ndarray, member_emb: np.ndarray, cand_emb: np.ndarray) -> np.ndarray:
+    """Cosine of each candidate row with its member's row `member_emb[owner[i]]`; 0 where a
+    vector is zero or missing (NaN)."""
     a = _zero_nan(np.asarray(member_emb, dtype=np.float32))
     b = _zero_nan(np.asarray(cand_emb, dtype=np.float32))
-    norms = np.linalg.norm(b, axis=1) * float(np.linalg.norm(a))
-    dots = b @ a
+    norms = np.linalg.norm(b, axis=1) * np.linalg.norm(a, axis=1)[owner]
+    dots = np.einsum("ij,ij->i", b, a[owner])
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0).astype(np.float32)
+
+
+# Where each part of MODEL_COLUMNS comes from, by name: (model column, member scalar) for the
+# member's own features, (model column, candidate scalar) for the candidate's, and the run of
+# pair measures.
+_MEMBER_PARTS = [
+    (MODEL_COLUMNS.index(f"member_{name}"), j)
+    for j, name in enumerate(SCALAR_FEATURES)
+    if f"member_{name}" in MODEL_COLUMNS
+]
+_CAND_PARTS = [
+    (MODEL_COLUMNS.index(f"cand_{name}"), j)
+    for j, name in enumerate(SCALAR_FEATURES)
+    if f"cand_{name}" in MODEL_COLUMNS
+]
+_PAIRS = slice(MODEL_COLUMNS.index(PAIR_COLUMNS[0]), MODEL_COLUMNS.index(PAIR_COLUMNS[-1]) + 1)
+_COSINE = MODEL_COLUMNS.index("embedding_cosine")
+assert _PAIRS.stop - _PAIRS.start == len(PAIR_COLUMNS)
+assert len(_MEMBER_PARTS) + len(_CAND_PARTS) + len(PAIR_COLUMNS) + 1 == len(MODEL_COLUMNS)
+
+
+def model_rows(
+    owner: np.ndarray,
+    measures: np.ndarray,
+    member_scalars: np.ndarray,
+    cand_scalars: np.ndarray,
+    cos: np.ndarray,
+) -> np.ndarray:
+    """The ranker's input, (len(owner), len(MODEL_COLUMNS)) float32, for pairs of several
+    members (the member of row i is `member_scalars[owner[i]]`) and candidates, given the
+    pair measures (PAIR_COLUMNS) and the embedding cosines."""
+    out = np.empty((owner.size, len(MODEL_COLUMNS)), dtype=np.float32)
+    for col, j in _MEMBER_PARTS:
+        out[:, col] = member_scalars[owner, j]
+    for col, j in _CAND_PARTS:
+        out[:, col] = cand_scalars[:, j]
+    out[:, _PAIRS] = measures
+    out[:, _COSINE] = cos
+    return out
 
 
 def model_matrix(
@@ -75,13 +115,9 @@ def model_matrix(
     are dense graph indices (-1 for members unknown to the graph). `pairs` is
     pair_measures(graph, member_index, cand_indices, inv_log_degree), when already computed.
     """
-    m = cand_indices.size
-    out = np.empty((m, len(MODEL_COLUMNS)), dtype=np.float32)
-    out[:, 0] = member_scalars[0]
-    out[:, 1] = member_scalars[1]
-    out[:, 2:6] = cand_scalars[:, 0:4]
+    owner = np.zeros(cand_indices.size, dtype=np.intp)  # one member: every row is its
     if pairs is None:
         pairs = pair_measures(graph, member_index, cand_indices, inv_log_degree)
-    out[:, 6:11] = pairs
-    out[:, 11] = cosine(member_embedding, cand_embeddings)
-    return out
+    member_emb = np.asarray(member_embedding)[None, :]
+    cos = cosines(owner, member_emb, cand_embeddings)
+    return model_rows(owner, pairs, np.asarray(member_scalars)[None, :], cand_scalars, cos)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeflow.offline.rows import Rows
+from edgeflow.offline.rows import union as rows_union
 from edgeflow.v1 import tensor_pb2
 
 
@@ -50,35 +52,16 @@ class Frame:
 
 
 def union(frames: list[Frame]) -> Frame:
-    """Deduplicate candidates of several frames, keeping first-seen order and every source."""
+    """Deduplicate candidates of several frames, keeping first-seen order and every source
+    (a source seen in an earlier frame keeps its first value): the batch runner's union of
+    one member's rows."""
     nonempty = [f for f in frames if f.ids.size]
-    if not nonempty:
-        merged = Frame.empty()
-        for f in frames:
-            merged.info.update(f.info)
-        return merged
-    frames = nonempty
-    if len(frames) == 1:
-        return frames[0]
-    all_ids = np.concatenate([f.ids for f in frames])
-    uniq, first, inverse = np.unique(all_ids, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # unique ids by first appearance
-    ids = uniq[order]
-    out_row = np.empty(order.size, dtype=np.intp)
-    out_row[order] = np.arange(order.size)
-    rows_of_all = out_row[inverse.reshape(-1)]  # output row of each input row
-    sources: dict[str, np.ndarray] = {}
+    if len(nonempty) == 1:
+        return nonempty[0]
     info: dict[str, SourceInfo] = {}
-    start = 0
-    for f in frames:
-        rows = rows_of_all[start : start + f.ids.size]
-        start += f.ids.size
-        for name, vals in f.sources.items():
-            col = sources.get(name)
-            if col is None:  # a new source: every row of it is still absent
-                col = sources[name] = np.full(ids.size, np.nan, dtype=np.float32)
-                col[rows] = vals
-            else:  # a source seen in an earlier frame keeps its first value
-                col[rows] = np.where(np.isnan(col[rows]), vals, col[rows])
+    for f in nonempty if nonempty else frames:
         info.update(f.info)
-    return Frame(ids=ids, sources=sources, info=info)
+    one = [Rows(owner=np.zeros(f.ids.size, np.int64), ids=f.ids, sources=f.sources)
+           for f in nonempty]  # fmt: skip
+    rows = rows_union(one)
+    return Frame(ids=rows.ids, sources=rows.sources, info=info)

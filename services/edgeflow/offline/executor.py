@@ -16,6 +16,8 @@ from typing import cast
 import numpy as np
 
 from edgeflow.candidates.sources import SEEDS, VectorIndex, fill_popular, popular_near
+from edgeflow.features.compute import cosines as compute_cosines
+from edgeflow.features.compute import model_rows
 from edgeflow.features.schema import MODEL_COLUMNS
 from edgeflow.offline.inputs import FeatureTable, Inputs, take
 from edgeflow.offline.pairs import (
@@ -23,8 +25,6 @@ from edgeflow.offline.pairs import (
     index_cosines,
     member_friends_of_friends,
     member_measures,
-    model_rows,
-    row_cosines,
     unit_cosines,
 )
 from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pair_in
@@ -320,7 +320,7 @@ class BatchRunner:
                     ebr_index, members, rows.owner, rows.ids, mine.embeddings, theirs.embeddings
                 )
             else:
-                cosines = row_cosines(rows.owner, mine.embeddings, theirs.embeddings)
+                cosines = compute_cosines(rows.owner, mine.embeddings, theirs.embeddings)
             matrix = model_rows(rows.owner, measures, mine.scalars, theirs.scalars, cosines)
         if params.columns:
             select = [MODEL_COLUMNS.index(c) for c in params.columns]

@@ -18,11 +18,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from edgeflow.candidates.sources import VectorIndex
-from edgeflow.features.compute import adjacency_matrix
-from edgeflow.features.schema import MODEL_COLUMNS
+from edgeflow.features.compute import adjacency_matrix, cosines
 from edgeflow.graph import PAIR_COLUMNS, Graph, friends_of_friends, pair_measures
-
-_PAIR_START = MODEL_COLUMNS.index(PAIR_COLUMNS[0])
 
 
 class PairIndex:
@@ -148,35 +145,6 @@ def member_measures(
     return out
 
 
-def model_rows(
-    owner: np.ndarray,
-    measures: np.ndarray,
-    member_scalars: np.ndarray,
-    cand_scalars: np.ndarray,
-    cosines: np.ndarray,
-) -> np.ndarray:
-    """features/compute.model_matrix's columns for pairs of several members (member rows are
-    indexed by `owner`), given the pair measures and embedding cosines."""
-    out = np.empty((owner.size, len(MODEL_COLUMNS)), dtype=np.float32)
-    out[:, 0] = member_scalars[owner, 0]
-    out[:, 1] = member_scalars[owner, 1]
-    out[:, 2:6] = cand_scalars[:, 0:4]
-    out[:, _PAIR_START : _PAIR_START + len(PAIR_COLUMNS)] = measures
-    out[:, -1] = cosines
-    return out
-
-
-def row_cosines(
-    owner: np.ndarray, member_embeddings: np.ndarray, cand_embeddings: np.ndarray
-) -> np.ndarray:
-    """compute.cosine's formula, row by row (0 where a vector is zero or missing)."""
-    a = np.nan_to_num(member_embeddings.astype(np.float32, copy=False))
-    b = np.nan_to_num(cand_embeddings.astype(np.float32, copy=False))
-    norms = np.linalg.norm(b, axis=1) * np.linalg.norm(a, axis=1)[owner]
-    dots = np.einsum("ij,ij->i", b, a[owner])
-    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-
-
 def index_cosines(
     index: VectorIndex,
     members: np.ndarray,
@@ -186,14 +154,14 @@ def index_cosines(
     cand_embeddings: np.ndarray,
 ) -> np.ndarray:
     """The same cosines from the EBR index's unit vectors;
-    rows whose member or candidate the index lacks fall back to `row_cosines`."""
+    rows whose member or candidate the index lacks fall back to compute.cosines."""
     member_rows, cand_rows = index.rows(members), index.rows(cand_ids)
     known = (member_rows[owner] >= 0) & (cand_rows >= 0)
     out = np.empty(owner.size, dtype=np.float32)
     out[known] = unit_cosines(index.vectors, member_rows[owner[known]], cand_rows[known])
     if not known.all():
         rest = ~known
-        out[rest] = row_cosines(owner[rest], member_embeddings, cand_embeddings[rest])
+        out[rest] = cosines(owner[rest], member_embeddings, cand_embeddings[rest])
     return out
 
 
