@@ -129,14 +129,23 @@ def _check(i: int, lst: ScoredList) -> list[str]:
     return names
 
 
-def normalise(score: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] within a list (float64); see the module docstring."""
+def normalise(score: np.ndarray, owner: np.ndarray | None = None) -> np.ndarray:
+    """Min-max to [0, 1] within a list (float64), see the module docstring; with `owner`
+    (ascending), within each member's part of the list (the batch runner's blend)."""
     s = np.asarray(score, dtype=np.float64)
+    if s.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    if owner is None:
+        starts, group = np.zeros(1, dtype=np.intp), np.zeros(s.size, dtype=np.intp)
+    else:
+        start = np.ones(s.size, dtype=bool)
+        start[1:] = owner[1:] != owner[:-1]
+        starts, group = np.flatnonzero(start), np.cumsum(start) - 1
     finite = np.isfinite(s)
-    if not finite.any():
-        return np.where(s == np.inf, 1.0, 0.0)
-    lo, hi = s[finite].min(), s[finite].max()
-    out = (s - lo) / (hi - lo) if hi > lo else np.ones_like(s)
+    lo = np.minimum.reduceat(np.where(finite, s, np.inf), starts)[group]
+    hi = np.maximum.reduceat(np.where(finite, s, -np.inf), starts)[group]
+    out = np.ones(s.size, dtype=np.float64)
+    np.divide(s - lo, hi - lo, out=out, where=hi > lo)
     out[np.isnan(s) | (s == -np.inf)] = 0.0
     out[s == np.inf] = 1.0
     return out

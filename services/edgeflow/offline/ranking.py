@@ -93,27 +93,6 @@ def pair_in(
     return hit[:n]
 
 
-def _normalise(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """blend.normalise within each member's part of one list (float64)."""
-    s = values.astype(np.float64)
-    out = np.zeros(s.size, dtype=np.float64)
-    if s.size == 0:
-        return out
-    start = np.ones(s.size, dtype=bool)
-    start[1:] = owner[1:] != owner[:-1]
-    starts = np.flatnonzero(start)
-    group = np.cumsum(start) - 1
-    finite = np.isfinite(s)
-    lo = np.minimum.reduceat(np.where(finite, s, np.inf), starts)[group]
-    hi = np.maximum.reduceat(np.where(finite, s, -np.inf), starts)[group]
-    spread = hi > lo
-    out = np.ones(s.size, dtype=np.float64)
-    np.divide(s - lo, hi - lo, out=out, where=spread)
-    out[np.isnan(s) | (s == -np.inf)] = 0.0
-    out[s == np.inf] = 1.0
-    return out
-
-
 def blend_batch(
     lists: Sequence[BlendInput],
     members: int,
@@ -139,7 +118,7 @@ def blend_batch(
     key = pair_keys(owner, ids, universe, codes)
     contrib, bests, offset = [], [], 0
     for w, lst in zip(weights, lists, strict=True):
-        part = w * _normalise(lst.primary, lst.owner)
+        part = w * blend.normalise(lst.primary, lst.owner)
         bests.append(
             offset
             + (
