@@ -32,6 +32,7 @@ import redis
 from edgeflow import tensor
 from edgeflow.candidates.sources import Reader, VectorIndex
 from edgeflow.config import Config
+from edgeflow.features.compute import LOCAL_FEATURES, local_member_features
 from edgeflow.features.schema import SCALAR_FEATURES
 from edgeflow.graph import Graph
 from edgeflow.nearline.events import GRAPH_TYPES, Event, from_fields
@@ -66,7 +67,6 @@ DONE_TTL_S = 7 * 24 * 3600
 PUSH_TIMEOUT_S = 10.0
 _RETRY_S = 1.0
 BACKLOG_EVERY_S = 1.0
-_GRAPH_FEATURES = ("degree", "clustering", "avg_neighbor_degree")
 # Push failures that will not heal by retrying the same event.
 _PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -101,24 +101,6 @@ class BatchOutcome:
     applied: list[Event] = field(default_factory=list)
     dead: list[tuple[bytes, str]] = field(default_factory=list)  # entry id, reason
     lists: dict[str, int] = field(default_factory=dict)  # list -> members stored
-
-
-def graph_features(graph: Graph, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(members in the graph, (m, 3) float32 degree, clustering, avg neighbour degree), the
-    values features/compute.member_features gives them, for a few members."""
-    dense = graph.indices_of(members)
-    known = dense >= 0
-    deg = graph.degree
-    rows = []
-    for i in dense[known].tolist():
-        nbrs = graph.neighbors(i)
-        d = float(nbrs.size)
-        _, second = graph.gather(nbrs)
-        triangles = float(np.isin(second, nbrs).sum()) / 2.0  # not a mask of n: O(two hops)
-        pairs = d * (d - 1) / 2.0
-        rows.append([d, triangles / pairs if pairs > 0 else 0.0, deg[nbrs].sum() / d if d else 0.0])
-    values = np.asarray(rows, dtype=np.float64).reshape(-1, len(_GRAPH_FEATURES))
-    return np.asarray(members)[known], values.astype(np.float32)
 
 
 class Processor:
@@ -296,10 +278,10 @@ class Processor:
         if edges and has_graph and self.graph is not None:
             touched = np.unique(np.asarray([m for ev in edges for m in ev.affected()]))
             have = ~self._features.rows(touched).missing  # a push needs an existing row
-            members, values = graph_features(self.graph, touched[have])
+            members, values = local_member_features(self.graph, touched[have])
             if members.size:
                 try:
-                    self._push_rows(members, values, _GRAPH_FEATURES)
+                    self._push_rows(members, values, LOCAL_FEATURES)
                 except PushFailed as exc:
                     if exc.code not in _PERMANENT:
                         raise
