@@ -247,15 +247,34 @@ async def main(home, url):
     row = tensor.pack(np.ones((1, len(ENTITY_COLUMNS)), np.float32), ENTITY_COLUMNS)
     request = features_pb2.PushRequest(entities=[777000002], values=row)
     out = {"pushed": (await service.push(request)).pushed, "feast": "feast" in sys.modules}
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
+    def signal_children(sig):
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, sig)
+            if sig == signal.SIGKILL:
+                child.join()
+
+    signal_children(signal.SIGKILL)  # killed while idle: the next push starts another
+    out["again"] = (await service.push(request)).pushed
+    signal_children(signal.SIGSTOP)  # killed with a push in flight: that push fails
+    pushing = asyncio.ensure_future(service.push(request))
+    await asyncio.sleep(0.5)
+    signal_children(signal.SIGKILL)
+    try:
+        await pushing
+    except RequestError as exc:
+        out["killed"] = [exc.code.name, exc.message]
+    out["next"] = (await service.push(request)).pushed
+    # A child that stops answering (as when Redis hangs) is killed and replaced.
+    service._writer.deadline_s = 2.0
+    signal_children(signal.SIGSTOP)
     try:
         await service.push(request)
     except RequestError as exc:
-        out["killed"] = [exc.code.name, exc.message]
-    out["again"] = (await service.push(request)).pushed
+        out["stuck"] = [exc.code.name, exc.message]
+    service._writer.deadline_s = 60.0
+    out["after"] = (await service.push(request)).pushed
     await service.stop()
+    out["children"] = len(multiprocessing.active_children())
     print(json.dumps(out))
 
 asyncio.run(main(*sys.argv[1:]))
@@ -264,7 +283,8 @@ asyncio.run(main(*sys.argv[1:]))
 
 def test_push_runs_feast_in_a_child_process(features_suite: FeaturesUnderTest) -> None:
     """Importing Feast and its pushes hold the GIL for seconds: they run in a child process,
-    so the service's own process never imports Feast; a killed child is started again."""
+    so the service's own process never imports Feast; a child that died or stopped answering
+    is replaced."""
     script = [
         sys.executable,
         "-c",
@@ -277,7 +297,9 @@ def test_push_runs_feast_in_a_child_process(features_suite: FeaturesUnderTest) -
     out = json.loads(run.stdout)
     assert out["pushed"] == 1 and out["feast"] is False, out
     assert out["killed"] == ["UNAVAILABLE", "push: the Feast writer process died; retry"], out
-    assert out["again"] == 1, out
+    assert out["again"] == 1 and out["next"] == 1, out
+    assert out["stuck"][0] == "UNAVAILABLE" and "did not answer within 2s" in out["stuck"][1]
+    assert out["after"] == 1 and out["children"] == 0, out
 
 
 @pytest.mark.parametrize(

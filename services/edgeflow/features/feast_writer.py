@@ -3,21 +3,27 @@
 Importing Feast takes seconds of CPU and every push runs pandas and protobuf code under the
 GIL. In the service's own process that starved the event loop: GetFeatures calls queued
 behind the first nearline push missed their 60 ms deadlines. The child imports Feast on its
-first push and keeps the FeatureStore; the service only awaits the result.
+first push and keeps the FeatureStore; the service only waits for its answer.
+
+The child is the service's to kill: one that has not answered a push for PUSH_DEADLINE_S
+(Feast's Redis client has no socket timeout, so a Redis that stops answering would hold it
+for good) is killed and another started; so is one that died.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -30,15 +36,24 @@ if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureStore
 
+log = logging.getLogger("edgeflow.features")
+
+# Long enough for a first push that imports Feast on a busy machine.
+PUSH_DEADLINE_S = 60.0
 _stores: dict[str, FeatureStore] = {}  # in the child: repo path -> Feast's SDK over it
 
 
 class FeastWriter:
-    """Writes whole rows through Feast's push source from one child process."""
+    """Writes whole rows through Feast's push source from one child process, one push at a
+    time; each push is numbered, so an answer to a push whose caller gave up is skipped."""
 
-    def __init__(self, repo: Path, redis_url: str) -> None:
-        self._repo, self._redis_url = repo, redis_url
-        self._pool: ProcessPoolExecutor | None = None
+    def __init__(self, repo: Path, redis_url: str, deadline_s: float = PUSH_DEADLINE_S) -> None:
+        self._repo, self._redis_url, self.deadline_s = repo, redis_url, deadline_s
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._seq = 0
+        self._sent: dict[int, float] = {}  # pushes not answered yet: number -> when sent
+        self._lock = asyncio.Lock()  # one reader of the pipe at a time
 
     async def push(
         self, entities: np.ndarray, scalars: np.ndarray, embeddings: np.ndarray, now: datetime
@@ -48,37 +63,127 @@ class FeastWriter:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"push: no Feast repo at {self._repo}: run `edgeflow train` to publish features",
             )
-        if self._pool is None:
+        async with self._lock:
+            conn = self._ready()
+            self._seq += 1
+            seq = self._seq
+            self._sent[seq] = time.monotonic()
+            await self._send(conn, (seq, str(self._repo), entities, scalars, embeddings, now))
+            error = await self._answer(conn, seq)
+        if error is not None:
+            raise self._request_error(error)
+
+    def _ready(self) -> Connection:
+        """The child's end of the pipe: a new child if there is none, or if the one there
+        died or has left a push unanswered past the deadline."""
+        if self._sent and time.monotonic() - min(self._sent.values()) > self.deadline_s:
+            log.warning("the Feast writer left a push unanswered for %.0fs: restarting it",
+                        self.deadline_s)  # fmt: skip
+            self._stop()
+        if self._proc is None or self._conn is None or not self._proc.is_alive():
+            self._stop()
             # spawn, not fork: the service's gRPC and Redis threads must not be copied.
             context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
-            )
-        loop = asyncio.get_running_loop()
-        args = (str(self._repo), entities, scalars, embeddings, now)
+            ours, theirs = context.Pipe()
+            proc = context.Process(target=_serve, args=(theirs, os.getpid()),
+                                   name="feast-writer", daemon=True)  # fmt: skip
+            proc.start()
+            theirs.close()
+            self._proc, self._conn = proc, ours
+        return self._conn
+
+    async def _send(self, conn: Connection, job: tuple[Any, ...]) -> None:
+        """Off the event loop (a large push fills the pipe until the child reads it); the
+        lock stays held until the bytes are out even if the caller gives up, so no other
+        push's bytes mix with them."""
+        sending = asyncio.ensure_future(asyncio.to_thread(conn.send, job))
         try:
-            await loop.run_in_executor(self._pool, _push, *args)
-        except BrokenProcessPool as exc:
-            self._pool = None  # the next push starts a new child
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE, "push: the Feast writer process died; retry"
-            ) from exc
-        except FileNotFoundError as exc:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"push: {exc}") from exc
-        except (redis.ResponseError, ValueError, KeyError) as exc:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"push: Feast rejected the rows: {exc}"
-            ) from exc
-        except (redis.RedisError, OSError) as exc:
-            raise RequestError(
+            await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            await asyncio.wait({sending}, timeout=self.deadline_s)
+            if not sending.done():
+                self._stop()  # the send fails with the child gone
+            raise
+        except OSError as exc:
+            self._stop()
+            raise _died() from exc
+
+    async def _answer(self, conn: Connection, seq: int) -> BaseException | None:
+        """The child's answer to push `seq`: None, or the exception it raised."""
+        while True:
+            left = self.deadline_s - (time.monotonic() - self._sent[seq])
+            try:
+                if left <= 0 or not await asyncio.to_thread(conn.poll, left):
+                    self._stop()
+                    raise RequestError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"push: the Feast writer did not answer within {self.deadline_s:.0f}s "
+                        "(is Redis answering?); it was restarted, retry",
+                    )
+                got, error = conn.recv()
+            except (EOFError, OSError) as exc:  # it died: poll reports its end closed
+                self._stop()
+                raise _died() from exc
+            self._sent.pop(got, None)
+            if got == seq:
+                return error if isinstance(error, BaseException) else None
+
+    def _request_error(self, error: BaseException) -> RequestError:
+        if isinstance(error, FileNotFoundError):
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"push: {error}")
+        if isinstance(error, (redis.ResponseError, ValueError, KeyError)):
+            return RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"push: Feast rejected the rows: {error}"
+            )
+        if isinstance(error, (redis.RedisError, OSError)):
+            return RequestError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"push: Redis at {self._redis_url} is unavailable: {exc}",
-            ) from exc
+                f"push: Redis at {self._redis_url} is unavailable: {error}",
+            )
+        return RequestError(grpc.StatusCode.INTERNAL, f"push: Feast failed: {error!r}")
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc, self._conn = None, None
+        self._sent.clear()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._stop()
+
+
+def _died() -> RequestError:
+    return RequestError(grpc.StatusCode.UNAVAILABLE, "push: the Feast writer process died; retry")
+
+
+def _serve(conn: Connection, parent: int) -> None:
+    """The child: answer each push with (its number, None or the exception it raised)."""
+    _exit_with(parent)
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:  # always draining the pipe, so the service's sends never wait long
+        while True:
+            try:
+                jobs.put(conn.recv())
+            except (EOFError, OSError):  # the service closed its end
+                jobs.put(None)
+                return
+
+    threading.Thread(target=read, name="push-reader", daemon=True).start()
+    while (item := jobs.get()) is not None:
+        seq, *job = item
+        error: Any = None
+        try:
+            _push(*job)
+        except Exception as exc:
+            error = exc
+        try:
+            conn.send((seq, error))
+        except Exception:  # an exception that does not pickle: its text
+            conn.send((seq, RuntimeError(repr(error))))
 
 
 def _exit_with(parent: int) -> None:
