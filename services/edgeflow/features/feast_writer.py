@@ -142,17 +142,21 @@ class FeastWriter:
             )
         return RequestError(grpc.StatusCode.INTERNAL, f"push: Feast failed: {error!r}")
 
-    def _stop(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=5)
+    def _stop(self, wait_s: float = 0.0) -> None:
+        """Close the child's pipe, so that it exits on its own (Feast removes its metrics
+        directory at exit) within `wait_s`, else kill it."""
         if self._conn is not None:
             self._conn.close()
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.join(timeout=wait_s)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5)
         self._proc, self._conn = None, None
         self._sent.clear()
 
     def close(self) -> None:
-        self._stop()
+        self._stop(wait_s=2.0)
 
 
 def _died() -> RequestError:
@@ -160,9 +164,10 @@ def _died() -> RequestError:
 
 
 def _serve(conn: Connection, parent: int) -> None:
-    """The child: answer each push with (its number, None or the exception it raised)."""
-    _exit_with(parent)
+    """The child: answer each push with (its number, None or the exception it raised), until
+    the service closes its end or is gone."""
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    _exit_with(parent, jobs)
 
     def read() -> None:  # always draining the pipe, so the service's sends never wait long
         while True:
@@ -181,18 +186,25 @@ def _serve(conn: Connection, parent: int) -> None:
         except Exception as exc:
             error = exc
         try:
-            conn.send((seq, error))
-        except Exception:  # an exception that does not pickle: its text
-            conn.send((seq, RuntimeError(repr(error))))
+            try:
+                conn.send((seq, error))
+            except OSError:
+                raise
+            except Exception:  # an exception that does not pickle: its text
+                conn.send((seq, RuntimeError(repr(error))))
+        except OSError:  # the service closed its end or is gone
+            return
 
 
-def _exit_with(parent: int) -> None:
+def _exit_with(parent: int, jobs: queue.SimpleQueue[Any]) -> None:
     """In the child: exit once the service is gone, even if it was killed (an orphan would
-    hold Feast's few hundred MB for good)."""
+    hold Feast's few hundred MB for good): after the push in hand, or at once if that hangs."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        jobs.put(None)
+        time.sleep(10.0)
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
