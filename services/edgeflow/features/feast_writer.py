@@ -5,9 +5,10 @@ GIL. In the service's own process that starved the event loop: GetFeatures calls
 behind the first nearline push missed their 60 ms deadlines. The child imports Feast on its
 first push and keeps the FeatureStore; the service only waits for its answer.
 
-The child is the service's to kill: one that has not answered a push for PUSH_DEADLINE_S
-(Feast's Redis client has no socket timeout, so a Redis that stops answering would hold it
-for good) is killed and another started; so is one that died.
+The child is the service's to kill: one that has not answered a push for PUSH_DEADLINE_S is
+killed and another started, and so is one that died. The rendered Feast repo gives Feast's
+Redis client short timeouts, but a repo edited by hand, or a stall inside Feast, must not
+hold every later push for good.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class FeastWriter:
                     self._stop()
                     raise RequestError(
                         grpc.StatusCode.UNAVAILABLE,
-                        f"push: the Feast writer did not answer within {self.deadline_s:.0f}s "
-                        "(is Redis answering?); it was restarted, retry",
+                        f"push: the Feast writer did not answer within {self.deadline_s:.0f}s; "
+                        "it was restarted, retry",
                     )
                 got, error = conn.recv()
             except (EOFError, OSError) as exc:  # it died: poll reports its end closed
