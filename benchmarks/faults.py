@@ -98,7 +98,7 @@ def wait_back(state: Path, name: str, old_pid: int, timeout: float = 60) -> floa
                     return time.monotonic() - t0
                 except Exception:
                     pass
-            elif suite is not None and _serving(suite.addr(name)):
+            elif suite is not None and _serving(suite.addr(name), name):
                 return time.monotonic() - t0
         time.sleep(0.05)
     return None

@@ -230,7 +230,7 @@ def candidates_service(suite: local.Suite, env: dict[str, str]) -> Iterator[int]
     log.close()
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not local._serving(suite.addr("candidates")):
+        while not local._serving(suite.addr("candidates"), "candidates"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (suite.home / "candidates.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"the candidates service did not start:\n{tail}")

@@ -347,3 +347,29 @@ async def test_undecodable_requests_are_logged_at_most_once_per_interval(
     lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_start_up_checks_ask_for_the_process_by_its_own_name() -> None:
+    """`edgeflow up` waits for each process by its health name: another gRPC server that
+    took the port in a race (SERVING for the whole server) or another edgeflow process does
+    not pass for it."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from edgeflow.local.suite import _serving
+
+    service = _WaitingService(limits_for("merging"))
+    server, port, _ = await start_server(service, "127.0.0.1:0")
+    other = grpc.aio.server()
+    other_health = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(other_health, other)
+    other_port = other.add_insecure_port("127.0.0.1:0")
+    await other.start()
+    await other_health.set("", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        ours, theirs = f"127.0.0.1:{port}", f"127.0.0.1:{other_port}"
+        assert await asyncio.to_thread(_serving, ours, "waiting")
+        assert not await asyncio.to_thread(_serving, theirs, "waiting")
+        assert not await asyncio.to_thread(_serving, ours, "gateway")
+    finally:
+        await other.stop(None)
+        await server.stop(None)

@@ -71,7 +71,7 @@ def _print_status(suite: local.Suite) -> None:
         alive = local._alive(pid)
         health = ""
         if name not in redis_names and alive:
-            health = "SERVING" if local._serving(suite.addr(name)) else "NOT_SERVING"
+            health = "SERVING" if local._serving(suite.addr(name), name) else "NOT_SERVING"
             gateway_serving |= name == "gateway" and health == "SERVING"
         elif suite.redis_cluster and (alive or not pid):  # a cluster node: its view of it
             health = _cluster_state(suite.ports[name])

@@ -40,7 +40,7 @@ from edgeflow.local.redis_server import (
     stop_pid,
 )
 from edgeflow.shell import auth
-from edgeflow.shell.server import configured_channel
+from edgeflow.shell.server import configured_channel, health_name
 from edgeflow.stores.redis_client import cluster_url, parse_url
 
 SERVICES = ("candidates", "features", "scoring", "merging", "gateway", "nearline")
@@ -447,7 +447,7 @@ def wait_serving(
         name = pending[0]
         if not _alive(suite.pids.get(name, 0)):
             raise RuntimeError(f"{name} exited during start-up:\n{log_tail(suite, name)}")
-        if _serving(suite.addr(name)):
+        if _serving(suite.addr(name), name):
             pending.pop(0)
             if on_ready is not None:
                 on_ready(name)
@@ -459,10 +459,13 @@ def wait_serving(
         time.sleep(0.2)
 
 
-def _serving(addr: str) -> bool:
+def _serving(addr: str, name: str) -> bool:
+    """Whether the edgeflow process `name` serves at `addr`: asked by its own health name, so
+    another server that took the port in a race does not pass for it."""
     with configured_channel(addr) as ch:
+        request = health_pb2.HealthCheckRequest(service=health_name(name))
         try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            resp = health_pb2_grpc.HealthStub(ch).Check(request, timeout=1)
         except grpc.RpcError:
             return False
     return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)

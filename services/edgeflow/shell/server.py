@@ -100,6 +100,13 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+def health_name(service: str) -> str:
+    """The health service name every edgeflow process also answers for, by its own name: a
+    start-up check that asks for it is answered SERVING by that process only, never by
+    another gRPC server that happens to hold the port."""
+    return f"edgeflow.{service}"
+
+
 async def start_server(
     service: Service,
     address: str,
@@ -135,14 +142,15 @@ async def start_server(
         port = server.add_secure_port(address, creds)
     if port == 0:
         raise RuntimeError(f"{service.name}: cannot bind {address}")
-    for name in ("", *service.service_names):
+    names = ("", health_name(service.name), *service.service_names)
+    for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     started = time.perf_counter()
     await service.start()
     await _warm(service)
     guard.ready = True
-    for name in ("", *service.service_names):
+    for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "%s serving on port %d (loaded in %.2fs)", service.name, port, time.perf_counter() - started
