@@ -114,24 +114,36 @@ def union(frames: list[Rows], universe: np.ndarray | None = None) -> Rows:
     ids = np.concatenate([f.ids for f in frames])
     total = ids.size
     codes = codes_in(universe, ids)
-    key = pair_keys(owner, ids, universe, codes)
-    order = np.argsort(key, kind="stable")  # (owner, id) groups, earliest row first
-    sk = key[order]
-    first = np.ones(total, dtype=bool)
-    first[1:] = sk[1:] != sk[:-1]
-    group = np.empty(total, dtype=np.int64)
-    group[order] = np.cumsum(first) - 1
-    kept = order[first]
-    kept = kept[np.argsort(owner[kept] * np.int64(total) + kept)]  # per member, first seen first
-    position = np.empty(kept.size, dtype=np.int64)
-    position[group[kept]] = np.arange(kept.size)
+    if owner[0] == owner[-1]:  # one member (a request): the ids alone are the key, one sort
+        _, kept, group = np.unique(ids, return_index=True, return_inverse=True)
+        group = group.reshape(-1)
+        first_seen = np.argsort(kept)
+        kept = kept[first_seen]
+        position = np.empty(kept.size, dtype=np.int64)
+        position[first_seen] = np.arange(kept.size)
+    else:
+        key = pair_keys(owner, ids, universe, codes)
+        order = np.argsort(key, kind="stable")  # (owner, id) groups, earliest row first
+        sk = key[order]
+        first = np.ones(total, dtype=bool)
+        first[1:] = sk[1:] != sk[:-1]
+        group = np.empty(total, dtype=np.int64)
+        group[order] = np.cumsum(first) - 1
+        kept = order[first]
+        kept = kept[np.argsort(owner[kept] * np.int64(total) + kept)]  # per member, first seen
+        position = np.empty(kept.size, dtype=np.int64)
+        position[group[kept]] = np.arange(kept.size)
     sources: dict[str, np.ndarray] = {}
     start = 0
     for f in frames:
         where = position[group[start : start + len(f)]]
         for name, vals in f.sources.items():
-            col = sources.setdefault(name, np.full(kept.size, np.nan, dtype=np.float32))
-            col[where] = np.where(np.isnan(col[where]), vals, col[where])
+            col = sources.get(name)
+            if col is None:  # a new source: every row of it is still absent
+                col = sources[name] = np.full(kept.size, np.nan, dtype=np.float32)
+                col[where] = vals
+            else:  # a source seen in an earlier frame keeps its first value
+                col[where] = np.where(np.isnan(col[where]), vals, col[where])
         start += len(f)
     return Rows(
         owner=owner[kept], ids=ids[kept], sources=sources, modes=modes,
