@@ -18,18 +18,23 @@ from typing import Any
 import grpc
 import numpy as np
 import yaml
+from world import World, clone
 
 from edgeflow.build.synthetic import social_graph
 from edgeflow.candidates.service import CandidatesService
-from edgeflow.config import Config
+from edgeflow.config import REPO_ROOT, Config
 from edgeflow.features.service import FeaturesService
 from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess
 from edgeflow.merging.service import MergingService
+from edgeflow.offline import job
+from edgeflow.offline.context import find_workflow, load_inputs
+from edgeflow.offline.executor import BatchRunner
 from edgeflow.scoring.service import ScoringService
 from edgeflow.shell import tls
 from edgeflow.shell.server import Service, channel, start_server
+from edgeflow.stores.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, gateway_pb2_grpc
 
 Servers = dict[str, tuple[Service, grpc.aio.Server, int]]
@@ -120,6 +125,26 @@ def relaxed_copy(source: Path, directory: Path) -> Path:
     target = directory / source.name
     target.write_text(yaml.safe_dump(doc))
     return target
+
+
+def clone_serving(
+    world: World, dest: Path, surfaces: tuple[str, ...]
+) -> tuple[Config, RedisProcess, SyncClient]:
+    """A clone of the trained world serving the checked-in `surfaces` (relaxed_copy), each
+    with its offline list stored, as the nearline worker and the stored-list sources expect."""
+    cfg, proc = clone(world, dest)
+    client = connect(proc.url)
+    workflows = dest / "served-workflows"
+    workflows.mkdir()
+    for name in surfaces:
+        relaxed_copy(REPO_ROOT / "workflows" / f"{name}.yaml", workflows)
+    cfg = dataclasses.replace(cfg, reload_interval_s=0.3, workflows_dir=workflows)
+    for name in surfaces:
+        wf = find_workflow(cfg, name)
+        run = job.begin(client, name, 1, name)
+        job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0,
+                      world.graph.ids, 64)  # fmt: skip
+    return cfg, proc, client
 
 
 def small_eval(tmp_path: Path, *options: str) -> dict[str, Any]:

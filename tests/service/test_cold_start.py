@@ -17,19 +17,17 @@ import pytest
 import pytest_asyncio
 import redis
 import yaml
-from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
-from world import COMMUNITIES, MEMBERS, SEED, World, clone
+from inprocess import clone_serving, start_backends, start_gateway, stop_all
+from world import COMMUNITIES, MEMBERS, SEED, World
 
 from edgeflow.candidates.sources import fill_popular, popular_near
-from edgeflow.config import REPO_ROOT, Config
+from edgeflow.config import Config
 from edgeflow.graph import Graph, inverse_log_degree
 from edgeflow.nearline.worker import NearlineWorker
-from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
 from edgeflow.shell.server import channel, drain, start_server
 from edgeflow.stores.graph_store import load_graph
-from edgeflow.stores.redis_client import connect
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 Event = gateway_pb2.MemberEvent
@@ -79,16 +77,8 @@ async def cold_suite(
     tmp_path_factory: pytest.TempPathFactory, suite_world: World
 ) -> AsyncIterator[ColdStartSuite]:
     """The session's trained world, cloned, with pymk."""
-    cfg, proc = clone(suite_world, tmp_path_factory.mktemp("cold"))
+    cfg, proc, client = clone_serving(suite_world, tmp_path_factory.mktemp("cold"), ("pymk",))
     graph = suite_world.graph
-    client = connect(proc.url)
-    workflows = cfg.home / "cold-workflows"
-    workflows.mkdir()
-    relaxed_copy(REPO_ROOT / "workflows" / "pymk.yaml", workflows)
-    cfg = dataclasses.replace(cfg, reload_interval_s=0.3, workflows_dir=workflows)
-    wf = find_workflow(cfg, "pymk")
-    run = job.begin(client, "pymk", 1, "pymk")
-    job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0, graph.ids, 64)
     cfg, servers = await start_backends(cfg)
     port = await start_gateway(cfg, servers)
     worker = NearlineWorker(cfg, consumer="cold")

@@ -23,8 +23,8 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inprocess import relaxed_copy, start_backends, start_gateway, stop_all
-from world import World, clone
+from inprocess import clone_serving, relaxed_copy, start_backends, start_gateway, stop_all
+from world import World
 
 from edgeflow.cli.recommend import empty_reasons
 from edgeflow.config import REPO_ROOT, Config
@@ -33,7 +33,6 @@ from edgeflow.graph import Graph
 from edgeflow.local.redis_server import RedisProcess, free_port
 from edgeflow.nearline import worker as worker_module
 from edgeflow.nearline.worker import NearlineWorker
-from edgeflow.offline import job
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
 from edgeflow.shell.server import Service, channel, drain, start_server
@@ -46,7 +45,6 @@ from edgeflow.stores.graph_store import (
     load_graph,
     snapshot_of,
 )
-from edgeflow.stores.redis_client import connect
 from edgeflow.stores.vectors import EdgeReplica
 from edgeflow.v1 import candidates_pb2, candidates_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from edgeflow.workflow.ops import BlendParams
@@ -90,19 +88,10 @@ async def nearline_suite(
     tmp_path_factory: pytest.TempPathFactory, suite_world: World
 ) -> AsyncIterator[NearlineSuite]:
     """The session's trained world, cloned, with pymk, follows and catch-up."""
-    cfg, proc = clone(suite_world, tmp_path_factory.mktemp("nearline"))
+    surfaces = ("pymk", "follows")  # the offline lists the worker updates
+    cfg, proc, client = clone_serving(suite_world, tmp_path_factory.mktemp("nearline"), surfaces)
     graph = suite_world.graph
-    client = connect(proc.url)
-    workflows = cfg.home / "nearline-workflows"
-    workflows.mkdir()
-    for name in ("pymk.yaml", "follows.yaml"):
-        relaxed_copy(REPO_ROOT / "workflows" / name, workflows)
-    cfg = dataclasses.replace(cfg, reload_interval_s=0.3, workflows_dir=workflows)
-    for name in ("pymk", "follows"):  # the offline lists the worker updates
-        wf = find_workflow(cfg, name)
-        run = job.begin(client, name, 1, name)
-        job.run_shard(client, BatchRunner(wf, load_inputs(cfg, client, wf)), run, 0,
-                      graph.ids, 64)  # fmt: skip
+    workflows = cfg.workflows_dir
     cfg, servers = await start_backends(cfg)
     # catch-up scores remotely, over the scoring service's OIP endpoint.
     remote = yaml.safe_load(relaxed_copy(REPO_ROOT / "workflows" / "catch-up.yaml",
