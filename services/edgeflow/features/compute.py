@@ -77,8 +77,12 @@ def cosines(owner: np.ndarray, member_emb: np.ndarray, cand_emb: np.ndarray) -> 
     vector is zero or missing (NaN)."""
     a = _zero_nan(np.asarray(member_emb, dtype=np.float32))
     b = _zero_nan(np.asarray(cand_emb, dtype=np.float32))
-    norms = np.linalg.norm(b, axis=1) * np.linalg.norm(a, axis=1)[owner]
-    dots = np.einsum("ij,ij->i", b, a[owner])
+    if a.shape[0] == 1:  # one member (a request): one matrix-vector product, no gather
+        norms = np.linalg.norm(b, axis=1) * float(np.linalg.norm(a[0]))
+        dots = b @ a[0]
+    else:
+        norms = np.linalg.norm(b, axis=1) * np.linalg.norm(a, axis=1)[owner]
+        dots = np.einsum("ij,ij->i", b, a[owner])
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0).astype(np.float32)
 
 
