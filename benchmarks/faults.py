@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 
 from edgeflow.build.synthetic import social_graph, write_edge_list
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.local.suite import SERVICES, Suite, _alive, _serving, free_service_addrs
 from edgeflow.shell import auth
 from edgeflow.shell.server import channel

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from edgeflow.local.redis_server import RedisProcess, find_redis_server, free_port, stop_pid
+from edgeflow.local.ports import free_port
+from edgeflow.local.redis_server import RedisProcess, find_redis_server, stop_pid
 
 
 def _reply(port: int) -> bytes:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from edgeflow.build.synthetic import social_graph, write_edge_list
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.local.suite import free_service_addrs
 
 pytestmark = pytest.mark.e2e
@@ -148,9 +148,11 @@ def test_quickstart_recommend_status_down(suite_env: dict[str, str], tmp_path: P
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         pids = json.loads(state.read_text())["pids"]
-        if pids["merging"] != crashed and "merging     running" in (
-            now := edgeflow("status", env=env).stdout
-        ) and now.count(" SERVING") == 6:
+        if (
+            pids["merging"] != crashed
+            and "merging     running" in (now := edgeflow("status", env=env).stdout)
+            and now.count(" SERVING") == 6
+        ):
             break
         time.sleep(0.5)
     else:
@@ -281,7 +283,7 @@ def test_up_refuses_ports_already_in_use(env: dict[str, str]) -> None:
 
 
 def test_free_service_addrs_leave_each_services_metrics_port_free_too() -> None:
-    from edgeflow.local.redis_server import port_bindable
+    from edgeflow.local.ports import port_bindable
     from edgeflow.local.suite import SERVICES, metrics_port
 
     addrs = free_service_addrs()
@@ -297,7 +299,7 @@ def test_a_port_left_in_time_wait_is_free_but_a_listener_holds_it() -> None:
     (Redis and gRPC bind with SO_REUSEADDR), a listening socket does."""
     import socket
 
-    from edgeflow.local.redis_server import port_bindable
+    from edgeflow.local.ports import port_bindable
 
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and Redis do

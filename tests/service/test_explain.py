@@ -24,7 +24,7 @@ from edgeflow.gateway.engine import Clients, Engine, Outcome, Scored
 from edgeflow.gateway.explain import explanation
 from edgeflow.gateway.frame import Frame
 from edgeflow.gateway.service import GatewayService
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.shell.server import channel
 from edgeflow.v1 import (
     features_pb2,

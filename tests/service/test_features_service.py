@@ -36,7 +36,8 @@ from edgeflow.features.schema import (
 )
 from edgeflow.features.service import MAX_ENTITIES, FeaturesService, create
 from edgeflow.graph import Graph, inverse_log_degree
-from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
+from edgeflow.local.ports import free_port
+from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.shell.server import channel, start_server
 from edgeflow.stores.graph_store import save_graph
 from edgeflow.v1 import features_pb2, features_pb2_grpc

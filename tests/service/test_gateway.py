@@ -304,7 +304,7 @@ async def test_no_candidate_source_answering_is_unavailable_not_an_empty_ok(
     """With the candidates service unreachable every source falls back to nothing: the
     request fails UNAVAILABLE naming each source, rather than answering OK with no edges."""
     from edgeflow.gateway.engine import Clients, Engine, NoCandidates
-    from edgeflow.local.redis_server import free_port
+    from edgeflow.local.ports import free_port
     from edgeflow.workflow.validate import load_workflow
 
     chans = [channel(a) for a in (f"127.0.0.1:{free_port()}", suite.cfg.features_addr,
@@ -358,7 +358,7 @@ async def test_with_candidates_down_the_gateway_serves_the_precomputed_list(
     service is unreachable; the other sources fall back, and the answer says so."""
     from edgeflow.candidates.service import ListsOnly
     from edgeflow.gateway.engine import Clients, Engine
-    from edgeflow.local.redis_server import free_port
+    from edgeflow.local.ports import free_port
     from edgeflow.workflow.validate import load_workflow
 
     member, picked = _with_a_precomputed_list(suite, 5)
@@ -394,7 +394,7 @@ async def test_with_candidates_down_a_slow_list_read_may_take_half_the_budget(
     budget (1 s here), and no longer."""
     from edgeflow.candidates.service import ListsOnly
     from edgeflow.gateway.engine import Clients, Engine, NodeFailed
-    from edgeflow.local.redis_server import free_port
+    from edgeflow.local.ports import free_port
     from edgeflow.workflow.validate import parse_document
 
     member, picked = _with_a_precomputed_list(suite, 5)
@@ -478,7 +478,7 @@ async def test_with_merging_down_the_gateway_merges_and_filters_itself(suite: Su
     import redis as redis_sync
 
     from edgeflow.gateway.engine import Clients, Engine
-    from edgeflow.local.redis_server import free_port
+    from edgeflow.local.ports import free_port
     from edgeflow.merging.service import MergingService
     from edgeflow.stores import keys
     from edgeflow.workflow.validate import load_workflow

@@ -14,7 +14,7 @@ import pytest
 
 from edgeflow import tensor
 from edgeflow.features.schema import ENTITY_COLUMNS, MODEL_COLUMNS
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.shell import cpu, guard, metrics
 from edgeflow.shell import server as server_module
 from edgeflow.shell.errors import RequestError

@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edgeflow import tensor
 from edgeflow.config import Config
 from edgeflow.graph import Graph
-from edgeflow.local.redis_server import RedisProcess, free_port, start_redis
+from edgeflow.local.ports import free_port
+from edgeflow.local.redis_server import RedisProcess, start_redis
 from edgeflow.merging import blend, filters
 from edgeflow.merging import service as merging_service
 from edgeflow.merging import wire as edge_wire

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from edgeflow.config import Config
-from edgeflow.local.redis_server import RedisProcess, free_port
+from edgeflow.local.ports import free_port
+from edgeflow.local.redis_server import RedisProcess
 from edgeflow.local.suite import METRICS_OFFSET, new_suite
 from edgeflow.nearline.events import Event, publish
 from edgeflow.nearline.worker import Processor, backlog, ensure_group

@@ -30,7 +30,8 @@ from edgeflow.cli.recommend import empty_reasons
 from edgeflow.config import REPO_ROOT, Config
 from edgeflow.gateway.service import GatewayService
 from edgeflow.graph import Graph
-from edgeflow.local.redis_server import RedisProcess, free_port
+from edgeflow.local.ports import free_port
+from edgeflow.local.redis_server import RedisProcess
 from edgeflow.nearline import worker as worker_module
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline.context import find_workflow, load_inputs

@@ -39,7 +39,7 @@ from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS
 from edgeflow.gateway.frame import Frame, SourceInfo
 from edgeflow.gateway.remote import RemoteError, RemoteScorer, infer_request, read_scores
 from edgeflow.graph import Graph
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.scoring.oip import InferenceServicer
 from edgeflow.scoring.service import ScoringService
 from edgeflow.shell import tracing
@@ -229,8 +229,10 @@ async def test_an_endpoint_outside_the_allow_list_is_never_called() -> None:
         info={"fof": SourceInfo("online")},
         features=tensor.pack(np.zeros((2, 3), np.float32), ["a", "b", "c"]),
     )
-    for endpoint, address in (("${SCORING_ADDR}", "10.0.0.9:80"), ("ranker.models.svc:8002",
-                                                                   "ranker.models.svc:8002")):
+    for endpoint, address in (
+        ("${SCORING_ADDR}", "10.0.0.9:80"),
+        ("ranker.models.svc:8002", "ranker.models.svc:8002"),
+    ):
         with pytest.raises(RemoteError, match=f"{address} is not allowed") as err:
             await scorer.score(_params(endpoint=endpoint), 50, frame, 0.05)
         assert err.value.code == grpc.StatusCode.PERMISSION_DENIED

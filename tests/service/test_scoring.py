@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 
 from edgeflow import tensor
 from edgeflow.config import Config
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.scoring.registry import (
     ModelNotFoundError,
     ModelRegistry,

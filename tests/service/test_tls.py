@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess import Servers, start_backends, start_gateway, stop_all
 from world import World, clone
 
-from edgeflow.local.redis_server import free_port
+from edgeflow.local.ports import free_port
 from edgeflow.shell import metrics, tls
 from edgeflow.shell.server import channel
 from edgeflow.shell.tls import TlsError, TlsFiles

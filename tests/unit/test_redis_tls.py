@@ -18,7 +18,8 @@ from certs import HAVE_OPENSSL, make_ca, sign
 
 from edgeflow.build.feast_features import feast_connection_string
 from edgeflow.build.synthetic import social_graph, write_edge_list
-from edgeflow.local.redis_server import find_redis_server, free_port, quick_client, stop_pid
+from edgeflow.local.ports import free_port
+from edgeflow.local.redis_server import find_redis_server, quick_client, stop_pid
 from edgeflow.stores import redis_client
 from edgeflow.stores.resp import RespError, encode
 from edgeflow.stores.resp_cluster import open_pipeline

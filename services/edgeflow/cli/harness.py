@@ -137,18 +137,11 @@ def stop_leftovers(home_root: Path) -> list[str]:
 
 def _fresh_ports(suite: local.Suite) -> None:
     """Free loopback ports for the services and their metrics, Redis kept where it runs."""
-    from edgeflow.local.redis_server import CLUSTER_BUS_OFFSET, free_port
+    from edgeflow.local.ports import free_port
 
-    taken = set(suite.redis_ports)
-    if suite.redis_cluster:  # and each node's cluster bus
-        taken |= {port + CLUSTER_BUS_OFFSET for port in suite.redis_ports}
     for table in (suite.ports, suite.metrics_ports):
         for name in local.SERVICES:
-            port = free_port()
-            while port in taken:
-                port = free_port()
-            table[name] = port
-            taken.add(port)
+            table[name] = free_port()
 
 
 def _note(enabled: bool, msg: str) -> None:

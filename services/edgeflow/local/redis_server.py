@@ -15,15 +15,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from edgeflow import config
+from edgeflow.local.ports import free_port
 
 RDB = "dump.rdb"
 AOF_FILES = ("appendonlydir", "appendonly.aof")  # Redis 7's directory, Redis 6's file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_redis_server() -> str:
@@ -238,36 +233,10 @@ def find_redis_cli() -> str:
     )
 
 
-def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a process could bind `host`:`port` now. As Redis and gRPC do, with
-    SO_REUSEADDR: connections of a suite just stopped, left in TIME_WAIT, do not hold the
-    port, while a listener still does."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_cluster_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
-    """`n` distinct free loopback ports for cluster nodes, none in `avoid`: each at most
-    MAX_CLUSTER_PORT, with its cluster bus port (CLUSTER_BUS_OFFSET above it) free too."""
-    ports: list[int] = []
-    taken = set(avoid)
-    for _ in range(200 * n):
-        if len(ports) == n:
-            break
-        port = free_port()
-        bus = port + CLUSTER_BUS_OFFSET
-        if port > MAX_CLUSTER_PORT or {port, bus} & taken or not port_bindable(bus):
-            continue
-        ports.append(port)
-        taken |= {port, bus}
-    if len(ports) < n:
-        raise RuntimeError(f"found only {len(ports)} of {n} free ports for Redis Cluster nodes")
-    return ports
+def free_cluster_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports for cluster nodes, each with its cluster bus port
+    (CLUSTER_BUS_OFFSET above it) free too."""
+    return [free_port(CLUSTER_BUS_OFFSET) for _ in range(n)]
 
 
 def check_cluster_ports(ports: list[int]) -> None:

@@ -20,18 +20,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeflow.config import Config
+from edgeflow.local.ports import free_port, port_bindable
 from edgeflow.local.redis_server import (
     AOF_FILES,
-    CLUSTER_BUS_OFFSET,
     MIN_CLUSTER_NODES,
     RDB,
     check_cluster_ports,
     find_redis_server,
     form_cluster,
     free_cluster_ports,
-    free_port,
     nodes_conf,
-    port_bindable,
     process_alive,
     quick_client,
     start_cluster,
@@ -178,9 +176,8 @@ def new_suite(home: Path, free_ports: bool, redis_cluster: int = 0) -> Suite:
         # Each node's cluster bus port (CLUSTER_BUS_OFFSET above its own) is taken too.
         node_ports = free_cluster_ports(redis_cluster)
         ports = dict(zip(redis_names(redis_cluster), node_ports, strict=True))
-        taken = set(node_ports) | {p + CLUSTER_BUS_OFFSET for p in node_ports}
-        ports |= {name: _free_port_besides(taken) for name in SERVICES}
-        metrics = {name: _free_port_besides(taken) for name in SERVICES}
+        ports |= {name: free_port() for name in SERVICES}
+        metrics = {name: free_port() for name in SERVICES}
         return Suite(
             home=home.resolve(), ports=ports, metrics_ports=metrics, redis_cluster=redis_cluster
         )
@@ -230,14 +227,6 @@ def new_suite(home: Path, free_ports: bool, redis_cluster: int = 0) -> Suite:
     )  # fmt: skip
     check_home_redis(suite)
     return suite
-
-
-def _free_port_besides(taken: set[int]) -> int:
-    port = free_port()
-    while port in taken:
-        port = free_port()
-    taken.add(port)
-    return port
 
 
 def home_redis_layout(home: Path) -> tuple[int, list[int]] | None:
@@ -296,22 +285,9 @@ def metrics_port(grpc_port: int) -> int:
 
 
 def free_service_addrs() -> dict[str, str]:
-    """`<SERVICE>_ADDR` for each of SERVICES, on distinct free loopback ports whose metrics
-    ports are free too: a suite of its own beside others (tests, benchmarks), which picking
-    the gRPC ports alone sometimes collided with."""
-    taken: set[int] = set()
-    out: dict[str, str] = {}
-    for name in SERVICES:
-        for _ in range(200):
-            port = free_port()
-            metrics = metrics_port(port)
-            if not {port, metrics} & taken and port_bindable(metrics):
-                break
-        else:
-            raise RuntimeError(f"found no free pair of gRPC and metrics ports for {name}")
-        taken |= {port, metrics}
-        out[f"{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
-    return out
+    """`<SERVICE>_ADDR` for each of SERVICES, on free loopback ports whose metrics ports are
+    free too: a suite of its own beside others (tests, benchmarks)."""
+    return {f"{name.upper()}_ADDR": f"127.0.0.1:{free_port(METRICS_OFFSET)}" for name in SERVICES}
 
 
 def ensure_redis(suite: Suite) -> None:
