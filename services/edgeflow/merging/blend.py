@@ -170,18 +170,9 @@ def blend(lists: Sequence[ScoredList]) -> Blended:
         ]
     )
     list_of_row = np.repeat(np.arange(len(lists), dtype=np.int64), sizes)
-    # One sort groups rows by item, then list, best contribution first: the first row of each
-    # (item, list) group is the one kept, and the first of each item group starts a new item.
-    order = np.lexsort((-contrib, list_of_row, all_ids))
-    sorted_ids, sorted_list = all_ids[order], list_of_row[order]
-    new_item = np.ones(n, dtype=bool)
-    new_item[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    new_pair = new_item.copy()
-    new_pair[1:] |= sorted_list[1:] != sorted_list[:-1]
-    uniq = sorted_ids[new_item]
-    best = order[new_pair]  # input row of each kept (item, list)
-    best_item = (np.cumsum(new_item) - 1)[new_pair]  # its position in uniq
-    score = np.bincount(best_item, weights=contrib[best], minlength=uniq.size)
+    best, starts, score = best_rows(all_ids, contrib, sizes)  # best: each (item, list)'s row
+    uniq = all_ids[best[starts]]
+    best_item = np.repeat(np.arange(starts.size), np.diff(np.append(starts, best.size)))
 
     # Source registry in first-appearance order; a list's own name stands in where needed.
     registry: dict[str, int] = {}
@@ -233,6 +224,53 @@ def blend(lists: Sequence[ScoredList]) -> Blended:
         infos=tuple(lst.source_info for lst in lists),
         duplicates=n - u,
     )
+
+
+def best_rows(
+    key: np.ndarray,
+    contrib: np.ndarray,
+    sizes: Sequence[int],
+    unique: Sequence[bool] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The deduplication of every blend, of one member's lists (`key` = id) or of a batch's
+    (`key` = (member, id), see offline.rows.pair_keys): each list's best row per key (highest
+    contribution, the first on ties), summed over the lists in list order. The lists are
+    `sizes` consecutive parts of `key` and `contrib`; a list flagged in `unique` repeats no
+    key. Returns the kept rows ordered by key then list, where each key's rows start, and
+    each key's summed contribution (float64)."""
+    bests: list[np.ndarray] = []
+    offset = 0
+    for i, size in enumerate(sizes):
+        part = slice(offset, offset + size)
+        own = (
+            np.arange(size)
+            if i < len(unique) and unique[i]
+            else _best_per_key(key[part], contrib[part])
+        )
+        bests.append(offset + own)
+        offset += size
+    best = np.concatenate(bests) if bests else np.zeros(0, dtype=np.intp)
+    best = best[np.argsort(key[best], kind="stable")]
+    sk = key[best]
+    new_key = np.ones(best.size, dtype=bool)
+    new_key[1:] = sk[1:] != sk[:-1]
+    starts = np.flatnonzero(new_key)
+    if best.size == 0:
+        return best, starts, np.zeros(0, dtype=np.float64)
+    return best, starts, np.add.reduceat(contrib[best], starts)
+
+
+def _best_per_key(key: np.ndarray, contrib: np.ndarray) -> np.ndarray:
+    """Positions of the best row of each key within one list (rows of a list rarely repeat)."""
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    if sk.size < 2 or (sk[1:] != sk[:-1]).all():
+        return np.arange(key.size)
+    order = np.lexsort((-contrib, key))
+    sk = key[order]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = sk[1:] != sk[:-1]
+    return np.sort(order[first])
 
 
 def _empty(lists: Sequence[ScoredList]) -> Blended:

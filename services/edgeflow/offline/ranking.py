@@ -1,8 +1,8 @@
 """The last steps of a batch run: visibility and blending, for many members at once.
 
-`blend_batch` gives, per member, exactly what merging/blend.py's `blend` + `select` rank
-first (the same min-max normalisation per list, weights, dedup and ordering), vectorised over
-the batch; with quotas it hands each member to blend.py itself, which applies them.
+`blend_batch` runs merging/blend.py's own steps (`normalise` per member's list, the weights,
+`best_rows` deduplication) over the batch's (member, id) keys, and ranks as `select` does;
+with quotas it hands each member to `blend` and `select` themselves, which apply them.
 """
 
 from __future__ import annotations
@@ -116,28 +116,13 @@ def blend_batch(
     if all(lst.codes is not None for lst in lists):
         codes = np.concatenate([lst.codes for lst in lists if lst.codes is not None])
     key = pair_keys(owner, ids, universe, codes)
-    contrib, bests, offset = [], [], 0
-    for w, lst in zip(weights, lists, strict=True):
-        part = w * blend.normalise(lst.primary, lst.owner)
-        bests.append(
-            offset
-            + (
-                np.arange(part.size)
-                if lst.unique
-                else _best_per_key(key[offset : offset + part.size], part)
-            )
-        )
-        contrib.append(part)
-        offset += part.size
-    values = np.concatenate(contrib)
-    # Each (member, id)'s best row per list, summed over the lists in list order.
-    best = np.concatenate(bests)
-    best = best[np.argsort(key[best], kind="stable")]
-    sk = key[best]
-    new_item = np.ones(best.size, dtype=bool)
-    new_item[1:] = sk[1:] != sk[:-1]
-    starts = np.flatnonzero(new_item)
-    score = np.add.reduceat(values[best], starts).astype(np.float32)
+    values = np.concatenate(
+        [w * blend.normalise(lst.primary, lst.owner) for w, lst in zip(weights, lists, strict=True)]
+    )
+    best, starts, summed = blend.best_rows(
+        key, values, [lst.ids.size for lst in lists], [lst.unique for lst in lists]
+    )
+    score = summed.astype(np.float32)
     item_owner, item_ids = owner[best[starts]], ids[best[starts]]  # by (owner, id)
     hidden_codes = codes_in(universe, hidden_pairs[1]) if codes is not None else None
     if codes is not None and hidden_codes is not None and universe is not None:
@@ -156,19 +141,6 @@ def blend_batch(
         (item_ids[b : min(e, b + k)], score[b : min(e, b + k)])
         for b, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
     ]
-
-
-def _best_per_key(key: np.ndarray, contrib: np.ndarray) -> np.ndarray:
-    """Positions of the best row of each key within one list (rows of a list rarely repeat)."""
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    if sk.size < 2 or (sk[1:] != sk[:-1]).all():
-        return np.arange(key.size)
-    order = np.lexsort((-contrib, key))
-    sk = key[order]
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = sk[1:] != sk[:-1]
-    return np.sort(order[first])
 
 
 _EMPTY: Ranked = (np.zeros(0, np.int64), np.zeros(0, np.float32))
