@@ -710,7 +710,8 @@ def friends_of_friends(
 
     Returns (candidate dense indices, common-neighbour counts, ranking score). The score is
     the weighted count when `weights` (per intermediate member, e.g. inverse_log_degree) is
-    given and the plain count otherwise. Results are deterministic for a given graph.
+    given and the plain count otherwise. They are ordered by score, then lowest id, and a
+    limit keeps the first `limit` of that order, as the batch runner's TwoHop does.
     `via` (sorted dense indices, a subset of i's connections, e.g. `expansion_budget`'s)
     expands only those intermediates; counts and scores are then over them alone.
     """
@@ -735,7 +736,12 @@ def friends_of_friends(
     keep = (uniq != i) & ~_sorted_isin(uniq, nbrs)
     uniq, counts, score = uniq[keep], counts[keep], score[keep]
     if uniq.size > limit:
-        top = np.argpartition(-score, limit - 1)[:limit]
+        # The first `limit` by (score, then lowest id), as the batch runner cuts: candidates
+        # tied at the cut (one shared connection gives many the same score) go by id.
+        cut = -np.partition(-score, limit - 1)[limit - 1]
+        above = np.flatnonzero(score > cut)
+        tied = np.flatnonzero(score == cut)[: limit - above.size]  # uniq ascends
+        top = np.concatenate([above, tied])
         uniq, counts, score = uniq[top], counts[top], score[top]
     order = np.lexsort((uniq, -score))
     return uniq[order].astype(np.int64), counts[order], score[order]

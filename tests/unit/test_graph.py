@@ -182,9 +182,30 @@ def test_friends_of_friends_matches_brute_force(sample: tuple[Graph, dict[int, s
         for v, s in zip(g.ids[cands].tolist(), score.tolist(), strict=True):
             assert s == pytest.approx(aa[v], rel=1e-5)
         assert list(score) == sorted(score, reverse=True)
-        top, _, top_score = friends_of_friends(g, i, 5, w)
-        assert top.size == min(5, cands.size)
-        assert top_score.tolist() == score[: top.size].tolist()
+        # A limit cuts that order, ties at the cut by lowest id, as the batch runner does.
+        for limit in (1, 5, 20, 60):
+            top, top_counts, top_score = friends_of_friends(g, i, limit, w)
+            assert top.tolist() == cands[:limit].tolist()
+            assert top_score.tolist() == score[:limit].tolist()
+            assert top_counts.tolist() == counts[:limit].tolist()
+
+
+def test_a_limit_cuts_friends_of_friends_ties_by_lowest_id() -> None:
+    """Many candidates share one connection and so one score: which of them a limit keeps
+    must not depend on the partial sort, or the candidates service and the batch runner
+    (which cuts by score, then id) would serve different lists to the same member."""
+    edges = social_graph(members=3000, communities=12, seed=4)
+    g = Graph.from_edges(edges[:, 0], edges[:, 1])
+    w = inverse_log_degree(g)
+    cut_ties = 0
+    for i in range(0, g.n, 7):
+        every, _, score = friends_of_friends(g, i, g.n, w)
+        for weights, limit in ((w, 50), (None, 50), (w, 200)):
+            full = every if weights is w else friends_of_friends(g, i, g.n, None)[0]
+            top = friends_of_friends(g, i, limit, weights)[0]
+            assert top.tolist() == full[:limit].tolist(), (i, limit)
+        cut_ties += int(score.size > 50 and score[49] == score[50])
+    assert cut_ties > 10  # the graph does tie at the cut
 
 
 def test_pair_measures_match_definitions(sample: tuple[Graph, dict[int, set[int]]]) -> None:
