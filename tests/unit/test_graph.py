@@ -24,6 +24,7 @@ from edgeflow.graph import (
     read_edge_list,
     split_edges,
 )
+from edgeflow.offline.pairs import PairIndex, TwoHop
 
 
 def adjacency(edges: np.ndarray) -> dict[int, set[int]]:
@@ -206,6 +207,14 @@ def test_a_limit_cuts_friends_of_friends_ties_by_lowest_id() -> None:
             assert top.tolist() == full[:limit].tolist(), (i, limit)
         cut_ties += int(score.size > 50 and score[49] == score[50])
     assert cut_ties > 10  # the graph does tie at the cut
+    # The two executors: the batch runner's sparse two-hop products cut the same lists.
+    members = np.arange(0, g.n, 7)
+    two_hop = TwoHop.build(PairIndex(g, w), members)
+    for weighted, limit in ((True, 50), (False, 50), (True, 200)):
+        owner, cand, _ = two_hop.friends_of_friends(limit, weighted, 1)
+        for j, i in enumerate(members.tolist()):
+            want = friends_of_friends(g, i, limit, w if weighted else None)[0]
+            assert cand[owner == j].tolist() == want.tolist(), (i, weighted, limit)
 
 
 def test_pair_measures_match_definitions(sample: tuple[Graph, dict[int, set[int]]]) -> None:
