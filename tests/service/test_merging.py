@@ -418,6 +418,13 @@ async def test_deactivated_filter_reads_each_candidates_own_key(
         assert ids[keep].tolist() == [1, 5, 6]
         assert dropped == {"connected": 1, "deactivated": 1}
         assert (await filters.deactivated(client, np.zeros(0, np.int64))).size == 0
+        # Repeated ids (social proof's connections) are asked once and answered for each.
+        repeated = np.array([3, 1, 3, 10**12, 1, 3], dtype=np.int64)
+        redis_client.config_resetstat()
+        gone = await filters.deactivated(client, repeated)
+        assert gone.tolist() == [True, False, True, True, False, True]
+        stats = redis_client.info("commandstats")["cmdstat_exists"]
+        assert stats["calls"] == 3
     finally:
         await client.close()
 
