@@ -207,6 +207,22 @@ async def test_the_count_script_bounds_a_members_targets(suite: Suite) -> None:
     assert [(_counts(client, member))[t] for t in list(kept)[:2]] == [2, 2]
 
 
+async def test_the_count_script_counts_a_repeated_target_twice_and_restarts_a_lapsed_one(
+    suite: Suite,
+) -> None:
+    client = connect(suite.cfg.redis_url)
+    member = 10**9 + 1
+    now = time.time()
+    key = keys.impressions(member)
+    client.hset(key, mapping={"5": f"9:{int(now) - 120}", "6": f"2:{int(now) - 10}"})
+    payload = impressions.count_command(member, [5, 6, 5, 7, 6, 6], now, 60.0)
+    assert client.execute_command(*_decode(payload)) == 0
+    # 5 lapsed (120 s > 60 s) so starts again; 6 goes on from 2; 7 is new.
+    assert _counts(client, member) == {5: 2, 6: 5, 7: 1}
+    times = {int(t): int(v.split(b":")[1]) for t, v in client.hgetall(key).items()}  # type: ignore[union-attr]
+    assert set(times.values()) == {int(now)}
+
+
 def _decode(payload: bytes) -> list[bytes]:
     """The arguments of one RESP-encoded command."""
     parts = payload.split(b"\r\n")

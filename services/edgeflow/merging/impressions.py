@@ -42,14 +42,31 @@ DAY_S = 86400.0
 # the targets shown.
 _COUNT_LUA = b"""
 local now, life, most = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, #ARGV do
-  local n = 0
-  local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if v then
-    local c, t = string.match(v, '^(%d+):(%d+)$')
-    if c and now - tonumber(t) < life then n = tonumber(c) end
+if #ARGV >= 4 then
+  -- One HMGET and one HSET for all the targets (at most MAX_K of them, well within what
+  -- unpack takes); a target named twice counts twice.
+  local old = redis.call('HMGET', KEYS[1], unpack(ARGV, 4))
+  local counted, fields = {}, {}
+  for i = 4, #ARGV do
+    local target = ARGV[i]
+    local n = counted[target]
+    if not n then
+      n = 0
+      local v = old[i - 3]
+      if v then
+        local c, t = string.match(v, '^(%d+):(%d+)$')
+        if c and now - tonumber(t) < life then n = tonumber(c) end
+      end
+      fields[#fields + 1] = target
+    end
+    counted[target] = n + 1
   end
-  redis.call('HSET', KEYS[1], ARGV[i], string.format('%d:%d', n + 1, now))
+  local args = {}
+  for _, target in ipairs(fields) do
+    args[#args + 1] = target
+    args[#args + 1] = string.format('%d:%d', counted[target], now)
+  end
+  redis.call('HSET', KEYS[1], unpack(args))
 end
 if redis.call('HLEN', KEYS[1]) > most then
   local all = redis.call('HGETALL', KEYS[1])
