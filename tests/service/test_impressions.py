@@ -19,6 +19,7 @@ from edgeflow.shell.server import channel
 from edgeflow.stores import keys, lists
 from edgeflow.stores.redis_client import SyncClient, connect
 from edgeflow.v1 import gateway_pb2, merging_pb2, merging_pb2_grpc, tensor_pb2
+from edgeflow.workflow.modes import precomputed_view
 from edgeflow.workflow.validate import WorkflowError, parse_document
 
 Event = gateway_pb2.MemberEvent
@@ -46,6 +47,14 @@ def test_pymk_has_impressions_on_by_default() -> None:
     wf = parse_document(doc, "pymk.yaml")
     rule = impressions.Rule.of(wf.node("blend").params.impressions)  # type: ignore[attr-defined]
     assert rule == impressions.Rule(3, 6, 14 * DAY_S, 0.5)
+
+
+def test_a_surface_served_from_its_list_keeps_its_impressions() -> None:
+    doc = yaml.safe_load(PYMK.read_text())
+    doc["spec"]["modes"]["online"] = {"enabled": False}
+    view = precomputed_view(parse_document(doc, "pymk.yaml"))
+    params = view.node("blend").params
+    assert impressions.Rule.of(params.impressions) == impressions.Rule(3, 6, 14 * DAY_S, 0.5)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -30,13 +30,15 @@ def list_size(wf: Workflow) -> int:
 
 def precomputed_view(wf: Workflow) -> Workflow:
     """The request-time graph of a surface whose online mode is off: its precomputed list,
-    then its output node's blend filters and diversity (a list's order is not kept: the blend
-    ranks by score). Provenance then shows each edge's mode and age."""
+    then its output node's blend filters, impressions and diversity (a list's order is not
+    kept: the blend ranks by score). Provenance then shows each edge's mode and age."""
     out = wf.node(wf.spec.output)
     assert isinstance(out.params, BlendParams)
     params: dict[str, Any] = {"filters": list(out.params.filters)}
-    if out.params.diversity is not None:
-        params["diversity"] = out.params.diversity.model_dump(by_alias=True)
+    for name in ("impressions", "diversity"):
+        value = getattr(out.params, name)
+        if value is not None:
+            params[name] = value.model_dump(by_alias=True)
     spec: dict[str, Any] = {
         "surface": wf.surface,
         "description": wf.spec.description,
