@@ -429,6 +429,34 @@ async def test_deactivated_filter_reads_each_candidates_own_key(
         await client.close()
 
 
+async def test_followed_hides_whom_the_member_follows_as_the_batch_runner_does(
+    redis_client: redis.Redis, redis_proc: RedisProcess
+) -> None:
+    from edgeflow.offline.ranking import hidden
+
+    redis_client.sadd(keys.adjacency(7), 3)
+    redis_client.sadd(keys.follows(7), 5, 6)
+    redis_client.sadd(keys.follows(8), 1)
+    client = RawPipeline(redis_proc.url)
+    try:
+        ids = np.array([1, 3, 5, 6, 9], dtype=np.int64)
+        keep, dropped = await filters.visible(client, 7, ids, ("connected", "followed"))
+        assert ids[keep].tolist() == [1, 9] and dropped == {"connected": 1, "followed": 2}
+        keep, dropped = await filters.visible(client, 7, ids, ("connected",))
+        assert ids[keep].tolist() == [1, 5, 6, 9]  # following is not being connected
+    finally:
+        await client.close()
+    # The batch runner hides the same pairs, and whom a member follows only under `followed`.
+    members = np.array([1, 3, 5, 6, 7, 8, 9])
+    graph = Graph.from_edges(np.array([7]), np.array([3]), members=members)
+    sync = redis.Redis(port=redis_proc.port)
+    owner, hid = hidden(sync, graph, np.array([7, 8]), ["connected", "followed"])
+    pairs = sorted(zip(owner.tolist(), hid.tolist(), strict=True))
+    assert pairs == [(0, 3), (0, 5), (0, 6), (1, 1)]
+    owner, hid = hidden(sync, graph, np.array([7, 8]), ["connected"])
+    assert list(zip(owner.tolist(), hid.tolist(), strict=True)) == [(0, 3)]
+
+
 async def test_self_filter_needs_no_redis() -> None:
     client = RawPipeline(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:

@@ -347,6 +347,24 @@ async def test_a_repeated_event_id_is_stored_once(nearline_suite: NearlineSuite)
     nearline_suite.client.delete(keys.follows(1))
 
 
+async def test_a_followed_member_leaves_the_follows_surface_at_once_but_not_pymk(
+    nearline_suite: NearlineSuite,
+) -> None:
+    member = members_with_degree(nearline_suite.graph, 4)[3]
+    before = await nearline_suite.recommend(member, "follows", k=10)
+    target = before.edges[0].target
+    try:
+        assert (await nearline_suite.publish(Event(type=Event.FOLLOW, member=member,
+                                                   target=target))).published == 1  # fmt: skip
+        after = await nearline_suite.recommend(member, "follows", k=10)
+        assert target not in {e.target for e in after.edges} and len(after.edges) == 10
+        assert after.funnel.dropped["followed"] >= 1
+        pymk = await nearline_suite.recommend(member, "pymk", k=500)
+        assert "followed" not in pymk.funnel.dropped  # following is no reason not to connect
+    finally:
+        nearline_suite.client.delete(keys.follows(member))
+
+
 async def test_follows_has_no_model_scores_and_an_empty_answer_says_why(
     nearline_suite: NearlineSuite,
 ) -> None:

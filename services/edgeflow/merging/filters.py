@@ -1,4 +1,4 @@
-"""Visibility filters: self, connected, blocked, dismissed, deactivated.
+"""Visibility filters: self, connected, blocked, dismissed, followed, deactivated.
 
 They decide what a member may see, so they run before ranking and top-K. The Redis-backed
 ones ask only about the candidates, all in one round trip: a pipeline of SMISMEMBER commands
@@ -29,6 +29,7 @@ _SETS: dict[str, Callable[[int], str] | None] = {
     "connected": keys.adjacency,
     "blocked": keys.blocked,
     "dismissed": keys.dismissed,
+    "followed": keys.follows,
     "deactivated": None,
 }
 KNOWN: tuple[str, ...] = tuple(_SETS)

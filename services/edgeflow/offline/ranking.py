@@ -19,7 +19,7 @@ from edgeflow.stores import keys
 from edgeflow.stores.redis_client import SyncClient
 
 # Filters that read a SET per member; "self" and "connected" come from the graph.
-_SETS = {"blocked": keys.blocked, "dismissed": keys.dismissed}
+_SETS = {"blocked": keys.blocked, "dismissed": keys.dismissed, "followed": keys.follows}
 
 Ranked = tuple[np.ndarray, np.ndarray]  # ids best first, float32 scores
 
@@ -43,7 +43,8 @@ class BlendInput:
 def hidden(
     client: SyncClient, graph: Graph, members: np.ndarray, filters: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(owner, id) pairs the members must not get: the filters' sets, and whom they follow."""
+    """(owner, id) pairs the members must not get under `filters`, as merging/filters.py
+    decides them (`connected` from the graph, the others from the members' SETs)."""
     owners: list[np.ndarray] = []
     ids: list[np.ndarray] = []
     positions = np.arange(members.size, dtype=np.int64)
@@ -56,7 +57,7 @@ def hidden(
         owner, nb = graph.gather(dense[known])
         owners.append(positions[known][owner])
         ids.append(graph.ids[nb])
-    set_keys = [fn for name, fn in _SETS.items() if name in filters] + [keys.follows]
+    set_keys = [fn for name, fn in _SETS.items() if name in filters]
     pipe = client.pipeline(transaction=False)
     for member in members.tolist():
         for key in set_keys:

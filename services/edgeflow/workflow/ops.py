@@ -178,8 +178,11 @@ class RemoteParams(Params):
             raise ValueError(f"columns lists a column twice: {self.columns}")
 
 
-FilterName = Literal["self", "connected", "blocked", "dismissed"]
-ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismissed")
+FilterName = Literal["self", "connected", "blocked", "dismissed", "followed"]
+ALL_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismissed", "followed")
+# A blend that names no filters: all but `followed` (whom the member follows stays a
+# candidate for a connection; a surface of members to follow lists it).
+DEFAULT_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked", "dismissed")
 # Every served list goes through these (and the deactivated filter); a blend must keep them.
 SAFETY_FILTERS: tuple[FilterName, ...] = ("self", "connected", "blocked")
 
@@ -255,7 +258,8 @@ class BlendParams(Params):
         default_factory=dict, description="Most edges per candidate source node."
     )
     filters: list[FilterName] = Field(
-        default_factory=lambda: list(ALL_FILTERS), description="Visibility filters to apply."
+        default_factory=lambda: list(DEFAULT_FILTERS),
+        description="Visibility filters to apply (`followed`: whom the member follows).",
     )
     impressions: ImpressionsParams | None = Field(
         None, description="Demote, then suppress, members shown repeatedly without an action; "
