@@ -4,7 +4,10 @@ The same ops as a request, computed the same way (friends of friends and the pai
 with the graph's own sums, see pairs.py; EBR by cosine over the same embeddings; features
 in model_matrix's columns from Feast's rows; the registry's ONNX model; blend.py's ranking),
 but each node handles the whole batch: the model scores every pair of the batch in one call.
-The list the run writes is not read back as a candidate source of itself.
+The list the run writes is not read back as a candidate source of itself. What only bounds a
+request's latency is not applied: a hub's friends of friends are expanded over every
+connection, not cut at the candidates service's EDGEFLOW_FOF_MAX_VISITS (so past that cap
+the batch's list is the unbounded answer the request approximates).
 """
 
 from __future__ import annotations
