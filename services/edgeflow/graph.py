@@ -699,6 +699,20 @@ def inverse_log_degree(graph: Graph) -> np.ndarray:
     return out
 
 
+def top_positions(score: np.ndarray, limit: int) -> np.ndarray:
+    """Positions of the `limit` highest scores (in no order), ties at the cut going to the
+    lowest positions: with positions in id order, every executor cuts a ranking by
+    (score, then lowest id) alike, whatever a partial sort would choose among ties."""
+    if limit >= score.size:
+        return np.arange(score.size)
+    if limit <= 0:
+        return np.zeros(0, dtype=np.intp)
+    cut = -np.partition(-score, limit - 1)[limit - 1]
+    above = np.flatnonzero(score > cut)
+    tied = np.flatnonzero(score == cut)[: limit - above.size]
+    return np.concatenate([above, tied])
+
+
 def friends_of_friends(
     graph: Graph,
     i: int,
@@ -736,12 +750,9 @@ def friends_of_friends(
     keep = (uniq != i) & ~_sorted_isin(uniq, nbrs)
     uniq, counts, score = uniq[keep], counts[keep], score[keep]
     if uniq.size > limit:
-        # The first `limit` by (score, then lowest id), as the batch runner cuts: candidates
-        # tied at the cut (one shared connection gives many the same score) go by id.
-        cut = -np.partition(-score, limit - 1)[limit - 1]
-        above = np.flatnonzero(score > cut)
-        tied = np.flatnonzero(score == cut)[: limit - above.size]  # uniq ascends
-        top = np.concatenate([above, tied])
+        # Candidates tied at the cut (one shared connection gives many the same score) go
+        # by id, as the batch runner cuts: uniq ascends.
+        top = top_positions(score, limit)
         uniq, counts, score = uniq[top], counts[top], score[top]
     order = np.lexsort((uniq, -score))
     return uniq[order].astype(np.int64), counts[order], score[order]

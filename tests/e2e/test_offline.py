@@ -212,15 +212,37 @@ def test_two_hop_products_equal_the_graph_functions(built: Built) -> None:
     )  # fmt: skip
 
 
-def test_best_k_finds_the_columns_argpartition_finds() -> None:
+def test_best_k_finds_each_rows_k_best_ties_by_lowest_column() -> None:
     rng = np.random.default_rng(3)
     for n, k in ((20_000, 50), (3_000, 200), (150, 100)):
         sims = rng.normal(size=(6, n)).astype(np.float32)
         sims[:, rng.random(n) < 0.1] = -np.inf  # members without an embedding
-        sims[1] = np.round(sims[1], 1)  # ties at the k-th value: argpartition's choice
+        sims[1] = np.round(sims[1], 1)  # ties at the k-th value
         sims[2, k // 2 :] = -np.inf  # fewer than k finite values
-        want = np.sort(np.argpartition(-sims, k - 1, axis=1)[:, :k], axis=1)
+        sims[3, :] = np.round(sims[3], 0)  # many ties
+        # The stable sort by value, highest first: ties go to the lowest column.
+        want = np.sort(np.argsort(-sims, axis=1, kind="stable")[:, :k], axis=1)
         np.testing.assert_array_equal(np.sort(best_k(sims, k), axis=1), want)
+
+
+def test_exact_ebr_cuts_ties_by_lowest_id_for_the_nearline_worker_and_the_batch() -> None:
+    """Members with one connection, to the same member, have the same spectral embedding:
+    exact EBR ties at its cut, and both exact searches keep the lowest ids."""
+    rng = np.random.default_rng(5)
+    ids = rng.permutation(np.arange(1_000, 1_300)).astype(np.int64)
+    vectors = rng.normal(size=(ids.size, 8)).astype(np.float32)
+    twins = rng.choice(ids.size, 60, replace=False)
+    vectors[twins] = vectors[twins[0]]  # 60 members share one direction
+    index = VectorIndex(ids, vectors)
+    member = int(ids[twins[1]])
+    got, _ = index.nearest(member, 20, np.zeros(0, np.int64))
+    want = sorted(int(i) for i in ids[twins] if i != member)[:20]
+    assert sorted(got.tolist()) == want
+    [row] = index.rows(np.array([member]))
+    sims = index.vectors @ index.vectors[row]
+    sims[row] = -np.inf
+    top = best_k(sims[None, :], 20)[0]
+    assert sorted(index.ids[top].tolist()) == want
 
 
 def test_most_connected_is_the_stable_sort_by_degree() -> None:

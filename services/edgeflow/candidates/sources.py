@@ -21,7 +21,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from edgeflow.config import Config
-from edgeflow.graph import Graph, expansion_budget, friends_of_friends
+from edgeflow.graph import Graph, expansion_budget, friends_of_friends, top_positions
 from edgeflow.shell import cpu, metrics
 from edgeflow.stores import keys, lists, vectors
 from edgeflow.stores.graph_store import GraphNotLoaded, GraphStore
@@ -217,7 +217,7 @@ class VectorIndex:
         k = min(limit, int(np.isfinite(sims).sum()))
         if k <= 0:
             return _EMPTY_IDS, _EMPTY_SCORES
-        top = np.argpartition(-sims, k - 1)[:k]
+        top = top_positions(sims, k)  # self.ids ascend: ties at the cut by lowest id
         top = top[np.lexsort((self.ids[top], -sims[top]))]
         return self.ids[top], sims[top].astype(np.float32)
 

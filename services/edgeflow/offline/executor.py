@@ -22,6 +22,7 @@ from edgeflow.candidates.sources import SEEDS, VectorIndex, fill_popular, popula
 from edgeflow.features.compute import cosines as compute_cosines
 from edgeflow.features.compute import model_rows
 from edgeflow.features.schema import MODEL_COLUMNS
+from edgeflow.graph import top_positions
 from edgeflow.offline.inputs import FeatureTable, Inputs, take
 from edgeflow.offline.pairs import (
     TwoHop,
@@ -405,11 +406,12 @@ def best_k(sims: np.ndarray, k: int) -> np.ndarray:
     """Columns of each row's k highest values (in no order), as np.argpartition(-sims, k - 1,
     axis=1)[:, :k] finds them, without partitioning whole rows: the k-th highest of the
     maxima of disjoint groups of a row is a floor its k-th highest value cannot be under,
-    and few values reach it. A row tied at its k-th value takes argpartition's own choice."""
+    and few values reach it. Values tied at a row's k-th go to the lowest columns (see
+    graph.top_positions)."""
     b, n = sims.shape
     width = n // (8 * k)  # eight groups per value kept, so few of the best share one
     if width < 2:
-        return np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        return _top_rows(sims, k)
     groups = sims[:, : n - n % width].reshape(b, width, -1).max(axis=1)  # strided groups
     floor = -np.partition(-groups, k - 1, axis=1)[:, k - 1 : k]
     row, col = np.divmod(np.flatnonzero(sims >= floor), n)  # at least k per row, in order
@@ -422,7 +424,17 @@ def best_k(sims: np.ndarray, k: int) -> np.ndarray:
     after = np.minimum(first + k, row.size - 1)
     tied = (np.diff(np.append(first, row.size)) > k) & (value[after] == value[best[:, -1]])
     if tied.any():
-        top[tied] = np.argpartition(-sims[tied], k - 1, axis=1)[:, :k]
+        top[tied] = _top_rows(sims[tied], k)
+    return top
+
+
+def _top_rows(sims: np.ndarray, k: int) -> np.ndarray:
+    """graph.top_positions of each row; a partition of the whole block when no row ties."""
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(sims, top, axis=1).min(axis=1, keepdims=True)
+    tied = (sims == kth).sum(axis=1) > (np.take_along_axis(sims, top, axis=1) == kth).sum(axis=1)
+    for r in np.flatnonzero(tied):
+        top[r] = top_positions(sims[r], k)
     return top
 
 
