@@ -137,7 +137,7 @@ def test_batch_blend_ranks_as_blend_py_does() -> None:
     hidden_ids = rng.integers(0, 60, 200)
     fast = blend_batch(inputs, members, 15, (hidden_owner, hidden_ids), {})
     for j in range(members):
-        ids, scores = _exact(inputs, j, 15, (hidden_owner, hidden_ids), {})
+        ids, scores = _exact(inputs, j, 15, (hidden_owner, hidden_ids), {}, np.zeros(0, np.int64))
         assert fast[j][0].tolist() == ids.tolist(), j
         np.testing.assert_array_equal(fast[j][1], scores)
         assert not set(ids.tolist()) & set(hidden_ids[hidden_owner == j].tolist())

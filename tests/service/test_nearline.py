@@ -36,6 +36,7 @@ from edgeflow.nearline import worker as worker_module
 from edgeflow.nearline.worker import NearlineWorker
 from edgeflow.offline.context import find_workflow, load_inputs
 from edgeflow.offline.executor import BatchRunner
+from edgeflow.offline.ranking import deactivated_members
 from edgeflow.shell.server import Service, channel, drain, start_server
 from edgeflow.stores import keys, lists
 from edgeflow.stores.feast_online import OnlineReader
@@ -270,6 +271,7 @@ async def test_a_deactivated_member_is_never_served_until_reactivated(
     gone = {stored, *(r.edges[0].target for r in before.values())}
     deactivate = [Event(type=Event.DEACTIVATE, member=m) for m in sorted(gone)]
     assert (await nearline_suite.publish(*deactivate)).published == len(gone)
+    assert deactivated_members(nearline_suite.client).tolist() == sorted(gone)
 
     after = await _served(nearline_suite, member)
     for surface, resp in after.items():
@@ -292,8 +294,16 @@ async def test_a_deactivated_member_is_never_served_until_reactivated(
         assert f"member: {min(gone)} is deactivated (since " in (err.value.details() or "")
         assert "after a reactivate event" in (err.value.details() or "")
 
+    # Lists computed meanwhile leave them out, and still hold k members each.
+    wf = find_workflow(nearline_suite.cfg, "pymk")
+    runner = BatchRunner(wf, load_inputs(nearline_suite.cfg, nearline_suite.client, wf))
+    members = np.array(members_with_degree(nearline_suite.graph, 6)[:40], dtype=np.int64)
+    computed = runner.run(members).lists
+    assert all(ids.size == runner.k and not set(ids.tolist()) & gone for ids, _ in computed)
+
     reactivate = [Event(type=Event.REACTIVATE, member=m) for m in sorted(gone)]
     assert (await nearline_suite.publish(*reactivate)).published == len(gone)
+    assert deactivated_members(nearline_suite.client).size == 0
     again = await _served(nearline_suite, member)
     for surface, resp in again.items():
         assert resp.edges[0].target == before[surface].edges[0].target, surface

@@ -215,6 +215,10 @@ def test_publish_in_steps_applies_once_and_survives_a_crash_between_steps(
             events._set_changes(pipe, _event("b2", "block", 9, 10))
             await pipe.execute()
             assert (await events.publish(aio, [_event("b2", "block", 9, 10)]))[0]
+            # A state change keeps the SET of deactivated members too.
+            states = [_event("s1", "deactivate", 11, 0), _event("s2", "deactivate", 12, 0),
+                      _event("s3", "reactivate", 11, 0)]  # fmt: skip
+            assert all(await events.publish(aio, states))
         finally:
             await aio.aclose()
 
@@ -224,8 +228,11 @@ def test_publish_in_steps_applies_once_and_survives_a_crash_between_steps(
     assert client.smembers(keys.dismissed(5)) == {b"6"}
     assert client.smembers(keys.follows(7)) == {b"8"}
     assert client.smembers(keys.blocked(10)) == {b"9"}
+    assert client.smembers(keys.DEACTIVATED_MEMBERS) == {b"12"}
+    assert not client.exists(keys.deactivated(11)) and client.exists(keys.deactivated(12))
     stream = cast(list[Any], client.xrange(keys.EVENTS))
-    assert [f[b"id"] for _, f in stream] == [b"c1", b"b1", b"d1", b"f1", b"x1", b"b2"]
+    ids = [b"c1", b"b1", b"d1", b"f1", b"x1", b"b2", b"s1", b"s2", b"s3"]
+    assert [f[b"id"] for _, f in stream] == ids
     # The members' SETs live on other masters than the stream.
     spread = [keys.adjacency(1), keys.blocked(3), keys.blocked(4), keys.adjacency(2),
               keys.dismissed(5), keys.follows(7), keys.blocked(9), keys.blocked(10)]  # fmt: skip

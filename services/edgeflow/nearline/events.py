@@ -2,7 +2,8 @@
 
 Publish runs one Lua script for the whole request. For each event whose id is new it
 updates the keys that decide visibility at request time (the adjacency, blocked, dismissed
-and follows SETs, the member's deactivated marker, and an action's pair in the member's
+and follows SETs, the member's deactivated marker and the SET of deactivated members, and
+an action's pair in the member's
 impression counts) and appends the event to the
 stream, so a block or a deactivation is honoured by the next Recommend and the worker sees
 every event that changed those keys. A repeated event id changes nothing.
@@ -61,7 +62,8 @@ STATE_TYPES = ("deactivate", "reactivate")
 _EMBEDDING = {f"embedding_{j}" for j in range(EMBEDDING_DIM)}
 
 # KEYS[1] = stream, then per event: seen, adj(m), adj(t), blocked(m), blocked(t),
-# dismissed(m), follows(m), deactivated(m), impressions(m). ARGV[1..2] = dedup TTL, stream
+# dismissed(m), follows(m), deactivated(m), impressions(m), the deactivated members' SET.
+# ARGV[1..2] = dedup TTL, stream
 # max length, then per event: type, member, target, event id, time, features (JSON). Returns
 # an entry id per event, "" where the event id was seen before.
 _PUBLISH_LUA = """
@@ -69,7 +71,7 @@ local ACTIONS = {connect = true, dismiss = true, block = true, follow = true}
 local out = {}
 local n = (#ARGV - 2) / 6
 for e = 0, n - 1 do
-  local k, a = 1 + e * 9, 2 + e * 6
+  local k, a = 1 + e * 10, 2 + e * 6
   local typ, m, t = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
     if ACTIONS[typ] then
@@ -92,8 +94,10 @@ for e = 0, n - 1 do
       redis.call('SADD', KEYS[k + 7], t)
     elseif typ == 'deactivate' then
       redis.call('SET', KEYS[k + 8], ARGV[a + 5])
+      redis.call('SADD', KEYS[k + 10], m)
     elseif typ == 'reactivate' then
       redis.call('DEL', KEYS[k + 8])
+      redis.call('SREM', KEYS[k + 10], m)
     end
     out[e + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
       'id', ARGV[a + 4], 'type', typ, 'member', m, 'target', t, 'time', ARGV[a + 5],
@@ -276,6 +280,7 @@ async def publish(client: AsyncClient, events: Sequence[Event]) -> list[str]:
             keys.follows(e.member),
             keys.deactivated(e.member),
             keys.impressions(e.member),
+            keys.DEACTIVATED_MEMBERS,
         ]
     script = client.register_script(_PUBLISH_LUA)
     reply = cast(list[bytes], await script(keys=key_list, args=args))
@@ -323,8 +328,10 @@ def _set_changes(pipe: Any, e: Event) -> None:
         pipe.sadd(keys.follows(m), t)
     elif e.type == "deactivate":
         pipe.set(keys.deactivated(m), repr(e.time))
+        pipe.sadd(keys.DEACTIVATED_MEMBERS, m)
     elif e.type == "reactivate":
         pipe.delete(keys.deactivated(m))
+        pipe.srem(keys.DEACTIVATED_MEMBERS, m)
 
 
 def from_fields(fields: dict[bytes, bytes]) -> Event:

@@ -31,7 +31,14 @@ from edgeflow.offline.pairs import (
     member_measures,
     unit_cosines,
 )
-from edgeflow.offline.ranking import BlendInput, Ranked, blend_batch, hidden, pair_in
+from edgeflow.offline.ranking import (
+    BlendInput,
+    Ranked,
+    blend_batch,
+    deactivated_members,
+    hidden,
+    pair_in,
+)
 from edgeflow.offline.rows import Rows, union
 from edgeflow.scoring.registry import ModelNotFoundError
 from edgeflow.stores import lists as stored_lists
@@ -373,8 +380,9 @@ class BatchRunner:
             for name, rows in zip(cn.node.inputs, inputs, strict=True)
         ]
         pairs = hidden(self.inputs.client, self.inputs.graph, members, params.filters)
+        gone = deactivated_members(self.inputs.client)
         return blend_batch(
-            lists, members.size, self.k, pairs, dict(params.quotas), self.inputs.graph.ids
+            lists, members.size, self.k, pairs, dict(params.quotas), self.inputs.graph.ids, gone
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -94,6 +95,13 @@ def pair_in(
     return hit[:n]
 
 
+def deactivated_members(client: SyncClient) -> np.ndarray:
+    """The members deactivated now (sorted): never in anyone's list, as no served list shows
+    them (merging/filters.py's `deactivated`)."""
+    found = cast(set[bytes], client.smembers(keys.DEACTIVATED_MEMBERS))
+    return np.sort(np.fromiter((int(x) for x in found), dtype=np.int64, count=len(found)))
+
+
 def blend_batch(
     lists: Sequence[BlendInput],
     members: int,
@@ -101,11 +109,14 @@ def blend_batch(
     hidden_pairs: tuple[np.ndarray, np.ndarray],
     quotas: dict[str, int],
     universe: np.ndarray | None = None,
+    gone: np.ndarray | None = None,
 ) -> list[Ranked]:
-    """Per member of the batch, the top `k` (ids, blended scores) after visibility filters.
+    """Per member of the batch, the top `k` (ids, blended scores) after visibility filters,
+    never one of `gone` (sorted ids hidden from everyone: deactivated members).
     `universe`: sorted ids that likely hold every candidate (see rows.pair_keys)."""
+    gone = np.zeros(0, dtype=np.int64) if gone is None else gone
     if quotas:
-        return [_exact(lists, j, k, hidden_pairs, quotas) for j in range(members)]
+        return [_exact(lists, j, k, hidden_pairs, quotas, gone) for j in range(members)]
     weights = [float(lst.weight) for lst in lists]
     if not any(weights):
         weights = [1.0] * len(lists)
@@ -133,6 +144,9 @@ def blend_batch(
         visible = ~hide[item_owner, codes[best[starts]]]
     else:
         visible = ~pair_in(item_owner, item_ids, *hidden_pairs)
+    if gone.size:
+        at = np.minimum(np.searchsorted(gone, item_ids), gone.size - 1)
+        visible &= gone[at] != item_ids
     item_owner, item_ids, score = item_owner[visible], item_ids[visible], score[visible]
     # Per member by score, best first; ties keep the id order they are already in.
     rank = best_first(item_owner, score)
@@ -153,6 +167,7 @@ def _exact(
     k: int,
     hidden_pairs: tuple[np.ndarray, np.ndarray],
     quotas: dict[str, int],
+    gone: np.ndarray,
 ) -> Ranked:
     """One member through blend.blend and blend.select (quotas need its provenance)."""
     inputs = []
@@ -174,6 +189,6 @@ def _exact(
         )
     pool = blend.blend(inputs)
     mine = hidden_pairs[0] == j
-    keep = ~np.isin(pool.ids, hidden_pairs[1][mine])
+    keep = ~np.isin(pool.ids, np.concatenate([hidden_pairs[1][mine], gone]))
     sel = blend.select(pool, k, quotas, keep)
     return pool.ids[sel.index], pool.score[sel.index]

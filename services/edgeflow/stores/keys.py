@@ -48,6 +48,12 @@ def deactivated(member: int) -> str:
     return f"{PREFIX}deactivated:{member}"
 
 
+# SET of the members deactivated now (the same as the deactivated(m) keys present): read
+# whole by the offline job and the nearline worker, which rank many members' candidates at
+# once. One entry per deactivated member.
+DEACTIVATED_MEMBERS = f"{PREFIX}deactivated-members"
+
+
 def impressions(member: int) -> str:
     """HASH of the members shown to this member without an action since: target ->
     "<count>:<unix seconds of the last exposure>". A field counts for a workflow's forDays after
