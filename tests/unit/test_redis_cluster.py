@@ -296,3 +296,51 @@ def test_graph_snapshots_deltas_and_compaction_on_a_cluster(
     compact_graph(client, 1, tmp_path)  # the compaction script moves pointer and deltas
     again = load_graph(client, cache_dir=tmp_path)
     assert again.edge_count == 6 and again.version != graph.version
+
+
+def test_feature_rows_are_routed_by_key_without_parsing_the_pipeline(
+    cluster: str, client: redis.cluster.RedisCluster, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """GetFeatures' read on a cluster: each master gets its rows as they were encoded; a row
+    Redis lacks sends the call again the general way, with the same answer."""
+    from edgeflow.build.feast_features import publish_member_features
+    from edgeflow.config import Config
+    from edgeflow.features.compute import member_features
+    from edgeflow.features.schema import EMBEDDING_DIM
+    from edgeflow.graph import Graph
+    from edgeflow.stores.feast_online import OnlineReader
+
+    edges = np.array([[i, (i * 7 + 1) % 300] for i in range(300)], dtype=np.int64)
+    graph = Graph.from_edges(edges[:, 0], edges[:, 1])
+    emb = np.random.default_rng(2).normal(size=(graph.n, EMBEDDING_DIM)).astype(np.float32)
+    cfg = Config(home=tmp_path, redis_url=cluster)
+    publish_member_features(cfg, graph, member_features(graph), emb)
+    general: list[int] = []
+    fixed = ClusterPipeline.execute_fixed
+
+    async def counted(self: ClusterPipeline, *args: Any, **kwargs: Any) -> Any:
+        general.append(1)
+        return await fixed(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClusterPipeline, "execute_fixed", counted)
+    reader = OnlineReader()
+
+    async def run() -> None:
+        pipe = open_pipeline(cluster)
+        try:
+            present = graph.ids[::2]
+            rows = await reader.read_pipelined(pipe, present)
+            assert not general  # the rows went out as encoded, one group per master
+            want = reader.read_sync(client, present)
+            np.testing.assert_array_equal(rows.scalars, want.scalars)
+            np.testing.assert_array_equal(rows.embeddings, want.embeddings)
+            with_missing = np.append(present[:20], 10**9)
+            rows = await reader.read_pipelined(pipe, with_missing)
+            assert general == [1] and rows.missing.tolist() == [False] * 20 + [True]
+            want = reader.read_sync(client, with_missing)
+            np.testing.assert_array_equal(rows.scalars, want.scalars)
+        finally:
+            await pipe.close()
+
+    asyncio.run(run())

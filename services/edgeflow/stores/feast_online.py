@@ -294,6 +294,10 @@ class OnlineReader:
 
     def payload(self, ids: np.ndarray) -> bytes:
         """One HMGET per member in RESP: every command is as long, so numpy writes them."""
+        return self.commands(ids)[0].tobytes()
+
+    def commands(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The HMGETs of `payload`, one uint8 row each, and their keys, one row each."""
         keys = _key_matrix(ids, self.project)
         head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(self.fields), keys.shape[1])
         h, k = len(head), keys.shape[1]
@@ -301,7 +305,7 @@ class OnlineReader:
         buf[:, :h] = np.frombuffer(head, dtype=np.uint8)
         buf[:, h : h + k] = keys
         buf[:, h + k :] = np.frombuffer(self._tail, dtype=np.uint8)
-        return buf.tobytes()
+        return buf, keys
 
     async def read_pipelined(
         self, pipe: RawPipeline, members: Sequence[int] | np.ndarray
@@ -311,7 +315,8 @@ class OnlineReader:
         ids = np.asarray(members, dtype=np.int64)
         if ids.size == 0:
             return decode([], ids)
-        replies = await pipe.execute_fixed(self.payload(ids), ids.size, USUAL_REPLY)
+        rows, keys = self.commands(ids)
+        replies = await pipe.execute_rows(rows, keys, USUAL_REPLY)
         if isinstance(replies, np.ndarray):
             return decode_usual(replies)
         return decode([v or b"" for rep in replies for v in rep], ids)

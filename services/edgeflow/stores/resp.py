@@ -170,6 +170,18 @@ class RawPipeline:
         except RespLoading as exc:
             return await self._resend_while_loading(exc, send)
 
+    async def execute_rows(
+        self,
+        rows: np.ndarray,
+        keys: np.ndarray,
+        shape: FixedReply,
+        timeout_s: float = SOCKET_TIMEOUT_S,
+    ) -> np.ndarray | list:
+        """`execute_fixed` of read-only commands given as the rows of a uint8 matrix (one
+        encoded command a row, all as long), with each command's key as a row of `keys`: a
+        Redis Cluster routes the rows by key without parsing them back into commands."""
+        return await self.execute_fixed(rows.tobytes(), rows.shape[0], shape, timeout_s)
+
     async def _resend_while_loading(
         self, first: RespLoading, send: Callable[[], Awaitable[np.ndarray | list]]
     ) -> np.ndarray | list:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import hiredis
 import numpy as np
@@ -109,6 +109,36 @@ class ClusterPipeline(RawPipeline):
         commands = split_commands(payload, replies)
         out = await self._route(commands, shape, timeout_s, payload)
         return out if isinstance(out, np.ndarray) else self._checked(out)
+
+    async def execute_rows(
+        self,
+        rows: np.ndarray,
+        keys: np.ndarray,
+        shape: FixedReply,
+        timeout_s: float = SOCKET_TIMEOUT_S,
+    ) -> np.ndarray | list:
+        """Each master's rows sent at once, as they are. A reply off `shape` (a missing
+        value, or MOVED or ASK while slots move) sends the whole call again the general way,
+        which parses the commands and follows redirects: they are reads, so that is safe."""
+        slots = np.fromiter((key_slot(k.tobytes()) for k in keys), np.int32, keys.shape[0])
+        groups: dict[Node, list[int]] = {}
+        for i, node in enumerate(await self._owners(slots)):
+            groups.setdefault(node, []).append(i)
+        try:
+            parts = await asyncio.gather(
+                *(self._pipe(node)._exchange(rows[idx].tobytes(), _fixed_reader(len(idx), shape),
+                                             timeout_s)
+                  for node, idx in groups.items())
+            )  # fmt: skip
+        except RespError:
+            self._slot_owner = None  # as _route: the next call reloads the slot map
+            raise
+        if all(isinstance(part, np.ndarray) for part in parts):
+            matrix = np.empty((rows.shape[0], shape.size), dtype=np.uint8)
+            for idx, part in zip(groups.values(), parts, strict=True):
+                matrix[idx] = part
+            return matrix
+        return await self.execute_fixed(rows.tobytes(), rows.shape[0], shape, timeout_s)
 
     async def _route(
         self,
@@ -206,6 +236,12 @@ def open_pipeline(url: str, size: int = 4) -> RawPipeline:
     """A RawPipeline for the URL's Redis: routed by slot for a redis+cluster:// URL."""
     addr = parse_url(url)
     return ClusterPipeline(addr, size) if addr.cluster else RawPipeline(addr, size)
+
+
+def _fixed_reader(
+    count: int, shape: FixedReply
+) -> Callable[[asyncio.StreamReader], Awaitable[np.ndarray | list]]:
+    return lambda reader: _read_fixed(reader, count, shape)
 
 
 def split_commands(payload: bytes, count: int) -> list[list[bytes]]:
