@@ -3,10 +3,9 @@
 Publish runs one Lua script for the whole request. For each event whose id is new it
 updates the keys that decide visibility at request time (the adjacency, blocked, dismissed
 and follows SETs, the member's deactivated marker and the SET of deactivated members, and
-an action's pair in the member's
-impression counts) and appends the event to the
-stream, so a block or a deactivation is honoured by the next Recommend and the worker sees
-every event that changed those keys. A repeated event id changes nothing.
+an action's pair in the member's impression counts) and appends the event to the stream,
+so a block or a deactivation is honoured by the next Recommend and the worker sees every
+event that changed those keys. A repeated event id changes nothing.
 
 On a Redis Cluster the members' SETs live in other slots than the stream, and no script
 spans slots, so the same happens in three steps: new ids are found, their SET changes
@@ -63,9 +62,8 @@ _EMBEDDING = {f"embedding_{j}" for j in range(EMBEDDING_DIM)}
 
 # KEYS[1] = stream, then per event: seen, adj(m), adj(t), blocked(m), blocked(t),
 # dismissed(m), follows(m), deactivated(m), impressions(m), the deactivated members' SET.
-# ARGV[1..2] = dedup TTL, stream
-# max length, then per event: type, member, target, event id, time, features (JSON). Returns
-# an entry id per event, "" where the event id was seen before.
+# ARGV[1..2] = dedup TTL, stream max length, then per event: type, member, target, event id,
+# time, features (JSON). Returns an entry id per event, "" where the event id was seen before.
 _PUBLISH_LUA = """
 local ACTIONS = {connect = true, dismiss = true, block = true, follow = true}
 local out = {}
