@@ -108,8 +108,8 @@ async def suite(
 # puts the files with the most tests first), and one of these started last would run on
 # alone after everything else has finished.
 LONG_FILES = (
-    "test_faults.py", "test_eval.py", "test_cli.py", "test_features_service.py",
-    "test_cluster_e2e.py", "test_cluster_eval.py", "test_operator.py", "test_build.py",
+    "test_eval.py", "test_faults.py", "test_cli.py", "test_features_service.py",
+    "test_cluster_e2e.py", "test_operator.py", "test_build.py",
     "test_chart.py", "test_diversity.py", "test_offline.py", "test_redis_tls.py",
     "test_gateway.py", "test_nearline.py", "test_redis_cluster_local.py",
 )  # fmt: skip

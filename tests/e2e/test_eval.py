@@ -1,5 +1,7 @@
-"""`edgeflow eval` on the Facebook graph: the quality contract, end to end (its own file so
-that the test workers can run it beside the other long end-to-end tests)."""
+"""`edgeflow eval` on the Facebook graph: the quality contract, end to end; and on a small
+generated graph, repeated sessions on one Redis server and the same eval on a 3-master Redis
+Cluster (its own file so that the test workers can run it beside the other long end-to-end
+tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,10 +65,16 @@ def test_recall_by_degree_splits_members_by_training_degree() -> None:
     assert buckets["50+"]["members"] == 0 and buckets["50+"]["recall_at_k"] == 0.0
 
 
-def test_eval_sessions_measure_impressions(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sessions_eval(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`small_eval` with 7 sessions on one Redis server: its first session is a plain eval."""
+    return small_eval(tmp_path_factory.mktemp("sessions"), "--sessions", "7")
+
+
+def test_eval_sessions_measure_impressions(sessions_eval: dict[str, Any]) -> None:
     """Repeated sessions with no action: pymk's impressions (demote after 3 exposures,
     suppress after 6) change what session 4 and session 7 show, never session 1's recall."""
-    result = small_eval(tmp_path, "--sessions", "7")
+    result = sessions_eval
     sessions = result["repeat_sessions"]
     assert sessions["failed_requests_by_session"] == [0] * 7, result["failed_examples"]
     assert sessions["sessions"] == 7
@@ -80,3 +89,25 @@ def test_eval_sessions_measure_impressions(tmp_path: Path) -> None:
 def test_still_shown_is_the_share_of_the_first_sessions_edges() -> None:
     assert still_shown({1: [2, 3], 4: [5, 6]}, {1: [3, 9], 4: []}) == 0.25
     assert still_shown({}, {}) == 0.0
+
+
+def test_eval_on_a_redis_cluster_gives_the_recall_of_one_server(
+    sessions_eval: dict[str, Any], tmp_path: Path
+) -> None:
+    """The same split, training and members through `edgeflow eval` on one Redis server
+    (the first of the sessions above: recommendations and the candidate ceiling are read
+    before any later session) and on a 3-master cluster: the storage layout must not change
+    a single recommendation."""
+    one = sessions_eval
+    three = small_eval(tmp_path, "--redis-cluster", "3")
+    for report in (one, three):
+        assert report["partial_responses"] == 0 and report["failed_requests"] == 0, report
+    same = (
+        "recall_at_k",
+        "baseline_adamic_adar_recall_at_k",
+        "members",
+        "hidden_edges_of_members",
+        "recall_at_k_by_degree",
+        "candidate_recall_ceiling",
+    )
+    assert {k: one[k] for k in same} == {k: three[k] for k in same}
