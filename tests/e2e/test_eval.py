@@ -77,6 +77,8 @@ def test_eval_sessions_measure_impressions(sessions_eval: dict[str, Any]) -> Non
     result = sessions_eval
     sessions = result["repeat_sessions"]
     assert sessions["failed_requests_by_session"] == [0] * 7, result["failed_examples"]
+    partial = sessions["partial_responses_by_session"]
+    assert len(partial) == 7 and sum(partial) == result["partial_responses"], sessions
     assert sessions["sessions"] == 7
     assert sessions["session_1_recall_at_k"] == result["recall_at_k"]
     assert sessions["recall_at_k_by_session"][0] == result["recall_at_k"]
@@ -100,8 +102,10 @@ def test_eval_on_a_redis_cluster_gives_the_recall_of_one_server(
     a single recommendation."""
     one = sessions_eval
     three = small_eval(tmp_path, "--redis-cluster", "3")
-    for report in (one, three):
-        assert report["partial_responses"] == 0 and report["failed_requests"] == 0, report
+    first = one["repeat_sessions"]
+    assert first["partial_responses_by_session"][0] == 0, first
+    assert first["failed_requests_by_session"][0] == 0, first
+    assert three["partial_responses"] == 0 and three["failed_requests"] == 0, three
     same = (
         "recall_at_k",
         "baseline_adamic_adar_recall_at_k",

@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         )
         later: list[dict[int, list[int]]] = []
         failed = [len(errors)]
+        partial_by_session = [partial["responses"]]
         client = connect(h.cfg.redis_url)
         for n in range(2, sessions + 1):
             # Each session starts once the last one's exposures (and so its impressions,
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             )
             later.append(again)
             failed.append(len(more_errors))
+            partial_by_session.append(more_partial["responses"])
             partial.update(more_partial)
             errors += more_errors
 
@@ -238,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
         result["repeat_sessions"] = {
             **repeat_sessions(recs, later, truth),
             "failed_requests_by_session": failed,
+            "partial_responses_by_session": partial_by_session,
         }
     base = result["baseline_adamic_adar_recall_at_k"]
     result["lift_vs_baseline"] = round(result["recall_at_k"] / base - 1, 4) if base else None
