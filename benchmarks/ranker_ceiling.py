@@ -51,6 +51,8 @@ HOLDOUT, SEED = 0.1, 0  # `edgeflow eval`'s defaults
 LARGE = {**GBM_PARAMS, "max_iter": 300, "learning_rate": 0.05, "max_leaf_nodes": 16}
 EXTRA = ("ppr", "ppr_x_degree", "embedded_in", "embedded_out", "embedded_in_per_degree",
          "embedded_out_per_degree")  # fmt: skip
+# Each signal alone, as a ranking: the others order a member's candidates as one of these.
+ALONE = ("ppr", "embedded_in", "embedded_out", "embedded_out_per_degree")
 
 
 def _adjacency(graph: Graph) -> sp.csr_matrix:
@@ -142,7 +144,11 @@ def measure(name: str, src: np.ndarray, dst: np.ndarray, members: int) -> dict[s
         "held_out_labels_large_extra_signals": recall_at_k(
             test, _fit(fit_x, fit.y, LARGE, SEED).predict_proba(test_x)[:, 1]
         ),
-        **{f"alone_{s}": recall_at_k(test, test_x[:, width + j]) for j, s in enumerate(EXTRA)},
+        **{
+            f"alone_{s}": recall_at_k(test, test_x[:, width + j])
+            for j, s in enumerate(EXTRA)
+            if s in ALONE
+        },
     }
     return {
         "graph": name,
