@@ -9,8 +9,8 @@ other half: the features' ceiling, free of the inner split's shift. A larger ens
 six more pair signals (personalised PageRank from the member, and common neighbours
 weighted by how embedded the member's and the candidate's edges to them are) show whether
 capacity or signal is what is missing, and the served ranker's own training with those
-signals added shows what serving them would give. Every figure is recall@50 over the same members'
-candidates (friends of friends and EBR, as the ranker trains), and the lift over
+signals added shows what serving them would give. Every figure is recall@50 over the same
+members' candidates (friends of friends and EBR, as the ranker trains), and the lift over
 Adamic-Adar on the same rows. Run it under the benchmark lock on a shared machine:
 
     flock /tmp/edgeflow-bench.lock .venv/bin/python benchmarks/ranker_ceiling.py \
@@ -47,7 +47,7 @@ from edgeflow.features.schema import EMBEDDING_DIM, MODEL_COLUMNS
 from edgeflow.graph import Graph, read_edge_file, split_edges
 
 FACEBOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "facebook_combined.txt"
-HOLDOUT, SEED = 0.1, 0  # `edgeflow eval`'s defaults
+HOLDOUT, SEED = 0.1, 0  # as benchmarks/run.sh runs `edgeflow eval`
 LARGE = {**GBM_PARAMS, "max_iter": 300, "learning_rate": 0.05, "max_leaf_nodes": 16}
 EXTRA = ("ppr", "ppr_x_degree", "embedded_in", "embedded_out", "embedded_in_per_degree",
          "embedded_out_per_degree")  # fmt: skip
